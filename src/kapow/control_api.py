@@ -1,0 +1,108 @@
+"""
+The control API (SPEC.md §2): list, add, insert, get and remove routes.
+
+It is served only behind pinned mutual TLS (see :mod:`kapow.tls`); nothing in
+this module knows about TLS.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from klein import Klein
+from twisted.logger import Logger
+from twisted.web.iweb import IRequest
+
+from kapow.routes import InvalidRoute, Route, RouteTable, route_from_json
+from kapow.web import JSONError, install_json_errors, json_body
+
+log = Logger()
+
+
+@dataclass
+class ControlAPI:
+    """
+    The control interface as a Klein application.
+
+    :param routes: the live route table this API changes.
+    :param new_id: makes route ids (random UUID4 text by default).
+    :param stats: optional callable returning extra fields for ``/health``.
+    """
+
+    routes: RouteTable
+    new_id: Callable[[], str] = field(default=lambda: str(uuid.uuid4()))
+    stats: Callable[[], dict[str, Any]] = field(default=dict)
+
+    app = Klein()
+
+    def resource(self) -> Any:
+        """The Twisted resource serving this API."""
+        return self.app.resource()
+
+    @app.route("/routes", methods=["GET"])
+    def list_routes(self, request: IRequest) -> bytes:
+        return json_body(request, 200, self.routes.listing())
+
+    @app.route("/routes", methods=["POST"])
+    def append_route(self, request: IRequest) -> bytes:
+        route = self._route_from_request(request)
+        index = self.routes.append(route)
+        log.info("route added: {route}", route=route.to_json(index))
+        return json_body(request, 201, route.to_json(index))
+
+    @app.route("/routes", methods=["PUT"])
+    def insert_route(self, request: IRequest) -> bytes:
+        data = _read_json(request)
+        wanted = data.get("index", 0) if isinstance(data, dict) else 0
+        if type(wanted) is not int or wanted < 0:
+            raise JSONError(422, "Invalid Route")
+        route = self._route_from_json(data)
+        index = self.routes.insert(route, wanted)
+        log.info("route inserted: {route}", route=route.to_json(index))
+        return json_body(request, 201, route.to_json(index))
+
+    @app.route("/routes/<string:route_id>", methods=["GET"])
+    def get_route(self, request: IRequest, route_id: str) -> bytes:
+        try:
+            index, route = self.routes.get(route_id)
+        except KeyError:
+            raise JSONError(404, "Route Not Found") from None
+        return json_body(request, 200, route.to_json(index))
+
+    @app.route("/routes/<string:route_id>", methods=["DELETE"])
+    def delete_route(self, request: IRequest, route_id: str) -> bytes:
+        try:
+            route = self.routes.remove(route_id)
+        except KeyError:
+            raise JSONError(404, "Route Not Found") from None
+        log.info("route removed: {id}", id=route.id)
+        request.setResponseCode(204)
+        return b""
+
+    @app.route("/health", methods=["GET"])
+    def health(self, request: IRequest) -> bytes:
+        return json_body(
+            request, 200, {"status": "ok", "routes": len(self.routes), **self.stats()}
+        )
+
+    def _route_from_request(self, request: IRequest) -> Route:
+        return self._route_from_json(_read_json(request))
+
+    def _route_from_json(self, data: Any) -> Route:
+        try:
+            return route_from_json(data, self.new_id())
+        except InvalidRoute as e:
+            log.info("refused route: {why}", why=str(e))
+            raise JSONError(422, "Invalid Route") from None
+
+    install_json_errors(app)
+
+
+def _read_json(request: IRequest) -> Any:
+    try:
+        return json.loads(request.content.read())
+    except (ValueError, UnicodeDecodeError):
+        raise JSONError(400, "Malformed JSON") from None

@@ -1,0 +1,174 @@
+"""
+The data API (SPEC.md §4): ``GET|PUT /handlers/{id}{resource}``, through which
+a handler process reads its request and writes its response.
+
+Body writes arrive as a sequence of appending PUTs (``kapow set`` sends what
+it reads as soon as it reads it); each PUT is answered only once the user's
+connection has taken its bytes, which gives end-to-end flow control with
+about one chunk per handler in memory. A single large PUT from another
+client works too: twisted.web spools it to disk before it is appended.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from klein import Klein
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from twisted.protocols.basic import FileSender
+from twisted.web.iweb import IRequest
+
+from kapow.handlers import Handler, HandlerRegistry
+from kapow.web import JSONError, install_json_errors
+
+log = Logger()
+server_log = Logger(namespace="kapow.handler")
+
+OCTET_STREAM = b"application/octet-stream"
+_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f]")
+
+# resource -> (direction, arity); arity counts the name segments after it
+_READ_SIMPLE = {"method", "host", "version", "path", "remote"}
+_READ_NAMED = {"matches", "params", "headers", "cookies", "form"}
+
+
+@dataclass(frozen=True)
+class Resource:
+    """A parsed resource path: what to do, in which direction, with what name."""
+
+    kind: str
+    writable: bool
+    name: str | None = None
+
+
+def parse_resource(segments: list[str]) -> Resource:
+    """
+    Parse the resource path after the handler id.
+
+    :raises JSONError: 400 ``Invalid Resource Path`` outside the tree.
+    """
+    match segments:
+        case ["request", kind] if kind in _READ_SIMPLE:
+            return Resource(kind, False)
+        case ["request", "body"]:
+            return Resource("body", False)
+        case ["request", kind, name] if kind in _READ_NAMED and name:
+            return Resource(kind, False, name)
+        case ["request", "files", name, ("filename" | "content") as part] if name:
+            return Resource("file_" + part, False, name)
+        case ["route", "id"]:
+            return Resource("route_id", False)
+        case ["ssl", "client", "i", "dn"]:
+            return Resource("client_dn", False)
+        case ["response", ("status" | "body" | "stream") as kind]:
+            return Resource(kind, True)
+        case ["response", ("headers" | "cookies") as kind, name] if name:
+            return Resource(kind, True, name)
+        case ["server", "log"]:
+            return Resource("log", True)
+        case ["server", "log", prefix] if prefix:
+            return Resource("log", True, prefix)
+    raise JSONError(400, "Invalid Resource Path")
+
+
+@dataclass
+class DataAPI:
+    """
+    The data interface as a Klein application.
+
+    :param handlers: the live handlers, by id.
+    """
+
+    handlers: HandlerRegistry
+    app = Klein()
+
+    def resource(self) -> Any:
+        """The Twisted resource serving this API."""
+        return self.app.resource()
+
+    @app.route("/handlers/<string:handler_id>/<path:resource>", methods=["GET", "PUT"])
+    def handle(self, request: IRequest, handler_id: str, resource: str) -> Any:
+        target = parse_resource(resource.split("/"))
+        writing = request.method == b"PUT"
+        if writing != target.writable:
+            raise JSONError(405, "Method Not Allowed")
+        handler = self.handlers.get(handler_id)
+        if handler is None:
+            raise JSONError(404, "Handler ID Not Found")
+        if writing:
+            return self._write(request, handler, target)
+        return self._read(request, handler, target)
+
+    def _read(self, request: IRequest, handler: Handler, target: Resource) -> Any:
+        if target.kind == "body":
+            body = handler.body()
+            return _send_file(request, body, body.seek(0, 2))
+        if target.kind == "file_content":
+            upload = _file(handler, target.name)
+            return _send_file(request, upload.open(), upload.size)
+        if target.kind == "file_filename":
+            value: bytes | None = _file(handler, target.name).filename.encode()
+        elif target.kind == "route_id":
+            value = handler.route.id.encode()
+        elif target.kind == "client_dn":
+            from kapow.tls import peer_subject_dn
+
+            dn = peer_subject_dn(request.channel.transport)
+            value = None if dn is None else dn.encode()
+        else:
+            value = handler.request_value(target.kind, target.name)
+        if value is None:
+            raise JSONError(404, "Resource Item Not Found")
+        request.setHeader(b"Content-Type", OCTET_STREAM)
+        request.setHeader(b"Content-Length", b"%d" % len(value))
+        return value
+
+    def _write(self, request: IRequest, handler: Handler, target: Resource) -> Any:
+        data = request.content.read()
+        if target.kind == "status":
+            handler.set_status(data)
+        elif target.kind == "headers":
+            handler.add_header(target.name, data)
+        elif target.kind == "cookies":
+            handler.add_cookie(target.name, data)
+        elif target.kind == "log":
+            _log_lines(handler, target.name, data)
+        else:
+            return handler.write(data).addCallback(lambda _: b"")
+        return b""
+
+    install_json_errors(app)
+
+
+def _file(handler: Handler, name: str | None) -> Any:
+    upload = handler.form().file(name or "")
+    if upload is None:
+        raise JSONError(404, "Resource Item Not Found")
+    return upload
+
+
+def _send_file(request: IRequest, f: Any, size: int) -> Deferred[bytes]:
+    """Stream the ``size`` bytes of ``f`` to ``request`` with a producer, then close it."""
+    f.seek(0)
+    request.setHeader(b"Content-Type", OCTET_STREAM)
+    request.setHeader(b"Content-Length", str(size).encode())
+    d = FileSender().beginFileTransfer(f, request)
+
+    def done(result: Any) -> bytes:
+        f.close()
+        return b""
+
+    return d.addBoth(done)
+
+
+def _clean(text: str) -> str:
+    return _UNPRINTABLE.sub("", text)
+
+
+def _log_lines(handler: Handler, prefix: str | None, data: bytes) -> None:
+    head = _clean(handler.id) + (" " + _clean(prefix) if prefix else "")
+    for line in data.decode("utf-8", "replace").splitlines() or [""]:
+        server_log.info("{head}: {message}", head=head, message=line)

@@ -1,0 +1,280 @@
+"""
+Handlers: the state one request shares between the user interface (which
+creates and finishes it) and the data API (which reads and writes it).
+
+A handler's response moves ``PENDING`` (status, headers and cookies may
+change) → ``STREAMING`` (the first body byte sent them; only body appends
+are possible) → ``FINISHED``.
+"""
+
+from __future__ import annotations
+
+import enum
+import io
+import re
+import secrets
+from collections.abc import Iterator
+from typing import Any, BinaryIO
+from urllib.parse import unquote_to_bytes
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IPushProducer
+from twisted.logger import Logger
+from twisted.web.server import Request
+from zope.interface import implementer
+
+from kapow.forms import ParsedForm, parse_form
+from kapow.routes import Route
+from kapow.sniff import sniff_content_type
+from kapow.web import JSONError
+
+log = Logger()
+
+_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+_STATUS = re.compile(rb"[+-]?[0-9]+")
+
+#: Status of a status/header/cookie write that comes after the response started.
+ALREADY_STARTED = (409, "Response Already Started")
+
+
+class State(enum.Enum):
+    PENDING = "pending"
+    STREAMING = "streaming"
+    FINISHED = "finished"
+
+
+def new_handler_id() -> str:
+    """An unguessable handler id (128 random bits, URL-safe)."""
+    return secrets.token_hex(16)
+
+
+@implementer(IPushProducer)
+class Handler:
+    """
+    One request being served by one process.
+
+    :param handler_id: its id in the data API.
+    :param route: the route it matched (kept even if the table changes).
+    :param matches: values the route's placeholders captured.
+    :param request: the live user request.
+    """
+
+    def __init__(self, handler_id: str, route: Route, matches: dict[str, str], request: Request) -> None:
+        self.id = handler_id
+        self.route = route
+        self.matches = matches
+        self.request = request
+        self.state = State.PENDING
+        self.status = 200
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.client_gone = False
+        self._form: ParsedForm | None = None
+        self._paused = False
+        self._waiting: list[Deferred[None]] = []
+        request.registerProducer(self, True)
+        request.notifyFinish().addErrback(self._lost)
+
+    # -- request side -------------------------------------------------------
+
+    def request_value(self, kind: str, name: str | None = None) -> bytes | None:
+        """
+        A value of the request snapshot, or ``None`` if the named item is
+        absent.
+
+        :param kind: ``method``, ``host``, ``version``, ``path``, ``remote``
+            (no name), or ``matches``, ``params``, ``headers``, ``cookies``,
+            ``form`` (with a name).
+        """
+        request = self.request
+        if kind == "method":
+            return request.method
+        if kind == "host":
+            return request.getHeader(b"host") or b""
+        if kind == "version":
+            return request.clientproto
+        if kind == "path":
+            return unquote_to_bytes(request.path)
+        if kind == "remote":
+            return getattr(request.getClientAddress(), "host", "").encode()
+        assert name is not None
+        if kind == "matches":
+            value = self.matches.get(name)
+            return None if value is None else value.encode("utf-8", "surrogateescape")
+        key = name.encode()
+        if kind == "params":
+            values = request.args.get(key)
+            return values[0] if values else None
+        if kind == "headers":
+            return request.getHeader(key)
+        if kind == "cookies":
+            return request.received_cookies.get(key)
+        if kind == "form":
+            value = self.form().field(name)
+            return None if value is None else value.encode()
+        raise ValueError(kind)
+
+    def body(self) -> BinaryIO:
+        """A new reader over the whole request body, independent of others."""
+        return reopen(self.request.content)
+
+    def form(self) -> ParsedForm:
+        """The request's form fields and files, parsed on first use."""
+        if self._form is None:
+            self.request.content.seek(0)
+            self._form = parse_form(self.request.getHeader(b"content-type"), self.request.content)
+        return self._form
+
+    # -- response side ------------------------------------------------------
+
+    def set_status(self, raw: bytes) -> None:
+        """Set the status from its text; the last write wins."""
+        self._check_pending()
+        text = raw.strip()
+        if not _STATUS.fullmatch(text):
+            raise JSONError(422, "Non Integer Value")
+        code = int(text)
+        if not 200 <= code <= 999:
+            raise JSONError(400, "Invalid Status Code")
+        self.status = code
+
+    def add_header(self, name: str, raw: bytes) -> None:
+        """Add one value of header ``name``."""
+        self._check_pending()
+        self.headers.append((_token(name), _field_value(raw)))
+
+    def add_cookie(self, name: str, raw: bytes) -> None:
+        """Add a ``Set-Cookie`` for cookie ``name``."""
+        self._check_pending()
+        value = _field_value(raw)
+        if re.search(rb'[\s,;"\\]', value):
+            value = b'"' + value.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
+        self.headers.append((b"Set-Cookie", _token(name) + b"=" + value))
+
+    def write(self, data: bytes) -> Deferred[None]:
+        """
+        Append ``data`` to the response body, sending status and headers
+        first if this is the first byte.
+
+        :return: fires once the user's connection has taken the bytes (at
+            once unless it is paused).
+        """
+        if self.state is State.FINISHED or self.client_gone:
+            return succeed(None)
+        if not data:
+            return succeed(None)
+        if self.state is State.PENDING:
+            self._commit(data)
+        self.request.write(data)
+        if not self._paused:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._waiting.append(d)
+        return d
+
+    def finish(self) -> None:
+        """Complete the response (the process has exited)."""
+        if self.state is State.FINISHED:
+            return
+        if self.state is State.PENDING and not self.client_gone:
+            self._commit(b"")
+        self.state = State.FINISHED
+        self._release()
+        if self._form is not None:
+            self._form.close()
+        if not self.client_gone:
+            self.request.unregisterProducer()
+            self.request.finish()
+
+    def _commit(self, first: bytes) -> None:
+        request = self.request
+        request.setResponseCode(self.status)
+        names = set()
+        for name, value in self.headers:
+            request.responseHeaders.addRawHeader(name, value)
+            names.add(name.lower())
+        if b"content-type" not in names:
+            kind = sniff_content_type(first) if first else "text/plain; charset=utf-8"
+            request.setHeader(b"Content-Type", kind.encode())
+        self.state = State.STREAMING
+
+    def _check_pending(self) -> None:
+        if self.state is not State.PENDING:
+            raise JSONError(*ALREADY_STARTED)
+
+    # -- flow control from the user's connection (IPushProducer) -----------
+
+    def pauseProducing(self) -> None:
+        self._paused = True
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        self._release()
+
+    def stopProducing(self) -> None:
+        self.client_gone = True
+        self._release()
+
+    def _lost(self, reason: Any) -> None:
+        self.client_gone = True
+        self._release()
+
+    def _release(self) -> None:
+        waiting, self._waiting = self._waiting, []
+        for d in waiting:
+            d.callback(None)
+
+
+def _token(name: str) -> bytes:
+    raw = name.encode("utf-8", "replace")
+    if not _TOKEN.fullmatch(raw):
+        raise JSONError(400, "Invalid Resource Path")
+    return raw
+
+
+def _field_value(raw: bytes) -> bytes:
+    value = raw[:-1] if raw.endswith(b"\n") else raw
+    if _CONTROL.search(value):
+        raise JSONError(400, "Invalid Header Value")
+    return value
+
+
+def reopen(content: BinaryIO) -> BinaryIO:
+    """
+    A reader over ``content`` from its start with a position of its own, so
+    readers never disturb each other (the buffered request body is a
+    ``BytesIO`` for small bodies and an unlinked temporary file otherwise).
+    """
+    try:
+        fd = content.fileno()
+    except (AttributeError, OSError, ValueError):
+        return io.BytesIO(content.getbuffer())  # type: ignore[attr-defined]
+    return open(f"/proc/self/fd/{fd}", "rb")  # noqa: SIM115 (caller closes)
+
+
+class HandlerRegistry:
+    """Live handlers by id; a finished handler is forgotten at once."""
+
+    def __init__(self) -> None:
+        self._handlers: dict[str, Handler] = {}
+
+    def create(self, route: Route, matches: dict[str, str], request: Request) -> Handler:
+        handler = Handler(new_handler_id(), route, matches, request)
+        self._handlers[handler.id] = handler
+        return handler
+
+    def get(self, handler_id: str) -> Handler | None:
+        return self._handlers.get(handler_id)
+
+    def forget(self, handler: Handler) -> None:
+        self._handlers.pop(handler.id, None)
+
+    def __len__(self) -> int:
+        return len(self._handlers)
+
+    def __iter__(self) -> Iterator[Handler]:
+        return iter(list(self._handlers.values()))
+
+    def count_for(self, route_id: str) -> int:
+        return sum(1 for h in self._handlers.values() if h.route.id == route_id)
+

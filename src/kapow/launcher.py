@@ -1,0 +1,85 @@
+"""The fast ``kapow`` launcher the server puts first on its handlers' PATH.
+
+Handlers run ``kapow get`` / ``kapow set`` several times per request.  The pip
+console script pays for ``site`` processing, ``.pth`` files and editable-install
+finders on each call, several times the interpreter's own start-up.  The
+launcher written here runs the interpreter with ``-I -S`` (no ``site``, no
+``PYTHON*`` variables), puts the directory holding the ``kapow`` package on
+``sys.path`` and calls :func:`kapow.data_client.main` directly; every other
+sub-command is handed over (``execv``) to the full command line, so
+``kapow route ...`` from a handler behaves as usual.
+
+Shebang limit: the kernel reads at most 255 bytes of the ``#!`` line (127 on
+Linux before 5.1), and splits it at the first blank only once, so the
+interpreter path must be short enough and must not contain whitespace;
+:func:`write_launcher` raises ``ValueError`` otherwise.
+"""
+
+import os
+import sys
+import tempfile
+
+import kapow
+
+__all__ = ["write_launcher", "launcher_source", "MAX_SHEBANG"]
+
+#: Longest ``#!`` line (including the newline) the launcher will write.
+MAX_SHEBANG = 255
+
+_TEMPLATE = """\
+#!{python} -IS
+import sys
+sys.path.insert(0, {package_parent!r})
+if sys.argv[1:2] in (["get"], ["set"]):
+    from kapow.data_client import main
+    sys.exit(main(sys.argv))
+import os
+os.execv({program!r}, {argv_head} + sys.argv[1:])
+"""
+
+
+def launcher_source(python=None):
+    """The text of the launcher for interpreter ``python`` (absolute path)."""
+    python = os.path.abspath(python or sys.executable)
+    shebang = "#!%s -IS\n" % python
+    if len(os.fsencode(shebang)) > MAX_SHEBANG:
+        raise ValueError(
+            "interpreter path too long for a #! line (%d bytes max): %s"
+            % (MAX_SHEBANG, python)
+        )
+    if any(c.isspace() for c in python):
+        raise ValueError("interpreter path contains whitespace: %r" % python)
+    package_parent = os.path.dirname(os.path.dirname(os.path.abspath(kapow.__file__)))
+    script = os.path.join(os.path.dirname(python), "kapow")
+    if os.path.isfile(script) and os.access(script, os.X_OK):
+        program, argv_head = script, repr([script])
+    else:
+        program, argv_head = python, repr([python, "-m", "kapow"])
+    return _TEMPLATE.format(
+        python=python,
+        package_parent=package_parent,
+        program=program,
+        argv_head=argv_head,
+    )
+
+
+def write_launcher(directory, python=sys.executable):
+    """Write an executable ``kapow`` launcher into ``directory`` (atomically,
+    mode 0755) and return its path.  ``python`` is the interpreter it runs."""
+    source = launcher_source(python)
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, "kapow")
+    fd, tmp = tempfile.mkstemp(prefix=".kapow-", dir=directory)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(source)
+            f.flush()
+            os.fchmod(f.fileno(), 0o755)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    return path

@@ -1,0 +1,201 @@
+"""
+``kapow route ...`` and ``kapow control-credentials``: the control API client.
+
+Requests go over pinned mutual TLS: the client trusts exactly the control
+server certificate and presents the control client certificate, both taken
+from ``KAPOW_CONTROL_*`` variables (set for init programs) or from a
+credentials directory (``--control-credentials DIR`` or
+``$KAPOW_CONTROL_CREDENTIALS``) written by ``kapow server
+--write-control-credentials DIR``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+EPILOG_ADD = """\
+examples:
+  kapow route add /hello -c 'echo Hello | kapow set /response/body'
+  kapow route add -X POST '/echo/{name}' - <<'EOF'
+    kapow get /request/matches/name | kapow set /response/body
+  EOF
+"""
+
+
+class CommandError(Exception):
+    """A failure to report as one line on stderr, exit status 1."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        # usage errors are one line and status 1, like every other failure
+        raise CommandError(f"{self.prog}: {message}")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="kapow route", description="Manage the routes of a running server.")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--control-url",
+        default=os.environ.get("KAPOW_CONTROL_URL", "https://localhost:8081"),
+        help="control API URL [$KAPOW_CONTROL_URL, else https://localhost:8081]",
+    )
+    common.add_argument(
+        "--control-credentials",
+        metavar="DIR",
+        default=os.environ.get("KAPOW_CONTROL_CREDENTIALS"),
+        help="directory with server.crt, client.crt, client.key "
+        "[$KAPOW_CONTROL_CREDENTIALS; else the $KAPOW_CONTROL_* certificates]",
+    )
+    sub = parser.add_subparsers(dest="action", required=True, parser_class=_Parser)
+
+    add = sub.add_parser(
+        "add",
+        parents=[common],
+        help="append (or insert) a route",
+        epilog=EPILOG_ADD,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add.add_argument("-X", "--method", default="GET", help="HTTP method [GET]")
+    add.add_argument("-e", "--entrypoint", default="/bin/sh -c", help="program to run [/bin/sh -c]")
+    add.add_argument("-c", "--command", help="command given to the entrypoint")
+    add.add_argument("--index", type=int, help="insert at this position instead of appending")
+    add.add_argument("--timeout", type=float, help="kill the handler after this many seconds")
+    add.add_argument("--max-concurrency", type=int, help="at most this many handlers at once")
+    add.add_argument("url_pattern", metavar="URL_PATTERN", help="e.g. /greet/{name}")
+    add.add_argument("command_file", metavar="COMMAND_FILE", nargs="?", help="file with the command, or - for stdin")
+
+    sub.add_parser("list", parents=[common], help="print the routes as JSON")
+    for name, what in (("get", "print one route as JSON"), ("remove", "remove a route")):
+        one = sub.add_parser(name, parents=[common], help=what)
+        one.add_argument("route_id", metavar="ID")
+    return parser
+
+
+def _command(args: argparse.Namespace) -> str:
+    if args.command is not None and args.command_file is not None:
+        raise CommandError("give the command with -c or in COMMAND_FILE, not both")
+    if args.command_file == "-":
+        return sys.stdin.read()
+    if args.command_file is not None:
+        try:
+            with open(args.command_file, encoding="utf-8") as f:
+                return f.read()
+        except OSError as e:
+            raise CommandError(f"cannot read {args.command_file}: {e.strerror}") from None
+    return args.command or ""
+
+
+def _request(args: argparse.Namespace) -> tuple[str, str, dict[str, Any] | None, int]:
+    """(method, path, JSON body or None, expected status) for ``args``."""
+    if args.action == "add":
+        body: dict[str, Any] = {
+            "method": args.method,
+            "url_pattern": args.url_pattern,
+            "entrypoint": args.entrypoint,
+            "command": _command(args),
+        }
+        if args.timeout is not None:
+            body["timeout"] = args.timeout
+        if args.max_concurrency is not None:
+            body["max_concurrency"] = args.max_concurrency
+        if args.index is None:
+            return "POST", "/routes", body, 201
+        body["index"] = args.index
+        return "PUT", "/routes", body, 201
+    if args.action == "list":
+        return "GET", "/routes", None, 200
+    path = "/routes/" + _quote(args.route_id)
+    if args.action == "get":
+        return "GET", path, None, 200
+    return "DELETE", path, None, 204
+
+
+def _quote(segment: str) -> str:
+    from urllib.parse import quote
+
+    return quote(segment, safe="")
+
+
+def policy(directory: str | None, environ: Mapping[str, str]) -> Any:
+    """The pinned mTLS policy from ``directory`` or from ``environ``."""
+    from kapow import tls
+
+    try:
+        if directory:
+            return tls.policy_from_directory(directory)
+        return tls.policy_from_environ(environ)
+    except tls.CredentialsError as e:
+        raise CommandError(str(e)) from None
+
+
+def main(argv: Sequence[str]) -> int:
+    """Run ``kapow route`` with ``argv`` (without the leading words)."""
+    try:
+        args = _parser().parse_args(argv)
+        method, path, body, expected = _request(args)
+        client_policy = policy(args.control_credentials, os.environ)
+    except CommandError as e:
+        sys.stderr.write(f"kapow: {e}\n")
+        return 1
+
+    from twisted.internet.task import react
+
+    outcome: list[int] = []
+
+    def run(reactor: Any) -> Any:
+        from kapow.control_client import call
+
+        d = call(reactor, client_policy, args.control_url, method, path, body, expected)
+
+        def done(text: str) -> None:
+            if text:
+                sys.stdout.write(text if text.endswith("\n") else text + "\n")
+            outcome.append(0)
+
+        def failed(failure: Any) -> None:
+            sys.stderr.write(f"kapow: {_one_line(failure.value)}\n")
+            outcome.append(1)
+
+        return d.addCallbacks(done, failed)
+
+    try:
+        react(run)
+    except SystemExit as e:
+        if e.code not in (0, None):
+            return int(e.code) if isinstance(e.code, int) else 1
+    return outcome[0] if outcome else 1
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    return " ".join(text.split())
+
+
+def credentials_main(argv: Sequence[str]) -> int:
+    """``kapow control-credentials DIR``: write a full persistent set."""
+    parser = _Parser(
+        prog="kapow control-credentials",
+        description="Create control API certificates and keys (server.crt, server.key, "
+        "client.crt, client.key) for `kapow server --control-credentials DIR`, so that "
+        "restarts keep them.",
+        epilog="example:\n  kapow control-credentials /etc/kapow/control "
+        "--control-reachable-addr localhost:8081",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("directory", metavar="DIR")
+    parser.add_argument("--control-reachable-addr", default="localhost:8081")
+    try:
+        args = parser.parse_args(argv)
+        from kapow import tls
+
+        creds = tls.generate_control_credentials(args.control_reachable_addr)
+        tls.write_full_credentials(creds, args.directory)
+    except (CommandError, ValueError, OSError) as e:
+        sys.stderr.write(f"kapow: {_one_line(e)}\n")
+        return 1
+    return 0

@@ -1,0 +1,450 @@
+"""The route table and gorilla/mux-style URL pattern matching.
+
+A route binds an HTTP method and a URL pattern to a program to run. Patterns
+follow gorilla/mux, as the reference Kapow! uses them:
+
+- literal text matches itself;
+- ``{name}`` matches one path segment (``[^/]+``);
+- ``{name:regex}`` matches ``regex`` (Python :mod:`re` syntax), which may
+  cross ``/``, e.g. ``{path:.*}``;
+- the pattern matches the *whole* path: ``/foo`` does not match ``/foo/`` and a
+  trailing slash in the pattern is required in the path.
+
+Matching is done against the path exactly as the caller gives it (the user
+interface passes the percent-decoded path, like gorilla/mux), and captured
+values are returned as they appear in that string.
+
+This module is pure Python and holds no global mutable state.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import re
+import shlex
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Literal
+
+__all__ = [
+    "DEFAULT_ENTRYPOINT",
+    "METHOD_NOT_ALLOWED",
+    "InvalidRoute",
+    "Match",
+    "Pattern",
+    "Route",
+    "RouteTable",
+    "compile_pattern",
+    "route_from_json",
+]
+
+DEFAULT_ENTRYPOINT = "/bin/sh -c"
+
+# RFC 9110 section 5.6.2: token = 1*tchar
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+
+_DEFAULT_PLACEHOLDER = "[^/]+"
+
+
+class InvalidRoute(ValueError):
+    """A route or URL pattern is refused; the message says why (for logs).
+
+    The control API answers every such refusal with ``Invalid Route``.
+    """
+
+
+class Pattern:
+    """A compiled URL pattern, as made by :func:`compile_pattern`.
+
+    :ivar url_pattern: the pattern text it was compiled from.
+    :ivar names: the placeholder names, in order of appearance.
+    """
+
+    __slots__ = ("_groups", "_regex", "names", "url_pattern")
+
+    def __init__(
+        self, url_pattern: str, names: tuple[str, ...], regex: re.Pattern[str]
+    ) -> None:
+        self.url_pattern = url_pattern
+        self.names = names
+        self._regex = regex
+        self._groups = tuple(
+            (name, regex.groupindex[f"_kapow_{k}"]) for k, name in enumerate(names)
+        )
+
+    def match(self, path: str) -> dict[str, str] | None:
+        """Match the whole of ``path``.
+
+        :param path: the request path, as the caller wants it compared.
+        :return: placeholder name -> captured text (a fresh dict), or ``None``
+            if the path does not match.
+        """
+        found = self._regex.fullmatch(path)
+        if found is None:
+            return None
+        return {name: found.group(number) for name, number in self._groups}
+
+    def __repr__(self) -> str:
+        return f"<Pattern {self.url_pattern!r}>"
+
+
+def _brace_spans(url_pattern: str) -> list[tuple[int, int]]:
+    """Find the outermost ``{...}`` spans as ``(start, end)`` with ``end``
+    just past the closing brace; nested braces belong to the placeholder's
+    regex (``{id:[0-9]{3}}``).
+
+    :raises InvalidRoute: if the braces are unbalanced.
+    """
+    spans = []
+    level = 0
+    start = 0
+    for i, char in enumerate(url_pattern):
+        if char == "{":
+            level += 1
+            if level == 1:
+                start = i
+        elif char == "}":
+            level -= 1
+            if level == 0:
+                spans.append((start, i + 1))
+            elif level < 0:
+                raise InvalidRoute(f"unbalanced braces in {url_pattern!r}")
+    if level != 0:
+        raise InvalidRoute(f"unbalanced braces in {url_pattern!r}")
+    return spans
+
+
+def compile_pattern(url_pattern: str) -> Pattern:
+    """Compile a gorilla/mux-style URL pattern.
+
+    A placeholder's name is the text between ``{`` and its first ``:`` (or the
+    closing ``}``), taken as written; any text is accepted, so ``{file-name}``
+    is fine. Each placeholder's regex is matched as a unit, so groups it may
+    contain never disturb which text is captured under which name. Regexes
+    use Python :mod:`re` syntax; a flag must be scoped, ``(?i:abc)``, since a
+    global ``(?i)`` inside a placeholder does not compile.
+
+    :param url_pattern: the pattern; must start with ``/``.
+    :return: the compiled :class:`Pattern`.
+    :raises InvalidRoute: if the pattern is not a non-empty string starting
+        with ``/``, its braces are unbalanced, a placeholder has an empty name
+        or an empty regex, a name appears twice, or a regex does not compile.
+    """
+    if not isinstance(url_pattern, str):
+        raise InvalidRoute("url_pattern must be a string")
+    if not url_pattern:
+        raise InvalidRoute("url_pattern is empty")
+    if not url_pattern.startswith("/"):
+        raise InvalidRoute(f"url_pattern {url_pattern!r} does not start with '/'")
+    parts = []
+    names: list[str] = []
+    end = 0
+    for start, stop in _brace_spans(url_pattern):
+        parts.append(re.escape(url_pattern[end:start]))
+        end = stop
+        placeholder = url_pattern[start:stop]
+        name, colon, regex = placeholder[1:-1].partition(":")
+        if not colon:
+            regex = _DEFAULT_PLACEHOLDER
+        if not name or not regex:
+            raise InvalidRoute(f"missing name or pattern in {placeholder!r}")
+        if name in names:
+            raise InvalidRoute(f"duplicate placeholder name {name!r}")
+        try:
+            re.compile(regex)
+        except re.error as e:
+            raise InvalidRoute(f"bad regex in {placeholder!r}: {e}") from None
+        # Captures are read by the generated group name, so groups inside
+        # the user's regex never shift which text goes under which name.
+        parts.append(f"(?P<_kapow_{len(names)}>{regex})")
+        names.append(name)
+    parts.append(re.escape(url_pattern[end:]))
+    try:
+        regex = re.compile("".join(parts))
+    except re.error as e:
+        # e.g. a user regex reusing a generated group name or a backreference
+        # to a group outside itself.
+        raise InvalidRoute(f"bad regex in {url_pattern!r}: {e}") from None
+    return Pattern(url_pattern, tuple(names), regex)
+
+
+def _check_positive_number(value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InvalidRoute("timeout must be a number")
+    try:
+        as_float = float(value)
+    except OverflowError:
+        raise InvalidRoute("timeout is too large") from None
+    if not math.isfinite(as_float) or as_float <= 0:
+        raise InvalidRoute("timeout must be a finite number of seconds > 0")
+
+
+@dataclass(frozen=True)
+class Route:
+    """One route: which requests it matches and what it runs.
+
+    Creating a Route validates it, so a Route that exists is always usable.
+    ``method`` is upper-cased: HTTP methods are case-sensitive, but operators
+    type ``get`` and mean ``GET`` (gorilla/mux upper-cases them the same way).
+
+    :ivar id: unique id, made by the server.
+    :ivar method: the HTTP method matched, exactly (an RFC 9110 token).
+    :ivar url_pattern: the gorilla/mux-style pattern (see the module docs).
+    :ivar entrypoint: the program and leading arguments, split like a POSIX
+        shell splits words (no shell involved).
+    :ivar command: appended to the entrypoint's words as one last argument,
+        unless empty.
+    :ivar timeout: seconds a handler may run (> 0), or ``None`` for no limit.
+    :ivar max_concurrency: how many handlers of this route may run at once
+        (>= 1), or ``None`` for no limit.
+    :raises InvalidRoute: if a field is invalid.
+    """
+
+    id: str
+    method: str
+    url_pattern: str
+    entrypoint: str = DEFAULT_ENTRYPOINT
+    command: str = ""
+    timeout: float | None = None
+    max_concurrency: int | None = None
+    _pattern: Pattern = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.id, str):
+            raise InvalidRoute("id must be a string")
+        if not isinstance(self.method, str):
+            raise InvalidRoute("method must be a string")
+        if not self.method:
+            raise InvalidRoute("method is empty")
+        if not _TOKEN.fullmatch(self.method):
+            raise InvalidRoute(f"method {self.method!r} is not an HTTP token")
+        object.__setattr__(self, "method", self.method.upper())
+        object.__setattr__(self, "_pattern", compile_pattern(self.url_pattern))
+        for name in ("entrypoint", "command"):
+            value = getattr(self, name)
+            if not isinstance(value, str):
+                raise InvalidRoute(f"{name} must be a string")
+            # No program can receive an argument with a NUL byte in it.
+            if "\0" in value:
+                raise InvalidRoute(f"{name} contains a NUL character")
+        try:
+            shlex.split(self.entrypoint)
+        except ValueError as e:
+            raise InvalidRoute(f"entrypoint cannot be split: {e}") from None
+        if self.timeout is not None:
+            _check_positive_number(self.timeout)
+        if self.max_concurrency is not None and (
+            isinstance(self.max_concurrency, bool)
+            or not isinstance(self.max_concurrency, int)
+            or self.max_concurrency < 1
+        ):
+            raise InvalidRoute("max_concurrency must be an integer >= 1")
+
+    @property
+    def pattern(self) -> Pattern:
+        """The compiled :attr:`url_pattern`."""
+        return self._pattern
+
+    def argv(self) -> list[str]:
+        """The argument vector to execute: the entrypoint's words, then the
+        command as one argument if it is not empty.
+
+        An empty entrypoint gives no program (only the command, or nothing);
+        running it is refused by whoever spawns it.
+        """
+        argv = shlex.split(self.entrypoint)
+        if self.command:
+            argv.append(self.command)
+        return argv
+
+    def to_json(self, index: int) -> dict:
+        """The route as the control API shows it.
+
+        :param index: the route's current position in its table.
+        :return: ``id``, ``method``, ``url_pattern``, ``entrypoint``,
+            ``command`` and ``index``, plus ``timeout`` and
+            ``max_concurrency`` when they are set.
+        """
+        data: dict = {
+            "id": self.id,
+            "method": self.method,
+            "url_pattern": self.url_pattern,
+            "entrypoint": self.entrypoint,
+            "command": self.command,
+            "index": index,
+        }
+        if self.timeout is not None:
+            data["timeout"] = self.timeout
+        if self.max_concurrency is not None:
+            data["max_concurrency"] = self.max_concurrency
+        return data
+
+
+def route_from_json(data: object, route_id: str) -> Route:
+    """Build a route from a decoded JSON request body.
+
+    Required: ``method`` (non-empty string, an HTTP token; upper-cased) and
+    ``url_pattern`` (string starting with ``/``, a valid pattern). Optional,
+    where ``null`` counts as absent: ``entrypoint`` (string, default
+    ``/bin/sh -c``; an empty string is kept as given), ``command`` (string,
+    default empty), ``timeout`` (number of seconds > 0; ``true``/``false``
+    are not numbers), ``max_concurrency`` (integer >= 1; ``2.0`` is refused).
+    Any other key, including ``id`` and ``index``, is ignored.
+
+    :param data: what :func:`json.loads` returned.
+    :param route_id: the id the new route gets.
+    :raises InvalidRoute: if ``data`` is not an object or any field is invalid.
+    """
+    if not isinstance(data, dict):
+        raise InvalidRoute("a route must be a JSON object")
+    for key in ("method", "url_pattern"):
+        if data.get(key) is None:
+            raise InvalidRoute(f"{key} is missing")
+    optional = {
+        "entrypoint": data.get("entrypoint"),
+        "command": data.get("command"),
+        "timeout": data.get("timeout"),
+        "max_concurrency": data.get("max_concurrency"),
+    }
+    return Route(
+        id=route_id,
+        method=data["method"],
+        url_pattern=data["url_pattern"],
+        **{key: value for key, value in optional.items() if value is not None},
+    )
+
+
+@dataclass(frozen=True)
+class Match:
+    """A route that matched a request.
+
+    :ivar route: the route, as it was when it matched.
+    :ivar matches: placeholder name -> captured text.
+    """
+
+    route: Route
+    matches: dict[str, str]
+
+
+class _MethodNotAllowed(enum.Enum):
+    METHOD_NOT_ALLOWED = "METHOD_NOT_ALLOWED"
+
+    def __repr__(self) -> str:
+        return "METHOD_NOT_ALLOWED"
+
+
+#: Returned by :meth:`RouteTable.match` when the path matches some route but
+#: no route for the request's method: the request gets 405, not 404.
+METHOD_NOT_ALLOWED = _MethodNotAllowed.METHOD_NOT_ALLOWED
+
+
+class RouteTable:
+    """Routes in order, each with a unique id.
+
+    Each change replaces the internal tuple (copy-on-write), so a caller
+    holding a :class:`Route` or a :meth:`snapshot` keeps it unchanged.
+    Indexes are always dense: ``0`` to ``len(table) - 1``.
+
+    :param routes: the initial routes, in order.
+    :raises InvalidRoute: if two of ``routes`` share an id.
+    """
+
+    def __init__(self, routes: Iterable[Route] = ()) -> None:
+        self._routes: tuple[Route, ...] = ()
+        for route in routes:
+            self.append(route)
+
+    def snapshot(self) -> tuple[Route, ...]:
+        """The routes, in order, as they are now."""
+        return self._routes
+
+    def __len__(self) -> int:
+        return len(self._routes)
+
+    def __iter__(self) -> Iterator[Route]:
+        return iter(self._routes)
+
+    def _check_new(self, route: Route) -> None:
+        if not isinstance(route, Route):
+            raise TypeError(f"not a Route: {route!r}")
+        if any(existing.id == route.id for existing in self._routes):
+            raise InvalidRoute(f"a route with id {route.id!r} already exists")
+
+    def append(self, route: Route) -> int:
+        """Add ``route`` after every other route.
+
+        :return: the index it got.
+        :raises InvalidRoute: if a route with the same id is already present.
+        """
+        return self.insert(route, len(self._routes))
+
+    def insert(self, route: Route, index: int) -> int:
+        """Add ``route`` at ``index``, moving the routes from there on one up.
+
+        :param index: wanted position; past the end means at the end.
+        :return: the index it got.
+        :raises InvalidRoute: if ``index`` is negative or not an integer, or a
+            route with the same id is already present.
+        """
+        if isinstance(index, bool) or not isinstance(index, int):
+            raise InvalidRoute("index must be an integer")
+        if index < 0:
+            raise InvalidRoute("index must not be negative")
+        self._check_new(route)
+        index = min(index, len(self._routes))
+        routes = self._routes
+        self._routes = routes[:index] + (route,) + routes[index:]
+        return index
+
+    def remove(self, route_id: str) -> Route:
+        """Remove the route with id ``route_id``.
+
+        :return: the removed route.
+        :raises KeyError: if there is no such route.
+        """
+        index, route = self.get(route_id)
+        routes = self._routes
+        self._routes = routes[:index] + routes[index + 1 :]
+        return route
+
+    def get(self, route_id: str) -> tuple[int, Route]:
+        """Find the route with id ``route_id``.
+
+        :return: its index and the route.
+        :raises KeyError: if there is no such route.
+        """
+        for index, route in enumerate(self._routes):
+            if route.id == route_id:
+                return index, route
+        raise KeyError(route_id)
+
+    def listing(self) -> list[dict]:
+        """Every route as :meth:`Route.to_json` shows it, in table order."""
+        return [route.to_json(index) for index, route in enumerate(self._routes)]
+
+    def match(
+        self, method: str, path: str
+    ) -> Match | Literal[_MethodNotAllowed.METHOD_NOT_ALLOWED] | None:
+        """Find the route for a request.
+
+        Routes are tried in table order; the first whose method equals
+        ``method`` exactly and whose pattern matches the whole ``path`` wins.
+
+        :param method: the request's method, as sent.
+        :param path: the request's path (percent-decoded by the caller).
+        :return: the :class:`Match`; else :data:`METHOD_NOT_ALLOWED` if the
+            path matches some route with another method; else ``None``.
+        """
+        routes = self._routes
+        others = []
+        for route in routes:
+            if route.method != method:
+                others.append(route)
+                continue
+            matches = route.pattern.match(path)
+            if matches is not None:
+                return Match(route, matches)
+        if any(route.pattern.match(path) is not None for route in others):
+            return METHOD_NOT_ALLOWED
+        return None

@@ -1,0 +1,228 @@
+"""
+Starting handler processes, each in a session (process group) of its own, and
+ending whole process groups.
+
+Twisted (23.8+) starts children with ``posix_spawnp``, which never runs the
+fork-time ``os.setsid()`` of older recipes. :class:`SessionProcess` passes
+``setsid=True`` to ``posix_spawnp`` instead, which costs nothing extra per
+spawn (a ``setsid`` program in front of argv would cost one more exec).
+It overrides a private method of :class:`twisted.internet.process.Process`;
+``tests/test_spawn.py`` checks the behaviour this relies on.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from twisted.internet import process as _process
+from twisted.internet.protocol import ProcessProtocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+log = Logger()
+
+
+class SpawnError(Exception):
+    """The program could not be started; ``str()`` says why, in one line."""
+
+
+class SessionProcess(_process.Process):
+    """A :class:`~twisted.internet.process.Process` that leads a new session."""
+
+    def _trySpawnInsteadOfFork(
+        self, path: Any, uid: Any, gid: Any, executable: Any, args: Any, environment: Any, kwargs: Any
+    ) -> bool:
+        import fcntl
+
+        if uid is not None or gid is not None or path is not None:
+            raise SpawnError("uid, gid and path are not supported for handlers")
+        fdState = []
+        for fd in _process._listOpenFDs():
+            try:
+                fdState.append((fd, fcntl.fcntl(fd, fcntl.F_GETFD, fcntl.FD_CLOEXEC)))
+            except OSError:
+                pass
+        ignored = [s for s in range(1, signal.NSIG) if signal.getsignal(s) == signal.SIG_IGN]
+        self.pid = os.posix_spawnp(
+            executable,
+            args,
+            os.environ if environment is None else environment,
+            file_actions=_process._getFileActions(
+                fdState, kwargs.get("fdmap"), doClose=_process._PS_CLOSE, doDup2=_process._PS_DUP2
+            ),
+            setsigdef=ignored,
+            setsid=True,
+        )
+        self.status = -1
+        return True
+
+
+def spawn_in_session(
+    reactor: Any,
+    protocol: ProcessProtocol,
+    argv: Sequence[str],
+    env: Mapping[str, str],
+    child_fds: Mapping[int, Any],
+) -> SessionProcess:
+    """
+    Start ``argv`` as the leader of a new session and process group.
+
+    :param reactor: a POSIX reactor (the process is reaped by its SIGCHLD
+        handling).
+    :param child_fds: as ``childFDs`` of ``spawnProcess``: ``"r"``/``"w"``
+        for pipes, or a parent descriptor to share.
+    :raises SpawnError: if ``argv`` is empty or cannot be executed.
+    """
+    if not argv or not argv[0]:
+        raise SpawnError("empty entrypoint")
+    try:
+        return SessionProcess(
+            reactor, argv[0], list(argv), dict(env), None, protocol, childFDs=dict(child_fds)
+        )
+    except OSError as e:
+        raise SpawnError(f"cannot run {argv[0]}: {e.strerror or e}") from e
+
+
+def signal_group(pgid: int, sig: int) -> bool:
+    """
+    Send ``sig`` to process group ``pgid``.
+
+    :return: ``False`` if the group no longer exists.
+    """
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        log.warn("not allowed to signal process group {pgid}", pgid=pgid)
+        return False
+    return True
+
+
+class LineLogger(ProcessProtocol):
+    """
+    Log a child's stdout and stderr line by line.
+
+    :param name: the prefix of every logged line.
+    :param logger: the logger to use.
+    """
+
+    def __init__(self, name: str, logger: Logger) -> None:
+        self.name = name
+        self.log = logger
+        self._partial: dict[int, bytes] = {}
+
+    def childDataReceived(self, childFD: int, data: bytes) -> None:
+        lines = (self._partial.pop(childFD, b"") + data).split(b"\n")
+        self._partial[childFD] = lines.pop()
+        for line in lines:
+            self._emit(childFD, line)
+
+    def childConnectionLost(self, childFD: int) -> None:
+        rest = self._partial.pop(childFD, b"")
+        if rest:
+            self._emit(childFD, rest)
+
+    def _emit(self, childFD: int, line: bytes) -> None:
+        self.log.info(
+            "{name}{stream}: {line}",
+            name=self.name,
+            stream=" (stderr)" if childFD == 2 else "",
+            line=line.rstrip(b"\r").decode("utf-8", "replace"),
+        )
+
+
+def exit_description(reason: Failure) -> tuple[int | None, int | None]:
+    """(exit status, signal) of a process from ``processExited``'s reason."""
+    return getattr(reason.value, "exitCode", None), getattr(reason.value, "signal", None)
+
+
+ExitCallback = Callable[[int | None, int | None], None]
+
+
+class HandlerProcess(LineLogger):
+    """
+    The protocol of one handler process: logs its output when asked to and
+    reports its exit (not the end of its pipes, which background children may
+    hold open).
+
+    :param on_exit: called with (exit status, signal) when the process exits.
+    """
+
+    def __init__(self, name: str, logger: Logger, on_exit: ExitCallback) -> None:
+        super().__init__(name, logger)
+        self.on_exit = on_exit
+
+    def processExited(self, reason: Failure) -> None:
+        self.on_exit(*exit_description(reason))
+
+
+class Spawner:
+    """
+    Starts handler processes with the handler environment.
+
+    :param reactor: a POSIX reactor.
+    :param environ: returns the server's environment, given to every
+        handler; called once, at the first spawn.
+    :param urls: returns ``(data URL, control URL)`` at spawn time.
+    :param debug: log the handlers' stdout and stderr instead of discarding them.
+    :param spawn: how to start a process (:func:`spawn_in_session`).
+    """
+
+    #: Never given to handlers, even if the server's environment has them.
+    PRIVATE = ("KAPOW_CONTROL_SERVER_CERT", "KAPOW_CONTROL_CLIENT_CERT", "KAPOW_CONTROL_CLIENT_KEY")
+
+    def __init__(
+        self,
+        reactor: Any,
+        environ: Callable[[], Mapping[str, str]],
+        urls: Callable[[], tuple[str, str]],
+        debug: bool = False,
+        spawn: Callable[..., Any] = spawn_in_session,
+    ) -> None:
+        self.reactor = reactor
+        self._environ = environ
+        self._base: dict[str, str] | None = None
+        self.urls = urls
+        self.debug = debug
+        self._spawn = spawn
+        self._devnull: int | None = None
+
+    def handler_environ(self, handler_id: str) -> dict[str, str]:
+        """The environment of the handler ``handler_id``."""
+        if self._base is None:
+            self._base = {k: v for k, v in self._environ().items() if k not in self.PRIVATE}
+        data_url, control_url = self.urls()
+        env = dict(self._base)
+        env["KAPOW_HANDLER_ID"] = handler_id
+        env["KAPOW_DATA_URL"] = data_url
+        env["KAPOW_CONTROL_URL"] = control_url
+        return env
+
+    def start(self, handler_id: str, argv: Sequence[str], on_exit: ExitCallback) -> Any:
+        """
+        Start ``argv`` for handler ``handler_id`` in a session of its own.
+
+        :return: the process transport (its ``pid`` leads the process group).
+        :raises SpawnError: if it cannot be started.
+        """
+        if self._devnull is None:
+            self._devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+        out: Any = "r" if self.debug else self._devnull
+        protocol = HandlerProcess(handler_id, log, on_exit)
+        return self._spawn(
+            self.reactor,
+            protocol,
+            argv,
+            self.handler_environ(handler_id),
+            {0: self._devnull, 1: out, 2: out},
+        )
+
+    def close(self) -> None:
+        """Release the descriptor kept for ``/dev/null``."""
+        if self._devnull is not None:
+            os.close(self._devnull)
+            self._devnull = None

@@ -1,0 +1,394 @@
+"""
+The ``kapow`` service: its command-line options and ``makeService``.
+
+This is the only module that reads server options, turns addresses into
+endpoints and assembles the service tree; ``twist kapow``, ``twistd kapow``
+and ``kapow server`` all come through here.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import ssl
+import sys
+import tempfile
+from collections.abc import Callable, Mapping
+from typing import Any, NoReturn
+
+from twisted.application.internet import StreamServerEndpointService
+from twisted.application.service import MultiService, Service
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IListeningPort
+from twisted.logger import Logger
+from twisted.python import usage
+from twisted.web.server import Site
+
+from kapow import tls
+from kapow.control_api import ControlAPI
+from kapow.data_api import DataAPI
+from kapow.handlers import HandlerRegistry
+from kapow.init_programs import InitProgramsService
+from kapow.launcher import write_launcher
+from kapow.routes import RouteTable
+from kapow.spawn import Spawner
+from kapow.user_api import UserAPI, UserSite
+from kapow.web import bounded_request_factory
+
+log = Logger()
+
+#: Largest request body the control API buffers (a route is a few hundred bytes).
+CONTROL_MAX_BODY = 1024 * 1024
+
+_HOST_PORT = re.compile(r"(?:\[(?P<v6>[^\]]*)\]|(?P<host>[^:\[\]]*)):(?P<port>[0-9]+)")
+_ENDPOINT_TYPES = {"tcp", "tcp6", "unix", "ssl", "systemd", "tls"}
+
+
+class StartupError(Exception):
+    """The service cannot start; ``str()`` is one line for the operator."""
+
+
+def parse_listen_address(addr: str) -> tuple[str, str | None]:
+    """
+    Turn a listener flag into a Twisted endpoint description.
+
+    The reference's ``host:port`` form (``0.0.0.0:8080``, ``localhost:8081``,
+    ``[::1]:8082``, ``:8080`` for every interface) is accepted, and so is any
+    endpoint description whose type is one of ``tcp``, ``tcp6``, ``unix``,
+    ``ssl``, ``systemd``.
+
+    :return: the description and the host as written (``None`` for an
+        endpoint description or an empty host).
+    :raises StartupError: for anything else.
+    """
+    kind = addr.split(":", 1)[0]
+    if kind in _ENDPOINT_TYPES:
+        return addr, None
+    m = _HOST_PORT.fullmatch(addr)
+    if m is None:
+        raise StartupError(f"invalid address {addr!r}: expected HOST:PORT or an endpoint description")
+    port = int(m["port"])
+    if port > 65535:
+        raise StartupError(f"invalid address {addr!r}: port out of range")
+    if m["v6"] is not None:
+        if not _is_ipv6(m["v6"]):
+            raise StartupError(f"invalid address {addr!r}: not an IPv6 address")
+        return f"tcp6:port={port}:interface={_escape(m['v6'])}", m["v6"]
+    host = m["host"]
+    if not host:
+        return f"tcp:port={port}", None
+    return f"tcp:port={port}:interface={_escape(host)}", host
+
+
+def _is_ipv6(host: str) -> bool:
+    import ipaddress
+
+    try:
+        ipaddress.IPv6Address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace(":", "\\:").replace("=", "\\=")
+
+
+class Options(usage.Options):
+    """Options of ``kapow server`` / ``twist kapow``."""
+
+    synopsis = "[options] [INIT_PROGRAM ...]"
+    longdesc = (
+        "Serve HTTP routes backed by shell commands. Each INIT_PROGRAM is run once "
+        "the listeners are up, with KAPOW_CONTROL_URL, KAPOW_DATA_URL and the "
+        "control certificates in its environment, and usually calls `kapow route add`. "
+        "Listener addresses are HOST:PORT or a Twisted endpoint description "
+        "(tcp:..., unix:..., systemd:domain=INET:index=0)."
+    )
+
+    optParameters = [
+        ["bind", None, "0.0.0.0:8080", "User interface address."],
+        ["control-bind", None, "localhost:8081", "Control API address (always mutual TLS)."],
+        ["data-bind", None, "localhost:8082", "Data API address (keep it on loopback)."],
+        [
+            "control-reachable-addr",
+            None,
+            None,
+            "HOST:PORT at which init programs reach the control API; its host goes into "
+            "the control certificate. [default: the control bind, localhost:8081]",
+        ],
+        ["certfile", None, None, "Certificate (chain) for HTTPS on the user interface."],
+        ["keyfile", None, None, "Private key for --certfile."],
+        [
+            "clientcafile",
+            None,
+            None,
+            "CA bundle user client certificates must chain to (with --clientauth) "
+            "[default: the system CA bundle].",
+        ],
+        [
+            "control-credentials",
+            None,
+            None,
+            "Use server.crt, server.key, client.crt, client.key from this directory "
+            "for the control API instead of generating them (see `kapow control-credentials`).",
+        ],
+        [
+            "write-control-credentials",
+            None,
+            None,
+            "Write server.crt, client.crt and client.key for the control API into this "
+            "directory (mode 0700/0600), for curl and operator shells.",
+        ],
+    ]
+    optFlags = [
+        ["clientauth", None, "Require client certificates on the user interface (HTTPS)."],
+        ["debug", None, "Log the handlers' stdout and stderr."],
+    ]
+
+    def parseArgs(self, *programs: str) -> None:
+        self["init_programs"] = list(programs)
+
+    def postOptions(self) -> None:
+        if bool(self["certfile"]) != bool(self["keyfile"]):
+            raise usage.UsageError("--certfile and --keyfile go together")
+        if self["clientauth"] and not self["certfile"]:
+            raise usage.UsageError("--clientauth needs HTTPS: give --certfile and --keyfile")
+        if self["clientcafile"] and not self["clientauth"]:
+            raise usage.UsageError("--clientcafile needs --clientauth")
+        try:
+            for flag in ("bind", "control-bind", "data-bind"):
+                parse_listen_address(self[flag])
+            if self["control-reachable-addr"] is not None:
+                tls.reachable_host(self["control-reachable-addr"])
+        except (StartupError, ValueError) as e:
+            raise usage.UsageError(str(e)) from None
+
+
+def fatal(message: str) -> NoReturn:
+    """Stop the start with one line on stderr and exit status 1."""
+    sys.stderr.write(f"kapow: error: {message}\n")
+    sys.stderr.flush()
+    raise SystemExit(1)
+
+
+class KapowService(MultiService):
+    """
+    The whole server. Listeners start first, in order; a listener that cannot
+    start ends the process with one line on stderr instead of a traceback.
+    """
+
+    def privilegedStartService(self) -> None:
+        self._guard(super().privilegedStartService)
+
+    def startService(self) -> None:
+        self._guard(super().startService)
+
+    def _guard(self, start: Callable[[], None]) -> None:
+        try:
+            start()
+        except SystemExit:
+            raise
+        except Exception as e:
+            fatal(_listen_error(e))
+
+
+def _listen_error(e: Exception) -> str:
+    from twisted.internet.error import CannotListenError
+
+    if isinstance(e, CannotListenError):
+        why = getattr(e.socketError, "strerror", None) or str(e.socketError)
+        return f"cannot listen on {e.interface or '*'}:{e.port}: {why}"
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+class Listener(StreamServerEndpointService):
+    """
+    A listening endpoint that fails loudly and remembers its real address.
+
+    :param label: names the interface in logs and errors.
+    :param scheme: ``http`` or ``https``, for the logged URL.
+    :param host: the host as the operator wrote it, if any.
+    """
+
+    _raiseSynchronously = True
+
+    def __init__(self, endpoint: Any, factory: Any, label: str, scheme: str, host: str | None) -> None:
+        super().__init__(endpoint, factory)
+        self.label = label
+        self.scheme = scheme
+        self.host = host
+        self.port: IListeningPort | None = None
+
+    def privilegedStartService(self) -> None:
+        try:
+            super().privilegedStartService()
+        except Exception as e:
+            raise StartupError(f"{self.label} interface: {_listen_error(e)}") from e
+        self._waitingForPort.addCallback(self._listening)
+
+    def _listening(self, port: IListeningPort) -> IListeningPort:
+        self.port = port
+        log.info("{label} interface listening on {url}", label=self.label, url=self.url())
+        return port
+
+    def url(self) -> str:
+        """The URL of this listener, with its real port."""
+        address = self.port.getHost() if self.port is not None else None
+        host = getattr(address, "host", None)
+        port = getattr(address, "port", None)
+        if host is None or port is None:
+            name = getattr(address, "name", None)
+            if isinstance(name, bytes):
+                name = name.decode()
+            if name:
+                from urllib.parse import quote
+
+                return f"{self.scheme}+unix://{quote(name, safe='')}"
+            return f"{self.scheme}://{self.host or 'localhost'}"
+        shown = self.host or ("localhost" if host in ("0.0.0.0", "::") else host)
+        if ":" in shown:
+            shown = f"[{shown}]"
+        return f"{self.scheme}://{shown}:{port}"
+
+
+class LauncherDirectory(Service):
+    """
+    A private directory holding the lean ``kapow`` launcher, put first on the
+    PATH of handlers and init programs so ``kapow get``/``kapow set`` start
+    fast; removed when the service stops.
+    """
+
+    path: str | None = None
+
+    def startService(self) -> None:
+        super().startService()
+        self.path = tempfile.mkdtemp(prefix="kapow-bin-")
+        write_launcher(self.path)
+
+    def environ(self, base: Mapping[str, str]) -> dict[str, str]:
+        """``base`` with the launcher directory first on ``PATH``."""
+        env = dict(base)
+        env["PATH"] = os.pathsep.join(filter(None, (self.path, base.get("PATH", os.defpath))))
+        return env
+
+    def stopService(self) -> None:
+        super().stopService()
+        if self.path is not None:
+            shutil.rmtree(self.path, ignore_errors=True)
+
+
+def _control_credentials(options: Options, reachable: str) -> tls.ControlCredentials:
+    try:
+        if options["control-credentials"]:
+            creds = tls.load_control_credentials(options["control-credentials"])
+        else:
+            creds = tls.generate_control_credentials(reachable)
+        if options["write-control-credentials"]:
+            tls.write_client_credentials(creds, options["write-control-credentials"])
+    except (tls.CredentialsError, OSError, ValueError) as e:
+        raise StartupError(f"control credentials: {e}") from e
+    return creds
+
+
+def _reachable_addr(options: Options) -> str:
+    if options["control-reachable-addr"] is not None:
+        return options["control-reachable-addr"]
+    _, host = parse_listen_address(options["control-bind"])
+    m = _HOST_PORT.fullmatch(options["control-bind"])
+    if host is None or m is None:
+        return "localhost:8081"
+    if host in ("0.0.0.0", "::", ""):
+        host = "localhost"
+    return f"[{host}]:{m['port']}" if ":" in host else f"{host}:{m['port']}"
+
+
+def build_service(options: Options, reactor: Any) -> KapowService:
+    """
+    Assemble the server from parsed ``options``.
+
+    :raises StartupError: when a certificate, key or address is unusable.
+    """
+    routes = RouteTable()
+    service = KapowService()
+
+    reachable = _reachable_addr(options)
+    creds = _control_credentials(options, reachable)
+
+    def listener(flag: str, site: Site, label: str, scheme: str, wrap: Any = None) -> Listener:
+        description, host = parse_listen_address(options[flag])
+        try:
+            endpoint = serverFromString(reactor, description)
+        except (ValueError, TypeError, KeyError) as e:
+            raise StartupError(f"--{flag} {options[flag]}: {e}") from e
+        if wrap is not None:
+            endpoint = tls.tls_server_endpoint(endpoint, wrap)
+        svc = Listener(endpoint, site, label, scheme, host)
+        svc.setServiceParent(service)
+        return svc
+
+    user_tls = None
+    if options["certfile"]:
+        cafile = options["clientcafile"]
+        if options["clientauth"] and not cafile:
+            cafile = ssl.get_default_verify_paths().openssl_cafile
+        try:
+            user_tls = tls.user_server_options(options["certfile"], options["keyfile"], cafile)
+        except tls.CredentialsError as e:
+            raise StartupError(f"user HTTPS: {e}") from e
+
+    handlers = HandlerRegistry()
+    user_scheme = "https" if user_tls else "http"
+    launcher_dir = LauncherDirectory()
+    launcher_dir.setServiceParent(service)
+    spawner = Spawner(
+        reactor,
+        lambda: launcher_dir.environ(os.environ),
+        lambda: (data.url(), control_url()),
+        debug=options["debug"],
+    )
+    user_api = UserAPI(routes, handlers, spawner)
+    listener("bind", UserSite(user_api), "user", user_scheme, user_tls)
+
+    control_site = Site(ControlAPI(routes=routes, stats=lambda: {"handlers": len(handlers)}).resource())
+    control_site.requestFactory = bounded_request_factory(CONTROL_MAX_BODY)
+    control = listener("control-bind", control_site, "control", "https", tls.control_server_options(creds))
+    data = listener("data-bind", Site(DataAPI(handlers).resource()), "data", "http")
+
+    explicit_reachable = options["control-reachable-addr"] is not None
+
+    def control_url() -> str:
+        if explicit_reachable:
+            return f"https://{reachable}"
+        return _with_host(control.url(), reachable)
+
+    def init_environ() -> dict[str, str]:
+        env = launcher_dir.environ(os.environ)
+        env.setdefault("KAPOW_CONTROL_URL", control_url())
+        env.setdefault("KAPOW_DATA_URL", data.url())
+        env.update(tls.credentials_environ(creds))
+        return env
+
+    InitProgramsService(reactor, options["init_programs"], init_environ).setServiceParent(service)
+    return service
+
+
+def _with_host(url: str, reachable: str) -> str:
+    """``url`` with its host replaced by the host of ``reachable`` (the SAN)."""
+    m = re.fullmatch(r"https://(?:\[[^\]]*\]|[^:/]*)(:[0-9]+)?", url)
+    if m is None:
+        return f"https://{reachable}"
+    host = tls.reachable_host(reachable)
+    host = f"[{host}]" if ":" in host else host
+    return f"https://{host}{m.group(1) or ''}"
+
+
+def makeService(options: Options) -> KapowService:
+    """Entry point of the twistd/twist plugin."""
+    from twisted.internet import reactor
+
+    try:
+        return build_service(options, reactor)
+    except StartupError as e:
+        fatal(str(e))

@@ -1,0 +1,115 @@
+"""
+The user interface: match each request against the route table, start the
+route's process for it and complete the response when that process exits.
+
+A plain leaf resource rather than a Klein app: routes change at runtime and
+matching is the route table's (werkzeug's routing would merge slashes and
+redirect, changing the paths operators match on).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import unquote
+
+from twisted.logger import Logger
+from twisted.web import http
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request, Site
+
+from kapow.handlers import Handler, HandlerRegistry
+from kapow.routes import METHOD_NOT_ALLOWED, RouteTable
+from kapow.spawn import SpawnError, Spawner
+
+log = Logger()
+access_log = Logger(namespace="kapow.access")
+
+
+class UserAPI(Resource):
+    """
+    :param routes: the live route table.
+    :param handlers: where handlers are registered by id.
+    :param spawner: starts the routes' processes.
+    """
+
+    isLeaf = True
+
+    def __init__(self, routes: RouteTable, handlers: HandlerRegistry, spawner: Spawner) -> None:
+        super().__init__()
+        self.routes = routes
+        self.handlers = handlers
+        self.spawner = spawner
+
+    def render(self, request: Request) -> Any:
+        path = unquote(request.path.decode("latin-1"), errors="surrogateescape")
+        found = self.routes.match(request.method.decode("latin-1"), path)
+        if found is None:
+            return _plain(request, 404, b"Not Found\n")
+        if found is METHOD_NOT_ALLOWED:
+            return _plain(request, 405, b"Method Not Allowed\n")
+        handler = self.handlers.create(found.route, found.matches, request)
+        request.kapow_handler_id = handler.id  # type: ignore[attr-defined]
+        try:
+            process = self.spawner.start(
+                handler.id, found.route.argv(), lambda status, sig: self._exited(handler, status, sig)
+            )
+        except SpawnError as e:
+            log.error(
+                "handler {id}: route {route} cannot start: {why}",
+                id=handler.id, route=found.route.id, why=str(e),
+            )  # fmt: skip
+            self.handlers.forget(handler)
+            request.unregisterProducer()
+            return _plain(request, 500, b"Internal Server Error\n")
+        log.debug("handler {id} started: pid {pid}", id=handler.id, pid=process.pid)
+        return NOT_DONE_YET
+
+    def _exited(self, handler: Handler, status: int | None, signal: int | None) -> None:
+        if signal is not None:
+            log.info("handler {id} killed by signal {signal}", id=handler.id, signal=signal)
+        elif status:
+            log.info("handler {id} exited with status {status}", id=handler.id, status=status)
+        self.handlers.forget(handler)
+        handler.finish()
+
+
+def _plain(request: Request, code: int, body: bytes) -> bytes:
+    request.setResponseCode(code)
+    request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
+    return body
+
+
+class UserSite(Site):
+    """
+    The user interface's site: bodies are never parsed as forms by
+    twisted.web (handlers parse them lazily), and every request leaves one
+    Common Log Format line with the handler id as identity.
+    """
+
+    def __init__(self, resource: Any, **kwargs: Any) -> None:
+        super().__init__(resource, parsePOSTFormSubmission=False, **kwargs)
+
+    def log(self, request: Request) -> None:
+        access_log.info("{line}", line=access_line(request))
+
+
+def access_line(request: Request) -> str:
+    """The Common Log Format line (with referrer and agent) for ``request``."""
+    host = getattr(request.getClientAddress(), "host", "-")
+    identity = getattr(request, "kapow_handler_id", "-")
+
+    def quoted(value: bytes | None) -> str:
+        return http._escape(value or b"-")  # type: ignore[attr-defined]
+
+    return '{} {} - {} "{} {} {}" {} {} "{}" "{}"'.format(
+        host,
+        identity,
+        http.datetimeToLogString(),
+        quoted(request.method),
+        quoted(request.uri),
+        quoted(request.clientproto),
+        request.code,
+        request.sentLength,
+        quoted(request.getHeader(b"referer")),
+        quoted(request.getHeader(b"user-agent")),
+    )

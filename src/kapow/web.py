@@ -1,0 +1,137 @@
+"""
+HTTP plumbing shared by the three interfaces: JSON error bodies and a request
+class that refuses oversized bodies before buffering them.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.server import Request
+from werkzeug.exceptions import HTTPException
+
+log = Logger()
+
+JSON_CONTENT_TYPE = b"application/json"
+
+
+class JSONError(Exception):
+    """
+    An error that leaves the API as ``{"reason": ...}`` with a status code.
+
+    :param code: the HTTP status code.
+    :param reason: the reason text; part of the contract, clients print it.
+    """
+
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(code, reason)
+        self.code = code
+        self.reason = reason
+
+
+def json_body(request: Any, code: int, value: Any) -> bytes:
+    """
+    Set ``code`` and the JSON content type on ``request`` and return the
+    encoded ``value``.
+    """
+    request.setResponseCode(code)
+    request.setHeader(b"Content-Type", JSON_CONTENT_TYPE)
+    return json.dumps(value).encode("utf-8")
+
+
+def reason_body(request: Any, code: int, reason: str) -> bytes:
+    """
+    The contract's error shape: ``{"reason": reason}`` with ``code``.
+    """
+    return json_body(request, code, {"reason": reason})
+
+
+def install_json_errors(app: Any) -> None:
+    """
+    Make every error that leaves ``app`` a JSON ``{"reason": ...}`` body:
+    ours (:class:`JSONError`), routing errors from werkzeug (404, 405) and
+    anything unexpected (500, logged with its traceback, never sent).
+
+    :param app: a :class:`klein.Klein` application; call this after its
+        routes are defined.
+    """
+
+    @app.handle_errors(JSONError)
+    def _ours(*args: Any) -> bytes:
+        request, failure = args[-2:]
+        return reason_body(request, failure.value.code, failure.value.reason)
+
+    @app.handle_errors(HTTPException)
+    def _routing(*args: Any) -> bytes:
+        request, failure = args[-2:]
+        exc = failure.value
+        if exc.code == 405 and getattr(exc, "valid_methods", None):
+            request.setHeader(b"Allow", ", ".join(exc.valid_methods).encode())
+        return reason_body(request, exc.code, _REASONS.get(exc.code, exc.name))
+
+    @app.handle_errors(Exception)
+    def _unexpected(*args: Any) -> bytes:
+        request, failure = args[-2:]
+        log.failure("Unhandled error answering {uri}", failure, uri=request.uri)
+        return reason_body(request, 500, "Internal Server Error")
+
+
+_REASONS = {404: "Not Found", 405: "Method Not Allowed"}
+
+
+def bounded_request_factory(max_body: int) -> type[Request]:
+    """
+    A :class:`~twisted.web.server.Request` class that answers 413 and closes
+    the connection as soon as a body is known to exceed ``max_body`` bytes
+    (from ``Content-Length``, or while a chunked body arrives), instead of
+    buffering it.
+
+    :param max_body: the largest request body accepted, in bytes.
+    """
+
+    class BoundedRequest(Request):
+        _refused = False
+        _received = 0
+
+        def gotLength(self, length: int | None) -> None:
+            if length is not None and length > max_body:
+                self._refuse()
+            super().gotLength(length)
+
+        def handleContentChunk(self, data: bytes) -> None:
+            if self._refused:
+                return
+            self._received += len(data)
+            if self._received > max_body:
+                self._refuse()
+                return
+            super().handleContentChunk(data)
+
+        def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+            if not self._refused:
+                super().requestReceived(command, path, version)
+
+        def _refuse(self) -> None:
+            self._refused = True
+            body = json.dumps({"reason": "Request Entity Too Large"}).encode()
+            self.channel.transport.write(
+                b"HTTP/1.1 413 Content Too Large\r\n"
+                b"Content-Type: application/json\r\n"
+                b"Content-Length: %d\r\n"
+                b"Connection: close\r\n\r\n%s" % (len(body), body)
+            )
+            self.channel.loseConnection()
+
+    return BoundedRequest
+
+
+def failure_reason(failure: Failure) -> str:
+    """
+    One line describing ``failure``, for logs and operators.
+    """
+    value = failure.value
+    text = str(value) or type(value).__name__
+    return " ".join(text.split())

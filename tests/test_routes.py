@@ -1,0 +1,662 @@
+"""Tests for kapow.routes: patterns, route validation and the route table."""
+
+import copy
+import json
+import math
+import pickle
+
+import pytest
+
+from kapow.routes import (
+    METHOD_NOT_ALLOWED,
+    InvalidRoute,
+    Match,
+    Route,
+    RouteTable,
+    compile_pattern,
+    route_from_json,
+)
+
+
+def make(route_id, url_pattern="/", method="GET", **kwargs):
+    return Route(id=route_id, method=method, url_pattern=url_pattern, **kwargs)
+
+
+# Patterns
+
+
+@pytest.mark.parametrize(
+    "pattern, path, expected",
+    [
+        ("/", "/", {}),
+        ("/hello", "/hello", {}),
+        ("/greet/{name}", "/greet/world", {"name": "world"}),
+        ("/a/{x}/b/{y}", "/a/1/b/2", {"x": "1", "y": "2"}),
+        ("/files/{path:.*}", "/files/a/b/c", {"path": "a/b/c"}),
+        ("/files/{path:.*}", "/files/", {"path": ""}),
+        ("/files/{path:.+}/raw", "/files/x/y/raw", {"path": "x/y"}),
+        ("/id/{id:[0-9]{3}}", "/id/123", {"id": "123"}),
+        ("/id/{id:[0-9]{1,2}}x", "/id/12x", {"id": "12"}),
+        ("/f/{file-name}", "/f/report.pdf", {"file-name": "report.pdf"}),
+        ("/f/{file name}", "/f/x", {"file name": "x"}),
+        ("/v/{1st}", "/v/a", {"1st": "a"}),
+        ("/g/{greeting}", "/g/hello world", {"greeting": "hello world"}),
+        ("/g/{greeting}", "/g/ñandú ☃", {"greeting": "ñandú ☃"}),
+        ("/ñ/{x}", "/ñ/€", {"x": "€"}),
+        ("/{a}.{b}", "/file.txt", {"a": "file", "b": "txt"}),
+        ("/x/{ab:a|b}", "/x/b", {"ab": "b"}),
+        ("/x/{ab:a|b}/y", "/x/a/y", {"ab": "a"}),
+        # groups inside a placeholder's regex do not shift the captures
+        ("/c/{a:(x)(y)?}/{b:(z)}", "/c/x/z", {"a": "x", "b": "z"}),
+        ("/c/{a:(?P<inner>q+)}/{b}", "/c/qq/w", {"a": "qq", "b": "w"}),
+        ("/c/{a:(?:p)}-{b:(\\d)(\\d)}", "/c/p-42", {"a": "p", "b": "42"}),
+        # regex metacharacters outside placeholders are literal
+        ("/a.b/{x}", "/a.b/1", {"x": "1"}),
+        ("/a+b(c)?[d]$^|*\\", "/a+b(c)?[d]$^|*\\", {}),
+    ],
+)
+def test_pattern_matches(pattern, path, expected):
+    assert compile_pattern(pattern).match(path) == expected
+
+
+@pytest.mark.parametrize(
+    "pattern, path",
+    [
+        ("/hello", "/hello/"),
+        ("/hello/", "/hello"),
+        ("/hello", "/hell"),
+        ("/hello", "/hellooo"),
+        ("/hello", "/x/hello"),
+        ("/hello", "/HELLO"),
+        ("/greet/{name}", "/greet/"),
+        ("/greet/{name}", "/greet/a/b"),
+        ("/greet/{name}", "/greet/a/"),
+        ("/files/{path:.*}", "/files"),
+        ("/files/{path:.*}", "/other/files/a"),
+        ("/id/{id:[0-9]{3}}", "/id/12"),
+        ("/id/{id:[0-9]{3}}", "/id/1234"),
+        ("/id/{id:[0-9]{3}}", "/id/abc"),
+        ("/a.b", "/aXb"),
+        ("/x/{ab:a|b}", "/x/c"),
+        ("/x/{ab:a|b}", "/x/ab"),
+        ("/x/{ab:a|b}/y", "/x/b"),
+        # like Go's regexp, "." does not match a newline
+        ("/files/{p:.*}", "/files/a\nb"),
+    ],
+)
+def test_pattern_does_not_match(pattern, path):
+    assert compile_pattern(pattern).match(path) is None
+
+
+def test_pattern_names_in_order():
+    assert compile_pattern("/{b}/{a:.*}/{c}").names == ("b", "a", "c")
+    assert compile_pattern("/plain").names == ()
+
+
+def test_pattern_match_returns_fresh_dict():
+    pattern = compile_pattern("/{x}")
+    first = pattern.match("/1")
+    first["x"] = "changed"
+    assert pattern.match("/1") == {"x": "1"}
+
+
+@pytest.mark.parametrize(
+    "pattern",
+    [
+        "",
+        "hello",
+        "{x}/hello",
+        " /hello",
+        "/{x",
+        "/x}",
+        "/{x}}",
+        "/{{x}",
+        "/}{x}",
+        "/}{",
+        "/{x}}{",
+        "/{id:[0-9]{3}",
+        "/{x:(}",
+        "/{x:[}",
+        "/{x:a\\}",
+        "/{x:*}",
+        "/{x:a)(b}",
+        "/{}",
+        "/{:abc}",
+        "/{x:}",
+        "/{x}/{x}",
+        "/{x}/{x:.*}",
+        "/{a:(?P<_kapow_1>z)}/{b}",
+        "/{a:(?i)x}",
+        "/{a:(x)\\1}",
+    ],
+)
+def test_pattern_refused(pattern):
+    with pytest.raises(InvalidRoute):
+        compile_pattern(pattern)
+
+
+@pytest.mark.parametrize("value", [None, 1, b"/x", ["/x"]])
+def test_pattern_must_be_string(value):
+    with pytest.raises(InvalidRoute):
+        compile_pattern(value)
+
+
+def test_invalid_route_is_a_value_error_with_a_reason():
+    with pytest.raises(ValueError, match="unbalanced"):
+        compile_pattern("/{x")
+
+
+# Route
+
+
+def test_route_defaults():
+    route = Route(id="r1", method="GET", url_pattern="/x")
+    assert route.entrypoint == "/bin/sh -c"
+    assert route.command == ""
+    assert route.timeout is None
+    assert route.max_concurrency is None
+    assert route.pattern.match("/x") == {}
+
+
+@pytest.mark.parametrize(
+    "entrypoint, command, argv",
+    [
+        ("/bin/sh -c", "echo hi", ["/bin/sh", "-c", "echo hi"]),
+        ("/bin/sh -c", "", ["/bin/sh", "-c"]),
+        ("/usr/bin/env 'a b'", "", ["/usr/bin/env", "a b"]),
+        ("/usr/bin/env 'a b'", "x  y", ["/usr/bin/env", "a b", "x  y"]),
+        ('python3 -c "print(1)"', "", ["python3", "-c", "print(1)"]),
+        ("  /bin/cat  ", "", ["/bin/cat"]),
+        ("", "", []),
+        ("", "ls", ["ls"]),
+    ],
+)
+def test_argv(entrypoint, command, argv):
+    route = make("r", entrypoint=entrypoint, command=command)
+    assert route.argv() == argv
+
+
+def test_argv_is_a_fresh_list():
+    route = make("r", command="x")
+    route.argv().append("more")
+    assert route.argv() == ["/bin/sh", "-c", "x"]
+
+
+def test_route_is_immutable():
+    route = make("r")
+    with pytest.raises(AttributeError):
+        route.command = "rm -rf /"
+
+
+def test_route_method_upper_cased():
+    assert make("r", method="get").method == "GET"
+    assert make("r", method="Patch").method == "PATCH"
+
+
+def test_route_equality_ignores_compiled_pattern():
+    assert make("r", "/{x}") == make("r", "/{x}")
+    assert make("r", "/{x}") != make("r", "/{y}")
+    assert hash(make("r", "/{x}")) == hash(make("r", "/{x}"))
+    assert "<Pattern" not in repr(make("r"))
+
+
+def test_to_json_without_optional_limits():
+    route = make("r", "/p/{x}", method="post", entrypoint="/bin/bash -c", command="c")
+    assert route.to_json(3) == {
+        "id": "r",
+        "method": "POST",
+        "url_pattern": "/p/{x}",
+        "entrypoint": "/bin/bash -c",
+        "command": "c",
+        "index": 3,
+    }
+
+
+def test_to_json_with_optional_limits():
+    route = make("r", timeout=2.5, max_concurrency=4)
+    data = route.to_json(0)
+    assert data["timeout"] == 2.5
+    assert data["max_concurrency"] == 4
+    assert json.loads(json.dumps(data)) == data
+
+
+def test_to_json_round_trip():
+    original = make(
+        "r",
+        "/a/{b:.*}",
+        method="PUT",
+        entrypoint="/usr/bin/env 'a b'",
+        command="echo 'x'\n",
+        timeout=10,
+        max_concurrency=1,
+    )
+    data = json.loads(json.dumps(original.to_json(7)))
+    assert route_from_json(data, data["id"]) == original
+    minimal = make("m")
+    data = json.loads(json.dumps(minimal.to_json(0)))
+    assert route_from_json(data, "m") == minimal
+
+
+# route_from_json
+
+
+def test_from_json_minimal():
+    route = route_from_json({"method": "GET", "url_pattern": "/"}, "id-1")
+    assert route == Route(id="id-1", method="GET", url_pattern="/")
+    assert route.entrypoint == "/bin/sh -c"
+    assert route.command == ""
+
+
+def test_from_json_all_fields():
+    route = route_from_json(
+        {
+            "method": "delete",
+            "url_pattern": "/x/{y}",
+            "entrypoint": "/bin/bash -c",
+            "command": "echo",
+            "timeout": 1.5,
+            "max_concurrency": 3,
+        },
+        "id-2",
+    )
+    assert route == Route(
+        id="id-2",
+        method="DELETE",
+        url_pattern="/x/{y}",
+        entrypoint="/bin/bash -c",
+        command="echo",
+        timeout=1.5,
+        max_concurrency=3,
+    )
+
+
+def test_from_json_ignores_unknown_keys_and_given_id_and_index():
+    route = route_from_json(
+        {"method": "GET", "url_pattern": "/", "id": "forged", "index": 5, "x": [1]},
+        "real",
+    )
+    assert route.id == "real"
+    assert route == make("real")
+
+
+def test_from_json_nulls_mean_defaults():
+    route = route_from_json(
+        {
+            "method": "GET",
+            "url_pattern": "/",
+            "entrypoint": None,
+            "command": None,
+            "timeout": None,
+            "max_concurrency": None,
+        },
+        "r",
+    )
+    assert route == make("r")
+
+
+def test_from_json_keeps_empty_entrypoint():
+    route = route_from_json(
+        {"method": "GET", "url_pattern": "/", "entrypoint": ""}, "r"
+    )
+    assert route.entrypoint == ""
+
+
+@pytest.mark.parametrize("timeout", [1, 0.001, 30.0, 86400])
+def test_from_json_accepts_timeout(timeout):
+    data = {"method": "GET", "url_pattern": "/", "timeout": timeout}
+    assert route_from_json(data, "r").timeout == timeout
+
+
+@pytest.mark.parametrize(
+    "method", ["GET", "M-SEARCH", "FOO_BAR", "X.Y", "a!#$%&'*+^`|~9"]
+)
+def test_from_json_accepts_token_methods(method):
+    data = {"method": method, "url_pattern": "/"}
+    assert route_from_json(data, "r").method == method.upper()
+
+
+GOOD = {"method": "GET", "url_pattern": "/"}
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        # method
+        {"method": None},
+        {"method": ""},
+        {"method": 1},
+        {"method": True},
+        {"method": ["GET"]},
+        {"method": {"GET": 1}},
+        {"method": "GE T"},
+        {"method": " GET"},
+        {"method": "GET\n"},
+        {"method": "GET/1"},
+        {"method": "G(E)T"},
+        {"method": "GÉT"},
+        # url_pattern
+        {"url_pattern": None},
+        {"url_pattern": ""},
+        {"url_pattern": 1},
+        {"url_pattern": True},
+        {"url_pattern": ["/"]},
+        {"url_pattern": "x"},
+        {"url_pattern": "/{x"},
+        {"url_pattern": "/x}"},
+        {"url_pattern": "/{x:(}"},
+        {"url_pattern": "/{x}/{x}"},
+        {"url_pattern": "/{}"},
+        {"url_pattern": "/{:abc}"},
+        # entrypoint
+        {"entrypoint": 1},
+        {"entrypoint": True},
+        {"entrypoint": ["/bin/sh", "-c"]},
+        {"entrypoint": {}},
+        {"entrypoint": "unterminated '"},
+        {"entrypoint": 'also "unterminated'},
+        {"entrypoint": "/bin/sh\0 -c"},
+        # command
+        {"command": 1},
+        {"command": False},
+        {"command": ["echo"]},
+        {"command": {"a": 1}},
+        {"command": "echo \0"},
+        # timeout
+        {"timeout": True},
+        {"timeout": False},
+        {"timeout": 0},
+        {"timeout": 0.0},
+        {"timeout": -1},
+        {"timeout": -0.5},
+        {"timeout": "10"},
+        {"timeout": [10]},
+        {"timeout": math.inf},
+        {"timeout": math.nan},
+        {"timeout": 10**400},
+        # max_concurrency
+        {"max_concurrency": True},
+        {"max_concurrency": 0},
+        {"max_concurrency": -1},
+        {"max_concurrency": 1.5},
+        {"max_concurrency": 2.0},
+        {"max_concurrency": "2"},
+        {"max_concurrency": [2]},
+    ],
+)
+def test_from_json_refused(changes):
+    data = {**GOOD, **changes}
+    with pytest.raises(InvalidRoute):
+        route_from_json(data, "r")
+
+
+@pytest.mark.parametrize("missing", ["method", "url_pattern"])
+def test_from_json_missing_required(missing):
+    data = dict(GOOD)
+    del data[missing]
+    with pytest.raises(InvalidRoute, match=missing):
+        route_from_json(data, "r")
+
+
+@pytest.mark.parametrize("data", [None, [], [GOOD], "route", 1, True])
+def test_from_json_not_an_object(data):
+    with pytest.raises(InvalidRoute):
+        route_from_json(data, "r")
+
+
+def test_from_json_good_baseline_is_accepted():
+    # the refusal cases above differ from this by one field only
+    assert route_from_json(dict(GOOD), "r") == make("r")
+
+
+def test_direct_construction_is_validated_too():
+    with pytest.raises(InvalidRoute):
+        Route(id="r", method="GET", url_pattern="nope")
+    with pytest.raises(InvalidRoute):
+        Route(id="r", method="GET", url_pattern="/", max_concurrency=0)
+    with pytest.raises(InvalidRoute):
+        Route(id=1, method="GET", url_pattern="/")
+
+
+# RouteTable
+
+
+def ids(table):
+    return [route.id for route in table]
+
+
+def test_empty_table():
+    table = RouteTable()
+    assert len(table) == 0
+    assert table.snapshot() == ()
+    assert table.listing() == []
+    assert list(table) == []
+    assert table.match("GET", "/") is None
+
+
+def test_table_from_initial_routes():
+    table = RouteTable([make("a"), make("b")])
+    assert ids(table) == ["a", "b"]
+    with pytest.raises(InvalidRoute):
+        RouteTable([make("a"), make("a", "/other")])
+
+
+def test_append_returns_index():
+    table = RouteTable()
+    assert table.append(make("a")) == 0
+    assert table.append(make("b")) == 1
+    assert table.append(make("c")) == 2
+    assert ids(table) == ["a", "b", "c"]
+    assert len(table) == 3
+
+
+def test_insert_positions():
+    table = RouteTable([make("a"), make("b")])
+    assert table.insert(make("first"), 0) == 0
+    assert ids(table) == ["first", "a", "b"]
+    assert table.insert(make("mid"), 2) == 2
+    assert ids(table) == ["first", "a", "mid", "b"]
+    assert table.insert(make("end"), 4) == 4
+    assert ids(table) == ["first", "a", "mid", "b", "end"]
+
+
+@pytest.mark.parametrize("index", [2, 3, 100, 10**30])
+def test_insert_past_end_appends(index):
+    table = RouteTable([make("a"), make("b")])
+    assert table.insert(make("new"), index) == 2
+    assert ids(table) == ["a", "b", "new"]
+
+
+def test_insert_into_empty_table():
+    table = RouteTable()
+    assert table.insert(make("a"), 5) == 0
+    assert ids(table) == ["a"]
+
+
+@pytest.mark.parametrize("index", [-1, -100, 1.0, 0.5, "0", None, True, False])
+def test_insert_bad_index_refused(index):
+    table = RouteTable([make("a")])
+    with pytest.raises(InvalidRoute):
+        table.insert(make("new"), index)
+    assert ids(table) == ["a"]
+
+
+def test_duplicate_id_refused():
+    table = RouteTable()
+    route = make("a")
+    table.append(route)
+    with pytest.raises(InvalidRoute):
+        table.append(route)
+    with pytest.raises(InvalidRoute):
+        table.insert(make("a", "/different"), 0)
+    assert table.snapshot() == (route,)
+
+
+def test_only_routes_accepted():
+    with pytest.raises(TypeError):
+        RouteTable().append({"id": "a", "method": "GET", "url_pattern": "/"})
+
+
+def test_get():
+    a, b = make("a"), make("b")
+    table = RouteTable([a, b])
+    assert table.get("a") == (0, a)
+    assert table.get("b") == (1, b)
+    assert table.get("b")[1] is b
+
+
+def test_get_unknown_raises_key_error():
+    table = RouteTable([make("a")])
+    with pytest.raises(KeyError):
+        table.get("nope")
+    with pytest.raises(KeyError):
+        RouteTable().get("a")
+
+
+def test_remove():
+    a, b, c = make("a"), make("b"), make("c")
+    table = RouteTable([a, b, c])
+    assert table.remove("b") is b
+    assert ids(table) == ["a", "c"]
+    assert table.get("c") == (1, c)
+    with pytest.raises(KeyError):
+        table.get("b")
+
+
+def test_remove_unknown_raises_key_error():
+    table = RouteTable([make("a")])
+    with pytest.raises(KeyError):
+        table.remove("nope")
+    assert ids(table) == ["a"]
+    table.remove("a")
+    with pytest.raises(KeyError):
+        table.remove("a")
+
+
+def test_removed_id_can_be_added_again():
+    table = RouteTable([make("a")])
+    table.remove("a")
+    assert table.append(make("a", "/again")) == 0
+
+
+def test_listing_indexes_stay_dense():
+    table = RouteTable()
+    for name in "abcd":
+        table.append(make(name, f"/{name}"))
+    table.remove("b")
+    table.insert(make("x", "/x"), 0)
+    table.remove("d")
+    table.insert(make("y", "/y"), 99)
+    listing = table.listing()
+    assert [entry["index"] for entry in listing] == [0, 1, 2, 3]
+    assert [entry["id"] for entry in listing] == ["x", "a", "c", "y"]
+    assert listing[2] == make("c", "/c").to_json(2)
+    for entry in listing:
+        assert table.get(entry["id"])[0] == entry["index"]
+
+
+def test_snapshot_unaffected_by_later_changes():
+    a, b = make("a", "/a"), make("b", "/b")
+    table = RouteTable([a, b])
+    before = table.snapshot()
+    iterator = iter(table)
+    table.remove("a")
+    table.insert(make("c", "/c"), 0)
+    table.append(make("d", "/d"))
+    assert before == (a, b)
+    assert list(iterator) == [a, b]
+    assert ids(table) == ["c", "b", "d"]
+
+
+def test_matched_route_survives_removal():
+    table = RouteTable([make("a", "/{x}", command="echo old")])
+    found = table.match("GET", "/1")
+    table.remove("a")
+    table.append(make("a2", "/{x}", command="echo new"))
+    assert found.route.command == "echo old"
+    assert found.route.argv() == ["/bin/sh", "-c", "echo old"]
+    assert table.match("GET", "/1").route.command == "echo new"
+
+
+def test_match_result():
+    route = make("a", "/greet/{name}")
+    table = RouteTable([route])
+    found = table.match("GET", "/greet/world")
+    assert isinstance(found, Match)
+    assert found.route is route
+    assert found.matches == {"name": "world"}
+
+
+def test_match_not_found():
+    table = RouteTable([make("a", "/greet/{name}")])
+    assert table.match("GET", "/greet") is None
+    assert table.match("GET", "/greet/a/b") is None
+    assert table.match("POST", "/nothing") is None
+
+
+def test_match_method_not_allowed():
+    table = RouteTable([make("a", "/x"), make("b", "/x", method="PUT")])
+    assert table.match("POST", "/x") is METHOD_NOT_ALLOWED
+    assert table.match("DELETE", "/x") is METHOD_NOT_ALLOWED
+    assert table.match("POST", "/y") is None
+    assert table.match("PUT", "/x").route.id == "b"
+
+
+def test_method_comparison_is_exact():
+    table = RouteTable([make("a", "/x", method="get")])
+    assert table.match("GET", "/x").route.id == "a"
+    assert table.match("get", "/x") is METHOD_NOT_ALLOWED
+    assert table.match("HEAD", "/x") is METHOD_NOT_ALLOWED
+
+
+def test_first_match_wins():
+    table = RouteTable(
+        [
+            make("specific", "/items/{id:[0-9]+}"),
+            make("generic", "/items/{name}"),
+            make("everything", "/{path:.*}"),
+        ]
+    )
+    assert table.match("GET", "/items/42").route.id == "specific"
+    assert table.match("GET", "/items/abc").route.id == "generic"
+    assert table.match("GET", "/items/abc").matches == {"name": "abc"}
+    assert table.match("GET", "/other/x").route.id == "everything"
+    assert table.match("GET", "/").matches == {"path": ""}
+
+
+def test_order_change_changes_winner():
+    table = RouteTable([make("generic", "/items/{name}")])
+    table.insert(make("specific", "/items/{id:[0-9]+}"), 0)
+    assert table.match("GET", "/items/42").route.id == "specific"
+    table.remove("specific")
+    assert table.match("GET", "/items/42").route.id == "generic"
+
+
+def test_method_mismatch_earlier_does_not_hide_later_match():
+    table = RouteTable([make("post", "/x", method="POST"), make("get", "/{any}")])
+    assert table.match("GET", "/x").route.id == "get"
+    assert table.match("POST", "/x").route.id == "post"
+    assert table.match("POST", "/y") is METHOD_NOT_ALLOWED
+
+
+def test_match_on_decoded_path_with_spaces_and_unicode():
+    table = RouteTable([make("a", "/café/{what}/{rest:.*}")])
+    found = table.match("GET", "/café/hello world/ü/☃ x")
+    assert found.matches == {"what": "hello world", "rest": "ü/☃ x"}
+    assert table.match("GET", "/caf%C3%A9/x/y") is None
+
+
+def test_trailing_slash_both_ways():
+    table = RouteTable([make("no-slash", "/a"), make("slash", "/b/")])
+    assert table.match("GET", "/a").route.id == "no-slash"
+    assert table.match("GET", "/a/") is None
+    assert table.match("GET", "/b/").route.id == "slash"
+    assert table.match("GET", "/b") is None
+
+
+def test_method_not_allowed_is_a_singleton():
+    assert copy.copy(METHOD_NOT_ALLOWED) is METHOD_NOT_ALLOWED
+    assert copy.deepcopy(METHOD_NOT_ALLOWED) is METHOD_NOT_ALLOWED
+    assert pickle.loads(pickle.dumps(METHOD_NOT_ALLOWED)) is METHOD_NOT_ALLOWED
+    assert METHOD_NOT_ALLOWED is not None
+    assert not isinstance(METHOD_NOT_ALLOWED, Match)
+    assert "METHOD_NOT_ALLOWED" in repr(METHOD_NOT_ALLOWED)
