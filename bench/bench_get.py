@@ -51,7 +51,8 @@ def _start_server():
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server, "http://127.0.0.1:%d" % server.server_address[1]
+    # "localhost" like the default data URL (http://localhost:8082)
+    return server, "http://localhost:%d" % server.server_address[1]
 
 
 def _run(argv, env):
@@ -59,7 +60,8 @@ def _run(argv, env):
     done = subprocess.run(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     elapsed = time.perf_counter() - start
     if done.returncode != 0:
-        raise SystemExit("%s failed (%d): %s" % (argv, done.returncode, done.stderr.decode()))
+        message = "%s failed (%d): %s"
+        raise SystemExit(message % (argv, done.returncode, done.stderr.decode()))
     return elapsed
 
 
@@ -99,7 +101,8 @@ def main():
     print("%-28s %10s %10s %8s" % ("command", "median ms", "min ms", "ratio"))
     for name, samples in times.items():
         median = statistics.median(samples)
-        print("%-28s %10.2f %10.2f %8.2f" % (name, median * 1e3, min(samples) * 1e3, median / bare))
+        row = (name, median * 1e3, min(samples) * 1e3, median / bare)
+        print("%-28s %10.2f %10.2f %8.2f" % row)
     if server is not None:
         server.shutdown()
 

@@ -16,12 +16,11 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import pytest
 
 import kapow
-from kapow import data_client
 from kapow.data_client import DataAPIError, DataClient, _json_reason, is_lean_command
 from kapow.launcher import MAX_SHEBANG, launcher_source, write_launcher
 
@@ -57,7 +56,7 @@ class Reply:
 
 def json_error(status, reason):
     return Reply(status, json.dumps({"reason": reason}).encode(),
-                 (("Content-Type", "application/json"),))  # fmt: skip
+                 (("Content-Type", "application/json"),))
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
@@ -74,7 +73,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length)
         record = Record(self.conn_id, self.command, self.path,
-                        {k.lower(): v for k, v in self.headers.items()}, body)  # fmt: skip
+                        {k.lower(): v for k, v in self.headers.items()}, body)
         fake = self.server.fake
         with fake.lock:
             fake.requests.append(record)
@@ -267,7 +266,8 @@ def test_get_refusal_with_chunked_error_body(server, launcher):
 
 
 def test_get_reason_with_escapes(server, launcher):
-    server.responder = lambda r: json_error(400, 'bad "x" \\ caf\u00e9 \U0001f600 a/b\nnext')
+    reason = 'bad "x" \\ caf\u00e9 \U0001f600 a/b\nnext'
+    server.responder = lambda r: json_error(400, reason)
     result = run(launcher, "get", "/request/x", url=server.url)
     line = one_error_line(result)
     assert line == 'kapow: bad "x" \\ caf\u00e9 \U0001f600 a/b next'
@@ -310,7 +310,9 @@ def test_get_resource_sent_as_given(server, launcher):
     assert server.requests[-1].path.endswith("/request/params/%C3%B1%3F%23")
 
 
-@pytest.mark.parametrize("resource", ["request/method", "/request/a b", "/x\ty", "/x\x7f", ""])
+@pytest.mark.parametrize(
+    "resource", ["request/method", "/request/a b", "/x\ty", "/x\x7f", ""]
+)
 def test_bad_resource_refused(server, launcher, resource):
     result = run(launcher, "get", resource, url=server.url)
     line = one_error_line(result)
@@ -331,11 +333,11 @@ def test_flags_override_env(server, launcher):
     server.values["/request/method"] = b"PUT"
     env = kapow_env("http://127.0.0.1:%d" % free_port(), handler="wrong")
     result = run(launcher, "get", "--data-url", server.url, "--handler=" + HANDLER,
-                 "/request/method", url=None, env=env)  # fmt: skip
+                 "/request/method", url=None, env=env)
     assert result.returncode == 0, result.stderr
     assert result.stdout == b"PUT"
     result = run(launcher, "set", "--handler", "other", "--data-url=" + server.url,
-                 "/response/status", "201", url=None, env=env)  # fmt: skip
+                 "/response/status", "201", url=None, env=env)
     assert result.returncode == 0, result.stderr
     assert server.requests[-1].path == "/handlers/other/response/status"
     assert server.requests[-1].body == b"201"
@@ -387,7 +389,8 @@ def test_unix_socket(tmp_path, launcher):
 
 
 def test_set_value(server, launcher):
-    result = run(launcher, "set", "/response/headers/X-Thing", "caf\u00e9 1", url=server.url)
+    value = "caf\u00e9 1"
+    result = run(launcher, "set", "/response/headers/X-Thing", value, url=server.url)
     assert (result.returncode, result.stdout, result.stderr) == (0, b"", b"")
     (req,) = server.requests
     assert req.method == "PUT"
@@ -438,7 +441,7 @@ def test_set_stdin_to_body_streams_over_one_connection(server, launcher, resourc
 
 def test_set_body_streams_as_stdin_arrives(server, launcher):
     proc = subprocess.Popen([launcher, "set", "/response/body"], stdin=subprocess.PIPE,
-                            stderr=subprocess.PIPE, env=kapow_env(server.url))  # fmt: skip
+                            stderr=subprocess.PIPE, env=kapow_env(server.url))
     try:
         for n, piece in enumerate([b"first\n", b"second\n", b"third\n"], 1):
             proc.stdin.write(piece)
@@ -471,7 +474,7 @@ def test_set_body_reconnects_on_connection_close(server, launcher):
 def test_set_body_reconnects_when_idle_connection_dropped(server, launcher):
     server.responder = lambda r: Reply(drop=True)
     proc = subprocess.Popen([launcher, "set", "/response/body"], stdin=subprocess.PIPE,
-                            stderr=subprocess.PIPE, env=kapow_env(server.url))  # fmt: skip
+                            stderr=subprocess.PIPE, env=kapow_env(server.url))
     try:
         for n, piece in enumerate([b"one ", b"two ", b"three"], 1):
             proc.stdin.write(piece)
@@ -487,7 +490,9 @@ def test_set_body_reconnects_when_idle_connection_dropped(server, launcher):
         proc.kill()
         proc.wait()
         proc.stderr.close()
-    assert b"".join(r.body for r in server.puts()) == b"one two three"
+    puts = server.puts()
+    assert b"".join(r.body for r in puts) == b"one two three"
+    assert len({r.conn for r in puts}) == 3
 
 
 def test_set_body_server_error_mid_stream(server, launcher):
@@ -566,7 +571,7 @@ def test_api_errors(server, monkeypatch):
 @pytest.mark.parametrize(
     "url",
     ["https://localhost:8082", "localhost:8082", "http://", "http://h:0", "http://h:x",
-     "http://[::1", "http://u@h:1"],  # fmt: skip
+     "http://[::1", "http://u@h:1"],
 )
 def test_api_bad_urls(url):
     with pytest.raises(ValueError):
@@ -602,9 +607,8 @@ def test_ipv6_url():
 
 def test_json_reason():
     assert _json_reason(b'{"reason": "Handler ID Not Found"}') == "Handler ID Not Found"
-    assert _json_reason(b'{ "x": 1, "reason" :"a\\"b\\\\c\\/d\\u00e9\\ud83d\\ude00" }') == (
-        'a"b\\c/d\u00e9\U0001f600'
-    )
+    body = b'{ "x": 1, "reason" :"a\\"b\\\\c\\/d\\u00e9\\ud83d\\ude00" }'
+    assert _json_reason(body) == 'a"b\\c/d\u00e9\U0001f600'
     assert _json_reason(b"not json") is None
     assert _json_reason(b'{"reason": "unterminated') is None
     assert _json_reason(b'{"reason": 12}') is None
@@ -626,21 +630,22 @@ def test_lean_imports(server):
     code = (
         "import sys; sys.path.insert(0, %r)\n"
         "from kapow.data_client import main\n"
-        "rc = main(['kapow', 'get', '--data-url', %r, '--handler', %r, '/request/method'])\n"
+        "rc = main(['kapow', 'get', '--data-url', %r, '--handler', %r,\n"
+        "           '/request/method'])\n"
         "sys.stderr.write('\\n' + ' '.join(sorted(sys.modules)))\n"
         "sys.exit(rc)\n" % (SRC, url, HANDLER)
     )
     result = subprocess.run([sys.executable, "-I", "-S", "-c", code],
-                            capture_output=True, timeout=TIMEOUT)  # fmt: skip
+                            capture_output=True, timeout=TIMEOUT)
     assert result.returncode == 0, result.stderr
     assert result.stdout == b"GET"
     modules = set(result.stderr.decode().split())
     forbidden = {"twisted", "treq", "klein", "cryptography", "http", "http.client",
                  "urllib", "json", "argparse", "email", "socket", "os", "re",
-                 "encodings.idna", "enum", "ssl"}  # fmt: skip
+                 "encodings.idna", "enum", "ssl"}
     assert not (modules & forbidden), modules & forbidden
     assert not any(m.startswith(("twisted", "kapow.")) and m != "kapow.data_client"
-                   for m in modules)  # fmt: skip
+                   for m in modules)
 
 
 # The launcher
@@ -686,12 +691,13 @@ def test_launcher_execs_console_script_for_other_commands(tmp_path, fake_python_
     script.chmod(0o755)
     launcher = write_launcher(str(tmp_path / "bin"), str(fake_python_dir / "python"))
     result = subprocess.run([launcher, "route", "list", "--control-url", "a b"],
-                            capture_output=True, timeout=TIMEOUT)  # fmt: skip
+                            capture_output=True, timeout=TIMEOUT)
     assert result.returncode == 0, result.stderr
-    assert out.read_text().splitlines() == [str(script), "route", "list", "--control-url", "a b"]
+    expected = [str(script), "route", "list", "--control-url", "a b"]
+    assert out.read_text().splitlines() == expected
 
 
-def test_launcher_execs_python_m_kapow_without_console_script(tmp_path, fake_python_dir):
+def test_launcher_execs_python_m_kapow_without_script(tmp_path, fake_python_dir):
     # a stand-in ``kapow`` package on PYTHONPATH shows what ``python -m kapow`` got
     pkg = tmp_path / "pypath" / "kapow"
     pkg.mkdir(parents=True)
@@ -700,7 +706,7 @@ def test_launcher_execs_python_m_kapow_without_console_script(tmp_path, fake_pyt
     launcher = write_launcher(str(tmp_path / "bin"), str(fake_python_dir / "python"))
     env = dict(os.environ, PYTHONPATH=str(tmp_path / "pypath"))
     result = subprocess.run([launcher, "server", "--debug"], capture_output=True,
-                            env=env, timeout=TIMEOUT)  # fmt: skip
+                            env=env, timeout=TIMEOUT)
     assert result.returncode == 0, result.stderr
     assert result.stdout.decode().strip() == repr(["server", "--debug"])
 

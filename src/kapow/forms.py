@@ -13,9 +13,9 @@ Two encodings are understood, whatever the request method:
 
 Any other (or no) content type yields an empty form.  Both encodings are parsed
 by python-multipart's streaming parsers, fed from the body file in chunks, so
-neither the body nor an uploaded file is ever held in memory as a whole: file
-contents are spooled, kept in memory up to ``max_memory_file`` bytes and moved
-to an anonymous temporary file beyond that.
+the body is never held in memory as a whole.  File contents are spooled: kept
+in memory up to ``max_memory_file`` bytes and moved to an anonymous temporary
+file beyond that.  Non-file field values are kept in memory.
 """
 
 from __future__ import annotations
@@ -26,8 +26,9 @@ import os
 import tempfile
 import urllib.parse
 from collections.abc import Callable
-from dataclasses import dataclass, field as dataclass_field
-from typing import BinaryIO
+from dataclasses import dataclass
+from dataclasses import field as dataclass_field
+from typing import BinaryIO, Self
 
 from python_multipart import MultipartParser, QuerystringParser
 from python_multipart.exceptions import FormParserError
@@ -145,7 +146,7 @@ class _Spool:
                 self._buffer += data
                 self.size += len(data)
                 return
-            self._file = tempfile.TemporaryFile()
+            self._file = tempfile.TemporaryFile()  # noqa: SIM115 (owned until close)
             self._file.write(self._buffer)
             self._buffer = None
         self._file.write(data)
@@ -251,7 +252,7 @@ class ParsedForm:
             for upload in uploads:
                 upload._spool.close()
 
-    def __enter__(self) -> ParsedForm:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc_info: object) -> None:

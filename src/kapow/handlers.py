@@ -23,7 +23,7 @@ from twisted.logger import Logger
 from twisted.web.server import Request
 from zope.interface import implementer
 
-from kapow.forms import ParsedForm, parse_form
+from kapow.forms import FormError, ParsedForm, parse_form
 from kapow.routes import Route
 from kapow.sniff import sniff_content_type
 from kapow.web import JSONError
@@ -122,7 +122,12 @@ class Handler:
         """The request's form fields and files, parsed on first use."""
         if self._form is None:
             self.request.content.seek(0)
-            self._form = parse_form(self.request.getHeader(b"content-type"), self.request.content)
+            try:
+                self._form = parse_form(self.request.getHeader(b"content-type"), self.request.content)
+            except FormError as e:
+                # as the reference: an unparsable form has no fields or files
+                log.info("handler {id}: unparsable form: {why}", id=self.id, why=str(e))
+                self._form = ParsedForm({}, {})
         return self._form
 
     # -- response side ------------------------------------------------------

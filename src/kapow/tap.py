@@ -104,7 +104,8 @@ class Options(usage.Options):
         "the listeners are up, with KAPOW_CONTROL_URL, KAPOW_DATA_URL and the "
         "control certificates in its environment, and usually calls `kapow route add`. "
         "Listener addresses are HOST:PORT or a Twisted endpoint description "
-        "(tcp:..., unix:..., systemd:domain=INET:index=0)."
+        "(tcp:..., unix:..., systemd:domain=INET:index=0).\n\n"
+        "Example: kapow server --bind 127.0.0.1:8080 examples/hello.pow"
     )
 
     optParameters = [

@@ -75,6 +75,7 @@ __all__ = [
     "load_control_credentials",
     "peer_subject_dn",
     "policy_from_environ",
+    "policy_from_directory",
     "reachable_host",
     "tls_server_endpoint",
     "user_server_options",
@@ -730,6 +731,22 @@ def policy_from_environ(environ: Mapping[str, str]) -> PinnedControlPolicy:
     )
     return PinnedControlPolicy(
         texts[SERVER_CERT_ENV], texts[CLIENT_CERT_ENV], texts[CLIENT_KEY_ENV]
+    )
+
+
+def policy_from_directory(directory: str) -> PinnedControlPolicy:
+    """Build the control client policy from a credentials directory.
+
+    Reads the files :func:`write_client_credentials` writes (the server
+    certificate, the client certificate and its key), e.g. for an operator's
+    shell.
+
+    :raises CredentialsError: naming the file that is missing or unusable.
+    """
+    return PinnedControlPolicy(
+        _read_file(os.path.join(directory, SERVER_CERT_FILE)),
+        _read_file(os.path.join(directory, CLIENT_CERT_FILE)),
+        _read_file(os.path.join(directory, CLIENT_KEY_FILE), private=True),
     )
 
 
