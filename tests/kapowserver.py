@@ -120,13 +120,14 @@ class KapowServer:
     def data(self) -> str:
         return self.urls["data"]
 
-    def curl_control(self, *args: str) -> subprocess.CompletedProcess[str]:
+    def curl_control(self, *args: str, input: bytes | None = None) -> subprocess.CompletedProcess:
         """curl the control API with the written client credentials."""
         return curl(
             "--cert", str(self.creds / "client.crt"),
             "--key", str(self.creds / "client.key"),
             "--cacert", str(self.creds / "server.crt"),
             *args,
+            input=input,
         )  # fmt: skip
 
     def kapow(self, *args: str, input: str | None = None) -> subprocess.CompletedProcess[str]:

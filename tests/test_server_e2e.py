@@ -225,3 +225,14 @@ def test_version_and_help() -> None:
     for args in (["--help"], ["route", "add", "--help"], ["server", "--help"]):
         shown = subprocess.run([KAPOW, *args], capture_output=True, text=True)
         assert shown.returncode == 0 and "example" in shown.stdout.lower(), args
+
+
+def test_oversized_control_bodies_are_refused(server: KapowServer) -> None:
+    big = b'{"method": "GET", "url_pattern": "/' + b"a" * (2 * 1024 * 1024) + b'"}'
+    for framing in ((), ("-H", "Transfer-Encoding: chunked")):
+        result = server.curl_control(
+            "-X", "POST", "--data-binary", "@-", *framing, "-w", "%{http_code}", server.control + "/routes",
+            input=big,
+        )  # fmt: skip
+        assert result.stdout == b'{"reason": "Request Entity Too Large"}413', result
+    assert server.curl_control(server.control + "/routes").stdout == "[]"

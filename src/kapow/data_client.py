@@ -43,6 +43,7 @@ __all__ = ["DataClient", "DataAPIError", "main", "is_lean_command"]
 
 DEFAULT_DATA_URL = "http://localhost:8082"
 STREAMING_RESOURCES = ("/response/body", "/response/stream")
+_STREAMING = (b"/response/body", b"/response/stream")
 CHUNK_SIZE = 65536
 
 _MAX_HEAD = 65536  # largest response head (status line + headers) accepted
@@ -251,7 +252,12 @@ class _Connection:
             if len(buf) > _MAX_HEAD:
                 raise DataAPIError(None, _MALFORMED)
             start = max(0, len(buf) - 3)
-            data = self._recv()
+            try:
+                data = self._recv()
+            except OSError:
+                if buf:  # part of an answer came: never a case for a retry
+                    raise DataAPIError(None, _CLOSED_EARLY) from None
+                raise
             if not data:
                 if not buf:
                     raise _PeerClosed()
@@ -476,7 +482,8 @@ class DataClient:
         the previous one was acknowledged.  For any other resource the whole
         value is read and sent in one PUT (a header write adds one value per
         PUT, so it must be a single write)."""
-        target = self._base + _resource_bytes(resource)
+        resource = _resource_bytes(resource)
+        target = self._base + resource
         if isinstance(value, str):
             value = _fsencode(value)
         if isinstance(value, (bytearray, memoryview)):
@@ -485,21 +492,21 @@ class DataClient:
             self._put_all(target, [value])
         elif hasattr(value, "read"):
             chunks = _read_chunks(value)
-            if resource in STREAMING_RESOURCES:
+            if resource in _STREAMING:
                 self._put_all(target, chunks)
             else:
                 self._put_all(target, [b"".join(chunks)])
         else:
-            raise TypeError("value must be bytes, str or a file object, not %s"
-                            % type(value).__name__)
+            kind = type(value).__name__
+            raise TypeError("value must be bytes, str or a file object, not %s" % kind)
 
     # -- plumbing -----------------------------------------------------------
 
     def _head(self, method, target, length, close):
         head = b"%s %s HTTP/1.1\r\nHost: %s\r\n" % (method, target, self._host)
         if length is not None:
-            head += (b"Content-Type: application/octet-stream\r\n"
-                     b"Content-Length: %d\r\n" % length)
+            head += b"Content-Type: application/octet-stream\r\n"
+            head += b"Content-Length: %d\r\n" % length
         if close:
             head += b"Connection: close\r\n"
         return head + b"\r\n"
@@ -605,19 +612,28 @@ class DataClient:
                 conn = self._connect()
             try:
                 status, reason, headers = self._exchange(conn, target, body)
+            except (OSError, _PeerClosed) as exc:
+                # Nothing of an answer arrived.  On a kept-alive connection
+                # that means the server had closed it: retry on a new one.
+                conn.close()
+                conn = None
+                if not fresh:
+                    continue
+                if isinstance(exc, _PeerClosed):
+                    raise DataAPIError(None, _NO_ANSWER) from None
+                raise self._broken(exc) from None
+            except BaseException:
+                conn.close()
+                raise
+            try:
                 response = conn.body(status, headers)
                 if status != 200:
                     raise self._refusal(status, reason, response)
                 for _ in response:
                     pass
-            except (OSError, _PeerClosed) as exc:
+            except OSError as exc:
                 conn.close()
-                conn = None
-                if fresh:
-                    if isinstance(exc, _PeerClosed):
-                        raise DataAPIError(None, _NO_ANSWER) from None
-                    raise self._broken(exc) from None
-                continue  # a kept-alive connection went away: retry on a new one
+                raise self._broken(exc) from None
             except BaseException:
                 conn.close()
                 raise

@@ -1,0 +1,129 @@
+#!/usr/bin/env python3
+"""
+Time from starting ``kapow server`` to "the control API answers" (a pinned
+mTLS ``GET /routes`` returning 200), median of several starts.
+
+Usage: python bench/bench_startup.py [--runs N] [--reference PATH_TO_GO_KAPOW]
+
+With --reference, the Go reference binary is timed the same way in the same
+run (it needs its certificates from the environment of an init program, so an
+init program writes them to a directory first).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import socket
+import ssl
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+VENV_BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_answer(port: int, creds: Path, deadline: float) -> None:
+    """Poll until a pinned mTLS GET /routes answers 200."""
+    while time.monotonic() < deadline:
+        if (creds / "client.key").exists() and (creds / "server.crt").exists():
+            try:
+                context = ssl.create_default_context(cafile=str(creds / "server.crt"))
+                context.load_cert_chain(str(creds / "client.crt"), str(creds / "client.key"))
+                with socket.create_connection(("127.0.0.1", port), timeout=2) as raw:
+                    with context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+                        tls.sendall(b"GET /routes HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+                        if tls.recv(64).startswith(b"HTTP/1.1 200"):
+                            return
+            except (OSError, ssl.SSLError):
+                pass
+        time.sleep(0.002)
+    raise RuntimeError("control API never answered")
+
+
+def time_kapow(argv_head: list[str], work: Path) -> float:
+    creds = work / "creds"
+    shutil.rmtree(creds, ignore_errors=True)
+    control = free_port()
+    argv = argv_head + [
+        "--bind", f"127.0.0.1:{free_port()}",
+        "--control-bind", f"127.0.0.1:{control}",
+        "--data-bind", f"127.0.0.1:{free_port()}",
+        "--write-control-credentials", str(creds),
+    ]  # fmt: skip
+    start = time.monotonic()
+    process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        wait_answer(control, creds, start + 30)
+        return time.monotonic() - start
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait()
+
+
+def time_reference(binary: str, work: Path) -> float:
+    creds = work / "ref-creds"
+    shutil.rmtree(creds, ignore_errors=True)
+    creds.mkdir(mode=0o700)
+    init = work / "dump.pow"
+    init.write_text(
+        "#!/bin/sh\n"
+        f'printf "%s" "$KAPOW_CONTROL_SERVER_CERT" > {creds}/server.crt.tmp\n'
+        f'printf "%s" "$KAPOW_CONTROL_CLIENT_CERT" > {creds}/client.crt\n'
+        f'printf "%s" "$KAPOW_CONTROL_CLIENT_KEY" > {creds}/client.key\n'
+        f"mv {creds}/server.crt.tmp {creds}/server.crt\n"
+    )
+    init.chmod(0o755)
+    control = free_port()
+    argv = [
+        binary, "server",
+        "--bind", f"127.0.0.1:{free_port()}",
+        "--control-bind", f"127.0.0.1:{control}",
+        "--control-reachable-addr", f"127.0.0.1:{control}",
+        "--data-bind", f"127.0.0.1:{free_port()}",
+        str(init),
+    ]  # fmt: skip
+    start = time.monotonic()
+    process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        wait_answer(control, creds, start + 60)
+        return time.monotonic() - start
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=int, default=9)
+    parser.add_argument("--reference", help="path of the Go reference kapow binary")
+    args = parser.parse_args()
+    candidates = {
+        "kapow server": lambda work: time_kapow([str(VENV_BIN / "kapow"), "server"], work),
+        "twist kapow": lambda work: time_kapow([str(VENV_BIN / "twist"), "kapow"], work),
+    }
+    if args.reference:
+        candidates["reference (Go)"] = lambda work: time_reference(args.reference, work)
+    results: dict[str, list[float]] = {name: [] for name in candidates}
+    with tempfile.TemporaryDirectory() as tmp:
+        for _ in range(args.runs):
+            for name, run in candidates.items():
+                results[name].append(run(Path(tmp)))
+    print(f"start -> control API answers, median of {args.runs} starts")
+    for name, times in results.items():
+        print(f"  {name:16} {statistics.median(times) * 1000:8.1f} ms   (min {min(times) * 1000:.1f})")
+
+
+if __name__ == "__main__":
+    main()

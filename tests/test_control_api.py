@@ -1,0 +1,86 @@
+"""The control API in memory (StubTreq): every call, every error shape."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from treq.testing import StubTreq
+from twisted.trial.unittest import SynchronousTestCase
+
+from kapow.control_api import ControlAPI
+from kapow.routes import RouteTable
+
+URL = "http://control"
+
+
+class ControlAPITests(SynchronousTestCase):
+    def setUp(self) -> None:
+        ids = iter(f"id-{n}" for n in range(100))
+        self.routes = RouteTable()
+        self.api = ControlAPI(routes=self.routes, new_id=lambda: next(ids))
+        self.treq = StubTreq(self.api.resource())
+
+    def call(self, method: str, path: str, body: Any = None, raw: bytes | None = None) -> tuple[int, str, Any]:
+        data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
+        response = self.successResultOf(self.treq.request(method, URL + path, data=data))
+        content = self.successResultOf(response.content())
+        kind = (response.headers.getRawHeaders(b"content-type") or [b""])[0].decode()
+        return response.code, kind, json.loads(content) if content else None
+
+    def test_append_list_get_delete(self) -> None:
+        code, kind, route = self.call("POST", "/routes", {"method": "GET", "url_pattern": "/a"})
+        self.assertEqual((code, kind), (201, "application/json"))
+        self.assertEqual(
+            route,
+            {"id": "id-0", "method": "GET", "url_pattern": "/a", "entrypoint": "/bin/sh -c", "command": "", "index": 0},
+        )
+        self.call("POST", "/routes", {"method": "POST", "url_pattern": "/b", "command": "x", "extra": [1]})
+        code, _, listing = self.call("GET", "/routes")
+        self.assertEqual((code, [(r["id"], r["index"]) for r in listing]), (200, [("id-0", 0), ("id-1", 1)]))
+        self.assertNotIn("extra", listing[1])
+        self.assertEqual(self.call("GET", "/routes/id-1")[2]["index"], 1)
+        self.assertEqual(self.call("DELETE", "/routes/id-0")[:1], (204,))
+        self.assertEqual(self.call("GET", "/routes/id-1")[2]["index"], 0)
+
+    def test_insert_positions(self) -> None:
+        for n in range(3):
+            self.call("POST", "/routes", {"method": "GET", "url_pattern": f"/{n}"})
+        self.assertEqual(self.call("PUT", "/routes", {"method": "GET", "url_pattern": "/x"})[2]["index"], 0)
+        code, _, late = self.call("PUT", "/routes", {"method": "GET", "url_pattern": "/y", "index": 99})
+        self.assertEqual((code, late["index"]), (201, 4))
+        self.assertEqual(self.call("PUT", "/routes", {"method": "GET", "url_pattern": "/z", "index": 2})[2]["index"], 2)
+        listing = self.call("GET", "/routes")[2]
+        self.assertEqual([r["url_pattern"] for r in listing], ["/x", "/0", "/z", "/1", "/2", "/y"])
+        self.assertEqual([r["index"] for r in listing], list(range(6)))
+
+    def test_errors(self) -> None:
+        cases = [
+            ("POST", "/routes", None, b"{", (400, "Malformed JSON")),
+            ("POST", "/routes", None, b"\xff\xfe", (400, "Malformed JSON")),
+            ("PUT", "/routes", None, b"[1,", (400, "Malformed JSON")),
+            ("POST", "/routes", {"url_pattern": "/a"}, None, (422, "Invalid Route")),
+            ("POST", "/routes", {"method": "GET", "url_pattern": "a"}, None, (422, "Invalid Route")),
+            ("POST", "/routes", {"method": "GET", "url_pattern": "/{a"}, None, (422, "Invalid Route")),
+            ("POST", "/routes", {"method": "GET", "url_pattern": "/{a:(}"}, None, (422, "Invalid Route")),
+            ("POST", "/routes", {"method": 1, "url_pattern": "/a"}, None, (422, "Invalid Route")),
+            ("POST", "/routes", {"method": "GET", "url_pattern": "/a", "command": 3}, None, (422, "Invalid Route")),
+            ("POST", "/routes", [], None, (422, "Invalid Route")),
+            ("PUT", "/routes", {"method": "GET", "url_pattern": "/a", "index": -1}, None, (422, "Invalid Route")),
+            ("PUT", "/routes", {"method": "GET", "url_pattern": "/a", "index": "1"}, None, (422, "Invalid Route")),
+            ("PUT", "/routes", {"method": "GET", "url_pattern": "/a", "index": 1.5}, None, (422, "Invalid Route")),
+            ("PUT", "/routes", {"method": "GET", "url_pattern": "/a", "index": True}, None, (422, "Invalid Route")),
+            ("GET", "/routes/nope", None, None, (404, "Route Not Found")),
+            ("DELETE", "/routes/nope", None, None, (404, "Route Not Found")),
+            ("GET", "/elsewhere", None, None, (404, "Not Found")),
+            ("PATCH", "/routes", None, None, (405, "Method Not Allowed")),
+            ("POST", "/routes/x", None, None, (405, "Method Not Allowed")),
+        ]
+        for method, path, body, raw, (code, reason) in cases:
+            got = self.call(method, path, body, raw)
+            self.assertEqual(got, (code, "application/json", {"reason": reason}), (method, path, body, raw))
+        self.assertEqual(len(self.routes), 0)
+
+    def test_health(self) -> None:
+        self.call("POST", "/routes", {"method": "GET", "url_pattern": "/a"})
+        self.assertEqual(self.call("GET", "/health")[2], {"status": "ok", "routes": 1})

@@ -1,0 +1,74 @@
+"""Server options: defaults as the reference's, and listener addresses."""
+
+from __future__ import annotations
+
+import pytest
+from twisted.python.usage import UsageError
+
+from kapow.tap import Options, StartupError, parse_listen_address
+
+
+def parsed(*args: str) -> dict:
+    options = Options()
+    options.parseOptions(list(args))
+    return dict(options)
+
+
+def test_defaults_are_the_reference_ones() -> None:
+    assert parsed() == {
+        "bind": "0.0.0.0:8080",
+        "control-bind": "localhost:8081",
+        "data-bind": "localhost:8082",
+        "control-reachable-addr": None,
+        "certfile": None,
+        "keyfile": None,
+        "clientauth": 0,
+        "clientcafile": None,
+        "control-credentials": None,
+        "write-control-credentials": None,
+        "debug": 0,
+        "init_programs": [],
+    }
+
+
+def test_init_programs_and_flags() -> None:
+    options = parsed("--debug", "--bind", "[::1]:9000", "a.pow", "b.pow")
+    assert (options["debug"], options["bind"], options["init_programs"]) == (1, "[::1]:9000", ["a.pow", "b.pow"])
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--certfile", "c"], "--certfile and --keyfile go together"),
+        (["--keyfile", "k"], "--certfile and --keyfile go together"),
+        (["--clientauth"], "--clientauth needs HTTPS"),
+        (["--clientcafile", "ca", "--certfile", "c", "--keyfile", "k"], "--clientcafile needs --clientauth"),
+        (["--bind", "nonsense"], "invalid address"),
+        (["--control-reachable-addr", "noport"], "missing port"),
+    ],
+)
+def test_invalid_combinations(args: list[str], message: str) -> None:
+    with pytest.raises(UsageError, match=message):
+        parsed(*args)
+
+
+@pytest.mark.parametrize(
+    ("addr", "description", "host"),
+    [
+        ("0.0.0.0:8080", "tcp:port=8080:interface=0.0.0.0", "0.0.0.0"),
+        ("localhost:8081", "tcp:port=8081:interface=localhost", "localhost"),
+        (":8080", "tcp:port=8080", None),
+        ("[::1]:8082", "tcp6:port=8082:interface=\\:\\:1", "::1"),
+        ("tcp:0:interface=127.0.0.1", "tcp:0:interface=127.0.0.1", None),
+        ("unix:/run/kapow.sock", "unix:/run/kapow.sock", None),
+        ("systemd:domain=INET:index=0", "systemd:domain=INET:index=0", None),
+    ],
+)
+def test_listen_addresses(addr: str, description: str, host: str | None) -> None:
+    assert parse_listen_address(addr) == (description, host)
+
+
+@pytest.mark.parametrize("addr", ["", "8080", "host:", "host:port", "[nothex]:1", "a:70000", "[::1"])
+def test_bad_listen_addresses(addr: str) -> None:
+    with pytest.raises(StartupError):
+        parse_listen_address(addr)
