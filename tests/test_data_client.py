@@ -55,8 +55,8 @@ class Reply:
 
 
 def json_error(status, reason):
-    return Reply(status, json.dumps({"reason": reason}).encode(),
-                 (("Content-Type", "application/json"),))
+    body = json.dumps({"reason": reason}).encode()
+    return Reply(status, body, (("Content-Type", "application/json"),))
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
@@ -72,8 +72,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def _handle(self):
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length)
-        record = Record(self.conn_id, self.command, self.path,
-                        {k.lower(): v for k, v in self.headers.items()}, body)
+        headers = {k.lower(): v for k, v in self.headers.items()}
+        record = Record(self.conn_id, self.command, self.path, headers, body)
         fake = self.server.fake
         with fake.lock:
             fake.requests.append(record)
@@ -127,7 +127,9 @@ class FakeDataServer:
             self.url = "http://127.0.0.1:%d" % self.server.server_address[1]
         self.server.fake = self
         self.connections = 0
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread = threading.Thread(
+            target=self.server.serve_forever, args=(0.02,), daemon=True
+        )
         self.thread.start()
 
     def new_connection(self):
@@ -192,6 +194,15 @@ def free_port():
     port = s.getsockname()[1]
     s.close()
     return port
+
+
+def start_set_body(launcher, server):
+    return subprocess.Popen(
+        [launcher, "set", "/response/body"],
+        stdin=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=kapow_env(server.url),
+    )
 
 
 def one_error_line(result):
@@ -332,12 +343,12 @@ def test_missing_handler_id(server, launcher):
 def test_flags_override_env(server, launcher):
     server.values["/request/method"] = b"PUT"
     env = kapow_env("http://127.0.0.1:%d" % free_port(), handler="wrong")
-    result = run(launcher, "get", "--data-url", server.url, "--handler=" + HANDLER,
-                 "/request/method", url=None, env=env)
+    args = ["--data-url", server.url, "--handler=" + HANDLER, "/request/method"]
+    result = run(launcher, "get", *args, url=None, env=env)
     assert result.returncode == 0, result.stderr
     assert result.stdout == b"PUT"
-    result = run(launcher, "set", "--handler", "other", "--data-url=" + server.url,
-                 "/response/status", "201", url=None, env=env)
+    args = ["--handler", "other", "--data-url=" + server.url, "/response/status", "201"]
+    result = run(launcher, "set", *args, url=None, env=env)
     assert result.returncode == 0, result.stderr
     assert server.requests[-1].path == "/handlers/other/response/status"
     assert server.requests[-1].body == b"201"
@@ -440,8 +451,7 @@ def test_set_stdin_to_body_streams_over_one_connection(server, launcher, resourc
 
 
 def test_set_body_streams_as_stdin_arrives(server, launcher):
-    proc = subprocess.Popen([launcher, "set", "/response/body"], stdin=subprocess.PIPE,
-                            stderr=subprocess.PIPE, env=kapow_env(server.url))
+    proc = start_set_body(launcher, server)
     try:
         for n, piece in enumerate([b"first\n", b"second\n", b"third\n"], 1):
             proc.stdin.write(piece)
@@ -473,8 +483,7 @@ def test_set_body_reconnects_on_connection_close(server, launcher):
 
 def test_set_body_reconnects_when_idle_connection_dropped(server, launcher):
     server.responder = lambda r: Reply(drop=True)
-    proc = subprocess.Popen([launcher, "set", "/response/body"], stdin=subprocess.PIPE,
-                            stderr=subprocess.PIPE, env=kapow_env(server.url))
+    proc = start_set_body(launcher, server)
     try:
         for n, piece in enumerate([b"one ", b"two ", b"three"], 1):
             proc.stdin.write(piece)
@@ -635,17 +644,19 @@ def test_lean_imports(server):
         "sys.stderr.write('\\n' + ' '.join(sorted(sys.modules)))\n"
         "sys.exit(rc)\n" % (SRC, url, HANDLER)
     )
-    result = subprocess.run([sys.executable, "-I", "-S", "-c", code],
-                            capture_output=True, timeout=TIMEOUT)
+    argv = [sys.executable, "-I", "-S", "-c", code]
+    result = subprocess.run(argv, capture_output=True, timeout=TIMEOUT)
     assert result.returncode == 0, result.stderr
     assert result.stdout == b"GET"
     modules = set(result.stderr.decode().split())
-    forbidden = {"twisted", "treq", "klein", "cryptography", "http", "http.client",
-                 "urllib", "json", "argparse", "email", "socket", "os", "re",
-                 "encodings.idna", "enum", "ssl"}
+    forbidden = {
+        "twisted", "treq", "klein", "cryptography", "http", "http.client", "urllib",
+        "json", "argparse", "email", "socket", "os", "re", "encodings.idna", "enum",
+        "ssl",
+    }  # fmt: skip
     assert not (modules & forbidden), modules & forbidden
-    assert not any(m.startswith(("twisted", "kapow.")) and m != "kapow.data_client"
-                   for m in modules)
+    kapow_modules = {m for m in modules if m.startswith("kapow")}
+    assert kapow_modules == {"kapow", "kapow.data_client"}
 
 
 # The launcher
@@ -690,8 +701,8 @@ def test_launcher_execs_console_script_for_other_commands(tmp_path, fake_python_
     script.write_text('#!/bin/sh\nprintf "%%s\\n" "$0" "$@" > %s\n' % out)
     script.chmod(0o755)
     launcher = write_launcher(str(tmp_path / "bin"), str(fake_python_dir / "python"))
-    result = subprocess.run([launcher, "route", "list", "--control-url", "a b"],
-                            capture_output=True, timeout=TIMEOUT)
+    argv = [launcher, "route", "list", "--control-url", "a b"]
+    result = subprocess.run(argv, capture_output=True, timeout=TIMEOUT)
     assert result.returncode == 0, result.stderr
     expected = [str(script), "route", "list", "--control-url", "a b"]
     assert out.read_text().splitlines() == expected
@@ -705,10 +716,21 @@ def test_launcher_execs_python_m_kapow_without_script(tmp_path, fake_python_dir)
     (pkg / "__main__.py").write_text("import sys\nprint(repr(sys.argv[1:]))\n")
     launcher = write_launcher(str(tmp_path / "bin"), str(fake_python_dir / "python"))
     env = dict(os.environ, PYTHONPATH=str(tmp_path / "pypath"))
-    result = subprocess.run([launcher, "server", "--debug"], capture_output=True,
-                            env=env, timeout=TIMEOUT)
+    argv = [launcher, "server", "--debug"]
+    result = subprocess.run(argv, capture_output=True, env=env, timeout=TIMEOUT)
     assert result.returncode == 0, result.stderr
     assert result.stdout.decode().strip() == repr(["server", "--debug"])
+
+
+def test_launcher_never_execs_itself(tmp_path, fake_python_dir):
+    # written next to the interpreter, twice: the second time a ``kapow``
+    # executable is there already, but it is the launcher itself
+    python = str(fake_python_dir / "python")
+    for _ in range(2):
+        launcher = write_launcher(str(fake_python_dir), python)
+    assert launcher == str(fake_python_dir / "kapow")
+    source = open(launcher).read()
+    assert "os.execv(%r, [%r, '-m', 'kapow']" % (python, python) in source
 
 
 def test_launcher_runs_get_with_linked_python(server, tmp_path, fake_python_dir):

@@ -20,6 +20,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.protocols.basic import FileSender
 from twisted.web.iweb import IRequest
+from werkzeug.routing import PathConverter
 
 from kapow.handlers import Handler, HandlerRegistry
 from kapow.web import JSONError, install_json_errors
@@ -74,6 +75,13 @@ def parse_resource(segments: list[str]) -> Resource:
     raise JSONError(400, "Invalid Resource Path")
 
 
+class _RestConverter(PathConverter):
+    """Everything after the handler id, newlines and all (werkzeug's ``path`` stops at them)."""
+
+    regex = "(?s:.+)"
+    part_isolating = False
+
+
 @dataclass
 class DataAPI:
     """
@@ -84,12 +92,13 @@ class DataAPI:
 
     handlers: HandlerRegistry
     app = Klein()
+    app.url_map.converters["rest"] = _RestConverter
 
     def resource(self) -> Any:
         """The Twisted resource serving this API."""
         return self.app.resource()
 
-    @app.route("/handlers/<string:handler_id>/<path:resource>", methods=["GET", "PUT"])
+    @app.route("/handlers/<string:handler_id>/<rest:resource>", methods=["GET", "PUT"])
     def handle(self, request: IRequest, handler_id: str, resource: str) -> Any:
         target = parse_resource(resource.split("/"))
         writing = request.method == b"PUT"
@@ -116,7 +125,7 @@ class DataAPI:
         elif target.kind == "client_dn":
             from kapow.tls import peer_subject_dn
 
-            dn = peer_subject_dn(request.channel.transport)
+            dn = peer_subject_dn(handler.request.transport)
             value = None if dn is None else dn.encode()
         else:
             value = handler.request_value(target.kind, target.name)

@@ -369,8 +369,10 @@ def _json_reason(body):
         return None
     i += 1
     out = []
-    simple = {0x22: '"', 0x5C: "\\", 0x2F: "/", 0x62: "\b", 0x66: "\f",
-              0x6E: "\n", 0x72: "\r", 0x74: "\t"}
+    simple = {
+        0x22: '"', 0x5C: "\\", 0x2F: "/", 0x62: "\b",
+        0x66: "\f", 0x6E: "\n", 0x72: "\r", 0x74: "\t",
+    }  # fmt: skip
     while i < n:
         end = i
         while end < n and body[end] != 0x22 and body[end] != 0x5C:

@@ -38,8 +38,11 @@ os.execv({program!r}, {argv_head} + sys.argv[1:])
 """
 
 
-def launcher_source(python=None):
-    """The text of the launcher for interpreter ``python`` (absolute path)."""
+def launcher_source(python=None, launcher_path=None):
+    """The text of the launcher for interpreter ``python`` (absolute path).
+
+    ``launcher_path`` is where it will live; a console script at that very
+    place is not used as the full command line (it would run itself)."""
     python = os.path.abspath(python or sys.executable)
     shebang = "#!%s -IS\n" % python
     if len(os.fsencode(shebang)) > MAX_SHEBANG:
@@ -51,7 +54,10 @@ def launcher_source(python=None):
         raise ValueError("interpreter path contains whitespace: %r" % python)
     package_parent = os.path.dirname(os.path.dirname(os.path.abspath(kapow.__file__)))
     script = os.path.join(os.path.dirname(python), "kapow")
-    if os.path.isfile(script) and os.access(script, os.X_OK):
+    usable = os.path.isfile(script) and os.access(script, os.X_OK)
+    if usable and launcher_path is not None:
+        usable = os.path.realpath(script) != os.path.realpath(launcher_path)
+    if usable:
         program, argv_head = script, repr([script])
     else:
         program, argv_head = python, repr([python, "-m", "kapow"])
@@ -66,9 +72,9 @@ def launcher_source(python=None):
 def write_launcher(directory, python=sys.executable):
     """Write an executable ``kapow`` launcher into ``directory`` (atomically,
     mode 0755) and return its path.  ``python`` is the interpreter it runs."""
-    source = launcher_source(python)
-    os.makedirs(directory, exist_ok=True)
     path = os.path.join(directory, "kapow")
+    source = launcher_source(python, path)
+    os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".kapow-", dir=directory)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
