@@ -311,3 +311,20 @@ def test_user_https_and_client_certificates(start_server, tmp_path: Path, client
         assert anonymous.returncode != 0
     else:
         assert anonymous.stdout == "kapow: Resource Item Not Found\nno certificate\n"
+
+
+def test_a_client_that_does_not_read_holds_the_handler_back(server: KapowServer, tmp_path: Path) -> None:
+    size = 64 * 1024 * 1024
+    done = tmp_path / "done"
+    server.add_route("/zeros", f"head -c {size} /dev/zero | kapow set /response/body; touch {done}")
+    host, port = server.user.removeprefix("http://").rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=30) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        s.sendall(b"GET /zeros HTTP/1.0\r\n\r\n")
+        with pytest.raises(AssertionError):
+            wait_for(done.exists, timeout=1.0, what="the handler to finish")
+        received = 0
+        while chunk := s.recv(1 << 20):
+            received += len(chunk)
+    wait_for(done.exists, what="the handler to finish")
+    assert received > size
