@@ -178,3 +178,25 @@ def write_program(path: Path, text: str) -> str:
     path.write_text(text)
     path.chmod(0o755)
     return str(path)
+
+
+def group_members(pgid: int) -> list[int]:
+    """Live (non-zombie) processes in process group ``pgid``, from /proc."""
+    members = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        state, _ppid, pgrp = stat[stat.rfind(b")") + 2 :].split()[:3]
+        if int(pgrp) == pgid and state != b"Z":
+            members.append(int(entry))
+    return members
+
+
+def read_int(path: Path) -> int:
+    """Wait for ``path`` to hold a number (written by a handler) and return it."""
+    return int(wait_for(lambda: path.exists() and path.read_text().strip(), what=f"{path}"))  # type: ignore[arg-type]

@@ -18,7 +18,7 @@ BINARY = "application/octet-stream"
         ("héllo wörld ✓ — ünïcode\n".encode(), TEXT),
         (b"\x1b[31mred\x1b[0m\n", TEXT),  # terminal colours are not binary
         (b"a,b,c\n1,2,3\n", TEXT),
-        (b"{\"json\": true}\n", TEXT),
+        (b'{"json": true}\n', TEXT),
         # HTML only when the bytes start like HTML
         (b"<!DOCTYPE html><html></html>", HTML),
         (b"<!doctype html>", HTML),

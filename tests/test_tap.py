@@ -27,8 +27,24 @@ def test_defaults_are_the_reference_ones() -> None:
         "control-credentials": None,
         "write-control-credentials": None,
         "debug": 0,
+        "keep-running-on-disconnect": 0,
+        "handler-timeout": None,
+        "kill-grace": 3.0,
+        "max-handlers": None,
+        "shutdown-timeout": 30.0,
         "init_programs": [],
     }
+
+
+def test_governance_flags() -> None:
+    options = parsed(
+        "--handler-timeout", "2.5", "--kill-grace", "0", "--max-handlers", "8",
+        "--shutdown-timeout", "10", "--keep-running-on-disconnect",
+    )  # fmt: skip
+    assert (
+        options["handler-timeout"], options["kill-grace"], options["max-handlers"],
+        options["shutdown-timeout"], options["keep-running-on-disconnect"],
+    ) == (2.5, 0.0, 8, 10.0, 1)  # fmt: skip
 
 
 def test_init_programs_and_flags() -> None:
@@ -45,6 +61,12 @@ def test_init_programs_and_flags() -> None:
         (["--clientcafile", "ca", "--certfile", "c", "--keyfile", "k"], "--clientcafile needs --clientauth"),
         (["--bind", "nonsense"], "invalid address"),
         (["--control-reachable-addr", "noport"], "missing port"),
+        (["--handler-timeout", "0"], "at least"),
+        (["--handler-timeout", "soon"], "must be a number"),
+        (["--max-handlers", "0"], "at least 1"),
+        (["--max-handlers", "1.5"], "must be a number"),
+        (["--kill-grace", "-1"], "at least 0"),
+        (["--shutdown-timeout", "nan"], "at least"),
     ],
 )
 def test_invalid_combinations(args: list[str], message: str) -> None:

@@ -180,4 +180,4 @@ def _clean(text: str) -> str:
 def _log_lines(handler: Handler, prefix: str | None, data: bytes) -> None:
     head = _clean(handler.id) + (" " + _clean(prefix) if prefix else "")
     for line in data.decode("utf-8", "replace").splitlines() or [""]:
-        server_log.info("{head}: {message}", head=head, message=line)
+        server_log.info("{head}: {text}", head=head, text=line)

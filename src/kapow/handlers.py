@@ -13,7 +13,7 @@ import enum
 import io
 import re
 import secrets
-from collections.abc import Iterator
+from collections.abc import Callable
 from typing import Any, BinaryIO
 from urllib.parse import unquote_to_bytes
 
@@ -33,6 +33,7 @@ log = Logger()
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 _STATUS = re.compile(rb"[+-]?[0-9]+")
+_STATUS_DIGITS = re.compile(rb"[+-]?0*([0-9]{1,3})")
 
 #: Status of a status/header/cookie write that comes after the response started.
 ALREADY_STARTED = (409, "Response Already Started")
@@ -69,6 +70,8 @@ class Handler:
         self.status = 200
         self.headers: list[tuple[bytes, bytes]] = []
         self.client_gone = False
+        #: called once if the user's connection is lost before the response is complete
+        self.on_client_lost: Callable[[], None] | None = None
         self._form: ParsedForm | None = None
         self._paused = False
         self._waiting: list[Deferred[None]] = []
@@ -106,9 +109,10 @@ class Handler:
             values = request.args.get(key)
             return values[0] if values else None
         if kind == "headers":
-            return request.getHeader(key)
+            values = request.requestHeaders.getRawHeaders(key)
+            return values[0] if values else None
         if kind == "cookies":
-            return request.received_cookies.get(key)
+            return _first_cookie(request.requestHeaders.getRawHeaders(b"cookie", []), key)
         if kind == "form":
             value = self.form().field(name)
             return None if value is None else value.encode()
@@ -138,6 +142,8 @@ class Handler:
         text = raw.strip()
         if not _STATUS.fullmatch(text):
             raise JSONError(422, "Non Integer Value")
+        if not _STATUS_DIGITS.fullmatch(text):
+            raise JSONError(400, "Invalid Status Code")
         code = int(text)
         if not 200 <= code <= 999:
             raise JSONError(400, "Invalid Status Code")
@@ -191,6 +197,27 @@ class Handler:
             self.request.unregisterProducer()
             self.request.finish()
 
+    def time_out(self) -> None:
+        """
+        End the response early because the handler ran out of time: 504 if
+        nothing was sent yet, else the connection is cut so the client sees
+        a truncated response rather than a complete-looking one.
+        """
+        if self.state is State.FINISHED or self.client_gone:
+            self.state = State.FINISHED
+            return
+        if self.state is State.PENDING:
+            self.status = 504
+            self.headers = [(b"Content-Type", b"text/plain; charset=utf-8")]
+            self._commit(b"")
+            self.request.write(b"Gateway Timeout\n")
+            self.finish()
+            return
+        self.state = State.FINISHED
+        self._release()
+        self.request.unregisterProducer()
+        self.request.channel.transport.loseConnection()
+
     def _commit(self, first: bytes) -> None:
         request = self.request
         request.setResponseCode(self.status)
@@ -217,17 +244,30 @@ class Handler:
         self._release()
 
     def stopProducing(self) -> None:
-        self.client_gone = True
-        self._release()
+        self._lost(None)
 
     def _lost(self, reason: Any) -> None:
+        if self.client_gone:
+            return
         self.client_gone = True
         self._release()
+        if self.state is not State.FINISHED and self.on_client_lost is not None:
+            self.on_client_lost()
 
     def _release(self) -> None:
         waiting, self._waiting = self._waiting, []
         for d in waiting:
             d.callback(None)
+
+
+def _first_cookie(headers: list[bytes], name: bytes) -> bytes | None:
+    """The first cookie called ``name`` (browsers send the most specific first)."""
+    for header in headers:
+        for pair in header.split(b";"):
+            key, eq, value = pair.strip().partition(b"=")
+            if eq and key == name:
+                return value
+    return None
 
 
 def _token(name: str) -> bytes:
@@ -276,10 +316,4 @@ class HandlerRegistry:
 
     def __len__(self) -> int:
         return len(self._handlers)
-
-    def __iter__(self) -> Iterator[Handler]:
-        return iter(list(self._handlers.values()))
-
-    def count_for(self, route_id: str) -> int:
-        return sum(1 for h in self._handlers.values() if h.route.id == route_id)
 

@@ -66,6 +66,21 @@ def _parser() -> argparse.ArgumentParser:
     add.add_argument("--index", type=int, help="insert at this position instead of appending")
     add.add_argument("--timeout", type=float, help="kill the handler after this many seconds")
     add.add_argument("--max-concurrency", type=int, help="at most this many handlers at once")
+    on_disconnect = add.add_mutually_exclusive_group()
+    on_disconnect.add_argument(
+        "--keep-running-on-disconnect",
+        dest="keep_running",
+        action="store_const",
+        const=True,
+        help="let handlers finish when their client hangs up",
+    )
+    on_disconnect.add_argument(
+        "--kill-on-disconnect",
+        dest="keep_running",
+        action="store_const",
+        const=False,
+        help="end handlers when their client hangs up",
+    )
     add.add_argument("url_pattern", metavar="URL_PATTERN", help="e.g. /greet/{name}")
     add.add_argument("command_file", metavar="COMMAND_FILE", nargs="?", help="file with the command, or - for stdin")
 
@@ -103,6 +118,8 @@ def _request(args: argparse.Namespace) -> tuple[str, str, dict[str, Any] | None,
             body["timeout"] = args.timeout
         if args.max_concurrency is not None:
             body["max_concurrency"] = args.max_concurrency
+        if args.keep_running is not None:
+            body["keep_running_on_disconnect"] = args.keep_running
         if args.index is None:
             return "POST", "/routes", body, 201
         body["index"] = args.index

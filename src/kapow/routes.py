@@ -198,6 +198,8 @@ class Route:
     :ivar timeout: seconds a handler may run (> 0), or ``None`` for no limit.
     :ivar max_concurrency: how many handlers of this route may run at once
         (>= 1), or ``None`` for no limit.
+    :ivar keep_running_on_disconnect: whether handlers go on running when
+        their client hangs up (``None``: the server's default).
     :raises InvalidRoute: if a field is invalid.
     """
 
@@ -208,6 +210,7 @@ class Route:
     command: str = ""
     timeout: float | None = None
     max_concurrency: int | None = None
+    keep_running_on_disconnect: bool | None = None
     _pattern: Pattern = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -240,6 +243,10 @@ class Route:
             or self.max_concurrency < 1
         ):
             raise InvalidRoute("max_concurrency must be an integer >= 1")
+        if self.keep_running_on_disconnect is not None and not isinstance(
+            self.keep_running_on_disconnect, bool
+        ):
+            raise InvalidRoute("keep_running_on_disconnect must be true or false")
 
     @property
     def pattern(self) -> Pattern:
@@ -263,8 +270,9 @@ class Route:
 
         :param index: the route's current position in its table.
         :return: ``id``, ``method``, ``url_pattern``, ``entrypoint``,
-            ``command`` and ``index``, plus ``timeout`` and
-            ``max_concurrency`` when they are set.
+            ``command`` and ``index``, plus ``timeout``,
+            ``max_concurrency`` and ``keep_running_on_disconnect`` when
+            they are set.
         """
         data: dict = {
             "id": self.id,
@@ -278,6 +286,8 @@ class Route:
             data["timeout"] = self.timeout
         if self.max_concurrency is not None:
             data["max_concurrency"] = self.max_concurrency
+        if self.keep_running_on_disconnect is not None:
+            data["keep_running_on_disconnect"] = self.keep_running_on_disconnect
         return data
 
 
@@ -289,7 +299,8 @@ def route_from_json(data: object, route_id: str) -> Route:
     where ``null`` counts as absent: ``entrypoint`` (string, default
     ``/bin/sh -c``; an empty string is kept as given), ``command`` (string,
     default empty), ``timeout`` (number of seconds > 0; ``true``/``false``
-    are not numbers), ``max_concurrency`` (integer >= 1; ``2.0`` is refused).
+    are not numbers), ``max_concurrency`` (integer >= 1; ``2.0`` is refused),
+    ``keep_running_on_disconnect`` (``true`` or ``false``).
     Any other key, including ``id`` and ``index``, is ignored.
 
     :param data: what :func:`json.loads` returned.
@@ -306,6 +317,7 @@ def route_from_json(data: object, route_id: str) -> Route:
         "command": data.get("command"),
         "timeout": data.get("timeout"),
         "max_concurrency": data.get("max_concurrency"),
+        "keep_running_on_disconnect": data.get("keep_running_on_disconnect"),
     }
     return Route(
         id=route_id,

@@ -30,7 +30,14 @@ class SpawnError(Exception):
 
 
 class SessionProcess(_process.Process):
-    """A :class:`~twisted.internet.process.Process` that leads a new session."""
+    """
+    A :class:`~twisted.internet.process.Process` that leads a new session.
+
+    :ivar pgid: its process group (its pid); unlike ``pid``, kept after the
+        process was reaped.
+    """
+
+    pgid: int
 
     def _trySpawnInsteadOfFork(
         self, path: Any, uid: Any, gid: Any, executable: Any, args: Any, environment: Any, kwargs: Any
@@ -46,7 +53,7 @@ class SessionProcess(_process.Process):
             except OSError:
                 pass
         ignored = [s for s in range(1, signal.NSIG) if signal.getsignal(s) == signal.SIG_IGN]
-        self.pid = os.posix_spawnp(
+        self.pid = self.pgid = os.posix_spawnp(
             executable,
             args,
             os.environ if environment is None else environment,
@@ -155,9 +162,22 @@ class HandlerProcess(LineLogger):
     def __init__(self, name: str, logger: Logger, on_exit: ExitCallback) -> None:
         super().__init__(name, logger)
         self.on_exit = on_exit
+        self._held: tuple[int | None, int | None] | None = None
+        self._holding = True
 
     def processExited(self, reason: Failure) -> None:
-        self.on_exit(*exit_description(reason))
+        how = exit_description(reason)
+        if self._holding:
+            # reaped while still being started: report once start() returned
+            self._held = how
+        else:
+            self.on_exit(*how)
+
+    def release(self, reactor: Any) -> None:
+        """Report exits from now on (one that already happened, soon)."""
+        self._holding = False
+        if self._held is not None:
+            reactor.callLater(0, self.on_exit, *self._held)
 
 
 class Spawner:
@@ -202,24 +222,27 @@ class Spawner:
         env["KAPOW_CONTROL_URL"] = control_url
         return env
 
-    def start(self, handler_id: str, argv: Sequence[str], on_exit: ExitCallback) -> Any:
+    def start(self, handler_id: str, argv: Sequence[str], on_exit: ExitCallback) -> int:
         """
         Start ``argv`` for handler ``handler_id`` in a session of its own.
+        ``on_exit`` is never called before this returns.
 
-        :return: the process transport (its ``pid`` leads the process group).
+        :return: the process group id (the process's pid).
         :raises SpawnError: if it cannot be started.
         """
         if self._devnull is None:
             self._devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
         out: Any = "r" if self.debug else self._devnull
         protocol = HandlerProcess(handler_id, log, on_exit)
-        return self._spawn(
+        process = self._spawn(
             self.reactor,
             protocol,
             argv,
             self.handler_environ(handler_id),
             {0: self._devnull, 1: out, 2: out},
         )
+        protocol.release(self.reactor)
+        return process.pgid
 
     def close(self) -> None:
         """Release the descriptor kept for ``/dev/null``."""

@@ -8,9 +8,11 @@ and ``kapow server`` all come through here.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import shutil
+import signal
 import ssl
 import sys
 import tempfile
@@ -19,6 +21,7 @@ from typing import Any, NoReturn
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService, Service
+from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks, maybeDeferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
@@ -28,11 +31,13 @@ from twisted.web.server import Site
 from kapow import tls
 from kapow.control_api import ControlAPI
 from kapow.data_api import DataAPI
+from kapow.governor import Governor, Limits
 from kapow.handlers import HandlerRegistry
 from kapow.init_programs import InitProgramsService
 from kapow.launcher import write_launcher
 from kapow.routes import RouteTable
 from kapow.spawn import Spawner
+from kapow.systemd import notify
 from kapow.user_api import UserAPI, UserSite
 from kapow.web import bounded_request_factory
 
@@ -146,7 +151,44 @@ class Options(usage.Options):
     optFlags = [
         ["clientauth", None, "Require client certificates on the user interface (HTTPS)."],
         ["debug", None, "Log the handlers' stdout and stderr."],
+        [
+            "keep-running-on-disconnect",
+            None,
+            "Leave handlers running when their client hangs up (routes may override).",
+        ],
     ]
+
+    def _positive(self, flag: str, kind: type, value: str, minimum: float) -> float | int:
+        try:
+            number = kind(value)
+        except ValueError:
+            raise usage.UsageError(f"--{flag} must be a number, not {value!r}") from None
+        if not math.isfinite(number) or number < minimum:
+            raise usage.UsageError(f"--{flag} must be at least {minimum}")
+        return number
+
+    def opt_handler_timeout(self, value: str) -> None:
+        """Seconds a handler may run when its route sets no timeout [default: no limit]."""
+        self["handler-timeout"] = self._positive("handler-timeout", float, value, 0.001)
+
+    def opt_kill_grace(self, value: str) -> None:
+        """Seconds between SIGTERM and SIGKILL when ending a handler [default: 3]."""
+        self["kill-grace"] = self._positive("kill-grace", float, value, 0)
+
+    def opt_max_handlers(self, value: str) -> None:
+        """At most this many handler processes at once; more requests get 503 [default: no limit]."""
+        self["max-handlers"] = self._positive("max-handlers", int, value, 1)
+
+    def opt_shutdown_timeout(self, value: str) -> None:
+        """Seconds a graceful stop waits for running handlers before ending them [default: 30]."""
+        self["shutdown-timeout"] = self._positive("shutdown-timeout", float, value, 0)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["handler-timeout"] = None
+        self["kill-grace"] = 3.0
+        self["max-handlers"] = None
+        self["shutdown-timeout"] = 30.0
 
     def parseArgs(self, *programs: str) -> None:
         self["init_programs"] = list(programs)
@@ -178,13 +220,81 @@ class KapowService(MultiService):
     """
     The whole server. Listeners start first, in order; a listener that cannot
     start ends the process with one line on stderr instead of a traceback.
+
+    Stopping is graceful: the user interface stops accepting, running
+    handlers get ``shutdown_timeout`` seconds to finish (the data API keeps
+    serving them), then every handler process group still alive is ended.
+    The first SIGTERM or SIGINT starts that; a second one ends the handlers
+    at once.
+
+    :param reactor: the reactor.
+    :param governor: the handlers' governor.
+    :param shutdown_timeout: seconds to wait for running handlers.
     """
+
+    def __init__(self, reactor: Any, governor: Governor, shutdown_timeout: float) -> None:
+        super().__init__()
+        self.reactor = reactor
+        self.governor = governor
+        self.shutdown_timeout = shutdown_timeout
+        self.user_listener: Listener | None = None
+        self._stopping: Deferred[None] | None = None
+        self._draining: Deferred[None] | None = None
+        self._signalled = False
 
     def privilegedStartService(self) -> None:
         self._guard(super().privilegedStartService)
 
     def startService(self) -> None:
         self._guard(super().startService)
+        self.reactor.callWhenRunning(self._running)
+
+    def _running(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._on_signal)
+        notify("READY=1")
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        self.reactor.callFromThread(self._stop_signal, signum)
+
+    def _stop_signal(self, signum: int) -> None:
+        name = signal.Signals(signum).name
+        if not self._signalled:
+            self._signalled = True
+            log.info("received {name}: stopping gracefully (again to stop at once)", name=name)
+            self.reactor.stop()
+            return
+        log.warn("received {name} again: ending all handlers now", name=name)
+        if self._draining is not None and not self._draining.called:
+            self._draining.callback(None)
+        self.governor.end_all(grace=0)
+
+    def stopService(self) -> Deferred[None]:
+        if self._stopping is None:
+            self._stopping = self._stop()
+        return self._stopping
+
+    @inlineCallbacks
+    def _stop(self) -> Any:
+        notify("STOPPING=1")
+        if self.user_listener is not None and self.user_listener.running:
+            yield self.user_listener.stopService()
+        running = self.governor.running()
+        if running:
+            log.info(
+                "waiting up to {timeout}s for {n} running handlers",
+                timeout=self.shutdown_timeout, n=running,
+            )  # fmt: skip
+            self._draining = self.governor.drain(self.shutdown_timeout)
+            yield self._draining
+        left = self.governor.running()
+        if left:
+            log.warn("ending {n} handlers still running", n=left)
+        yield self.governor.end_all()
+        yield gatherResults(
+            [maybeDeferred(child.stopService) for child in reversed(list(self)) if child.running]
+        )
+        Service.stopService(self)
 
     def _guard(self, start: Callable[[], None]) -> None:
         try:
@@ -312,7 +422,17 @@ def build_service(options: Options, reactor: Any) -> KapowService:
     :raises StartupError: when a certificate, key or address is unusable.
     """
     routes = RouteTable()
-    service = KapowService()
+    governor = Governor(
+        reactor,
+        Limits(
+            handler_timeout=options["handler-timeout"],
+            kill_grace=options["kill-grace"],
+            keep_running_on_disconnect=bool(options["keep-running-on-disconnect"]),
+            max_handlers=options["max-handlers"],
+            shutdown_timeout=options["shutdown-timeout"],
+        ),
+    )
+    service = KapowService(reactor, governor, options["shutdown-timeout"])
 
     reachable = _reachable_addr(options)
     creds = _control_credentials(options, reachable)
@@ -349,10 +469,10 @@ def build_service(options: Options, reactor: Any) -> KapowService:
         lambda: (data.url(), control_url()),
         debug=options["debug"],
     )
-    user_api = UserAPI(routes, handlers, spawner)
-    listener("bind", UserSite(user_api), "user", user_scheme, user_tls)
+    user_api = UserAPI(routes, handlers, spawner, governor)
+    service.user_listener = listener("bind", UserSite(user_api), "user", user_scheme, user_tls)
 
-    control_site = Site(ControlAPI(routes=routes, stats=lambda: {"handlers": len(handlers)}).resource())
+    control_site = Site(ControlAPI(routes=routes, stats=lambda: {"handlers": governor.running()}).resource())
     control_site.requestFactory = bounded_request_factory(CONTROL_MAX_BODY)
     control = listener("control-bind", control_site, "control", "https", tls.control_server_options(creds))
     data = listener("data-bind", Site(DataAPI(handlers).resource()), "data", "http")

@@ -17,6 +17,7 @@ from twisted.web import http
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
+from kapow.governor import Governor
 from kapow.handlers import Handler, HandlerRegistry
 from kapow.routes import METHOD_NOT_ALLOWED, RouteTable
 from kapow.spawn import SpawnError, Spawner
@@ -30,15 +31,19 @@ class UserAPI(Resource):
     :param routes: the live route table.
     :param handlers: where handlers are registered by id.
     :param spawner: starts the routes' processes.
+    :param governor: admits, times and ends them.
     """
 
     isLeaf = True
 
-    def __init__(self, routes: RouteTable, handlers: HandlerRegistry, spawner: Spawner) -> None:
+    def __init__(
+        self, routes: RouteTable, handlers: HandlerRegistry, spawner: Spawner, governor: Governor
+    ) -> None:
         super().__init__()
         self.routes = routes
         self.handlers = handlers
         self.spawner = spawner
+        self.governor = governor
 
     def render(self, request: Request) -> Any:
         path = unquote(request.path.decode("latin-1"), errors="surrogateescape")
@@ -47,10 +52,15 @@ class UserAPI(Resource):
             return _plain(request, 404, b"Not Found\n")
         if found is METHOD_NOT_ALLOWED:
             return _plain(request, 405, b"Method Not Allowed\n")
+        refusal = self.governor.admit(found.route)
+        if refusal is not None:
+            log.info("refused {method} {path}: {why}", method=request.method, path=request.path, why=refusal)
+            request.setHeader(b"Retry-After", b"1")
+            return _plain(request, 503, b"Service Unavailable\n")
         handler = self.handlers.create(found.route, found.matches, request)
         request.kapow_handler_id = handler.id  # type: ignore[attr-defined]
         try:
-            process = self.spawner.start(
+            pgid = self.spawner.start(
                 handler.id, found.route.argv(), lambda status, sig: self._exited(handler, status, sig)
             )
         except SpawnError as e:
@@ -61,16 +71,42 @@ class UserAPI(Resource):
             self.handlers.forget(handler)
             request.unregisterProducer()
             return _plain(request, 500, b"Internal Server Error\n")
-        log.debug("handler {id} started: pid {pid}", id=handler.id, pid=process.pid)
+        log.debug("handler {id} started: pid {pid}", id=handler.id, pid=pgid)
+        self.governor.started(handler.id, found.route, pgid, lambda elapsed: self._timed_out(handler, elapsed))
+        handler.on_client_lost = lambda: self._client_lost(handler)
         return NOT_DONE_YET
 
     def _exited(self, handler: Handler, status: int | None, signal: int | None) -> None:
+        elapsed = self.governor.exited(handler.id)
         if signal is not None:
-            log.info("handler {id} killed by signal {signal}", id=handler.id, signal=signal)
+            log.info(
+                "handler {id} killed by signal {signal} after {elapsed:.3f}s",
+                id=handler.id, signal=signal, elapsed=elapsed,
+            )  # fmt: skip
         elif status:
             log.info("handler {id} exited with status {status}", id=handler.id, status=status)
         self.handlers.forget(handler)
         handler.finish()
+
+    def _timed_out(self, handler: Handler, elapsed: float) -> None:
+        log.warn(
+            "handler {id} of route {route} timed out after {elapsed:.3f}s: ending its process group",
+            id=handler.id, route=handler.route.id, elapsed=elapsed,
+        )  # fmt: skip
+        self.handlers.forget(handler)
+        handler.time_out()
+        self.governor.terminate(handler.id)
+
+    def _client_lost(self, handler: Handler) -> None:
+        if self.governor.keeps_running_on_disconnect(handler.route):
+            log.info("handler {id}: client disconnected; the handler keeps running", id=handler.id)
+            return
+        log.info(
+            "handler {id} of route {route}: client disconnected: ending its process group",
+            id=handler.id, route=handler.route.id,
+        )  # fmt: skip
+        self.handlers.forget(handler)
+        self.governor.terminate(handler.id)
 
 
 def _plain(request: Request, code: int, body: bytes) -> bytes:

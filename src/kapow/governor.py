@@ -1,0 +1,228 @@
+"""
+Governing handler processes: admission (concurrency limits), deadlines,
+ending whole process groups (SIGTERM, a grace period, SIGKILL), and draining
+everything on a graceful stop.
+
+Every handler leads a process group of its own (:mod:`kapow.spawn`), so
+ending the group ends whatever the handler started, background children
+included.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.logger import Logger
+
+from kapow.routes import Route
+from kapow.spawn import signal_group
+
+log = Logger()
+
+#: How often group membership is checked while waiting for groups to end.
+POLL_INTERVAL = 0.05
+
+
+@dataclass(frozen=True)
+class Limits:
+    """
+    Server-wide defaults and caps.
+
+    :param handler_timeout: seconds a handler may run when its route sets
+        no ``timeout``; ``None`` for no limit (the reference's behaviour).
+    :param kill_grace: seconds between SIGTERM and SIGKILL.
+    :param keep_running_on_disconnect: leave handlers running when their
+        client hangs up, unless their route says otherwise.
+    :param max_handlers: at most this many handler processes at once.
+    :param shutdown_timeout: seconds a graceful stop waits for running
+        handlers before ending them.
+    """
+
+    handler_timeout: float | None = None
+    kill_grace: float = 3.0
+    keep_running_on_disconnect: bool = False
+    max_handlers: int | None = None
+    shutdown_timeout: float = 30.0
+
+
+@dataclass
+class _Run:
+    pgid: int
+    route: Route
+    started: float
+    timer: Any = None
+
+
+@dataclass
+class Governor:
+    """
+    :param reactor: provides ``callLater`` and ``seconds``.
+    :param limits: the server's limits.
+    :param group_alive: tells whether a process group still has a live
+        (non-zombie) member; :func:`group_alive` by default.
+    """
+
+    reactor: Any
+    limits: Limits = field(default_factory=Limits)
+    group_alive: Callable[[int], bool] = field(default=lambda pgid: group_alive(pgid))
+    _runs: dict[str, _Run] = field(default_factory=dict)
+    _per_route: dict[str, int] = field(default_factory=dict)
+    _groups: set[int] = field(default_factory=set)
+    _idle: list[Deferred[None]] = field(default_factory=list)
+
+    # -- admission ----------------------------------------------------------
+
+    def admit(self, route: Route) -> str | None:
+        """
+        ``None`` if a handler for ``route`` may start now, else why not.
+        """
+        cap = self.limits.max_handlers
+        if cap is not None and len(self._runs) >= cap:
+            return f"server limit of {cap} handlers reached"
+        if route.max_concurrency is not None and self._per_route.get(route.id, 0) >= route.max_concurrency:
+            return f"route limit of {route.max_concurrency} handlers reached"
+        return None
+
+    def running(self) -> int:
+        """Handler processes that have not exited yet."""
+        return len(self._runs)
+
+    # -- one handler's life -------------------------------------------------
+
+    def started(self, handler_id: str, route: Route, pgid: int, on_timeout: Callable[[float], None]) -> None:
+        """
+        Track a handler process that has just started.
+
+        :param on_timeout: called with the elapsed seconds if the handler
+            outlives its route's timeout (or the server default).
+        """
+        run = _Run(pgid, route, self.reactor.seconds())
+        timeout = route.timeout if route.timeout is not None else self.limits.handler_timeout
+        if timeout is not None:
+            run.timer = self.reactor.callLater(timeout, lambda: on_timeout(self.reactor.seconds() - run.started))
+        self._runs[handler_id] = run
+        self._per_route[route.id] = self._per_route.get(route.id, 0) + 1
+        self._groups.add(pgid)
+
+    def exited(self, handler_id: str) -> float:
+        """
+        The handler's process exited; return how long it ran, in seconds.
+        """
+        run = self._runs.pop(handler_id, None)
+        if run is None:
+            return 0.0
+        if run.timer is not None and run.timer.active():
+            run.timer.cancel()
+        left = self._per_route[run.route.id] - 1
+        if left:
+            self._per_route[run.route.id] = left
+        else:
+            del self._per_route[run.route.id]
+        if not self.group_alive(run.pgid):
+            self._groups.discard(run.pgid)
+        if not self._runs:
+            idle, self._idle = self._idle, []
+            for d in idle:
+                d.callback(None)
+        return self.reactor.seconds() - run.started
+
+    def keeps_running_on_disconnect(self, route: Route) -> bool:
+        """Whether ``route``'s handlers survive their client hanging up."""
+        if route.keep_running_on_disconnect is not None:
+            return route.keep_running_on_disconnect
+        return self.limits.keep_running_on_disconnect
+
+    def terminate(self, handler_id: str) -> Deferred[None]:
+        """End the whole process group of a running handler."""
+        run = self._runs.get(handler_id)
+        if run is None:
+            return succeed(None)
+        if run.timer is not None and run.timer.active():
+            run.timer.cancel()
+        return self.end_groups({run.pgid})
+
+    # -- ending groups ------------------------------------------------------
+
+    def end_groups(self, pgids: set[int], grace: float | None = None) -> Deferred[None]:
+        """
+        SIGTERM each group, SIGKILL what is left after the grace period;
+        fires once no member of any group is alive.
+        """
+        grace = self.limits.kill_grace if grace is None else grace
+        alive = {pgid for pgid in pgids if signal_group(pgid, signal.SIGTERM)}
+        done: Deferred[None] = Deferred()
+        deadline = self.reactor.seconds() + grace
+        killed = False
+
+        def check() -> None:
+            nonlocal killed
+            alive.intersection_update({pgid for pgid in alive if self.group_alive(pgid)})
+            if not alive:
+                self._groups.difference_update(pgids)
+                done.callback(None)
+                return
+            if not killed and self.reactor.seconds() >= deadline:
+                killed = True
+                for pgid in alive:
+                    log.info("process group {pgid} outlived the grace period: SIGKILL", pgid=pgid)
+                    signal_group(pgid, signal.SIGKILL)
+            self.reactor.callLater(POLL_INTERVAL, check)
+
+        check()
+        return done
+
+    # -- graceful stop ------------------------------------------------------
+
+    def drain(self, timeout: float) -> Deferred[None]:
+        """
+        Fires when no handler process is running, or after ``timeout``
+        seconds, whichever comes first.
+        """
+        if not self._runs:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._idle.append(d)
+        call = self.reactor.callLater(timeout, lambda: d.called or d.callback(None))
+        return d.addBoth(lambda r: (call.active() and call.cancel(), r)[1])
+
+    def end_all(self, grace: float | None = None) -> Deferred[None]:
+        """End every handler group still alive, running or left behind."""
+        groups = {run.pgid for run in self._runs.values()} | self._groups
+        return self.end_groups(groups, grace)
+
+
+def group_alive(pgid: int) -> bool:
+    """
+    Whether process group ``pgid`` has a member that is not a zombie
+    (zombies are dead; they only wait for their parent to collect them).
+    """
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return True
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        # pid (comm) state ppid pgrp ...: comm may hold spaces and parens
+        fields = stat[stat.rfind(b")") + 2 :].split()
+        if len(fields) > 2 and int(fields[2]) == pgid and fields[0] != b"Z":
+            return True
+    return False
+
+

@@ -1,0 +1,644 @@
+"""
+Tests for kapow.handlers: the request snapshot, the response state machine
+and the registry, over real twisted.web requests on in-memory connections.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.error import ConnectionDone
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request
+
+from kapow.handlers import Handler, HandlerRegistry
+from kapow.routes import Route
+from kapow.user_api import UserSite
+from kapow.web import JSONError
+
+PEER = IPv4Address("TCP", "192.0.2.7", 51234)
+ROUTE = Route(id="route-1", method="POST", url_pattern="/x")
+BOUNDARY = b"----kapowTestBoundary"
+MULTIPART = b"multipart/form-data; boundary=" + BOUNDARY
+URLENCODED = b"application/x-www-form-urlencoded"
+
+
+def http_request(
+    method: bytes = b"GET",
+    target: bytes = b"/x",
+    headers: list[tuple[bytes, bytes]] | None = None,
+    body: bytes = b"",
+    version: bytes = b"HTTP/1.1",
+) -> bytes:
+    """The bytes of one HTTP request; a ``Host`` is added unless ``headers`` is given."""
+    if headers is None:
+        headers = [(b"Host", b"localhost:8080")]
+    lines = [b" ".join([method, target, version])]
+    lines += [name + b": " + value for name, value in headers]
+    if body:
+        lines.append(b"Content-Length: " + str(len(body)).encode())
+    return b"\r\n".join(lines) + b"\r\n\r\n" + body
+
+
+def multipart_body(*parts: tuple[bytes, bytes]) -> bytes:
+    """A multipart/form-data body of (Content-Disposition, content) parts."""
+    delimiter = b"--" + BOUNDARY
+    out = [
+        delimiter + b"\r\nContent-Disposition: " + disposition + b"\r\n\r\n" + content
+        for disposition, content in parts
+    ]
+    return b"\r\n".join([*out, delimiter + b"--\r\n"])
+
+
+class _Capture(Resource):
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.requests: list[Request] = []
+
+    def render(self, request: Request) -> Any:
+        self.requests.append(request)
+        return NOT_DONE_YET
+
+
+class UserConnection:
+    """
+    One client connection to the user interface's real site over an
+    in-memory transport; ``request`` is the request it carried, still open.
+    """
+
+    def __init__(
+        self, raw: bytes, peer: Any = PEER, transport: StringTransport | None = None
+    ) -> None:
+        capture = _Capture()
+        site = UserSite(capture, reactor=Clock())
+        self.protocol = site.buildProtocol(peer)
+        self.transport = (
+            StringTransport(peerAddress=peer) if transport is None else transport
+        )
+        self.protocol.makeConnection(self.transport)
+        self.protocol.dataReceived(raw)
+        [self.request] = capture.requests
+
+    def pause(self) -> None:
+        """The client stops reading: the transport pauses its producer."""
+        self.transport.producer.pauseProducing()
+
+    def resume(self) -> None:
+        self.transport.producer.resumeProducing()
+
+    def lose(self) -> None:
+        """The client goes away."""
+        self.protocol.connectionLost(Failure(ConnectionDone()))
+
+    def response(self) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+        """(status, [(lower-case name, value)], body so far) as sent on the wire."""
+        return parse_response(self.transport.value())
+
+
+def parse_response(raw: bytes) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+    head, separator, rest = raw.partition(b"\r\n\r\n")
+    assert separator, f"no complete response head in {raw!r}"
+    status_line, *lines = head.split(b"\r\n")
+    code = int(status_line.split(b" ")[1])
+    headers = []
+    for line in lines:
+        name, _, value = line.partition(b":")
+        headers.append((name.lower(), value.removeprefix(b" ")))
+    if (b"transfer-encoding", b"chunked") not in headers:
+        return code, headers, rest
+    body = b""
+    while rest:
+        size_line, _, rest = rest.partition(b"\r\n")
+        size = int(size_line, 16)
+        if size == 0:
+            break
+        body += rest[:size]
+        rest = rest[size + 2 :]
+    return code, headers, body
+
+
+def header_values(headers: list[tuple[bytes, bytes]], name: bytes) -> list[bytes]:
+    return [value for key, value in headers if key == name.lower()]
+
+
+def make_handler(
+    raw: bytes | None = None, matches: dict[str, str] | None = None, peer: Any = PEER
+) -> tuple[Handler, UserConnection]:
+    connection = UserConnection(http_request() if raw is None else raw, peer)
+    handler = Handler("h" * 32, ROUTE, matches or {}, connection.request)
+    return handler, connection
+
+
+class RequestValueTests(SynchronousTestCase):
+    def test_method_host_version_path_remote(self) -> None:
+        handler, _ = make_handler(
+            http_request(
+                b"PATCH",
+                b"/a%20b/caf%C3%A9/%3F?q=%2Fx&r=1#frag",
+                [(b"Host", b"example.test:8080")],
+            )
+        )
+        self.assertEqual(handler.request_value("method"), b"PATCH")
+        self.assertEqual(handler.request_value("host"), b"example.test:8080")
+        self.assertEqual(handler.request_value("version"), b"HTTP/1.1")
+        self.assertEqual(handler.request_value("path"), "/a b/café/?".encode())
+        self.assertEqual(handler.request_value("remote"), b"192.0.2.7")
+
+    def test_http10_without_host(self) -> None:
+        handler, _ = make_handler(http_request(b"GET", b"/", [], version=b"HTTP/1.0"))
+        self.assertEqual(handler.request_value("version"), b"HTTP/1.0")
+        self.assertEqual(handler.request_value("host"), b"")
+
+    def test_remote_ipv6(self) -> None:
+        handler, _ = make_handler(peer=IPv6Address("TCP", "::1", 40000))
+        self.assertEqual(handler.request_value("remote"), b"::1")
+
+    def test_matches(self) -> None:
+        handler, _ = make_handler(matches={"name": "world", "path": "a/b", "u": "é"})
+        self.assertEqual(handler.request_value("matches", "name"), b"world")
+        self.assertEqual(handler.request_value("matches", "path"), b"a/b")
+        self.assertEqual(handler.request_value("matches", "u"), "é".encode())
+        self.assertIsNone(handler.request_value("matches", "absent"))
+
+    def test_params_first_value(self) -> None:
+        handler, _ = make_handler(
+            http_request(target=b"/x?q=1&q=2&empty=&sp=a+b%20c&pct=%26%3D")
+        )
+        self.assertEqual(handler.request_value("params", "q"), b"1")
+        self.assertEqual(handler.request_value("params", "empty"), b"")
+        self.assertEqual(handler.request_value("params", "sp"), b"a b c")
+        self.assertEqual(handler.request_value("params", "pct"), b"&=")
+        self.assertIsNone(handler.request_value("params", "absent"))
+        self.assertIsNone(handler.request_value("params", "Q"))
+
+    def test_params_are_not_form_fields(self) -> None:
+        handler, _ = make_handler(
+            http_request(
+                b"POST",
+                b"/x?a=query",
+                [(b"Host", b"h"), (b"Content-Type", URLENCODED)],
+                b"a=form&b=2",
+            )
+        )
+        self.assertEqual(handler.request_value("params", "a"), b"query")
+        self.assertIsNone(handler.request_value("params", "b"))
+        self.assertEqual(handler.request_value("form", "a"), b"form")
+
+    def test_headers_case_insensitive(self) -> None:
+        handler, _ = make_handler(
+            http_request(
+                headers=[
+                    (b"Host", b"localhost:8080"),
+                    (b"X-Token", b"secret"),
+                    (b"Accept", b"*/*"),
+                ]
+            )
+        )
+        for name in ("X-Token", "x-token", "X-TOKEN"):
+            self.assertEqual(handler.request_value("headers", name), b"secret")
+        self.assertEqual(handler.request_value("headers", "Host"), b"localhost:8080")
+        self.assertEqual(handler.request_value("headers", "host"), b"localhost:8080")
+        self.assertEqual(handler.request_value("headers", "accept"), b"*/*")
+        self.assertIsNone(handler.request_value("headers", "X-Absent"))
+
+    def test_repeated_header_gives_first_value(self) -> None:
+        handler, _ = make_handler(
+            http_request(
+                headers=[
+                    (b"Host", b"h"),
+                    (b"X-Multi", b"first"),
+                    (b"X-Multi", b"second"),
+                ]
+            )
+        )
+        self.assertEqual(handler.request_value("headers", "X-Multi"), b"first")
+
+    def test_cookies(self) -> None:
+        handler, _ = make_handler(
+            http_request(
+                headers=[
+                    (b"Host", b"h"),
+                    (b"Cookie", b"session=abc123; Other=1; empty="),
+                ]
+            )
+        )
+        self.assertEqual(handler.request_value("cookies", "session"), b"abc123")
+        self.assertEqual(handler.request_value("cookies", "Other"), b"1")
+        self.assertEqual(handler.request_value("cookies", "empty"), b"")
+        self.assertIsNone(handler.request_value("cookies", "other"))
+        self.assertIsNone(handler.request_value("cookies", "absent"))
+
+    def test_repeated_cookie_gives_the_first(self) -> None:
+        # browsers send the cookie with the most specific path first
+        handler, _ = make_handler(
+            http_request(
+                headers=[(b"Host", b"h"), (b"Cookie", b"session=app; session=root")]
+            )
+        )
+        self.assertEqual(handler.request_value("cookies", "session"), b"app")
+
+
+class FormTests(SynchronousTestCase):
+    def test_urlencoded_any_method(self) -> None:
+        for method in (b"POST", b"PUT", b"PATCH", b"DELETE", b"GET"):
+            handler, _ = make_handler(
+                http_request(
+                    method,
+                    b"/x",
+                    [(b"Host", b"h"), (b"Content-Type", URLENCODED)],
+                    b"a=1&a=2&sp=x+y%21",
+                )
+            )
+            self.assertEqual(handler.request_value("form", "a"), b"1", method)
+            self.assertEqual(handler.request_value("form", "sp"), b"x y!", method)
+            self.assertIsNone(handler.request_value("form", "absent"), method)
+
+    def test_multipart_fields_and_files(self) -> None:
+        content = bytes(range(256)) * 4
+        body = multipart_body(
+            (b'form-data; name="title"', "héllo".encode()),
+            (b'form-data; name="upload"; filename="report.bin"', content),
+        )
+        handler, _ = make_handler(
+            http_request(
+                b"PUT", b"/x", [(b"Host", b"h"), (b"Content-Type", MULTIPART)], body
+            )
+        )
+        self.assertEqual(handler.request_value("form", "title"), "héllo".encode())
+        upload = handler.form().file("upload")
+        assert upload is not None
+        self.assertEqual((upload.filename, upload.read()), ("report.bin", content))
+        self.assertIsNone(handler.form().file("title"))
+
+    def test_unparsable_multipart_is_an_empty_form(self) -> None:
+        bodies = [
+            (
+                MULTIPART,
+                b"--"
+                + BOUNDARY
+                + b'\r\nContent-Disposition: form-data; name="a"\r\n\r\nno end',
+            ),
+            (b"multipart/form-data", b"a=1"),
+            (MULTIPART, b"garbage without any boundary"),
+        ]
+        for content_type, body in bodies:
+            handler, _ = make_handler(
+                http_request(
+                    b"POST",
+                    b"/x",
+                    [(b"Host", b"h"), (b"Content-Type", content_type)],
+                    body,
+                )
+            )
+            self.assertIsNone(handler.request_value("form", "a"))
+            self.assertEqual((handler.form().fields, handler.form().files), ({}, {}))
+            with handler.body() as reader:
+                self.assertEqual(reader.read(), body)
+
+    def test_no_form_content_type(self) -> None:
+        handler, _ = make_handler(
+            http_request(
+                b"POST",
+                b"/x",
+                [(b"Host", b"h"), (b"Content-Type", b"text/plain")],
+                b"a=1",
+            )
+        )
+        self.assertIsNone(handler.request_value("form", "a"))
+
+
+class BodyTests(SynchronousTestCase):
+    def check_independent_readers(self, body: bytes, content_type: bytes) -> Handler:
+        handler, _ = make_handler(
+            http_request(
+                b"POST", b"/x", [(b"Host", b"h"), (b"Content-Type", content_type)], body
+            )
+        )
+        first = handler.body()
+        self.addCleanup(first.close)
+        self.assertEqual(first.read(10), body[:10])
+        handler.form()
+        second = handler.body()
+        self.addCleanup(second.close)
+        self.assertEqual(second.read(), body)
+        self.assertEqual(first.read(), body[10:])
+        with handler.body() as third:
+            self.assertEqual(third.read(), body)
+        return handler
+
+    def test_small_body_in_memory(self) -> None:
+        body = b"a=1&b=" + b"x" * 1000
+        handler = self.check_independent_readers(body, URLENCODED)
+        self.assertEqual(handler.request_value("form", "a"), b"1")
+
+    def test_large_body_in_a_temporary_file(self) -> None:
+        body = b"a=1&b=" + bytes(range(256)).hex().encode() * 400
+        handler = self.check_independent_readers(body, URLENCODED)
+        handler.request.content.fileno()  # twisted.web spooled this body to disk
+        self.assertEqual(handler.request_value("form", "a"), b"1")
+
+    def test_large_multipart_file_after_body(self) -> None:
+        content = bytes(range(256)) * 600
+        body = multipart_body((b'form-data; name="f"; filename="x"', content))
+        handler = self.check_independent_readers(body, MULTIPART)
+        upload = handler.form().file("f")
+        assert upload is not None
+        self.assertEqual(upload.read(), content)
+
+    def test_empty_body(self) -> None:
+        handler, _ = make_handler()
+        with handler.body() as reader:
+            self.assertEqual(reader.read(), b"")
+
+
+class StatusAndHeaderTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.handler, self.connection = make_handler()
+
+    def assertRefused(self, code: int, reason: str, call: Any, *args: Any) -> None:
+        error = self.assertRaises(JSONError, call, *args)
+        self.assertEqual((error.code, error.reason), (code, reason))
+
+    def test_status_with_whitespace(self) -> None:
+        self.handler.set_status(b" 418\n")
+        self.handler.finish()
+        self.assertEqual(self.connection.response()[0], 418)
+
+    def test_status_last_write_wins(self) -> None:
+        for raw in (b"201", b"503", b"202\n"):
+            self.handler.set_status(raw)
+        self.handler.finish()
+        self.assertEqual(self.connection.response()[0], 202)
+
+    def test_status_bounds(self) -> None:
+        self.handler.set_status(b"200")
+        self.handler.set_status(b"999")
+        self.assertEqual(self.handler.status, 999)
+
+    def test_status_refused(self) -> None:
+        self.handler.set_status(b"201")
+        for raw in (b"abc", b"", b"\n", b"4 18", b"20.0", b"0x1f", b"418abc"):
+            self.assertRefused(422, "Non Integer Value", self.handler.set_status, raw)
+        for raw in (b"199", b"1000", b"0", b"-200", b"100"):
+            self.assertRefused(400, "Invalid Status Code", self.handler.set_status, raw)
+        self.handler.finish()
+        self.assertEqual(self.connection.response()[0], 201)
+
+    def test_status_with_too_many_digits(self) -> None:
+        self.assertRefused(
+            400, "Invalid Status Code", self.handler.set_status, b"9" * 5000
+        )
+
+    def test_header_values(self) -> None:
+        self.handler.add_header("X-Trim", b"value\n")
+        self.handler.add_header("X-Tab", b"a\tb")
+        self.handler.add_header("X-Multi", b"1")
+        self.handler.add_header("X-Multi", b"2\n")
+        self.handler.add_header("x-multi", b"3")
+        self.handler.finish()
+        _, headers, _ = self.connection.response()
+        self.assertEqual(header_values(headers, b"X-Trim"), [b"value"])
+        self.assertEqual(header_values(headers, b"X-Tab"), [b"a\tb"])
+        self.assertEqual(header_values(headers, b"X-Multi"), [b"1", b"2", b"3"])
+
+    def test_header_control_characters_refused(self) -> None:
+        for raw in (
+            b"a\rb",
+            b"a\nb",
+            b"a\x00b",
+            b"v\r\n",
+            b"v\n\n",
+            b"\x1b[1m",
+            b"a\x7fb",
+        ):
+            error = self.assertRaises(JSONError, self.handler.add_header, "X-Bad", raw)
+            self.assertEqual(error.code, 400)
+        self.handler.finish()
+        _, headers, _ = self.connection.response()
+        self.assertEqual(header_values(headers, b"X-Bad"), [])
+
+    def test_header_name_must_be_a_token(self) -> None:
+        for name in ("Bad Name", "X:Y", "", "X\r\nInjected"):
+            error = self.assertRaises(JSONError, self.handler.add_header, name, b"v")
+            self.assertEqual(error.code, 400)
+        self.handler.finish()
+        _, headers, _ = self.connection.response()
+        self.assertEqual(header_values(headers, b"Injected"), [])
+
+    def test_cookies(self) -> None:
+        self.handler.add_cookie("session", b"abc123\n")
+        self.handler.add_cookie("spaced", b"a b")
+        self.handler.finish()
+        _, headers, _ = self.connection.response()
+        self.assertEqual(
+            header_values(headers, b"Set-Cookie"), [b"session=abc123", b'spaced="a b"']
+        )
+
+    def test_cookie_control_characters_refused(self) -> None:
+        error = self.assertRaises(
+            JSONError, self.handler.add_cookie, "c", b"a\r\nSet-Cookie: x=y"
+        )
+        self.assertEqual(error.code, 400)
+
+
+class StreamingTests(SynchronousTestCase):
+    def test_first_write_commits_status_and_headers(self) -> None:
+        handler, connection = make_handler()
+        handler.set_status(b"201")
+        handler.add_header("X-A", b"1")
+        handler.add_cookie("c", b"v")
+        self.assertEqual(connection.transport.value(), b"")
+        self.successResultOf(handler.write(b"hello "))
+        code, headers, body = connection.response()
+        self.assertEqual((code, body), (201, b"hello "))
+        self.assertEqual(header_values(headers, b"X-A"), [b"1"])
+        self.assertEqual(header_values(headers, b"Set-Cookie"), [b"c=v"])
+        self.assertEqual(
+            header_values(headers, b"Content-Type"), [b"text/plain; charset=utf-8"]
+        )
+        self.successResultOf(handler.write(b"world"))
+        handler.finish()
+        self.assertEqual(connection.response()[2], b"hello world")
+        self.assertTrue(connection.transport.value().endswith(b"0\r\n\r\n"))
+
+    def test_sniffed_content_type(self) -> None:
+        cases = [
+            (b"plain text\n", b"text/plain; charset=utf-8"),
+            (b"  <html><body>x", b"text/html; charset=utf-8"),
+            (b"\x89PNG\r\n\x1a\n", b"image/png"),
+            (b"\x00\x01\x02binary", b"application/octet-stream"),
+            (b"hi <script>alert(1)</script>", b"text/plain; charset=utf-8"),
+        ]
+        for first, expected in cases:
+            handler, connection = make_handler()
+            handler.write(first)
+            handler.write(b"<html>")
+            handler.finish()
+            _, headers, body = connection.response()
+            self.assertEqual(header_values(headers, b"Content-Type"), [expected], first)
+            self.assertEqual(body, first + b"<html>")
+
+    def test_explicit_content_type_kept(self) -> None:
+        for name in ("Content-Type", "content-type"):
+            handler, connection = make_handler()
+            handler.add_header(name, b"application/json")
+            handler.write(b"<html>")
+            handler.finish()
+            _, headers, _ = connection.response()
+            self.assertEqual(
+                header_values(headers, b"Content-Type"), [b"application/json"]
+            )
+
+    def test_changes_after_first_write_refused(self) -> None:
+        handler, connection = make_handler()
+        handler.write(b"x")
+        for call, args in (
+            (handler.set_status, (b"500",)),
+            (handler.add_header, ("X-Late", b"1")),
+            (handler.add_cookie, ("late", b"1")),
+        ):
+            error = self.assertRaises(JSONError, call, *args)
+            self.assertEqual(
+                (error.code, error.reason), (409, "Response Already Started")
+            )
+        handler.finish()
+        code, headers, body = connection.response()
+        self.assertEqual((code, body), (200, b"x"))
+        self.assertEqual(
+            header_values(headers, b"X-Late") + header_values(headers, b"Set-Cookie"),
+            [],
+        )
+
+    def test_changes_after_finish_refused(self) -> None:
+        handler, _ = make_handler()
+        handler.finish()
+        error = self.assertRaises(JSONError, handler.set_status, b"500")
+        self.assertEqual(error.code, 409)
+
+    def test_empty_write_does_not_commit(self) -> None:
+        handler, connection = make_handler()
+        self.successResultOf(handler.write(b""))
+        handler.set_status(b"202")
+        handler.finish()
+        self.assertEqual(connection.response()[0], 202)
+
+    def test_write_waits_while_client_is_paused(self) -> None:
+        handler, connection = make_handler()
+        self.successResultOf(handler.write(b"one"))
+        connection.pause()
+        waiting = handler.write(b"two")
+        self.assertNoResult(waiting)
+        also = handler.write(b"three")
+        self.assertNoResult(also)
+        self.assertEqual(connection.response()[2], b"onetwothree")
+        connection.resume()
+        self.successResultOf(waiting)
+        self.successResultOf(also)
+        self.successResultOf(handler.write(b"four"))
+
+    def test_client_gone_releases_writes_and_drops_later_ones(self) -> None:
+        handler, connection = make_handler()
+        handler.write(b"one")
+        connection.pause()
+        waiting = handler.write(b"two")
+        self.assertNoResult(waiting)
+        connection.lose()
+        self.successResultOf(waiting)
+        sent = connection.transport.value()
+        self.successResultOf(handler.write(b"dropped"))
+        handler.finish()
+        handler.finish()
+        self.assertEqual(connection.transport.value(), sent)
+
+    def test_stop_producing_releases_writes(self) -> None:
+        handler, connection = make_handler()
+        handler.write(b"one")
+        handler.pauseProducing()
+        waiting = handler.write(b"two")
+        self.assertNoResult(waiting)
+        handler.stopProducing()
+        self.successResultOf(waiting)
+        sent = connection.transport.value()
+        self.successResultOf(handler.write(b"dropped"))
+        self.assertEqual(connection.transport.value(), sent)
+
+    def test_client_gone_before_any_write(self) -> None:
+        handler, connection = make_handler()
+        connection.lose()
+        self.successResultOf(handler.write(b"x"))
+        handler.finish()
+        self.assertEqual(connection.transport.value(), b"")
+
+    def test_finish_releases_pending_writes(self) -> None:
+        handler, connection = make_handler()
+        handler.write(b"a")
+        connection.pause()
+        waiting = handler.write(b"b")
+        handler.finish()
+        self.successResultOf(waiting)
+        self.assertEqual(connection.response()[2], b"ab")
+
+    def test_finish_without_body(self) -> None:
+        handler, connection = make_handler()
+        handler.set_status(b"418")
+        handler.add_header("X-A", b"1")
+        handler.finish()
+        code, headers, body = connection.response()
+        self.assertEqual((code, body), (418, b""))
+        self.assertEqual(header_values(headers, b"X-A"), [b"1"])
+        self.assertTrue(connection.request.finished)
+
+    def test_finish_twice(self) -> None:
+        handler, connection = make_handler()
+        handler.write(b"body")
+        handler.finish()
+        sent = connection.transport.value()
+        handler.finish()
+        self.successResultOf(handler.write(b"late"))
+        self.assertEqual(connection.transport.value(), sent)
+        self.assertEqual(connection.response()[2], b"body")
+
+
+class RegistryTests(SynchronousTestCase):
+    def test_create_get_forget(self) -> None:
+        registry = HandlerRegistry()
+        other = Route(id="route-2", method="GET", url_pattern="/y")
+        a = registry.create(ROUTE, {"m": "1"}, UserConnection(http_request()).request)
+        b = registry.create(ROUTE, {}, UserConnection(http_request()).request)
+        c = registry.create(other, {}, UserConnection(http_request()).request)
+        self.assertEqual(len(registry), 3)
+        self.assertIs(registry.get(a.id), a)
+        self.assertEqual((a.route, a.matches), (ROUTE, {"m": "1"}))
+        self.assertEqual([registry.get(h.id) for h in (a, b, c)], [a, b, c])
+        self.assertEqual(c.route, other)
+        registry.forget(a)
+        registry.forget(a)
+        self.assertIsNone(registry.get(a.id))
+        self.assertIs(registry.get(b.id), b)
+        self.assertEqual(len(registry), 2)
+        self.assertIsNone(registry.get("0" * 32))
+
+    def test_ids_unique_hex(self) -> None:
+        registry = HandlerRegistry()
+        ids = [
+            registry.create(ROUTE, {}, UserConnection(http_request()).request).id
+            for _ in range(64)
+        ]
+        self.assertEqual(len(set(ids)), 64)
+        for handler_id in ids:
+            self.assertRegex(handler_id, re.compile(r"\A[0-9a-f]{32}\Z"))
+
+    def test_created_handler_gets_flow_control(self) -> None:
+        registry = HandlerRegistry()
+        connection = UserConnection(http_request())
+        handler = registry.create(ROUTE, {}, connection.request)
+        connection.pause()
+        self.assertNoResult(handler.write(b"x"))
