@@ -179,3 +179,28 @@ def test_a_second_signal_stops_at_once(start_server, tmp_path: Path) -> None:
         kill_group(pgid)
         request.kill()
         request.wait()
+
+
+def test_no_new_handlers_start_once_a_stop_began(server: KapowServer, tmp_path: Path) -> None:
+    pidfile = tmp_path / "pgid"
+    server.add_route("/slow", f"echo $$ > {pidfile}; sleep 2")
+    server.add_route("/fast", "echo fast | kapow set /response/body")
+    host, port = server.user.removeprefix("http://").rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=10) as kept:
+        kept.sendall(b"GET /fast HTTP/1.1\r\nHost: x\r\n\r\n")
+        first = b""
+        while not first.endswith(b"0\r\n\r\n"):
+            first += kept.recv(4096)
+        assert first.startswith(b"HTTP/1.1 200")
+        slow = subprocess.Popen(["curl", "-s", server.user + "/slow"], stdout=subprocess.DEVNULL)
+        pgid = read_int(pidfile)
+        try:
+            server.process.send_signal(signal.SIGTERM)
+            server.wait_log(r"stopping gracefully")
+            kept.sendall(b"GET /fast HTTP/1.1\r\nHost: x\r\n\r\n")
+            answer = kept.recv(4096)
+            assert answer.startswith(b"HTTP/1.1 503") and b"Retry-After: 1" in answer
+            slow.wait(20)
+            assert server.process.wait(20) == 0
+        finally:
+            kill_group(pgid)

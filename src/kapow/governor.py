@@ -65,15 +65,20 @@ class Governor:
     :param limits: the server's limits.
     :param group_alive: tells whether a process group still has a live
         (non-zombie) member; :func:`group_alive` by default.
+    :param signal_group: sends a signal to a process group, returning
+        whether the group exists; :func:`kapow.spawn.signal_group` by default.
     """
 
     reactor: Any
     limits: Limits = field(default_factory=Limits)
     group_alive: Callable[[int], bool] = field(default=lambda pgid: group_alive(pgid))
+    signal_group: Callable[[int, int], bool] = field(default=signal_group)
     _runs: dict[str, _Run] = field(default_factory=dict)
     _per_route: dict[str, int] = field(default_factory=dict)
     _groups: set[int] = field(default_factory=set)
     _idle: list[Deferred[None]] = field(default_factory=list)
+    #: set when a graceful stop begins: no new handler may start
+    stopping: bool = False
 
     # -- admission ----------------------------------------------------------
 
@@ -81,6 +86,8 @@ class Governor:
         """
         ``None`` if a handler for ``route`` may start now, else why not.
         """
+        if self.stopping:
+            return "the server is stopping"
         cap = self.limits.max_handlers
         if cap is not None and len(self._runs) >= cap:
             return f"server limit of {cap} handlers reached"
@@ -154,7 +161,7 @@ class Governor:
         fires once no member of any group is alive.
         """
         grace = self.limits.kill_grace if grace is None else grace
-        alive = {pgid for pgid in pgids if signal_group(pgid, signal.SIGTERM)}
+        alive = {pgid for pgid in pgids if self.signal_group(pgid, signal.SIGTERM)}
         done: Deferred[None] = Deferred()
         deadline = self.reactor.seconds() + grace
         killed = False
@@ -170,7 +177,7 @@ class Governor:
                 killed = True
                 for pgid in alive:
                     log.info("process group {pgid} outlived the grace period: SIGKILL", pgid=pgid)
-                    signal_group(pgid, signal.SIGKILL)
+                    self.signal_group(pgid, signal.SIGKILL)
             self.reactor.callLater(POLL_INTERVAL, check)
 
         check()

@@ -22,11 +22,24 @@ import socket
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["SERVICE_VARIABLES", "child_environ", "notify", "watchdog_interval", "watchdog_service"]
+__all__ = [
+    "SERVICE_VARIABLES",
+    "child_environ",
+    "notify",
+    "watchdog_interval",
+    "watchdog_service",
+]
 
 #: Variables systemd sets for the service's main process alone.
 SERVICE_VARIABLES = frozenset(
-    {"NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"}
+    {
+        "NOTIFY_SOCKET",
+        "WATCHDOG_USEC",
+        "WATCHDOG_PID",
+        "LISTEN_PID",
+        "LISTEN_FDS",
+        "LISTEN_FDNAMES",
+    }
 )
 
 
@@ -101,7 +114,9 @@ def watchdog_service(reactor: Any, environ: Mapping[str, str] | None = None) -> 
         return None
     from twisted.application.internet import TimerService
 
-    service = TimerService(interval, notify, "WATCHDOG=1", {"NOTIFY_SOCKET": env.get("NOTIFY_SOCKET", "")})
+    service = TimerService(
+        interval, notify, "WATCHDOG=1", {"NOTIFY_SOCKET": env.get("NOTIFY_SOCKET", "")}
+    )
     service.clock = reactor
     return service
 
@@ -112,4 +127,6 @@ def child_environ(environ: Mapping[str, str]) -> dict[str, str]:
     server starts (init programs, handlers): they must not notify systemd in
     the server's name nor look for sockets passed to it.
     """
-    return {name: value for name, value in environ.items() if name not in SERVICE_VARIABLES}
+    return {
+        name: value for name, value in environ.items() if name not in SERVICE_VARIABLES
+    }

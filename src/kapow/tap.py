@@ -277,6 +277,7 @@ class KapowService(MultiService):
     @inlineCallbacks
     def _stop(self) -> Any:
         notify("STOPPING=1")
+        self.governor.stopping = True
         if self.user_listener is not None and self.user_listener.running:
             yield self.user_listener.stopService()
         running = self.governor.running()
