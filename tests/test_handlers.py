@@ -642,3 +642,106 @@ class RegistryTests(SynchronousTestCase):
         handler = registry.create(ROUTE, {}, connection.request)
         connection.pause()
         self.assertNoResult(handler.write(b"x"))
+
+
+class TimeOutTests(SynchronousTestCase):
+    def test_before_any_body(self) -> None:
+        handler, connection = make_handler()
+        handler.set_status(b"201")
+        handler.add_header("X-A", b"1")
+        handler.time_out()
+        code, headers, body = connection.response()
+        self.assertEqual((code, body), (504, b"Gateway Timeout\n"))
+        self.assertEqual(
+            header_values(headers, b"Content-Type"), [b"text/plain; charset=utf-8"]
+        )
+        self.assertEqual(header_values(headers, b"X-A"), [])
+        self.assertTrue(connection.request.finished)
+        self.assertTrue(connection.transport.value().endswith(b"0\r\n\r\n"))
+        self.assertFalse(connection.transport.disconnecting)
+        sent = connection.transport.value()
+        self.successResultOf(handler.write(b"late"))
+        handler.finish()
+        self.assertEqual(connection.transport.value(), sent)
+
+    def test_after_streaming_started(self) -> None:
+        handler, connection = make_handler()
+        handler.write(b"partial")
+        connection.pause()
+        waiting = handler.write(b" more")
+        self.assertNoResult(waiting)
+        handler.time_out()
+        self.successResultOf(waiting)
+        self.assertTrue(connection.transport.disconnecting)
+        sent = connection.transport.value()
+        self.assertFalse(sent.endswith(b"0\r\n\r\n"))
+        code, _, body = connection.response()
+        self.assertEqual((code, body), (200, b"partial more"))
+        self.assertFalse(connection.request.finished)
+        self.successResultOf(handler.write(b"dropped"))
+        handler.finish()
+        self.assertEqual(connection.transport.value(), sent)
+
+    def test_on_a_finished_handler(self) -> None:
+        handler, connection = make_handler()
+        handler.write(b"body")
+        handler.finish()
+        sent = connection.transport.value()
+        handler.time_out()
+        self.assertEqual(connection.transport.value(), sent)
+        self.assertFalse(connection.transport.disconnecting)
+        self.assertEqual(connection.response()[:1], (200,))
+        self.assertEqual(connection.response()[2], b"body")
+
+    def test_after_the_client_left(self) -> None:
+        handler, connection = make_handler()
+        connection.lose()
+        handler.time_out()
+        self.assertEqual(connection.transport.value(), b"")
+        self.successResultOf(handler.write(b"x"))
+        handler.finish()
+        self.assertEqual(connection.transport.value(), b"")
+
+
+class ClientLostTests(SynchronousTestCase):
+    def make(self) -> tuple[Handler, UserConnection, list[None]]:
+        handler, connection = make_handler()
+        calls: list[None] = []
+        handler.on_client_lost = lambda: calls.append(None)
+        return handler, connection, calls
+
+    def test_lost_before_any_body(self) -> None:
+        handler, connection, calls = self.make()
+        connection.lose()
+        self.assertEqual(len(calls), 1)
+        handler.finish()
+        self.assertEqual(len(calls), 1)
+
+    def test_lost_while_streaming(self) -> None:
+        handler, connection, calls = self.make()
+        handler.write(b"partial")
+        connection.lose()
+        self.assertEqual(len(calls), 1)
+        self.assertTrue(handler.client_gone)
+
+    def test_not_called_when_lost_after_finish(self) -> None:
+        handler, connection, calls = self.make()
+        handler.write(b"body")
+        handler.finish()
+        connection.lose()
+        handler.stopProducing()
+        self.assertEqual(calls, [])
+
+    def test_stop_producing_then_connection_lost(self) -> None:
+        handler, connection, calls = self.make()
+        handler.stopProducing()
+        self.assertEqual(len(calls), 1)
+        connection.lose()
+        self.assertEqual(len(calls), 1)
+
+    def test_connection_lost_then_stop_producing(self) -> None:
+        handler, connection, calls = self.make()
+        handler.write(b"x")
+        connection.lose()
+        handler.stopProducing()
+        self.assertEqual(len(calls), 1)

@@ -6,9 +6,7 @@ The request life cycle end to end (SPEC.md §3, §4): a real server, real
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-import re
 import signal
 import socket
 import subprocess

@@ -6,7 +6,6 @@ real ``kapow`` CLI and curl over pinned mutual TLS.
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 from pathlib import Path

@@ -11,20 +11,10 @@ from __future__ import annotations
 import math
 import os
 import re
-import shutil
-import signal
 import ssl
-import sys
-import tempfile
-from collections.abc import Callable, Mapping
-from typing import Any, NoReturn
+from typing import Any
 
-from twisted.application.internet import StreamServerEndpointService
-from twisted.application.service import MultiService, Service
-from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks, maybeDeferred
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.interfaces import IListeningPort
-from twisted.logger import Logger
 from twisted.python import usage
 from twisted.web.server import Site
 
@@ -34,24 +24,17 @@ from kapow.data_api import DataAPI
 from kapow.governor import Governor, Limits
 from kapow.handlers import HandlerRegistry
 from kapow.init_programs import InitProgramsService
-from kapow.launcher import write_launcher
 from kapow.routes import RouteTable
+from kapow.service import KapowService, LauncherDirectory, Listener, StartupError, fatal
 from kapow.spawn import Spawner
-from kapow.systemd import notify
 from kapow.user_api import UserAPI, UserSite
 from kapow.web import bounded_request_factory
-
-log = Logger()
 
 #: Largest request body the control API buffers (a route is a few hundred bytes).
 CONTROL_MAX_BODY = 1024 * 1024
 
 _HOST_PORT = re.compile(r"(?:\[(?P<v6>[^\]]*)\]|(?P<host>[^:\[\]]*)):(?P<port>[0-9]+)")
 _ENDPOINT_TYPES = {"tcp", "tcp6", "unix", "ssl", "systemd", "tls"}
-
-
-class StartupError(Exception):
-    """The service cannot start; ``str()`` is one line for the operator."""
 
 
 def parse_listen_address(addr: str) -> tuple[str, str | None]:
@@ -207,188 +190,6 @@ class Options(usage.Options):
                 tls.reachable_host(self["control-reachable-addr"])
         except (StartupError, ValueError) as e:
             raise usage.UsageError(str(e)) from None
-
-
-def fatal(message: str) -> NoReturn:
-    """Stop the start with one line on stderr and exit status 1."""
-    sys.stderr.write(f"kapow: error: {message}\n")
-    sys.stderr.flush()
-    raise SystemExit(1)
-
-
-class KapowService(MultiService):
-    """
-    The whole server. Listeners start first, in order; a listener that cannot
-    start ends the process with one line on stderr instead of a traceback.
-
-    Stopping is graceful: the user interface stops accepting, running
-    handlers get ``shutdown_timeout`` seconds to finish (the data API keeps
-    serving them), then every handler process group still alive is ended.
-    The first SIGTERM or SIGINT starts that; a second one ends the handlers
-    at once.
-
-    :param reactor: the reactor.
-    :param governor: the handlers' governor.
-    :param shutdown_timeout: seconds to wait for running handlers.
-    """
-
-    def __init__(self, reactor: Any, governor: Governor, shutdown_timeout: float) -> None:
-        super().__init__()
-        self.reactor = reactor
-        self.governor = governor
-        self.shutdown_timeout = shutdown_timeout
-        self.user_listener: Listener | None = None
-        self._stopping: Deferred[None] | None = None
-        self._draining: Deferred[None] | None = None
-        self._signalled = False
-
-    def privilegedStartService(self) -> None:
-        self._guard(super().privilegedStartService)
-
-    def startService(self) -> None:
-        self._guard(super().startService)
-        self.reactor.callWhenRunning(self._running)
-
-    def _running(self) -> None:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._on_signal)
-        notify("READY=1")
-
-    def _on_signal(self, signum: int, frame: Any) -> None:
-        self.reactor.callFromThread(self._stop_signal, signum)
-
-    def _stop_signal(self, signum: int) -> None:
-        name = signal.Signals(signum).name
-        if not self._signalled:
-            self._signalled = True
-            log.info("received {name}: stopping gracefully (again to stop at once)", name=name)
-            self.reactor.stop()
-            return
-        log.warn("received {name} again: ending all handlers now", name=name)
-        if self._draining is not None and not self._draining.called:
-            self._draining.callback(None)
-        self.governor.end_all(grace=0)
-
-    def stopService(self) -> Deferred[None]:
-        if self._stopping is None:
-            self._stopping = self._stop()
-        return self._stopping
-
-    @inlineCallbacks
-    def _stop(self) -> Any:
-        notify("STOPPING=1")
-        self.governor.stopping = True
-        if self.user_listener is not None and self.user_listener.running:
-            yield self.user_listener.stopService()
-        running = self.governor.running()
-        if running:
-            log.info(
-                "waiting up to {timeout}s for {n} running handlers",
-                timeout=self.shutdown_timeout, n=running,
-            )  # fmt: skip
-            self._draining = self.governor.drain(self.shutdown_timeout)
-            yield self._draining
-        left = self.governor.running()
-        if left:
-            log.warn("ending {n} handlers still running", n=left)
-        yield self.governor.end_all()
-        yield gatherResults(
-            [maybeDeferred(child.stopService) for child in reversed(list(self)) if child.running]
-        )
-        Service.stopService(self)
-
-    def _guard(self, start: Callable[[], None]) -> None:
-        try:
-            start()
-        except SystemExit:
-            raise
-        except Exception as e:
-            fatal(_listen_error(e))
-
-
-def _listen_error(e: Exception) -> str:
-    from twisted.internet.error import CannotListenError
-
-    if isinstance(e, CannotListenError):
-        why = getattr(e.socketError, "strerror", None) or str(e.socketError)
-        return f"cannot listen on {e.interface or '*'}:{e.port}: {why}"
-    return " ".join(str(e).split()) or type(e).__name__
-
-
-class Listener(StreamServerEndpointService):
-    """
-    A listening endpoint that fails loudly and remembers its real address.
-
-    :param label: names the interface in logs and errors.
-    :param scheme: ``http`` or ``https``, for the logged URL.
-    :param host: the host as the operator wrote it, if any.
-    """
-
-    _raiseSynchronously = True
-
-    def __init__(self, endpoint: Any, factory: Any, label: str, scheme: str, host: str | None) -> None:
-        super().__init__(endpoint, factory)
-        self.label = label
-        self.scheme = scheme
-        self.host = host
-        self.port: IListeningPort | None = None
-
-    def privilegedStartService(self) -> None:
-        try:
-            super().privilegedStartService()
-        except Exception as e:
-            raise StartupError(f"{self.label} interface: {_listen_error(e)}") from e
-        self._waitingForPort.addCallback(self._listening)
-
-    def _listening(self, port: IListeningPort) -> IListeningPort:
-        self.port = port
-        log.info("{label} interface listening on {url}", label=self.label, url=self.url())
-        return port
-
-    def url(self) -> str:
-        """The URL of this listener, with its real port."""
-        address = self.port.getHost() if self.port is not None else None
-        host = getattr(address, "host", None)
-        port = getattr(address, "port", None)
-        if host is None or port is None:
-            name = getattr(address, "name", None)
-            if isinstance(name, bytes):
-                name = name.decode()
-            if name:
-                from urllib.parse import quote
-
-                return f"{self.scheme}+unix://{quote(name, safe='')}"
-            return f"{self.scheme}://{self.host or 'localhost'}"
-        shown = self.host or ("localhost" if host in ("0.0.0.0", "::") else host)
-        if ":" in shown:
-            shown = f"[{shown}]"
-        return f"{self.scheme}://{shown}:{port}"
-
-
-class LauncherDirectory(Service):
-    """
-    A private directory holding the lean ``kapow`` launcher, put first on the
-    PATH of handlers and init programs so ``kapow get``/``kapow set`` start
-    fast; removed when the service stops.
-    """
-
-    path: str | None = None
-
-    def startService(self) -> None:
-        super().startService()
-        self.path = tempfile.mkdtemp(prefix="kapow-bin-")
-        write_launcher(self.path)
-
-    def environ(self, base: Mapping[str, str]) -> dict[str, str]:
-        """``base`` with the launcher directory first on ``PATH``."""
-        env = dict(base)
-        env["PATH"] = os.pathsep.join(filter(None, (self.path, base.get("PATH", os.defpath))))
-        return env
-
-    def stopService(self) -> None:
-        super().stopService()
-        if self.path is not None:
-            shutil.rmtree(self.path, ignore_errors=True)
 
 
 def _control_credentials(options: Options, reachable: str) -> tls.ControlCredentials:

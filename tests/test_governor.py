@@ -1,0 +1,445 @@
+"""
+Tests for kapow.governor: admission, deadlines, ending process groups and
+draining, on a fake clock with fake process groups (no real signals), plus
+the real group_alive() on a real child process.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+from typing import Any
+
+import pytest
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+
+from kapow.governor import POLL_INTERVAL, Governor, Limits, group_alive
+from kapow.routes import Route
+
+TERM, KILL = signal.SIGTERM, signal.SIGKILL
+
+
+def route(route_id: str = "r1", **kw: Any) -> Route:
+    return Route(id=route_id, method="GET", url_pattern="/" + route_id, **kw)
+
+
+class FakeGroups:
+    """
+    Process groups that exist only in ``alive``; every signal sent is
+    recorded, none is delivered.
+    """
+
+    def __init__(self, *alive: int) -> None:
+        self.alive = set(alive)
+        self.signals: list[tuple[int, int]] = []
+
+    def group_alive(self, pgid: int) -> bool:
+        return pgid in self.alive
+
+    def signal_group(self, pgid: int, sig: int) -> bool:
+        self.signals.append((pgid, sig))
+        return pgid in self.alive
+
+
+class GovernorTestCase(SynchronousTestCase):
+    def make(self, *alive: int, **limits: Any) -> Governor:
+        self.clock = Clock()
+        self.groups = FakeGroups(*alive)
+        self.timeouts: list[tuple[str, float]] = []
+        return Governor(
+            self.clock,
+            Limits(**limits),
+            group_alive=self.groups.group_alive,
+            signal_group=self.groups.signal_group,
+        )
+
+    def start(self, governor: Governor, handler_id: str, r: Route, pgid: int) -> None:
+        governor.started(
+            handler_id,
+            r,
+            pgid,
+            lambda elapsed: self.timeouts.append((handler_id, elapsed)),
+        )
+
+    def poll(self, steps: int = 1) -> None:
+        for _ in range(steps):
+            self.clock.advance(POLL_INTERVAL)
+
+
+class AdmissionTests(GovernorTestCase):
+    def test_no_limits(self) -> None:
+        governor = self.make()
+        r = route()
+        for n in range(50):
+            self.assertIsNone(governor.admit(r))
+            self.start(governor, f"h{n}", r, 100 + n)
+        self.assertIsNone(governor.admit(r))
+        self.assertEqual(governor.running(), 50)
+
+    def test_route_max_concurrency(self) -> None:
+        governor = self.make()
+        limited = route(max_concurrency=2)
+        other = route("r2")
+        self.assertIsNone(governor.admit(limited))
+        self.start(governor, "a", limited, 10)
+        self.assertIsNone(governor.admit(limited))
+        self.start(governor, "b", limited, 11)
+        why = governor.admit(limited)
+        assert why is not None
+        self.assertIn("route limit", why)
+        self.assertIn("2", why)
+        self.assertIsNone(governor.admit(other))
+        governor.exited("a")
+        self.assertIsNone(governor.admit(limited))
+        self.start(governor, "c", limited, 12)
+        self.assertIsNotNone(governor.admit(limited))
+
+    def test_route_limit_counts_only_its_own_runs(self) -> None:
+        governor = self.make()
+        limited = route(max_concurrency=1)
+        for n in range(3):
+            self.start(governor, f"o{n}", route("other"), 20 + n)
+        self.assertIsNone(governor.admit(limited))
+
+    def test_server_max_handlers(self) -> None:
+        governor = self.make(max_handlers=3)
+        routes = [route("r1"), route("r2"), route("r3", max_concurrency=5)]
+        for n, r in enumerate(routes):
+            self.assertIsNone(governor.admit(r))
+            self.start(governor, f"h{n}", r, 10 + n)
+        for r in [*routes, route("fresh")]:
+            why = governor.admit(r)
+            assert why is not None
+            self.assertIn("server limit", why)
+            self.assertIn("3", why)
+        governor.exited("h1")
+        self.assertIsNone(governor.admit(route("fresh")))
+
+    def test_stopping_refuses_everything(self) -> None:
+        governor = self.make()
+        governor.stopping = True
+        for r in (route(), route("r2", max_concurrency=9)):
+            why = governor.admit(r)
+            assert why is not None
+            self.assertIn("stopping", why)
+
+    def test_running_counts(self) -> None:
+        governor = self.make()
+        self.assertEqual(governor.running(), 0)
+        self.start(governor, "a", route(), 10)
+        self.start(governor, "b", route("r2"), 11)
+        self.assertEqual(governor.running(), 2)
+        governor.exited("a")
+        self.assertEqual(governor.running(), 1)
+        governor.exited("a")
+        self.assertEqual(governor.running(), 1)
+        governor.exited("b")
+        self.assertEqual(governor.running(), 0)
+
+
+class DeadlineTests(GovernorTestCase):
+    def test_route_timeout(self) -> None:
+        governor = self.make()
+        self.clock.advance(100)
+        self.start(governor, "a", route(timeout=2.5), 10)
+        self.clock.advance(2.4)
+        self.assertEqual(self.timeouts, [])
+        self.clock.advance(0.2)
+        [(handler_id, elapsed)] = self.timeouts
+        self.assertEqual(handler_id, "a")
+        self.assertAlmostEqual(elapsed, 2.6)
+        self.clock.advance(100)
+        self.assertEqual(len(self.timeouts), 1)
+
+    def test_no_timeout_no_timer(self) -> None:
+        governor = self.make()
+        self.start(governor, "a", route(), 10)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.clock.advance(10_000)
+        self.assertEqual(self.timeouts, [])
+
+    def test_server_default_timeout(self) -> None:
+        governor = self.make(handler_timeout=5.0)
+        self.start(governor, "a", route(), 10)
+        self.clock.advance(4.9)
+        self.assertEqual(self.timeouts, [])
+        self.clock.advance(0.1)
+        self.assertEqual([h for h, _ in self.timeouts], ["a"])
+        self.assertAlmostEqual(self.timeouts[0][1], 5.0)
+
+    def test_route_timeout_wins_over_default(self) -> None:
+        for route_timeout in (1.0, 20.0):
+            governor = self.make(handler_timeout=5.0)
+            self.start(governor, "a", route(timeout=route_timeout), 10)
+            self.clock.advance(route_timeout - 0.01)
+            self.assertEqual(self.timeouts, [], route_timeout)
+            self.clock.advance(0.02)
+            self.assertEqual([h for h, _ in self.timeouts], ["a"], route_timeout)
+
+    def test_exited_cancels_timer_and_returns_elapsed(self) -> None:
+        governor = self.make(10)
+        self.clock.advance(7)
+        self.start(governor, "a", route(timeout=3), 10)
+        self.clock.advance(1.25)
+        self.assertAlmostEqual(governor.exited("a"), 1.25)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.clock.advance(10)
+        self.assertEqual(self.timeouts, [])
+
+    def test_exited_after_timeout(self) -> None:
+        governor = self.make()
+        self.start(governor, "a", route(timeout=1), 10)
+        self.clock.advance(1.5)
+        self.assertEqual(len(self.timeouts), 1)
+        self.assertAlmostEqual(governor.exited("a"), 1.5)
+        self.assertEqual(governor.running(), 0)
+
+    def test_exited_unknown_id(self) -> None:
+        governor = self.make()
+        self.start(governor, "a", route(max_concurrency=1), 10)
+        self.assertEqual(governor.exited("nobody"), 0.0)
+        self.assertEqual(governor.running(), 1)
+        self.assertIsNotNone(governor.admit(route(max_concurrency=1)))
+        governor.exited("a")
+        self.assertEqual(governor.exited("a"), 0.0)
+        self.assertIsNone(governor.admit(route(max_concurrency=1)))
+
+
+class DisconnectPolicyTests(GovernorTestCase):
+    def test_route_against_server_default(self) -> None:
+        for default in (False, True):
+            governor = self.make(keep_running_on_disconnect=default)
+            self.assertIs(
+                governor.keeps_running_on_disconnect(
+                    route(keep_running_on_disconnect=True)
+                ),
+                True,
+            )
+            self.assertIs(
+                governor.keeps_running_on_disconnect(
+                    route(keep_running_on_disconnect=False)
+                ),
+                False,
+            )
+            self.assertIs(governor.keeps_running_on_disconnect(route()), default)
+
+
+class EndingGroupsTests(GovernorTestCase):
+    def test_terminate_escalates_to_sigkill(self) -> None:
+        governor = self.make(10, kill_grace=1.0)
+        self.start(governor, "a", route(), 10)
+        done = governor.terminate("a")
+        self.assertEqual(self.groups.signals, [(10, TERM)])
+        self.poll(19)
+        self.assertNoResult(done)
+        self.assertEqual(self.groups.signals, [(10, TERM)])
+        self.poll(2)
+        self.assertEqual(self.groups.signals, [(10, TERM), (10, KILL)])
+        self.poll(5)
+        self.assertNoResult(done)
+        self.assertEqual(self.groups.signals, [(10, TERM), (10, KILL)])
+        self.groups.alive.discard(10)
+        self.poll()
+        self.successResultOf(done)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_group_dying_after_sigterm_gets_no_sigkill(self) -> None:
+        governor = self.make(10, kill_grace=1.0)
+        self.start(governor, "a", route(), 10)
+        done = governor.terminate("a")
+        self.poll(3)
+        self.assertNoResult(done)
+        self.groups.alive.discard(10)
+        self.poll()
+        self.successResultOf(done)
+        self.clock.advance(10)
+        self.assertEqual(self.groups.signals, [(10, TERM)])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_terminate_cancels_the_deadline(self) -> None:
+        governor = self.make(10, kill_grace=1.0)
+        self.start(governor, "a", route(timeout=2), 10)
+        governor.terminate("a")
+        self.groups.alive.discard(10)
+        self.clock.advance(5)
+        self.assertEqual(self.timeouts, [])
+
+    def test_terminate_unknown_id(self) -> None:
+        governor = self.make()
+        self.successResultOf(governor.terminate("nobody"))
+        self.assertEqual(self.groups.signals, [])
+
+    def test_terminate_uses_the_runs_own_group(self) -> None:
+        governor = self.make(10, 11, kill_grace=1.0)
+        self.start(governor, "a", route(), 10)
+        self.start(governor, "b", route(), 11)
+        self.groups.alive.discard(11)
+        governor.terminate("b")
+        self.assertEqual(self.groups.signals, [(11, TERM)])
+
+    def test_end_groups_on_a_vanished_group(self) -> None:
+        governor = self.make(kill_grace=1.0)
+        done = governor.end_groups({42})
+        self.successResultOf(done)
+        self.clock.advance(10)
+        self.assertEqual(self.groups.signals, [(42, TERM)])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_end_groups_grace_argument(self) -> None:
+        governor = self.make(5, 6, kill_grace=100.0)
+        done = governor.end_groups({5, 6}, grace=0)
+        self.assertEqual(
+            set(self.groups.signals), {(5, TERM), (5, KILL), (6, TERM), (6, KILL)}
+        )
+        self.groups.alive.discard(5)
+        self.poll()
+        self.assertNoResult(done)
+        self.groups.alive.discard(6)
+        self.poll()
+        self.successResultOf(done)
+
+
+class DrainTests(GovernorTestCase):
+    def test_nothing_running(self) -> None:
+        governor = self.make()
+        self.successResultOf(governor.drain(30))
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_fires_when_the_last_run_exits(self) -> None:
+        governor = self.make()
+        self.start(governor, "a", route(), 10)
+        self.start(governor, "b", route(), 11)
+        drained = governor.drain(30)
+        governor.exited("a")
+        self.assertNoResult(drained)
+        self.clock.advance(5)
+        governor.exited("b")
+        self.successResultOf(drained)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.clock.advance(30)
+
+    def test_fires_at_the_timeout(self) -> None:
+        governor = self.make()
+        self.start(governor, "a", route(), 10)
+        drained = governor.drain(30)
+        self.clock.advance(29.9)
+        self.assertNoResult(drained)
+        self.clock.advance(0.1)
+        self.successResultOf(drained)
+        self.assertEqual(governor.running(), 1)
+
+    def test_several_drains(self) -> None:
+        governor = self.make()
+        self.start(governor, "a", route(), 10)
+        first, second = governor.drain(10), governor.drain(20)
+        governor.exited("a")
+        self.successResultOf(first)
+        self.successResultOf(second)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    @pytest.mark.xfail(
+        strict=True,
+        reason="a drain that timed out stays in Governor._idle, and the next "
+        "exited() that leaves nothing running calls back its fired Deferred "
+        "(AlreadyCalledError)",
+    )
+    def test_run_exiting_after_the_drain_timed_out(self) -> None:
+        governor = self.make(10)
+        self.start(governor, "a", route(), 10)
+        drained = governor.drain(5)
+        self.clock.advance(5)
+        self.successResultOf(drained)
+        self.assertAlmostEqual(governor.exited("a"), 5.0)
+        self.assertEqual(governor.running(), 0)
+
+    @pytest.mark.xfail(
+        strict=True,
+        reason="a drain fired by its caller (the second stop signal) stays in "
+        "Governor._idle; the last exited() calls it back again (AlreadyCalledError)",
+    )
+    def test_run_exiting_after_the_drain_was_cut_short(self) -> None:
+        governor = self.make(10)
+        self.start(governor, "a", route(), 10)
+        drained = governor.drain(30)
+        drained.callback(None)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        governor.exited("a")
+        self.assertEqual(governor.running(), 0)
+
+
+class EndAllTests(GovernorTestCase):
+    def test_running_and_left_behind_groups(self) -> None:
+        governor = self.make(10, 20, 30, kill_grace=1.0)
+        self.start(governor, "running", route(), 10)
+        self.start(governor, "left-behind", route(), 20)
+        self.start(governor, "gone", route(), 30)
+        governor.exited("left-behind")
+        self.groups.alive.discard(30)
+        governor.exited("gone")
+        self.groups.alive.add(30)  # a later, unrelated group with the same id
+        done = governor.end_all()
+        self.assertEqual(set(self.groups.signals), {(10, TERM), (20, TERM)})
+        self.groups.alive -= {10, 20}
+        self.poll()
+        self.successResultOf(done)
+        self.assertEqual(set(self.groups.signals), {(10, TERM), (20, TERM)})
+
+    def test_ended_groups_are_forgotten(self) -> None:
+        governor = self.make(20, kill_grace=1.0)
+        self.start(governor, "a", route(), 20)
+        governor.exited("a")
+        done = governor.end_all()
+        self.groups.alive.discard(20)
+        self.poll()
+        self.successResultOf(done)
+        self.groups.signals.clear()
+        self.successResultOf(governor.end_all())
+        self.assertEqual(self.groups.signals, [])
+
+    def test_escalates_after_grace(self) -> None:
+        governor = self.make(10, 20, kill_grace=3.0)
+        self.start(governor, "a", route(), 10)
+        self.start(governor, "b", route(), 20)
+        governor.exited("b")
+        done = governor.end_all(grace=0.5)
+        self.groups.alive.discard(10)
+        self.poll(11)
+        self.assertEqual(set(self.groups.signals), {(10, TERM), (20, TERM), (20, KILL)})
+        self.assertNoResult(done)
+        self.groups.alive.discard(20)
+        self.poll()
+        self.successResultOf(done)
+
+    def test_nothing_to_end(self) -> None:
+        governor = self.make()
+        self.successResultOf(governor.end_all())
+        self.assertEqual(self.groups.signals, [])
+
+
+class RealGroupAliveTests(SynchronousTestCase):
+    def spawn(self) -> subprocess.Popen[bytes]:
+        child = subprocess.Popen(["sleep", "30"], start_new_session=True)
+        self.addCleanup(child.wait)
+        self.addCleanup(child.kill)
+        return child
+
+    def test_live_then_reaped(self) -> None:
+        child = self.spawn()
+        self.assertEqual(os.getpgid(child.pid), child.pid)
+        self.assertTrue(group_alive(child.pid))
+        child.kill()
+        child.wait()
+        self.assertFalse(group_alive(child.pid))
+
+    def test_zombie_is_not_alive(self) -> None:
+        child = self.spawn()
+        child.kill()
+        os.waitid(os.P_PID, child.pid, os.WEXITED | os.WNOWAIT)
+        self.assertFalse(group_alive(child.pid))
+
+    def test_no_such_group(self) -> None:
+        with open("/proc/sys/kernel/pid_max") as f:
+            pid_max = int(f.read())
+        self.assertFalse(group_alive(pid_max))
