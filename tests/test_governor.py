@@ -11,7 +11,6 @@ import signal
 import subprocess
 from typing import Any
 
-import pytest
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -339,12 +338,6 @@ class DrainTests(GovernorTestCase):
         self.successResultOf(second)
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
-    @pytest.mark.xfail(
-        strict=True,
-        reason="a drain that timed out stays in Governor._idle, and the next "
-        "exited() that leaves nothing running calls back its fired Deferred "
-        "(AlreadyCalledError)",
-    )
     def test_run_exiting_after_the_drain_timed_out(self) -> None:
         governor = self.make(10)
         self.start(governor, "a", route(), 10)
@@ -354,11 +347,6 @@ class DrainTests(GovernorTestCase):
         self.assertAlmostEqual(governor.exited("a"), 5.0)
         self.assertEqual(governor.running(), 0)
 
-    @pytest.mark.xfail(
-        strict=True,
-        reason="a drain fired by its caller (the second stop signal) stays in "
-        "Governor._idle; the last exited() calls it back again (AlreadyCalledError)",
-    )
     def test_run_exiting_after_the_drain_was_cut_short(self) -> None:
         governor = self.make(10)
         self.start(governor, "a", route(), 10)

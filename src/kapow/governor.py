@@ -135,7 +135,8 @@ class Governor:
         if not self._runs:
             idle, self._idle = self._idle, []
             for d in idle:
-                d.callback(None)
+                if not d.called:
+                    d.callback(None)
         return self.reactor.seconds() - run.started
 
     def keeps_running_on_disconnect(self, route: Route) -> bool:
