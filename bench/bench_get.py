@@ -71,10 +71,17 @@ def main():
     parser.add_argument("--python", default=sys.executable)
     parser.add_argument("--server", help="data API URL of a running server")
     parser.add_argument("--handler", default="bench", help="handler id to use")
+    parser.add_argument(
+        "--real",
+        action="store_true",
+        help="start a real kapow server and read from a live handler of it",
+    )
     args = parser.parse_args()
 
-    server = None
-    if args.server:
+    server = real = None
+    if args.real:
+        real, url, args.handler = _start_real_server()
+    elif args.server:
         url = args.server
     else:
         server, url = _start_server()
@@ -105,6 +112,23 @@ def main():
         print("%-28s %10.2f %10.2f %8.2f" % row)
     if server is not None:
         server.shutdown()
+    if real is not None:
+        real.stop()
+
+
+def _start_real_server():
+    """A real server with one handler parked until the bench ends."""
+    from pathlib import Path
+
+    sys.path.insert(0, os.path.dirname(HERE))
+    from tests.kapowserver import KapowServer, wait_for
+
+    tmp = Path(tempfile.mkdtemp(prefix="kapow-bench-"))
+    real = KapowServer(tmp, extra=("--shutdown-timeout", "0"))
+    real.add_route("/park", "echo $KAPOW_HANDLER_ID > %s/id; sleep 600" % tmp)
+    subprocess.Popen(["curl", "-s", "-o", "/dev/null", real.user + "/park"])
+    handler = wait_for(lambda: (tmp / "id").exists() and (tmp / "id").read_text().strip())
+    return real, real.data, handler
 
 
 if __name__ == "__main__":

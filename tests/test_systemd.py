@@ -346,12 +346,7 @@ def test_twist_kapow_adopts_the_sockets_the_unit_files_name(
     "bind",
     [
         "systemd:domain=INET:name=user",
-        pytest.param(
-            "systemd:domain=INET:index=0",
-            marks=pytest.mark.xfail(
-                strict=False, reason="needs LookupError handling in tap"
-            ),
-        ),
+        "systemd:domain=INET:index=0",
     ],
 )
 def test_a_socket_systemd_did_not_pass_stops_the_start_with_one_line(bind: str) -> None:
@@ -365,7 +360,6 @@ def test_a_socket_systemd_did_not_pass_stops_the_start_with_one_line(bind: str) 
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
 
 
-@pytest.mark.xfail(strict=False, reason="needs READY/STOPPING wiring in tap")
 def test_the_server_notifies_ready_and_stopping(
     datagram_socket: tuple[str, socket.socket], tmp_path: Path
 ) -> None:

@@ -24,7 +24,7 @@ from twisted.logger import Logger
 
 from kapow.governor import Governor
 from kapow.launcher import write_launcher
-from kapow.systemd import notify
+from kapow.systemd import child_environ, notify
 
 log = Logger()
 
@@ -201,7 +201,7 @@ class LauncherDirectory(Service):
 
     def environ(self, base: Mapping[str, str]) -> dict[str, str]:
         """``base`` with the launcher directory first on ``PATH``."""
-        env = dict(base)
+        env = child_environ(base)
         env["PATH"] = os.pathsep.join(filter(None, (self.path, base.get("PATH", os.defpath))))
         return env
 

@@ -18,7 +18,7 @@ from twisted.internet.endpoints import serverFromString
 from twisted.python import usage
 from twisted.web.server import Site
 
-from kapow import tls
+from kapow import systemd, tls
 from kapow.control_api import ControlAPI
 from kapow.data_api import DataAPI
 from kapow.governor import Governor, Limits
@@ -92,7 +92,7 @@ class Options(usage.Options):
         "the listeners are up, with KAPOW_CONTROL_URL, KAPOW_DATA_URL and the "
         "control certificates in its environment, and usually calls `kapow route add`. "
         "Listener addresses are HOST:PORT or a Twisted endpoint description "
-        "(tcp:..., unix:..., systemd:domain=INET:index=0).\n\n"
+        "(tcp:..., unix:..., systemd:domain=INET:name=kapow-user).\n\n"
         "Example: kapow server --bind 127.0.0.1:8080 examples/hello.pow"
     )
 
@@ -243,7 +243,12 @@ def build_service(options: Options, reactor: Any) -> KapowService:
         description, host = parse_listen_address(options[flag])
         try:
             endpoint = serverFromString(reactor, description)
-        except (ValueError, TypeError, KeyError) as e:
+        except LookupError as e:
+            raise StartupError(
+                f"--{flag} {options[flag]}: systemd passed no such socket "
+                "(is its .socket unit active, with that FileDescriptorName=?)"
+            ) from e
+        except (ValueError, TypeError, AttributeError) as e:  # AttributeError: domain=BOGUS
             raise StartupError(f"--{flag} {options[flag]}: {e}") from e
         if wrap is not None:
             endpoint = tls.tls_server_endpoint(endpoint, wrap)
@@ -293,6 +298,9 @@ def build_service(options: Options, reactor: Any) -> KapowService:
         env.update(tls.credentials_environ(creds))
         return env
 
+    watchdog = systemd.watchdog_service(reactor)
+    if watchdog is not None:
+        watchdog.setServiceParent(service)
     InitProgramsService(reactor, options["init_programs"], init_environ).setServiceParent(service)
     return service
 
