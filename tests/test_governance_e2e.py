@@ -115,7 +115,8 @@ def test_route_concurrency_limit_answers_503_at_once(server: KapowServer, tmp_pa
     with ThreadPoolExecutor(5) as pool:
         futures = [pool.submit(request, n) for n in range(5)]
         wait_for(lambda: sum(f.done() for f in futures) == 3, what="three refusals")
-        assert len(list(tmp_path.glob("started-*"))) == 2
+        wait_for(lambda: len(list(tmp_path.glob("started-*"))) == 2, what="two handlers")
+        assert sum(f.done() for f in futures) == 3
         refused = [f.result() for f in futures if f.done()]
         go.touch()
         results = [f.result()[0] for f in futures]
