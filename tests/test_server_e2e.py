@@ -235,3 +235,10 @@ def test_oversized_control_bodies_are_refused(server: KapowServer) -> None:
         )  # fmt: skip
         assert result.stdout == b'{"reason": "Request Entity Too Large"}413', result
     assert server.curl_control(server.control + "/routes").stdout == "[]"
+
+
+def test_route_add_options_may_follow_the_pattern(server: KapowServer) -> None:
+    added = server.kapow("route", "add", "/late", "-X", "POST", "-e", "/bin/bash -c", "-", input="echo late\n")
+    assert added.returncode == 0, added.stderr
+    route = json.loads(added.stdout)
+    assert (route["method"], route["entrypoint"], route["command"]) == ("POST", "/bin/bash -c", "echo late\n")

@@ -15,7 +15,7 @@ import re
 import secrets
 from collections.abc import Callable
 from typing import Any, BinaryIO
-from urllib.parse import unquote_to_bytes
+from urllib.parse import parse_qsl, unquote_to_bytes
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IPushProducer
@@ -73,6 +73,7 @@ class Handler:
         #: called once if the user's connection is lost before the response is complete
         self.on_client_lost: Callable[[], None] | None = None
         self._form: ParsedForm | None = None
+        self._query: dict[bytes, bytes] | None = None
         self._paused = False
         self._waiting: list[Deferred[None]] = []
         request.registerProducer(self, True)
@@ -106,8 +107,7 @@ class Handler:
             return None if value is None else value.encode("utf-8", "surrogateescape")
         key = name.encode()
         if kind == "params":
-            values = request.args.get(key)
-            return values[0] if values else None
+            return self._params().get(key)
         if kind == "headers":
             values = request.requestHeaders.getRawHeaders(key)
             return values[0] if values else None
@@ -117,6 +117,16 @@ class Handler:
             value = self.form().field(name)
             return None if value is None else value.encode()
         raise ValueError(kind)
+
+    def _params(self) -> dict[bytes, bytes]:
+        # '&' separates parameters, ';' does not (as Go's url.ParseQuery);
+        # twisted.web's request.args splits on both
+        if self._query is None:
+            query = self.request.uri.partition(b"?")[2]
+            self._query = {}
+            for name, value in parse_qsl(query, keep_blank_values=True):
+                self._query.setdefault(name, value)
+        return self._query
 
     def body(self) -> BinaryIO:
         """A new reader over the whole request body, independent of others."""

@@ -36,7 +36,7 @@ class _Parser(argparse.ArgumentParser):
         raise CommandError(f"{self.prog}: {message}")
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     parser = _Parser(prog="kapow route", description="Manage the routes of a running server.")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
@@ -88,7 +88,18 @@ def _parser() -> argparse.ArgumentParser:
     for name, what in (("get", "print one route as JSON"), ("remove", "remove a route")):
         one = sub.add_parser(name, parents=[common], help=what)
         one.add_argument("route_id", metavar="ID")
-    return parser
+    return parser, add
+
+
+def _parse(argv: Sequence[str]) -> argparse.Namespace:
+    """
+    Parse ``argv``; options of ``route add`` may come before or after the
+    URL pattern, as with the reference's command line.
+    """
+    parser, add = _parser()
+    if argv[:1] == ["add"]:
+        return add.parse_intermixed_args(argv[1:], argparse.Namespace(action="add"))
+    return parser.parse_args(argv)
 
 
 def _command(args: argparse.Namespace) -> str:
@@ -153,7 +164,7 @@ def policy(directory: str | None, environ: Mapping[str, str]) -> Any:
 def main(argv: Sequence[str]) -> int:
     """Run ``kapow route`` with ``argv`` (without the leading words)."""
     try:
-        args = _parser().parse_args(argv)
+        args = _parse(argv)
         method, path, body, expected = _request(args)
         client_policy = policy(args.control_credentials, os.environ)
     except CommandError as e:
