@@ -33,7 +33,9 @@ def peak_rss_kib(pid: int) -> int:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--mib", type=int, default=200)
     args = parser.parse_args()
     size = args.mib << 20
@@ -61,9 +63,15 @@ def main() -> None:
                 total += len(chunk)
             elapsed = time.monotonic() - started
             after = peak_rss_kib(pid)
-            print(f"{args.mib} MiB through an echo handler in {elapsed:.1f} s ({args.mib / elapsed:.0f} MiB/s)")
-            print(f"  status {response.status}, {total} bytes back, identical: {sent.digest() == received.digest()}")
-            print(f"  server peak RSS: {before} KiB before, {after} KiB after ({(after - before) / 1024:.1f} MiB more)")
+            print(
+                f"{args.mib} MiB through an echo handler in {elapsed:.1f} s ({args.mib / elapsed:.0f} MiB/s)"
+            )
+            print(
+                f"  status {response.status}, {total} bytes back, identical: {sent.digest() == received.digest()}"
+            )
+            print(
+                f"  server peak RSS: {before} KiB before, {after} KiB after ({(after - before) / 1024:.1f} MiB more)"
+            )
         finally:
             server.stop()
 

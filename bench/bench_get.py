@@ -57,7 +57,7 @@ def _start_server():
 
 def _run(argv, env):
     start = time.perf_counter()
-    done = subprocess.run(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    done = subprocess.run(argv, env=env, capture_output=True)
     elapsed = time.perf_counter() - start
     if done.returncode != 0:
         message = "%s failed (%d): %s"

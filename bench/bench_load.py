@@ -55,14 +55,18 @@ def cpu_seconds(pid: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("-n", type=int, default=10_000)
     parser.add_argument("-c", type=int, default=32)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         server = KapowServer(Path(tmp))
         try:
-            server.add_route("/hello", os.environ.get("BENCH_COMMAND", "echo Hello | kapow set /response/body"))
+            server.add_route(
+                "/hello", os.environ.get("BENCH_COMMAND", "echo Hello | kapow set /response/body")
+            )
             host, port = server.user.removeprefix("http://").rsplit(":", 1)
             pid = server.process.pid
             # one request first, so lazily opened descriptors are counted as idle
@@ -111,7 +115,9 @@ def main() -> None:
             while time.monotonic() < deadline and (open_fds(pid) > idle_fds or children(pid) > idle_children):
                 time.sleep(0.05)
             print(f"{args.n} requests at concurrency {args.c}: {elapsed:.1f} s, {args.n / elapsed:.0f} req/s")
-            print(f"  server process CPU: {server_cpu:.1f} s ({server_cpu / args.n * 1000:.2f} ms per request)")
+            print(
+                f"  server process CPU: {server_cpu:.1f} s ({server_cpu / args.n * 1000:.2f} ms per request)"
+            )
             print(f"  ok {ok[0]}, errors {len(errors)}" + (f" (first: {errors[0]})" if errors else ""))
             print(f"  open fds: idle {idle_fds}, after {open_fds(pid)}")
             print(f"  child processes: idle {idle_children}, after {children(pid)}")

@@ -41,11 +41,13 @@ def wait_answer(port: int, creds: Path, deadline: float) -> None:
             try:
                 context = ssl.create_default_context(cafile=str(creds / "server.crt"))
                 context.load_cert_chain(str(creds / "client.crt"), str(creds / "client.key"))
-                with socket.create_connection(("127.0.0.1", port), timeout=2) as raw:
-                    with context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
-                        tls.sendall(b"GET /routes HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
-                        if tls.recv(64).startswith(b"HTTP/1.1 200"):
-                            return
+                with (
+                    socket.create_connection(("127.0.0.1", port), timeout=2) as raw,
+                    context.wrap_socket(raw, server_hostname="127.0.0.1") as tls,
+                ):
+                    tls.sendall(b"GET /routes HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+                    if tls.recv(64).startswith(b"HTTP/1.1 200"):
+                        return
             except (OSError, ssl.SSLError):
                 pass
         time.sleep(0.002)
@@ -56,14 +58,17 @@ def time_kapow(argv_head: list[str], work: Path) -> float:
     creds = work / "creds"
     shutil.rmtree(creds, ignore_errors=True)
     control = free_port()
-    argv = argv_head + [
+    argv = [
+        *argv_head,
         "--bind", f"127.0.0.1:{free_port()}",
         "--control-bind", f"127.0.0.1:{control}",
         "--data-bind", f"127.0.0.1:{free_port()}",
         "--write-control-credentials", str(creds),
     ]  # fmt: skip
     start = time.monotonic()
-    process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    process = subprocess.Popen(
+        argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     try:
         wait_answer(control, creds, start + 30)
         return time.monotonic() - start
@@ -95,7 +100,9 @@ def time_reference(binary: str, work: Path) -> float:
         str(init),
     ]  # fmt: skip
     start = time.monotonic()
-    process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    process = subprocess.Popen(
+        argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     try:
         wait_answer(control, creds, start + 60)
         return time.monotonic() - start
@@ -105,7 +112,9 @@ def time_reference(binary: str, work: Path) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--runs", type=int, default=9)
     parser.add_argument("--reference", help="path of the Go reference kapow binary")
     args = parser.parse_args()

@@ -52,7 +52,8 @@ class KapowServer:
     ) -> None:
         tmp.mkdir(parents=True, exist_ok=True)
         self.creds = tmp / "creds"
-        argv = list(command or [KAPOW, "server"]) + [
+        argv = [
+            *(command or [KAPOW, "server"]),
             "--bind", "127.0.0.1:0",
             "--control-bind", "127.0.0.1:0",
             "--data-bind", "127.0.0.1:0",
@@ -162,7 +163,9 @@ class KapowServer:
 
 def curl(*args: str, input: bytes | None = None, timeout: float = 30) -> subprocess.CompletedProcess[str]:
     """Run curl without any CA bundle from the environment."""
-    env = {k: v for k, v in os.environ.items() if k not in ("CURL_CA_BUNDLE", "SSL_CERT_FILE", "SSL_CERT_DIR")}
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("CURL_CA_BUNDLE", "SSL_CERT_FILE", "SSL_CERT_DIR")
+    }
     return subprocess.run(
         ["curl", "-sS", *args],
         capture_output=True,

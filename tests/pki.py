@@ -27,7 +27,7 @@ def _name(**attrs: str) -> x509.Name:
 
 
 def _cert(subject, key, issuer, issuer_key, ca: bool, eku=None, san=None) -> x509.Certificate:
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     builder = (
         x509.CertificateBuilder()
         .subject_name(subject)

@@ -21,7 +21,9 @@ class ControlAPITests(SynchronousTestCase):
         self.api = ControlAPI(routes=self.routes, new_id=lambda: next(ids))
         self.treq = StubTreq(self.api.resource())
 
-    def call(self, method: str, path: str, body: Any = None, raw: bytes | None = None) -> tuple[int, str, Any]:
+    def call(
+        self, method: str, path: str, body: Any = None, raw: bytes | None = None
+    ) -> tuple[int, str, Any]:
         data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
         response = self.successResultOf(self.treq.request(method, URL + path, data=data))
         content = self.successResultOf(response.content())
@@ -33,7 +35,14 @@ class ControlAPITests(SynchronousTestCase):
         self.assertEqual((code, kind), (201, "application/json"))
         self.assertEqual(
             route,
-            {"id": "id-0", "method": "GET", "url_pattern": "/a", "entrypoint": "/bin/sh -c", "command": "", "index": 0},
+            {
+                "id": "id-0",
+                "method": "GET",
+                "url_pattern": "/a",
+                "entrypoint": "/bin/sh -c",
+                "command": "",
+                "index": 0,
+            },
         )
         self.call("POST", "/routes", {"method": "POST", "url_pattern": "/b", "command": "x", "extra": [1]})
         code, _, listing = self.call("GET", "/routes")
@@ -49,7 +58,9 @@ class ControlAPITests(SynchronousTestCase):
         self.assertEqual(self.call("PUT", "/routes", {"method": "GET", "url_pattern": "/x"})[2]["index"], 0)
         code, _, late = self.call("PUT", "/routes", {"method": "GET", "url_pattern": "/y", "index": 99})
         self.assertEqual((code, late["index"]), (201, 4))
-        self.assertEqual(self.call("PUT", "/routes", {"method": "GET", "url_pattern": "/z", "index": 2})[2]["index"], 2)
+        self.assertEqual(
+            self.call("PUT", "/routes", {"method": "GET", "url_pattern": "/z", "index": 2})[2]["index"], 2
+        )
         listing = self.call("GET", "/routes")[2]
         self.assertEqual([r["url_pattern"] for r in listing], ["/x", "/0", "/z", "/1", "/2", "/y"])
         self.assertEqual([r["index"] for r in listing], list(range(6)))
@@ -64,12 +75,42 @@ class ControlAPITests(SynchronousTestCase):
             ("POST", "/routes", {"method": "GET", "url_pattern": "/{a"}, None, (422, "Invalid Route")),
             ("POST", "/routes", {"method": "GET", "url_pattern": "/{a:(}"}, None, (422, "Invalid Route")),
             ("POST", "/routes", {"method": 1, "url_pattern": "/a"}, None, (422, "Invalid Route")),
-            ("POST", "/routes", {"method": "GET", "url_pattern": "/a", "command": 3}, None, (422, "Invalid Route")),
+            (
+                "POST",
+                "/routes",
+                {"method": "GET", "url_pattern": "/a", "command": 3},
+                None,
+                (422, "Invalid Route"),
+            ),
             ("POST", "/routes", [], None, (422, "Invalid Route")),
-            ("PUT", "/routes", {"method": "GET", "url_pattern": "/a", "index": -1}, None, (422, "Invalid Route")),
-            ("PUT", "/routes", {"method": "GET", "url_pattern": "/a", "index": "1"}, None, (422, "Invalid Route")),
-            ("PUT", "/routes", {"method": "GET", "url_pattern": "/a", "index": 1.5}, None, (422, "Invalid Route")),
-            ("PUT", "/routes", {"method": "GET", "url_pattern": "/a", "index": True}, None, (422, "Invalid Route")),
+            (
+                "PUT",
+                "/routes",
+                {"method": "GET", "url_pattern": "/a", "index": -1},
+                None,
+                (422, "Invalid Route"),
+            ),
+            (
+                "PUT",
+                "/routes",
+                {"method": "GET", "url_pattern": "/a", "index": "1"},
+                None,
+                (422, "Invalid Route"),
+            ),
+            (
+                "PUT",
+                "/routes",
+                {"method": "GET", "url_pattern": "/a", "index": 1.5},
+                None,
+                (422, "Invalid Route"),
+            ),
+            (
+                "PUT",
+                "/routes",
+                {"method": "GET", "url_pattern": "/a", "index": True},
+                None,
+                (422, "Invalid Route"),
+            ),
             ("GET", "/routes/nope", None, None, (404, "Route Not Found")),
             ("DELETE", "/routes/nope", None, None, (404, "Route Not Found")),
             ("GET", "/elsewhere", None, None, (404, "Not Found")),

@@ -90,12 +90,8 @@ class DataAPITests(TestCase):
         matches: dict[str, str] | None = None,
         transport: StringTransport | None = None,
     ) -> tuple[Handler, UserConnection]:
-        connection = UserConnection(
-            http_request() if raw is None else raw, transport=transport
-        )
-        return self.registry.create(
-            ROUTE, matches or {}, connection.request
-        ), connection
+        connection = UserConnection(http_request() if raw is None else raw, transport=transport)
+        return self.registry.create(ROUTE, matches or {}, connection.request), connection
 
     async def settle(self, d: Any) -> Any:
         """
@@ -126,9 +122,7 @@ class DataAPITests(TestCase):
     ) -> tuple[int, bytes, bytes]:
         """(status, Content-Type, body) of one data API call."""
         handler_id = handler if isinstance(handler, str) else handler.id
-        response = await self.settle(
-            self.treq.request(method, DATA + handler_id + resource, data=data)
-        )
+        response = await self.settle(self.treq.request(method, DATA + handler_id + resource, data=data))
         body = await self.settle(response.content())
         return (
             response.code,
@@ -207,9 +201,7 @@ class DataAPITests(TestCase):
     async def test_body_streams_exact_bytes(self) -> None:
         for size in (0, 1000, 300_000):
             body = os.urandom(size)
-            handler, _ = self.user(
-                http_request(b"POST", b"/x", [(b"Host", b"h")], body)
-            )
+            handler, _ = self.user(http_request(b"POST", b"/x", [(b"Host", b"h")], body))
             self.assertEqual(await self.read(handler, "/request/body"), body, size)
             self.assertEqual(await self.read(handler, "/request/body"), body, size)
 
@@ -229,23 +221,15 @@ class DataAPITests(TestCase):
             )
         )
         self.assertEqual(await self.read(handler, "/request/form/title"), b"hello")
-        self.assertEqual(
-            await self.read(handler, "/request/files/big/filename"), b"report.bin"
-        )
+        self.assertEqual(await self.read(handler, "/request/files/big/filename"), b"report.bin")
         self.assertEqual(await self.read(handler, "/request/files/big/content"), big)
-        self.assertEqual(
-            await self.read(handler, "/request/files/small/filename"), b"s.txt"
-        )
-        self.assertEqual(
-            await self.read(handler, "/request/files/small/content"), small
-        )
+        self.assertEqual(await self.read(handler, "/request/files/small/filename"), b"s.txt")
+        self.assertEqual(await self.read(handler, "/request/files/small/content"), small)
         self.assertEqual(await self.read(handler, "/request/files/big/content"), big)
 
     async def test_client_certificate_dn(self) -> None:
         handler, _ = self.user(transport=TLSTransport(client_certificate()))
-        self.assertEqual(
-            await self.read(handler, "/ssl/client/i/dn"), b"CN=alice,O=Example"
-        )
+        self.assertEqual(await self.read(handler, "/ssl/client/i/dn"), b"CN=alice,O=Example")
 
     # errors
 
@@ -257,17 +241,11 @@ class DataAPITests(TestCase):
             ("PUT", "/response/body", b"x"),
             ("PUT", "/response/status", b"201"),
         ):
-            await self.assertError(
-                404, "Handler ID Not Found", method, "0" * 32, resource, data
-            )
+            await self.assertError(404, "Handler ID Not Found", method, "0" * 32, resource, data)
         self.assertEqual(await self.read(handler, "/request/method"), b"GET")
         self.registry.forget(handler)
-        await self.assertError(
-            404, "Handler ID Not Found", "GET", handler, "/request/method"
-        )
-        await self.assertError(
-            404, "Handler ID Not Found", "PUT", handler, "/response/body", b"x"
-        )
+        await self.assertError(404, "Handler ID Not Found", "GET", handler, "/request/method")
+        await self.assertError(404, "Handler ID Not Found", "PUT", handler, "/response/body", b"x")
 
     async def test_invalid_resource_path(self) -> None:
         handler, _ = self.user()
@@ -317,9 +295,7 @@ class DataAPITests(TestCase):
             "/request/files/absent/content",
             "/ssl/client/i/dn",
         ):
-            await self.assertError(
-                404, "Resource Item Not Found", "GET", handler, resource
-            )
+            await self.assertError(404, "Resource Item Not Found", "GET", handler, resource)
 
     async def test_wrong_direction(self) -> None:
         handler, connection = self.user()
@@ -355,18 +331,10 @@ class DataAPITests(TestCase):
 
     async def test_status_writes(self) -> None:
         handler, connection = self.user()
-        await self.assertError(
-            422, "Non Integer Value", "PUT", handler, "/response/status", b"abc"
-        )
-        await self.assertError(
-            422, "Non Integer Value", "PUT", handler, "/response/status", b""
-        )
-        await self.assertError(
-            400, "Invalid Status Code", "PUT", handler, "/response/status", b"42"
-        )
-        await self.assertError(
-            400, "Invalid Status Code", "PUT", handler, "/response/status", b"1000"
-        )
+        await self.assertError(422, "Non Integer Value", "PUT", handler, "/response/status", b"abc")
+        await self.assertError(422, "Non Integer Value", "PUT", handler, "/response/status", b"")
+        await self.assertError(400, "Invalid Status Code", "PUT", handler, "/response/status", b"42")
+        await self.assertError(400, "Invalid Status Code", "PUT", handler, "/response/status", b"1000")
         await self.write(handler, "/response/status", b"201")
         await self.write(handler, "/response/status", b" 418\n")
         handler.finish()
@@ -379,9 +347,7 @@ class DataAPITests(TestCase):
         await self.write(handler, "/response/headers/X-Multi", b"two")
         await self.write(handler, "/response/cookies/session", b"abc\n")
         for bad in (b"a\rb", b"v\r\n", b"a\nb", b"a\x00b"):
-            actual, kind, body = await self.call(
-                "PUT", handler, "/response/headers/X-Bad", bad
-            )
+            actual, kind, body = await self.call("PUT", handler, "/response/headers/X-Bad", bad)
             self.assertEqual(
                 (actual, kind, list(json.loads(body))),
                 (400, b"application/json", ["reason"]),
@@ -399,14 +365,10 @@ class DataAPITests(TestCase):
         await self.write(handler, "/response/body", b"hello ")
         code, headers, body = connection.response()
         self.assertEqual((code, body), (202, b"hello "))
-        self.assertEqual(
-            header_values(headers, b"Content-Type"), [b"text/plain; charset=utf-8"]
-        )
+        self.assertEqual(header_values(headers, b"Content-Type"), [b"text/plain; charset=utf-8"])
         await self.write(handler, "/response/stream", b"world\n")
         await self.write(handler, "/response/body", big)
-        await self.assertError(
-            409, "Response Already Started", "PUT", handler, "/response/status", b"500"
-        )
+        await self.assertError(409, "Response Already Started", "PUT", handler, "/response/status", b"500")
         await self.assertError(
             409,
             "Response Already Started",
@@ -415,9 +377,7 @@ class DataAPITests(TestCase):
             "/response/headers/X-A",
             b"1",
         )
-        await self.assertError(
-            409, "Response Already Started", "PUT", handler, "/response/cookies/c", b"1"
-        )
+        await self.assertError(409, "Response Already Started", "PUT", handler, "/response/cookies/c", b"1")
         handler.finish()
         code, headers, body = connection.response()
         self.assertEqual((code, body), (202, b"hello world\n" + big))
@@ -468,7 +428,5 @@ class DataAPITests(TestCase):
         self.addCleanup(globalLogPublisher.removeObserver, events.append)
         handler, _ = self.user()
         await self.write(handler, "/server/log/backup", b"done")
-        lines = [
-            formatEvent(e) for e in events if e.get("log_namespace") == "kapow.handler"
-        ]
+        lines = [formatEvent(e) for e in events if e.get("log_namespace") == "kapow.handler"]
         self.assertEqual(lines, [f"{handler.id} backup: done"])

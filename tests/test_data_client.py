@@ -127,9 +127,7 @@ class FakeDataServer:
             self.url = "http://127.0.0.1:%d" % self.server.server_address[1]
         self.server.fake = self
         self.connections = 0
-        self.thread = threading.Thread(
-            target=self.server.serve_forever, args=(0.02,), daemon=True
-        )
+        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.02,), daemon=True)
         self.thread.start()
 
     def new_connection(self):
@@ -321,9 +319,7 @@ def test_get_resource_sent_as_given(server, launcher):
     assert server.requests[-1].path.endswith("/request/params/%C3%B1%3F%23")
 
 
-@pytest.mark.parametrize(
-    "resource", ["request/method", "/request/a b", "/x\ty", "/x\x7f", ""]
-)
+@pytest.mark.parametrize("resource", ["request/method", "/request/a b", "/x\ty", "/x\x7f", ""])
 def test_bad_resource_refused(server, launcher, resource):
     result = run(launcher, "get", resource, url=server.url)
     line = one_error_line(result)
@@ -579,8 +575,15 @@ def test_api_errors(server, monkeypatch):
 
 @pytest.mark.parametrize(
     "url",
-    ["https://localhost:8082", "localhost:8082", "http://", "http://h:0", "http://h:x",
-     "http://[::1", "http://u@h:1"],
+    [
+        "https://localhost:8082",
+        "localhost:8082",
+        "http://",
+        "http://h:0",
+        "http://h:x",
+        "http://[::1",
+        "http://u@h:1",
+    ],
 )
 def test_api_bad_urls(url):
     with pytest.raises(ValueError):
@@ -666,7 +669,8 @@ def test_launcher_file(tmp_path):
     path = write_launcher(str(tmp_path / "bin"))
     assert path == str(tmp_path / "bin" / "kapow")
     assert os.stat(path).st_mode & 0o777 == 0o755
-    source = open(path).read()
+    with open(path) as f:
+        source = f.read()
     first = source.splitlines()[0]
     assert first == "#!%s -IS" % os.path.abspath(sys.executable)
     assert repr(SRC) in source
@@ -729,7 +733,8 @@ def test_launcher_never_execs_itself(tmp_path, fake_python_dir):
     for _ in range(2):
         launcher = write_launcher(str(fake_python_dir), python)
     assert launcher == str(fake_python_dir / "kapow")
-    source = open(launcher).read()
+    with open(launcher) as f:
+        source = f.read()
     assert "os.execv(%r, [%r, '-m', 'kapow']" % (python, python) in source
 
 
@@ -740,4 +745,3 @@ def test_launcher_runs_get_with_linked_python(server, tmp_path, fake_python_dir)
     result = run(launcher, "get", "/request/method", url=server.url)
     assert result.returncode == 0, result.stderr
     assert result.stdout == b"GET"
-

@@ -68,15 +68,11 @@ def fetch(tmp_path: Path) -> Fetch:
     return run
 
 
-def start_example(
-    start_server: Any, name: str, env: dict[str, str] | None = None
-) -> KapowServer:
+def start_example(start_server: Any, name: str, env: dict[str, str] | None = None) -> KapowServer:
     """A server running examples/<name>, once its init program has finished."""
     program = EXAMPLES / name
     assert os.access(program, os.X_OK), f"{program} must be executable"
-    server = start_server(
-        str(program), env=None if env is None else {**os.environ, **env}
-    )
+    server = start_server(str(program), env=None if env is None else {**os.environ, **env})
     server.wait_log(re.escape(name) + " exited with status 0")
     return server
 
@@ -93,9 +89,7 @@ def test_examples_are_posix_shell_scripts() -> None:
     }
     for program in programs:
         assert program.read_text().startswith("#!/bin/sh\n"), program
-        check = subprocess.run(
-            ["sh", "-n", str(program)], capture_output=True, text=True, check=False
-        )
+        check = subprocess.run(["sh", "-n", str(program)], capture_output=True, text=True, check=False)
         assert check.returncode == 0, check.stderr
 
 
@@ -156,9 +150,7 @@ def test_echo_hostile_words_come_back_verbatim(start_server: Any, fetch: Fetch) 
         assert reply.header("content-type") == TEXT, segment
 
 
-def test_echo_find_treats_the_query_as_a_fixed_string(
-    start_server: Any, fetch: Fetch
-) -> None:
+def test_echo_find_treats_the_query_as_a_fixed_string(start_server: Any, fetch: Fetch) -> None:
     server = start_example(start_server, "echo.pow")
     found = fetch(server.user + "/find?q=AN")
     assert (found.status, found.text) == (200, "banana\nmango\norange\n")
@@ -171,9 +163,7 @@ def test_echo_find_treats_the_query_as_a_fixed_string(
         ("a%2A", "a*"),
     ):
         missing = fetch(server.user + "/find?q=" + query)
-        assert (missing.status, missing.text) == (404, f"nothing matches {shown}\n"), (
-            query
-        )
+        assert (missing.status, missing.text) == (404, f"nothing matches {shown}\n"), query
 
 
 def test_upload(start_server: Any, fetch: Fetch, tmp_path: Path) -> None:
@@ -192,25 +182,18 @@ def test_upload(start_server: Any, fetch: Fetch, tmp_path: Path) -> None:
     )
 
     # the server passes on only the last part of a client's path; the handler never uses it as one
-    hostile = fetch(
-        server.user + "/upload", "-F", f"file=@{report};filename=../../evil$(id).txt"
-    )
+    hostile = fetch(server.user + "/upload", "-F", f"file=@{report};filename=../../evil$(id).txt")
     assert hostile.status == 200
     assert hostile.text.startswith("filename: evil$(id).txt\nsize: 100004\n")
 
     empty = tmp_path / "empty"
     empty.write_bytes(b"")
     nothing = fetch(server.user + "/upload", "-F", f"file=@{empty}")
-    assert (
-        nothing.text
-        == f"filename: empty\nsize: 0\nsha256: {hashlib.sha256(b'').hexdigest()}\n"
-    )
+    assert nothing.text == f"filename: empty\nsize: 0\nsha256: {hashlib.sha256(b'').hexdigest()}\n"
 
     wrong = fetch(server.user + "/upload", "-F", f"other=@{report}")
     assert wrong.status == 400
-    assert (
-        wrong.text == 'send the file as a form field named "file": curl -F file=@PATH'
-    )
+    assert wrong.text == 'send the file as a form field named "file": curl -F file=@PATH'
     assert fetch(server.user + "/upload").status == 405
 
     # every handler removed its work directory (the server keeps its own kapow-* there)
@@ -279,9 +262,7 @@ def test_stream_ticks_arrive_one_by_one(start_server: Any) -> None:
     assert ended_at - first_at > 0.3
 
 
-def test_stream_tail_follows_a_file_and_ends_by_itself(
-    start_server: Any, tmp_path: Path
-) -> None:
+def test_stream_tail_follows_a_file_and_ends_by_itself(start_server: Any, tmp_path: Path) -> None:
     log = tmp_path / "app.log"
     log.write_text("old 1\nold 2\nold 3\n")
     server = start_example(start_server, "stream.pow", env={"TAIL_FILE": str(log)})
@@ -302,18 +283,11 @@ def test_stream_tail_follows_a_file_and_ends_by_itself(
     assert request.wait(10) == 0
     assert 1.5 < time.monotonic() - started < 8
     head = (tmp_path / "head").read_text().lower()
-    assert (
-        head.startswith("http/1.1 200")
-        and "content-type: text/plain; charset=utf-8" in head
-    )
+    assert head.startswith("http/1.1 200") and "content-type: text/plain; charset=utf-8" in head
 
 
-def test_stream_tail_without_a_file(
-    start_server: Any, fetch: Fetch, tmp_path: Path
-) -> None:
-    server = start_example(
-        start_server, "stream.pow", env={"TAIL_FILE": str(tmp_path / "absent.log")}
-    )
+def test_stream_tail_without_a_file(start_server: Any, fetch: Fetch, tmp_path: Path) -> None:
+    server = start_example(start_server, "stream.pow", env={"TAIL_FILE": str(tmp_path / "absent.log")})
     reply = fetch(server.user + "/tail")
     assert (reply.status, reply.text) == (
         404,
@@ -321,9 +295,7 @@ def test_stream_tail_without_a_file(
     )
 
 
-def test_status_codes_and_redirects(
-    start_server: Any, fetch: Fetch, tmp_path: Path
-) -> None:
+def test_status_codes_and_redirects(start_server: Any, fetch: Fetch, tmp_path: Path) -> None:
     items = tmp_path / "items"
     items.mkdir()
     server = start_example(start_server, "status.pow", env={"ITEMS_DIR": str(items)})
@@ -371,9 +343,7 @@ def test_status_codes_and_redirects(
     assert list(items.iterdir()) == []
 
 
-def test_status_makes_its_own_store(
-    start_server: Any, fetch: Fetch, tmp_path: Path
-) -> None:
+def test_status_makes_its_own_store(start_server: Any, fetch: Fetch, tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k != "ITEMS_DIR"}
     env["TMPDIR"] = str(tmp_path)
     server = start_server(str(EXAMPLES / "status.pow"), env=env)

@@ -14,9 +14,7 @@ BOUNDARY = "----kapowBoundary7MA4YWxkTrZu0gW"
 MULTIPART = f"multipart/form-data; boundary={BOUNDARY}"
 URLENCODED = "application/x-www-form-urlencoded"
 
-BINARY = (
-    b"\x00\x01\r\n\r\n--\r\n-" + BOUNDARY.encode()[:10] + b"\xff\xfe\x00\r\n\x00end"
-)
+BINARY = b"\x00\x01\r\n\r\n--\r\n-" + BOUNDARY.encode()[:10] + b"\xff\xfe\x00\r\n\x00end"
 
 
 def part(disposition, content, content_type=None):
@@ -42,19 +40,14 @@ def fd_count():
     return len(os.listdir("/proc/self/fd"))
 
 
-needs_proc = pytest.mark.skipif(
-    not os.path.isdir("/proc/self/fd"), reason="needs /proc/self/fd"
-)
+needs_proc = pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc/self/fd")
 
 
 # Urlencoded
 
 
 def test_urlencoded_fields_repeated_blank_and_encoded():
-    body = (
-        b"a=1&b=two&a=3&empty=&flag&sp=hello+world"
-        b"&pct=%26%3D%2B%C3%A9&n%20ame=v&plus=a%2Bb+c"
-    )
+    body = b"a=1&b=two&a=3&empty=&flag&sp=hello+world&pct=%26%3D%2B%C3%A9&n%20ame=v&plus=a%2Bb+c"
     form = parse(URLENCODED, body)
     assert form.fields == {
         "a": ["1", "3"],
@@ -179,9 +172,7 @@ def test_multipart_file_larger_than_chunks_with_boundary_like_bytes():
     )
     for chunk_size in (7, 13, 64):
         for max_memory_file in (0, 100, 1 << 20):
-            form = parse(
-                MULTIPART, body, chunk_size=chunk_size, max_memory_file=max_memory_file
-            )
+            form = parse(MULTIPART, body, chunk_size=chunk_size, max_memory_file=max_memory_file)
             upload = form.file("f")
             assert upload.read() == content
             assert upload.size == len(content)
@@ -198,9 +189,7 @@ def test_multipart_boundary_quoted_and_content_type_as_bytes():
 
 def test_multipart_empty_filename_is_a_file():
     body = multipart_body(
-        part(
-            b'form-data; name="upload"; filename=""', b"", b"application/octet-stream"
-        ),
+        part(b'form-data; name="upload"; filename=""', b"", b"application/octet-stream"),
         part(b'form-data; name="named"; filename=""', b"data"),
     )
     form = parse(MULTIPART, body)
@@ -239,21 +228,15 @@ def test_multipart_non_ascii_names_values_and_filenames():
     ],
 )
 def test_multipart_filename_keeps_last_path_component(sent, kept):
-    body = multipart_body(
-        part(b'form-data; name="f"; filename="' + sent.encode() + b'"', b"x")
-    )
+    body = multipart_body(part(b'form-data; name="f"; filename="' + sent.encode() + b'"', b"x"))
     assert parse(MULTIPART, body).file("f").filename == kept
 
 
 def test_multipart_rfc2231_filename():
     star_only = b"form-data; name=\"a\"; filename*=UTF-8''%C3%A9t%C3%A9%2Fx.txt"
-    both = (
-        b'form-data; name="b"; filename="plain.txt"; filename*=utf-8\'\'%E2%82%AC.txt'
-    )
+    both = b'form-data; name="b"; filename="plain.txt"; filename*=utf-8\'\'%E2%82%AC.txt'
     odd_charset = b'form-data; name="c"; filename="plain.txt"; filename*=koi8-r\'\'%C1'
-    body = multipart_body(
-        part(star_only, b"1"), part(both, b"2"), part(odd_charset, b"3")
-    )
+    body = multipart_body(part(star_only, b"1"), part(both, b"2"), part(odd_charset, b"3"))
     form = parse(MULTIPART, body)
     assert form.fields == {}
     assert form.file("a").filename == "x.txt"

@@ -24,7 +24,9 @@ def kill_group(pgid: int) -> None:
         pass
 
 
-def test_a_handler_over_its_timeout_gets_504_and_its_whole_group_ends(server: KapowServer, tmp_path: Path) -> None:
+def test_a_handler_over_its_timeout_gets_504_and_its_whole_group_ends(
+    server: KapowServer, tmp_path: Path
+) -> None:
     pidfile = tmp_path / "pgid"
     route = server.add_route(
         "/slow", f"echo $$ > {pidfile}; sleep 1000 & sleep 1000 & sleep 1000", "--timeout", "1"
@@ -44,7 +46,9 @@ def test_a_handler_over_its_timeout_gets_504_and_its_whole_group_ends(server: Ka
         kill_group(pgid)
 
 
-def test_a_handler_that_ignores_sigterm_is_killed_after_the_grace_period(start_server, tmp_path: Path) -> None:
+def test_a_handler_that_ignores_sigterm_is_killed_after_the_grace_period(
+    start_server, tmp_path: Path
+) -> None:
     server = start_server(extra=("--handler-timeout", "0.5", "--kill-grace", "0.5"))
     pidfile = tmp_path / "pgid"
     server.add_route("/stubborn", f"trap '' TERM; echo $$ > {pidfile}; while :; do sleep 0.05; done")
@@ -59,7 +63,12 @@ def test_a_handler_that_ignores_sigterm_is_killed_after_the_grace_period(start_s
 
 def test_a_streaming_response_over_its_timeout_is_cut(server: KapowServer, tmp_path: Path) -> None:
     pidfile = tmp_path / "pgid"
-    server.add_route("/partial", f"echo $$ > {pidfile}; echo partial | kapow set /response/stream; sleep 1000", "--timeout", "1")
+    server.add_route(
+        "/partial",
+        f"echo $$ > {pidfile}; echo partial | kapow set /response/stream; sleep 1000",
+        "--timeout",
+        "1",
+    )
     result = curl(server.user + "/partial")
     kill_group(read_int(pidfile))
     assert result.stdout == "partial\n"
@@ -102,8 +111,10 @@ def test_fire_and_forget_routes_keep_running(server: KapowServer, tmp_path: Path
 def test_route_concurrency_limit_answers_503_at_once(server: KapowServer, tmp_path: Path) -> None:
     go = tmp_path / "go"
     route = server.add_route(
-        "/limited", f"touch {tmp_path}/started-$$; while [ ! -e {go} ]; do sleep 0.02; done; echo ok | kapow set /response/body",
-        "--max-concurrency", "2",
+        "/limited",
+        f"touch {tmp_path}/started-$$; while [ ! -e {go} ]; do sleep 0.02; done; echo ok | kapow set /response/body",
+        "--max-concurrency",
+        "2",
     )
     assert route["max_concurrency"] == 2
 

@@ -211,15 +211,11 @@ class DisconnectPolicyTests(GovernorTestCase):
         for default in (False, True):
             governor = self.make(keep_running_on_disconnect=default)
             self.assertIs(
-                governor.keeps_running_on_disconnect(
-                    route(keep_running_on_disconnect=True)
-                ),
+                governor.keeps_running_on_disconnect(route(keep_running_on_disconnect=True)),
                 True,
             )
             self.assertIs(
-                governor.keeps_running_on_disconnect(
-                    route(keep_running_on_disconnect=False)
-                ),
+                governor.keeps_running_on_disconnect(route(keep_running_on_disconnect=False)),
                 False,
             )
             self.assertIs(governor.keeps_running_on_disconnect(route()), default)
@@ -289,9 +285,7 @@ class EndingGroupsTests(GovernorTestCase):
     def test_end_groups_grace_argument(self) -> None:
         governor = self.make(5, 6, kill_grace=100.0)
         done = governor.end_groups({5, 6}, grace=0)
-        self.assertEqual(
-            set(self.groups.signals), {(5, TERM), (5, KILL), (6, TERM), (6, KILL)}
-        )
+        self.assertEqual(set(self.groups.signals), {(5, TERM), (5, KILL), (6, TERM), (6, KILL)})
         self.groups.alive.discard(5)
         self.poll()
         self.assertNoResult(done)

@@ -74,15 +74,11 @@ class UserConnection:
     in-memory transport; ``request`` is the request it carried, still open.
     """
 
-    def __init__(
-        self, raw: bytes, peer: Any = PEER, transport: StringTransport | None = None
-    ) -> None:
+    def __init__(self, raw: bytes, peer: Any = PEER, transport: StringTransport | None = None) -> None:
         capture = _Capture()
         site = UserSite(capture, reactor=Clock())
         self.protocol = site.buildProtocol(peer)
-        self.transport = (
-            StringTransport(peerAddress=peer) if transport is None else transport
-        )
+        self.transport = StringTransport(peerAddress=peer) if transport is None else transport
         self.protocol.makeConnection(self.transport)
         self.protocol.dataReceived(raw)
         [self.request] = capture.requests
@@ -169,9 +165,7 @@ class RequestValueTests(SynchronousTestCase):
         self.assertIsNone(handler.request_value("matches", "absent"))
 
     def test_params_first_value(self) -> None:
-        handler, _ = make_handler(
-            http_request(target=b"/x?q=1&q=2&empty=&sp=a+b%20c&pct=%26%3D")
-        )
+        handler, _ = make_handler(http_request(target=b"/x?q=1&q=2&empty=&sp=a+b%20c&pct=%26%3D"))
         self.assertEqual(handler.request_value("params", "q"), b"1")
         self.assertEqual(handler.request_value("params", "empty"), b"")
         self.assertEqual(handler.request_value("params", "sp"), b"a b c")
@@ -239,9 +233,7 @@ class RequestValueTests(SynchronousTestCase):
     def test_repeated_cookie_gives_the_first(self) -> None:
         # browsers send the cookie with the most specific path first
         handler, _ = make_handler(
-            http_request(
-                headers=[(b"Host", b"h"), (b"Cookie", b"session=app; session=root")]
-            )
+            http_request(headers=[(b"Host", b"h"), (b"Cookie", b"session=app; session=root")])
         )
         self.assertEqual(handler.request_value("cookies", "session"), b"app")
 
@@ -268,9 +260,7 @@ class FormTests(SynchronousTestCase):
             (b'form-data; name="upload"; filename="report.bin"', content),
         )
         handler, _ = make_handler(
-            http_request(
-                b"PUT", b"/x", [(b"Host", b"h"), (b"Content-Type", MULTIPART)], body
-            )
+            http_request(b"PUT", b"/x", [(b"Host", b"h"), (b"Content-Type", MULTIPART)], body)
         )
         self.assertEqual(handler.request_value("form", "title"), "héllo".encode())
         upload = handler.form().file("upload")
@@ -282,9 +272,7 @@ class FormTests(SynchronousTestCase):
         bodies = [
             (
                 MULTIPART,
-                b"--"
-                + BOUNDARY
-                + b'\r\nContent-Disposition: form-data; name="a"\r\n\r\nno end',
+                b"--" + BOUNDARY + b'\r\nContent-Disposition: form-data; name="a"\r\n\r\nno end',
             ),
             (b"multipart/form-data", b"a=1"),
             (MULTIPART, b"garbage without any boundary"),
@@ -318,9 +306,7 @@ class FormTests(SynchronousTestCase):
 class BodyTests(SynchronousTestCase):
     def check_independent_readers(self, body: bytes, content_type: bytes) -> Handler:
         handler, _ = make_handler(
-            http_request(
-                b"POST", b"/x", [(b"Host", b"h"), (b"Content-Type", content_type)], body
-            )
+            http_request(b"POST", b"/x", [(b"Host", b"h"), (b"Content-Type", content_type)], body)
         )
         first = handler.body()
         self.addCleanup(first.close)
@@ -393,9 +379,7 @@ class StatusAndHeaderTests(SynchronousTestCase):
         self.assertEqual(self.connection.response()[0], 201)
 
     def test_status_with_too_many_digits(self) -> None:
-        self.assertRefused(
-            400, "Invalid Status Code", self.handler.set_status, b"9" * 5000
-        )
+        self.assertRefused(400, "Invalid Status Code", self.handler.set_status, b"9" * 5000)
 
     def test_header_values(self) -> None:
         self.handler.add_header("X-Trim", b"value\n")
@@ -438,14 +422,10 @@ class StatusAndHeaderTests(SynchronousTestCase):
         self.handler.add_cookie("spaced", b"a b")
         self.handler.finish()
         _, headers, _ = self.connection.response()
-        self.assertEqual(
-            header_values(headers, b"Set-Cookie"), [b"session=abc123", b'spaced="a b"']
-        )
+        self.assertEqual(header_values(headers, b"Set-Cookie"), [b"session=abc123", b'spaced="a b"'])
 
     def test_cookie_control_characters_refused(self) -> None:
-        error = self.assertRaises(
-            JSONError, self.handler.add_cookie, "c", b"a\r\nSet-Cookie: x=y"
-        )
+        error = self.assertRaises(JSONError, self.handler.add_cookie, "c", b"a\r\nSet-Cookie: x=y")
         self.assertEqual(error.code, 400)
 
 
@@ -461,9 +441,7 @@ class StreamingTests(SynchronousTestCase):
         self.assertEqual((code, body), (201, b"hello "))
         self.assertEqual(header_values(headers, b"X-A"), [b"1"])
         self.assertEqual(header_values(headers, b"Set-Cookie"), [b"c=v"])
-        self.assertEqual(
-            header_values(headers, b"Content-Type"), [b"text/plain; charset=utf-8"]
-        )
+        self.assertEqual(header_values(headers, b"Content-Type"), [b"text/plain; charset=utf-8"])
         self.successResultOf(handler.write(b"world"))
         handler.finish()
         self.assertEqual(connection.response()[2], b"hello world")
@@ -493,9 +471,7 @@ class StreamingTests(SynchronousTestCase):
             handler.write(b"<html>")
             handler.finish()
             _, headers, _ = connection.response()
-            self.assertEqual(
-                header_values(headers, b"Content-Type"), [b"application/json"]
-            )
+            self.assertEqual(header_values(headers, b"Content-Type"), [b"application/json"])
 
     def test_changes_after_first_write_refused(self) -> None:
         handler, connection = make_handler()
@@ -506,9 +482,7 @@ class StreamingTests(SynchronousTestCase):
             (handler.add_cookie, ("late", b"1")),
         ):
             error = self.assertRaises(JSONError, call, *args)
-            self.assertEqual(
-                (error.code, error.reason), (409, "Response Already Started")
-            )
+            self.assertEqual((error.code, error.reason), (409, "Response Already Started"))
         handler.finish()
         code, headers, body = connection.response()
         self.assertEqual((code, body), (200, b"x"))
@@ -628,10 +602,7 @@ class RegistryTests(SynchronousTestCase):
 
     def test_ids_unique_hex(self) -> None:
         registry = HandlerRegistry()
-        ids = [
-            registry.create(ROUTE, {}, UserConnection(http_request()).request).id
-            for _ in range(64)
-        ]
+        ids = [registry.create(ROUTE, {}, UserConnection(http_request()).request).id for _ in range(64)]
         self.assertEqual(len(set(ids)), 64)
         for handler_id in ids:
             self.assertRegex(handler_id, re.compile(r"\A[0-9a-f]{32}\Z"))
@@ -652,9 +623,7 @@ class TimeOutTests(SynchronousTestCase):
         handler.time_out()
         code, headers, body = connection.response()
         self.assertEqual((code, body), (504, b"Gateway Timeout\n"))
-        self.assertEqual(
-            header_values(headers, b"Content-Type"), [b"text/plain; charset=utf-8"]
-        )
+        self.assertEqual(header_values(headers, b"Content-Type"), [b"text/plain; charset=utf-8"])
         self.assertEqual(header_values(headers, b"X-A"), [])
         self.assertTrue(connection.request.finished)
         self.assertTrue(connection.transport.value().endswith(b"0\r\n\r\n"))

@@ -16,7 +16,7 @@ import pytest
 
 from tests.kapowserver import KapowServer, curl, wait_for
 
-RESOURCES = "method host version path remote".split()
+RESOURCES = ["method", "host", "version", "path", "remote"]
 
 
 def fetch(*args: str, input: bytes | None = None) -> tuple[int, dict[str, list[str]], bytes]:
@@ -37,7 +37,9 @@ def test_hello_and_the_access_log(server: KapowServer) -> None:
     code, headers, body = fetch("-A", "test-agent", server.user + "/hello?x=1")
     assert (code, body) == (200, b"Hello, World!\n")
     assert headers["content-type"] == ["text/plain; charset=utf-8"]
-    line = server.wait_log(r'127\.0\.0\.1 ([0-9a-f]{32}) - \[[^\]]+\] "GET /hello\?x=1 HTTP/1\.1" 200 14 "-" "test-agent"')
+    line = server.wait_log(
+        r'127\.0\.0\.1 ([0-9a-f]{32}) - \[[^\]]+\] "GET /hello\?x=1 HTTP/1\.1" 200 14 "-" "test-agent"'
+    )
     assert line.group(1)
 
 
@@ -50,9 +52,7 @@ def test_no_route_is_404_and_another_method_is_405(server: KapowServer) -> None:
 
 
 def test_request_resources(server: KapowServer) -> None:
-    script = "; ".join(
-        f"printf '%s=' {name}; kapow get /request/{name}; echo" for name in RESOURCES
-    ) + (
+    script = "; ".join(f"printf '%s=' {name}; kapow get /request/{name}; echo" for name in RESOURCES) + (
         "; printf 'match=%s\\n' \"$(kapow get /request/matches/who)\""
         "; printf 'param=%s\\n' \"$(kapow get /request/params/q)\""
         "; printf 'header=%s\\n' \"$(kapow get /request/headers/x-custom)\""
@@ -90,7 +90,10 @@ def test_forms_files_and_a_rereadable_body(server: KapowServer, tmp_path: Path) 
         " | kapow set /response/body",
         "-X", "PUT",
     )  # fmt: skip
-    assert fetch("-X", "PUT", "--data", "name=J%C3%BCrgen&name=x", server.user + "/form")[2] == b"J\xc3\xbcrgen\n23\n23\n"
+    assert (
+        fetch("-X", "PUT", "--data", "name=J%C3%BCrgen&name=x", server.user + "/form")[2]
+        == b"J\xc3\xbcrgen\n23\n23\n"
+    )
 
     upload = tmp_path / "photo.bin"
     upload.write_bytes(bytes(range(256)) * 1000)
@@ -112,7 +115,7 @@ def test_absent_items_fail_the_command(server: KapowServer) -> None:
     server.add_route(
         "/absent",
         "for r in params/p headers/x-none cookies/c form/f files/f/filename matches/m; do"
-        "  if kapow get /request/$r; then echo \"$r found\"; else echo \"$r missing\"; fi;"
+        '  if kapow get /request/$r; then echo "$r found"; else echo "$r missing"; fi;'
         " done 2>&1 | kapow set /response/body",
     )
     body = fetch(server.user + "/absent")[2].decode()
@@ -138,7 +141,10 @@ def test_response_status_headers_cookies_and_sniffing(server: KapowServer) -> No
     assert fetch(server.user + "/html")[1]["content-type"] == ["text/html; charset=utf-8"]
     server.add_route("/binary", "printf 'a\\000b' | kapow set /response/body")
     assert fetch(server.user + "/binary")[1]["content-type"] == ["application/octet-stream"]
-    server.add_route("/typed", "kapow set /response/headers/Content-Type application/json; echo '{}' | kapow set /response/body")
+    server.add_route(
+        "/typed",
+        "kapow set /response/headers/Content-Type application/json; echo '{}' | kapow set /response/body",
+    )
     assert fetch(server.user + "/typed")[1]["content-type"] == ["application/json"]
     server.add_route("/empty", "kapow set /response/status 201")
     code, headers, body = fetch(server.user + "/empty")
@@ -168,9 +174,13 @@ def test_bad_writes_are_refused_with_a_reason(server: KapowServer, tmp_path: Pat
 
 
 def test_data_api_codes_for_a_live_and_a_finished_handler(server: KapowServer, tmp_path: Path) -> None:
-    server.add_route("/wait", f"echo $KAPOW_HANDLER_ID > {tmp_path}/id; while [ ! -e {tmp_path}/go ]; do sleep 0.02; done")
+    server.add_route(
+        "/wait", f"echo $KAPOW_HANDLER_ID > {tmp_path}/id; while [ ! -e {tmp_path}/go ]; do sleep 0.02; done"
+    )
     request = subprocess.Popen(["curl", "-s", server.user + "/wait"], stdout=subprocess.PIPE)
-    handler = wait_for(lambda: (tmp_path / "id").exists() and (tmp_path / "id").read_text().strip(), what="handler id")
+    handler = wait_for(
+        lambda: (tmp_path / "id").exists() and (tmp_path / "id").read_text().strip(), what="handler id"
+    )
     base = f"{server.data}/handlers/{handler}"
 
     def call(method: str, path: str, data: str | None = None) -> tuple[int, str]:
@@ -279,7 +289,8 @@ def test_large_bodies_pass_through(server: KapowServer, tmp_path: Path) -> None:
 
 def test_route_changes_do_not_affect_running_requests(server: KapowServer, tmp_path: Path) -> None:
     route = server.add_route(
-        "/change", f"touch {tmp_path}/started; while [ ! -e {tmp_path}/go ]; do sleep 0.02; done; kapow get /route/id | kapow set /response/body"
+        "/change",
+        f"touch {tmp_path}/started; while [ ! -e {tmp_path}/go ]; do sleep 0.02; done; kapow get /route/id | kapow set /response/body",
     )
     request = subprocess.Popen(["curl", "-s", server.user + "/change"], stdout=subprocess.PIPE)
     wait_for((tmp_path / "started").exists, what="handler start")
@@ -300,9 +311,13 @@ def test_user_https_and_client_certificates(start_server, tmp_path: Path, client
         extra += ("--clientauth", "--clientcafile", str(pki.ca))
     server = start_server(extra=extra)
     assert server.user.startswith("https://")
-    server.add_route("/dn", "{ kapow get /ssl/client/i/dn || echo no certificate; } 2>&1 | kapow set /response/body")
+    server.add_route(
+        "/dn", "{ kapow get /ssl/client/i/dn || echo no certificate; } 2>&1 | kapow set /response/body"
+    )
     url = server.user.replace("127.0.0.1", "localhost") + "/dn"
-    with_cert = curl("--cacert", str(pki.ca), "--cert", str(pki.client_cert), "--key", str(pki.client_key), url)
+    with_cert = curl(
+        "--cacert", str(pki.ca), "--cert", str(pki.client_cert), "--key", str(pki.client_key), url
+    )
     anonymous = curl("--cacert", str(pki.ca), url)
     if clientauth:
         assert with_cert.stdout == "CN=alice,O=Example"

@@ -295,9 +295,7 @@ def test_from_json_nulls_mean_defaults():
 
 
 def test_from_json_keeps_empty_entrypoint():
-    route = route_from_json(
-        {"method": "GET", "url_pattern": "/", "entrypoint": ""}, "r"
-    )
+    route = route_from_json({"method": "GET", "url_pattern": "/", "entrypoint": ""}, "r")
     assert route.entrypoint == ""
 
 
@@ -307,9 +305,7 @@ def test_from_json_accepts_timeout(timeout):
     assert route_from_json(data, "r").timeout == timeout
 
 
-@pytest.mark.parametrize(
-    "method", ["GET", "M-SEARCH", "FOO_BAR", "X.Y", "a!#$%&'*+^`|~9"]
-)
+@pytest.mark.parametrize("method", ["GET", "M-SEARCH", "FOO_BAR", "X.Y", "a!#$%&'*+^`|~9"])
 def test_from_json_accepts_token_methods(method):
     data = {"method": method, "url_pattern": "/"}
     assert route_from_json(data, "r").method == method.upper()

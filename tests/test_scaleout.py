@@ -34,14 +34,8 @@ import pytest
 
 from tests.kapowserver import KapowServer, curl, wait_for, write_program
 
-CONTRIB_CONF = (
-    Path(__file__).resolve().parent.parent / "contrib" / "nginx" / "kapow.conf"
-)
-NGINX = (
-    "/usr/sbin/nginx"
-    if os.access("/usr/sbin/nginx", os.X_OK)
-    else shutil.which("nginx")
-)
+CONTRIB_CONF = Path(__file__).resolve().parent.parent / "contrib" / "nginx" / "kapow.conf"
+NGINX = "/usr/sbin/nginx" if os.access("/usr/sbin/nginx", os.X_OK) else shutil.which("nginx")
 
 
 INIT_PROGRAM = r"""#!/bin/sh
@@ -90,18 +84,14 @@ def nginx_conf(prefix: Path, port: int, upstreams: list[str]) -> str:
     """contrib/nginx/kapow.conf with test addresses, inside a complete nginx.conf."""
     site = CONTRIB_CONF.read_text()
     servers = re.findall(r"(?m)^(\s*server )127\.0\.0\.1:\d+( .*;)$", site)
-    assert len(servers) == len(upstreams) == 2, (
-        "the upstream block should list two instances"
-    )
+    assert len(servers) == len(upstreams) == 2, "the upstream block should list two instances"
     lines = iter(upstreams)
     site = re.sub(
         r"(?m)^(\s*server )127\.0\.0\.1:\d+( .*;)$",
         lambda m: m.group(1) + next(lines) + m.group(2),
         site,
     )
-    site, listens = re.subn(
-        r"(?m)^(\s*)listen 80;$", rf"\g<1>listen 127.0.0.1:{port};", site
-    )
+    site, listens = re.subn(r"(?m)^(\s*)listen 80;$", rf"\g<1>listen 127.0.0.1:{port};", site)
     assert listens == 1
     user = ""
     if os.geteuid() == 0:
@@ -178,9 +168,7 @@ class Nginx:
 
 
 @pytest.fixture
-def cluster(
-    start_server: Any, tmp_path: Path
-) -> Iterator[tuple[list[KapowServer], Nginx, Path]]:
+def cluster(start_server: Any, tmp_path: Path) -> Iterator[tuple[list[KapowServer], Nginx, Path]]:
     """Two instances (markers ``a`` and ``b``) and nginx in front of them."""
     if NGINX is None:
         pytest.skip("nginx is not installed (apt-get install nginx)")
@@ -188,9 +176,7 @@ def cluster(
     gate = tmp_path / "gate"
     instances = []
     for marker in ("a", "b"):
-        server = start_server(
-            init, env={**os.environ, "KAPOW_INSTANCE": marker, "GATE": str(gate)}
-        )
+        server = start_server(init, env={**os.environ, "KAPOW_INSTANCE": marker, "GATE": str(gate)})
         instances.append(server)
     for server in instances:
         server.wait_log(r"app\.pow exited with status 0")
@@ -221,7 +207,7 @@ def test_contrib_conf_keeps_what_scale_out_needs() -> None:
 
 def test_requests_are_spread_over_both_instances(cluster: Any) -> None:
     instances, proxy, _gate = cluster
-    for server, marker in zip(instances, "ab"):
+    for server, marker in zip(instances, "ab", strict=False):
         assert curl(server.user + "/instance").stdout == marker + "\n"
     seen = []
     for _ in range(20):
@@ -288,9 +274,7 @@ def test_uploads_larger_than_nginx_buffers(cluster: Any, tmp_path: Path) -> None
     expected = hashlib.sha256(data).hexdigest()
     answers = set()
     for _ in range(4):
-        result = curl(
-            "--data-binary", f"@{payload}", "-w", "%{http_code}", proxy.url + "/upload"
-        )
+        result = curl("--data-binary", f"@{payload}", "-w", "%{http_code}", proxy.url + "/upload")
         marker, _, rest = result.stdout.partition(" ")
         assert rest == expected + "\n200", proxy.errors()
         answers.add(marker)

@@ -41,7 +41,9 @@ def test_control_api_calls_with_curl(server: KapowServer) -> None:
     got = server.curl_control(server.control + "/routes/" + route_a["id"])
     assert json.loads(got.stdout) == {**route_a, "index": 1}
 
-    deleted = server.curl_control("-X", "DELETE", "-w", "%{http_code}", server.control + "/routes/" + route_b["id"])
+    deleted = server.curl_control(
+        "-X", "DELETE", "-w", "%{http_code}", server.control + "/routes/" + route_b["id"]
+    )
     assert deleted.stdout == "204"
     missing = server.curl_control("-w", "%{http_code}", server.control + "/routes/" + route_b["id"])
     assert missing.stdout == '{"reason": "Route Not Found"}404'
@@ -52,8 +54,17 @@ def test_control_api_calls_with_curl(server: KapowServer) -> None:
     [
         (("-X", "POST", "--data", "{nope"), '{"reason": "Malformed JSON"}400'),
         (("-X", "POST", "--data", '{"method": "GET"}'), '{"reason": "Invalid Route"}422'),
-        (("-X", "PUT", "--data", '{"method": "GET", "url_pattern": "/x", "index": -1}'), '{"reason": "Invalid Route"}422'),
-        (("-X", "PATCH",), '{"reason": "Method Not Allowed"}405'),
+        (
+            ("-X", "PUT", "--data", '{"method": "GET", "url_pattern": "/x", "index": -1}'),
+            '{"reason": "Invalid Route"}422',
+        ),
+        (
+            (
+                "-X",
+                "PATCH",
+            ),
+            '{"reason": "Method Not Allowed"}405',
+        ),
     ],
 )
 def test_control_api_errors_over_mtls(server: KapowServer, args: tuple[str, ...], expected: str) -> None:
@@ -189,7 +200,9 @@ def test_a_port_in_use_stops_the_start_with_one_line() -> None:
             )  # fmt: skip
             assert result.returncode == 1
             lines = [line for line in result.stderr.splitlines() if line]
-            assert lines == [f"kapow: error: control interface: cannot listen on 127.0.0.1:{port}: Address already in use"]
+            assert lines == [
+                f"kapow: error: control interface: cannot listen on 127.0.0.1:{port}: Address already in use"
+            ]
 
 
 def test_operator_supplied_credentials_survive_a_restart(start_server, tmp_path: Path) -> None:
@@ -238,7 +251,9 @@ def test_oversized_control_bodies_are_refused(server: KapowServer) -> None:
 
 
 def test_route_add_options_may_follow_the_pattern(server: KapowServer) -> None:
-    added = server.kapow("route", "add", "/late", "-X", "POST", "-e", "/bin/bash -c", "-", input="echo late\n")
+    added = server.kapow(
+        "route", "add", "/late", "-X", "POST", "-e", "/bin/bash -c", "-", input="echo late\n"
+    )
     assert added.returncode == 0, added.stderr
     route = json.loads(added.stdout)
     assert (route["method"], route["entrypoint"], route["command"]) == ("POST", "/bin/bash -c", "echo late\n")

@@ -95,18 +95,14 @@ class SpawnTests(TestCase):
         self.addCleanup(os.close, self.devnull)
         return reactor_running()
 
-    def start(
-        self, argv: list[str], env: dict[str, str] | None = None
-    ) -> tuple[int | None, Collector]:
+    def start(self, argv: list[str], env: dict[str, str] | None = None) -> tuple[int | None, Collector]:
         """
         Start ``argv`` with pipes on stdout and stderr: (its pid, its
         protocol). Its group is killed after the test. The pid is ``None``
         if the child was gone before twisted registered it.
         """
         protocol = Collector()
-        process = spawn_in_session(
-            reactor, protocol, argv, env or {}, {0: self.devnull, 1: "r", 2: "r"}
-        )
+        process = spawn_in_session(reactor, protocol, argv, env or {}, {0: self.devnull, 1: "r", 2: "r"})
         self.assertIsInstance(process, SessionProcess)
         pid = process.pid
 
@@ -118,9 +114,7 @@ class SpawnTests(TestCase):
         self.addCleanup(reap)
         return pid, protocol
 
-    async def until(
-        self, condition: Callable[[], Any], seconds: float = 5, what: str = "condition"
-    ) -> None:
+    async def until(self, condition: Callable[[], Any], seconds: float = 5, what: str = "condition") -> None:
         deadline = time.monotonic() + seconds
         while not condition():
             self.assertLess(time.monotonic(), deadline, f"timed out waiting for {what}")
@@ -162,28 +156,18 @@ class SpawnTests(TestCase):
         self.assertLess(time.monotonic() - started, 2.5)
         self.assertEqual(reason.exitCode, 0)
         await self.until(lambda: protocol.output[1].endswith(b"\n"), what="output")
-        self.assertFalse(
-            protocol.ended.called, "the background sleep still holds stdout"
-        )
+        self.assertFalse(protocol.ended.called, "the background sleep still holds stdout")
         self.assertTrue(signal_group(int(protocol.output[1]), signal.SIGTERM))
         await protocol.ended
-        self.assertLess(
-            time.monotonic() - started, 4, "the group signal ended the background child"
-        )
+        self.assertLess(time.monotonic() - started, 4, "the group signal ended the background child")
 
     async def test_signal_group_ends_process_and_grandchildren(self) -> None:
-        pid, protocol = self.start(
-            [SH, "-c", "sleep 30 & echo $!; sleep 30 & echo $!; wait"]
-        )
-        await self.until(
-            lambda: protocol.output[1].count(b"\n") == 2, what="grandchild pids"
-        )
+        pid, protocol = self.start([SH, "-c", "sleep 30 & echo $!; sleep 30 & echo $!; wait"])
+        await self.until(lambda: protocol.output[1].count(b"\n") == 2, what="grandchild pids")
         pids = [pid, *map(int, protocol.output[1].split())]
         self.assertTrue(all(alive(p) for p in pids))
         self.assertTrue(signal_group(pid, signal.SIGTERM))
-        await self.until(
-            lambda: not any(alive(p) for p in pids), what="the group to end"
-        )
+        await self.until(lambda: not any(alive(p) for p in pids), what="the group to end")
         reason = await protocol.ended
         self.assertEqual(reason.signal, signal.SIGTERM)
 
@@ -241,9 +225,7 @@ class SpawnerTests(TestCase):
         return reactor_running()
 
     def spawner(self, base: dict[str, str], debug: bool = False) -> Spawner:
-        spawner = Spawner(
-            reactor, lambda: base, lambda: (DATA_URL, CONTROL_URL), debug=debug
-        )
+        spawner = Spawner(reactor, lambda: base, lambda: (DATA_URL, CONTROL_URL), debug=debug)
         self.addCleanup(spawner.close)
         return spawner
 
@@ -262,9 +244,7 @@ class SpawnerTests(TestCase):
             calls.append(1)
             return base
 
-        urls = iter(
-            [(DATA_URL, CONTROL_URL), ("http://127.0.0.1:9", "https://[::1]:9")]
-        )
+        urls = iter([(DATA_URL, CONTROL_URL), ("http://127.0.0.1:9", "https://[::1]:9")])
         spawner = Spawner(reactor, environ, lambda: next(urls))
         self.assertEqual(
             spawner.handler_environ("abc"),
@@ -299,9 +279,7 @@ class SpawnerTests(TestCase):
         globalLogPublisher.addObserver(events.append)
         self.addCleanup(globalLogPublisher.removeObserver, events.append)
         exited: Deferred[tuple[Any, Any]] = Deferred()
-        pgid = spawner.start(
-            handler_id, [SH, "-c", script], lambda *how: exited.callback(how)
-        )
+        pgid = spawner.start(handler_id, [SH, "-c", script], lambda *how: exited.callback(how))
         self.addCleanup(signal_group, pgid, signal.SIGKILL)
         how = await exited
 
@@ -344,15 +322,11 @@ class SpawnerTests(TestCase):
                 ]
             ),
         )
-        self.assertLess(
-            lines.index("h1 (stderr): oops"), lines.index("h1 (stderr): the end")
-        )
+        self.assertLess(lines.index("h1 (stderr): oops"), lines.index("h1 (stderr): the end"))
 
     async def test_output_discarded_without_debug(self) -> None:
         spawner = self.spawner({"PATH": os.environ["PATH"]})
-        how, lines = await self.run_handler(
-            spawner, "h2", "echo out; echo err >&2; echo the end"
-        )
+        how, lines = await self.run_handler(spawner, "h2", "echo out; echo err >&2; echo the end")
         self.assertEqual(how, (0, None))
         await deferLater(reactor, 0.05, lambda: None)
         self.assertEqual(lines, [])
@@ -360,9 +334,7 @@ class SpawnerTests(TestCase):
     async def test_killed_handler_reports_the_signal(self) -> None:
         spawner = self.spawner({"PATH": os.environ["PATH"]})
         exited: Deferred[tuple[Any, Any]] = Deferred()
-        pgid = spawner.start(
-            "h3", [SH, "-c", "sleep 30"], lambda *how: exited.callback(how)
-        )
+        pgid = spawner.start("h3", [SH, "-c", "sleep 30"], lambda *how: exited.callback(how))
         self.addCleanup(signal_group, pgid, signal.SIGKILL)
         self.assertTrue(signal_group(pgid, signal.SIGTERM))
         self.assertEqual(await exited, (None, signal.SIGTERM))
@@ -377,9 +349,7 @@ class SpawnerTests(TestCase):
         self.patch(_process, "registerReapProcessHandler", register_after_exit)
         spawner = self.spawner({})
         exits: list[Any] = []
-        pgid = spawner.start(
-            "h5", [SH, "-c", "exit 0"], lambda *how: exits.append(how)
-        )
+        pgid = spawner.start("h5", [SH, "-c", "exit 0"], lambda *how: exits.append(how))
         self.assertIsInstance(pgid, int)
         self.assertEqual(exits, [])
         await deferLater(reactor, 0.01, lambda: None)
@@ -387,6 +357,4 @@ class SpawnerTests(TestCase):
 
     def test_start_failure(self) -> None:
         spawner = self.spawner({})
-        self.assertRaises(
-            SpawnError, spawner.start, "h4", ["/nonexistent/prog"], lambda *how: None
-        )
+        self.assertRaises(SpawnError, spawner.start, "h4", ["/nonexistent/prog"], lambda *how: None)

@@ -58,20 +58,14 @@ def datagram_socket() -> Iterator[tuple[str, socket.socket]]:
             yield path, sock
 
 
-def receive_until(
-    sock: socket.socket, wanted: bytes, timeout: float = 10.0
-) -> list[bytes]:
+def receive_until(sock: socket.socket, wanted: bytes, timeout: float = 10.0) -> list[bytes]:
     """Datagrams received until one holds the line ``wanted``; fail after ``timeout``."""
     received: list[bytes] = []
     deadline = time.monotonic() + timeout
-    while wanted not in (
-        line for datagram in received for line in datagram.split(b"\n")
-    ):
+    while wanted not in (line for datagram in received for line in datagram.split(b"\n")):
         left = deadline - time.monotonic()
         if left <= 0:
-            raise AssertionError(
-                f"no {wanted!r} within {timeout}s; received {received!r}"
-            )
+            raise AssertionError(f"no {wanted!r} within {timeout}s; received {received!r}")
         sock.settimeout(left)
         try:
             received.append(sock.recv(4096))
@@ -153,9 +147,7 @@ def test_notify_without_a_reachable_socket_returns_false(tmp_path: Path) -> None
         ({"WATCHDOG_PID": str(os.getpid())}, None),
     ],
 )
-def test_watchdog_interval_is_half_the_period(
-    environ: dict[str, str], interval: float | None
-) -> None:
+def test_watchdog_interval_is_half_the_period(environ: dict[str, str], interval: float | None) -> None:
     assert watchdog_interval(environ) == interval
 
 
@@ -220,11 +212,7 @@ class SocketActivatedServer(KapowServer):
             sys.executable, "-c", _ACTIVATE, ":".join(sockets), *map(str, fds), *command,
             "--write-control-credentials", str(self.creds), *args,
         ]  # fmt: skip
-        env = {
-            k: v
-            for k, v in os.environ.items()
-            if not k.startswith(("KAPOW_", "LISTEN_", "NOTIFY_"))
-        }
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("KAPOW_", "LISTEN_", "NOTIFY_"))}
         self.lines: list[str] = []
         self.urls: dict[str, str] = {}
         self.process = subprocess.Popen(
@@ -304,13 +292,9 @@ def test_inherited_sockets_serve_user_http_and_control_mtls(
     server.wait_log(r"init\.pow exited with status 0")
     assert curl(server.user + "/hi").stdout == "hi"
     routes = server.curl_control(server.control + "/routes")
-    assert [r["url_pattern"] for r in json.loads(routes.stdout)] == ["/hi"], (
-        routes.stderr
-    )
+    assert [r["url_pattern"] for r in json.loads(routes.stdout)] == ["/hi"], routes.stderr
 
-    no_cert = curl(
-        "--cacert", str(server.creds / "server.crt"), server.control + "/routes"
-    )
+    no_cert = curl("--cacert", str(server.creds / "server.crt"), server.control + "/routes")
     assert no_cert.returncode != 0 and no_cert.stdout == ""
 
 
@@ -337,9 +321,7 @@ def test_twist_kapow_adopts_the_sockets_the_unit_files_name(
         f"https://127.0.0.1:{port(control)}",
     )
     health = server.curl_control(server.control + "/health")
-    assert json.loads(health.stdout) == {"status": "ok", "routes": 0, "handlers": 0}, (
-        health.stderr
-    )
+    assert json.loads(health.stdout) == {"status": "ok", "routes": 0, "handlers": 0}, health.stderr
 
 
 @pytest.mark.parametrize(

@@ -49,7 +49,11 @@ def test_governance_flags() -> None:
 
 def test_init_programs_and_flags() -> None:
     options = parsed("--debug", "--bind", "[::1]:9000", "a.pow", "b.pow")
-    assert (options["debug"], options["bind"], options["init_programs"]) == (1, "[::1]:9000", ["a.pow", "b.pow"])
+    assert (options["debug"], options["bind"], options["init_programs"]) == (
+        1,
+        "[::1]:9000",
+        ["a.pow", "b.pow"],
+    )
 
 
 @pytest.mark.parametrize(

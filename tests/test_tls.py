@@ -175,9 +175,7 @@ class _Policy:
 
 
 def _pinned(creds: ControlCredentials) -> tls.PinnedControlPolicy:
-    return tls.PinnedControlPolicy(
-        creds.server_cert_pem, creds.client_cert_pem, creds.client_key_pem
-    )
+    return tls.PinnedControlPolicy(creds.server_cert_pem, creds.client_cert_pem, creds.client_key_pem)
 
 
 class _Loopback(TestCase):
@@ -256,9 +254,7 @@ class GenerateTests(TestCase):
             ("example.test:8081", x509.DNSName("example.test")),
         ]:
             creds = tls.generate_control_credentials(addr)
-            san = _cert(creds.server_cert_pem).extensions.get_extension_for_class(
-                x509.SubjectAlternativeName
-            )
+            san = _cert(creds.server_cert_pem).extensions.get_extension_for_class(x509.SubjectAlternativeName)
             self.assertEqual(list(san.value), [expected], addr)
 
     def test_bad_address(self) -> None:
@@ -285,12 +281,8 @@ class GenerateTests(TestCase):
         key = serialization.load_pem_private_key(key_pem, None)
         self.assertEqual(key.public_key(), public)
         now = datetime.datetime.now(datetime.UTC)
-        self.assertLessEqual(
-            cert.not_valid_before_utc, now - datetime.timedelta(minutes=4)
-        )
-        self.assertGreaterEqual(
-            cert.not_valid_after_utc, now + datetime.timedelta(days=9 * 365)
-        )
+        self.assertLessEqual(cert.not_valid_before_utc, now - datetime.timedelta(minutes=4))
+        self.assertGreaterEqual(cert.not_valid_after_utc, now + datetime.timedelta(days=9 * 365))
 
     def test_server_certificate(self) -> None:
         creds = tls.generate_control_credentials("localhost:8081")
@@ -415,9 +407,7 @@ class ControlRefusalTests(_Loopback):
         port, resource = await self.serve(tls.control_server_options(creds))
         url = f"https://127.0.0.1:{port}/"
         self.assertEqual(await self.get(_pinned(creds), url), b"ok")
-        foreign = tls.PinnedControlPolicy(
-            creds.server_cert_pem, other.client_cert_pem, other.client_key_pem
-        )
+        foreign = tls.PinnedControlPolicy(creds.server_cert_pem, other.client_cert_pem, other.client_key_pem)
         await self.assert_refused(foreign, url, resource)
 
     async def test_certificate_signed_by_pinned_key(self) -> None:
@@ -464,16 +454,12 @@ class ControlRefusalTests(_Loopback):
     async def test_host_mismatch(self) -> None:
         creds = tls.generate_control_credentials("example.test:8081")
         port, resource = await self.serve(tls.control_server_options(creds))
-        await self.assert_refused(
-            _pinned(creds), f"https://127.0.0.1:{port}/", resource
-        )
+        await self.assert_refused(_pinned(creds), f"https://127.0.0.1:{port}/", resource)
 
     async def test_ip_mismatch(self) -> None:
         creds = tls.generate_control_credentials("127.0.0.2:8081")
         port, resource = await self.serve(tls.control_server_options(creds))
-        await self.assert_refused(
-            _pinned(creds), f"https://127.0.0.1:{port}/", resource
-        )
+        await self.assert_refused(_pinned(creds), f"https://127.0.0.1:{port}/", resource)
 
     def test_bad_credentials(self) -> None:
         creds = tls.generate_control_credentials("localhost:8081")
@@ -506,9 +492,7 @@ class CurlTests(_Loopback):
             for key, value in os.environ.items()
             if key not in ("CURL_CA_BUNDLE", "SSL_CERT_FILE", "SSL_CERT_DIR")
         }
-        return await getProcessOutputAndValue(
-            "curl", ("-sS", "--max-time", "10", *args), env=env
-        )
+        return await getProcessOutputAndValue("curl", ("-sS", "--max-time", "10", *args), env=env)
 
     async def test_curl_with_written_credentials(self) -> None:
         creds = tls.generate_control_credentials("localhost:8081")
@@ -519,9 +503,7 @@ class CurlTests(_Loopback):
         finally:
             os.umask(old_umask)
         self.assertEqual(stat.S_IMODE(os.stat(directory).st_mode), 0o700)
-        self.assertEqual(
-            sorted(os.listdir(directory)), ["client.crt", "client.key", "server.crt"]
-        )
+        self.assertEqual(sorted(os.listdir(directory)), ["client.crt", "client.key", "server.crt"])
         for name in os.listdir(directory):
             mode = os.stat(os.path.join(directory, name)).st_mode
             self.assertEqual(stat.S_IMODE(mode), 0o600, name)
@@ -561,9 +543,7 @@ class FilesTests(TestCase):
 
     def test_rewrite_replaces(self) -> None:
         directory = os.path.join(_tmpdir(self), "creds")
-        tls.write_full_credentials(
-            tls.generate_control_credentials("localhost:1"), directory
-        )
+        tls.write_full_credentials(tls.generate_control_credentials("localhost:1"), directory)
         creds = tls.generate_control_credentials("localhost:1")
         tls.write_full_credentials(creds, directory)
         self.assertEqual(tls.load_control_credentials(directory), creds)
@@ -592,9 +572,7 @@ class FilesTests(TestCase):
 
     def _written(self) -> str:
         directory = os.path.join(_tmpdir(self), "creds")
-        tls.write_full_credentials(
-            tls.generate_control_credentials("localhost:1"), directory
-        )
+        tls.write_full_credentials(tls.generate_control_credentials("localhost:1"), directory)
         return directory
 
     def _assert_load_fails(self, directory: str, name: str) -> str:
@@ -649,9 +627,7 @@ class UserServerTests(_Loopback):
         intermediate_name = _name((NameOID.COMMON_NAME, "Test Intermediate"))
         self.root = _issue(self.root_name, root_key, ca=True)
         self.root_key = root_key
-        intermediate = _issue(
-            intermediate_name, intermediate_key, self.root_name, root_key, ca=True
-        )
+        intermediate = _issue(intermediate_name, intermediate_key, self.root_name, root_key, ca=True)
         self.leaf_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
         self.leaf = _issue(
             _name((NameOID.COMMON_NAME, "localhost")),
@@ -674,16 +650,12 @@ class UserServerTests(_Loopback):
 
     async def test_chain_is_presented(self) -> None:
         client = _Policy(_pem(self.root))
-        port, resource = await self.serve(
-            tls.user_server_options(self.certfile, self.keyfile)
-        )
+        port, resource = await self.serve(tls.user_server_options(self.certfile, self.keyfile))
         url = f"https://localhost:{port}/"
         self.assertEqual(await self.get(client, url), b"ok")
         self.assertEqual(resource.peer_dns, [(None, None)])
         # Without the intermediate in certfile the same client cannot verify.
-        port, resource = await self.serve(
-            tls.user_server_options(self.leafonly, self.keyfile)
-        )
+        port, resource = await self.serve(tls.user_server_options(self.leafonly, self.keyfile))
         await self.assert_refused(client, f"https://localhost:{port}/", resource)
 
     async def test_client_certificates_required(self) -> None:
@@ -694,9 +666,7 @@ class UserServerTests(_Loopback):
         bundle = self.write("clients.pem", _pem(other_ca) + _pem(client_ca))
         alice_key = _ec_key()
         alice = _issue(
-            _name(
-                (NameOID.ORGANIZATION_NAME, "Example"), (NameOID.COMMON_NAME, "alice")
-            ),
+            _name((NameOID.ORGANIZATION_NAME, "Example"), (NameOID.COMMON_NAME, "alice")),
             alice_key,
             client_ca_name,
             client_ca_key,
@@ -708,19 +678,13 @@ class UserServerTests(_Loopback):
             mallory_key,
             usage=ExtendedKeyUsageOID.CLIENT_AUTH,
         )
-        port, resource = await self.serve(
-            tls.user_server_options(self.certfile, self.keyfile, bundle)
-        )
+        port, resource = await self.serve(tls.user_server_options(self.certfile, self.keyfile, bundle))
         url = f"https://localhost:{port}/"
         root = _pem(self.root)
-        self.assertEqual(
-            await self.get(_Policy(root, _pem(alice), alice_key), url), b"ok"
-        )
+        self.assertEqual(await self.get(_Policy(root, _pem(alice), alice_key), url), b"ok")
         self.assertEqual(resource.peer_dns, [("CN=alice,O=Example",) * 2])
         await self.assert_refused(_Policy(root), url, resource)
-        await self.assert_refused(
-            _Policy(root, _pem(mallory), mallory_key), url, resource
-        )
+        await self.assert_refused(_Policy(root, _pem(mallory), mallory_key), url, resource)
 
     def test_errors(self) -> None:
         missing = os.path.join(self.dir, "missing.pem")

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from klein import Klein
 from twisted.logger import Logger
@@ -84,9 +85,7 @@ class ControlAPI:
 
     @app.route("/health", methods=["GET"])
     def health(self, request: IRequest) -> bytes:
-        return json_body(
-            request, 200, {"status": "ok", "routes": len(self.routes), **self.stats()}
-        )
+        return json_body(request, 200, {"status": "ok", "routes": len(self.routes), **self.stats()})
 
     def _route_from_request(self, request: IRequest) -> Route:
         return self._route_from_json(_read_json(request))

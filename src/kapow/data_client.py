@@ -39,7 +39,7 @@ except ImportError:  # pragma: no cover - non-POSIX platforms
     import os as _os
 import _socket
 
-__all__ = ["DataClient", "DataAPIError", "main", "is_lean_command"]
+__all__ = ["DataAPIError", "DataClient", "is_lean_command", "main"]
 
 DEFAULT_DATA_URL = "http://localhost:8082"
 STREAMING_RESOURCES = ("/response/body", "/response/stream")
@@ -145,9 +145,7 @@ def _path_bytes(text, what):
     out = bytearray()
     for c in data:
         if c <= 0x20 or c == 0x7F:
-            raise ValueError(
-                "invalid %s %r: whitespace or control character" % (what, text)
-            )
+            raise ValueError("invalid %s %r: whitespace or control character" % (what, text))
         if c >= 0x80 or c == 0x3F or c == 0x23:
             out += b"%%%02X" % c
         else:
@@ -171,9 +169,7 @@ def _parse_data_url(url):
     scheme, sep, rest = url.partition("://")
     scheme = scheme.lower()
     if not sep or scheme not in ("http", "http+unix"):
-        raise ValueError(
-            "invalid data URL %r: expected http://HOST:PORT or http+unix://SOCKET" % url
-        )
+        raise ValueError("invalid data URL %r: expected http://HOST:PORT or http+unix://SOCKET" % url)
     netloc, slash, prefix = rest.partition("/")
     prefix = (slash + prefix).rstrip("/")
     for junk in ("?", "#"):
@@ -207,7 +203,7 @@ def _parse_data_url(url):
 class _Connection:
     """One HTTP/1.1 connection: raw requests out, parsed responses in."""
 
-    __slots__ = ("sock", "buf", "close_after")
+    __slots__ = ("buf", "close_after", "sock")
 
     def __init__(self, sock):
         self.sock = sock
@@ -266,11 +262,7 @@ class _Connection:
         self.buf = buf[end + 4 :]
         lines = buf[:end].split(b"\r\n")
         parts = lines[0].split(None, 2)
-        if (
-            len(parts) < 2
-            or not parts[0].startswith(b"HTTP/")
-            or not parts[1].isdigit()
-        ):
+        if len(parts) < 2 or not parts[0].startswith(b"HTTP/") or not parts[1].isdigit():
             raise DataAPIError(None, _MALFORMED)
         headers = {}
         for line in lines[1:]:
@@ -540,8 +532,7 @@ class DataClient:
                 except UnicodeEncodeError:
                     pass
                 candidates = [
-                    (info[0], info[4])
-                    for info in _socket.getaddrinfo(host, port, 0, _socket.SOCK_STREAM)
+                    (info[0], info[4]) for info in _socket.getaddrinfo(host, port, 0, _socket.SOCK_STREAM)
                 ]
             error = None
             for family, sockaddr in candidates:

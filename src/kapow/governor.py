@@ -111,7 +111,9 @@ class Governor:
         run = _Run(pgid, route, self.reactor.seconds())
         timeout = route.timeout if route.timeout is not None else self.limits.handler_timeout
         if timeout is not None:
-            run.timer = self.reactor.callLater(timeout, lambda: on_timeout(self.reactor.seconds() - run.started))
+            run.timer = self.reactor.callLater(
+                timeout, lambda: on_timeout(self.reactor.seconds() - run.started)
+            )
         self._runs[handler_id] = run
         self._per_route[route.id] = self._per_route.get(route.id, 0) + 1
         self._groups.add(pgid)
@@ -232,5 +234,3 @@ def group_alive(pgid: int) -> bool:
         if len(fields) > 2 and int(fields[2]) == pgid and fields[0] != b"Z":
             return True
     return False
-
-

@@ -304,7 +304,7 @@ def reopen(content: BinaryIO) -> BinaryIO:
         fd = content.fileno()
     except (AttributeError, OSError, ValueError):
         return io.BytesIO(content.getbuffer())  # type: ignore[attr-defined]
-    return open(f"/proc/self/fd/{fd}", "rb")  # noqa: SIM115 (caller closes)
+    return open(f"/proc/self/fd/{fd}", "rb")
 
 
 class HandlerRegistry:
@@ -326,4 +326,3 @@ class HandlerRegistry:
 
     def __len__(self) -> int:
         return len(self._handlers)
-

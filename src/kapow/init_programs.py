@@ -76,9 +76,7 @@ class InitProgramsService(Service):
             log.error("init program {name} is not executable", name=program)
             return
         try:
-            process = self.reactor.spawnProcess(
-                _InitProgram(program, log), program, [program], env=dict(env)
-            )
+            process = self.reactor.spawnProcess(_InitProgram(program, log), program, [program], env=dict(env))
         except OSError as e:
             log.error("init program {name} cannot be run: {why}", name=program, why=e)
             return

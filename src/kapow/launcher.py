@@ -21,7 +21,7 @@ import tempfile
 
 import kapow
 
-__all__ = ["write_launcher", "launcher_source", "MAX_SHEBANG"]
+__all__ = ["MAX_SHEBANG", "launcher_source", "write_launcher"]
 
 #: Longest ``#!`` line (including the newline) the launcher will write.
 MAX_SHEBANG = 255
@@ -46,10 +46,7 @@ def launcher_source(python=None, launcher_path=None):
     python = os.path.abspath(python or sys.executable)
     shebang = "#!%s -IS\n" % python
     if len(os.fsencode(shebang)) > MAX_SHEBANG:
-        raise ValueError(
-            "interpreter path too long for a #! line (%d bytes max): %s"
-            % (MAX_SHEBANG, python)
-        )
+        raise ValueError("interpreter path too long for a #! line (%d bytes max): %s" % (MAX_SHEBANG, python))
     if any(c.isspace() for c in python):
         raise ValueError("interpreter path contains whitespace: %r" % python)
     package_parent = os.path.dirname(os.path.dirname(os.path.abspath(kapow.__file__)))

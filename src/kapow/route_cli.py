@@ -82,7 +82,9 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
         help="end handlers when their client hangs up",
     )
     add.add_argument("url_pattern", metavar="URL_PATTERN", help="e.g. /greet/{name}")
-    add.add_argument("command_file", metavar="COMMAND_FILE", nargs="?", help="file with the command, or - for stdin")
+    add.add_argument(
+        "command_file", metavar="COMMAND_FILE", nargs="?", help="file with the command, or - for stdin"
+    )
 
     sub.add_parser("list", parents=[common], help="print the routes as JSON")
     for name, what in (("get", "print one route as JSON"), ("remove", "remove a route")):

@@ -63,15 +63,11 @@ class Pattern:
 
     __slots__ = ("_groups", "_regex", "names", "url_pattern")
 
-    def __init__(
-        self, url_pattern: str, names: tuple[str, ...], regex: re.Pattern[str]
-    ) -> None:
+    def __init__(self, url_pattern: str, names: tuple[str, ...], regex: re.Pattern[str]) -> None:
         self.url_pattern = url_pattern
         self.names = names
         self._regex = regex
-        self._groups = tuple(
-            (name, regex.groupindex[f"_kapow_{k}"]) for k, name in enumerate(names)
-        )
+        self._groups = tuple((name, regex.groupindex[f"_kapow_{k}"]) for k, name in enumerate(names))
 
     def match(self, path: str) -> dict[str, str] | None:
         """Match the whole of ``path``.
@@ -406,7 +402,7 @@ class RouteTable:
         self._check_new(route)
         index = min(index, len(self._routes))
         routes = self._routes
-        self._routes = routes[:index] + (route,) + routes[index:]
+        self._routes = (*routes[:index], route, *routes[index:])
         return index
 
     def remove(self, route_id: str) -> Route:
@@ -435,9 +431,7 @@ class RouteTable:
         """Every route as :meth:`Route.to_json` shows it, in table order."""
         return [route.to_json(index) for index, route in enumerate(self._routes)]
 
-    def match(
-        self, method: str, path: str
-    ) -> Match | Literal[_MethodNotAllowed.METHOD_NOT_ALLOWED] | None:
+    def match(self, method: str, path: str) -> Match | Literal[_MethodNotAllowed.METHOD_NOT_ALLOWED] | None:
         """Find the route for a request.
 
         Routes are tried in table order; the first whose method equals

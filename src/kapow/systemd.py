@@ -114,9 +114,7 @@ def watchdog_service(reactor: Any, environ: Mapping[str, str] | None = None) -> 
         return None
     from twisted.application.internet import TimerService
 
-    service = TimerService(
-        interval, notify, "WATCHDOG=1", {"NOTIFY_SOCKET": env.get("NOTIFY_SOCKET", "")}
-    )
+    service = TimerService(interval, notify, "WATCHDOG=1", {"NOTIFY_SOCKET": env.get("NOTIFY_SOCKET", "")})
     service.clock = reactor
     return service
 
@@ -127,6 +125,4 @@ def child_environ(environ: Mapping[str, str]) -> dict[str, str]:
     server starts (init programs, handlers): they must not notify systemd in
     the server's name nor look for sockets passed to it.
     """
-    return {
-        name: value for name, value in environ.items() if name not in SERVICE_VARIABLES
-    }
+    return {name: value for name, value in environ.items() if name not in SERVICE_VARIABLES}

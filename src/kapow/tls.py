@@ -74,8 +74,8 @@ __all__ = [
     "generate_control_credentials",
     "load_control_credentials",
     "peer_subject_dn",
-    "policy_from_environ",
     "policy_from_directory",
+    "policy_from_environ",
     "reachable_host",
     "tls_server_endpoint",
     "user_server_options",
@@ -101,9 +101,7 @@ _VALIDITY = datetime.timedelta(days=3650)
 # Tolerates clocks of the client and server processes that disagree a little.
 _BACKDATE = datetime.timedelta(minutes=5)
 
-_REQUIRE_PEER_CERTIFICATE = (
-    SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT | SSL.VERIFY_CLIENT_ONCE
-)
+_REQUIRE_PEER_CERTIFICATE = SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT | SSL.VERIFY_CLIENT_ONCE
 
 _DNS_NAME = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]*[A-Za-z0-9_.])?")
 _PORT = re.compile(r"[0-9]{1,5}")
@@ -158,40 +156,30 @@ def reachable_host(addr: str) -> str:
             raise ValueError(f"control reachable address {addr!r}: missing ']'")
         host, rest = addr[1:close], addr[close + 1 :]
         if not rest.startswith(":"):
-            raise ValueError(
-                f"control reachable address {addr!r}: expected ':port' after ']'"
-            )
+            raise ValueError(f"control reachable address {addr!r}: expected ':port' after ']'")
         port = rest[1:]
         try:
             ipaddress.IPv6Address(host)
         except ValueError:
             raise ValueError(
-                f"control reachable address {addr!r}: "
-                f"{host!r} in brackets is not an IPv6 address"
+                f"control reachable address {addr!r}: {host!r} in brackets is not an IPv6 address"
             ) from None
     else:
         host, sep, port = addr.rpartition(":")
         if not sep:
-            raise ValueError(
-                f"control reachable address {addr!r}: missing port; expected host:port"
-            )
+            raise ValueError(f"control reachable address {addr!r}: missing port; expected host:port")
         if ":" in host:
             raise ValueError(
-                f"control reachable address {addr!r}: an IPv6 address must be "
-                "bracketed, as in [::1]:8081"
+                f"control reachable address {addr!r}: an IPv6 address must be bracketed, as in [::1]:8081"
             )
         if not host:
             raise ValueError(f"control reachable address {addr!r}: missing host")
         if not _is_ip(host) and not _DNS_NAME.fullmatch(host):
             raise ValueError(
-                f"control reachable address {addr!r}: {host!r} is neither "
-                "a DNS name nor an IP address"
+                f"control reachable address {addr!r}: {host!r} is neither a DNS name nor an IP address"
             )
     if not _PORT.fullmatch(port) or int(port) > 65535:
-        raise ValueError(
-            f"control reachable address {addr!r}: port {port!r} is not a "
-            "number from 0 to 65535"
-        )
+        raise ValueError(f"control reachable address {addr!r}: port {port!r} is not a number from 0 to 65535")
     return host
 
 
@@ -226,13 +214,8 @@ def generate_control_credentials(reachable_addr: str) -> ControlCredentials:
     """
     host = reachable_host(reachable_addr)
     server_san: x509.GeneralName
-    if _is_ip(host):
-        server_san = x509.IPAddress(ipaddress.ip_address(host))
-    else:
-        server_san = x509.DNSName(host)
-    server_cert, server_key = _self_signed(
-        SERVER_COMMON_NAME, ExtendedKeyUsageOID.SERVER_AUTH, server_san
-    )
+    server_san = x509.IPAddress(ipaddress.ip_address(host)) if _is_ip(host) else x509.DNSName(host)
+    server_cert, server_key = _self_signed(SERVER_COMMON_NAME, ExtendedKeyUsageOID.SERVER_AUTH, server_san)
     client_cert, client_key = _self_signed(
         CLIENT_COMMON_NAME,
         ExtendedKeyUsageOID.CLIENT_AUTH,
@@ -277,9 +260,7 @@ def _self_signed(
         )
         .add_extension(x509.ExtendedKeyUsage([usage]), False)
         .add_extension(x509.SubjectAlternativeName([san]), False)
-        .add_extension(
-            x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False
-        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
         .sign(key, hashes.SHA256())
     )
     return (
@@ -351,9 +332,7 @@ def _prepare_private_directory(directory: str) -> None:
     except FileExistsError:
         pass
     except OSError as e:
-        raise CredentialsError(
-            f"cannot create credentials directory {directory}: {e.strerror}"
-        ) from None
+        raise CredentialsError(f"cannot create credentials directory {directory}: {e.strerror}") from None
     else:
         # makedirs' mode is filtered by the umask; make it exact.
         os.chmod(directory, 0o700)
@@ -362,9 +341,7 @@ def _prepare_private_directory(directory: str) -> None:
     if not stat.S_ISDIR(info.st_mode):
         raise CredentialsError(f"{directory} exists and is not a directory")
     if info.st_uid != os.geteuid():
-        raise CredentialsError(
-            f"credentials directory {directory} is owned by another user"
-        )
+        raise CredentialsError(f"credentials directory {directory} is owned by another user")
     if info.st_mode & 0o077:
         raise CredentialsError(
             f"credentials directory {directory} is accessible by group or others "
@@ -438,8 +415,7 @@ def _read_file(path: str, private: bool = False) -> bytes:
                 mode = stat.S_IMODE(os.fstat(f.fileno()).st_mode)
                 if mode & 0o077:
                     raise CredentialsError(
-                        f"{path} is accessible by group or others (mode {mode:04o}); "
-                        f"run chmod 600 {path}"
+                        f"{path} is accessible by group or others (mode {mode:04o}); run chmod 600 {path}"
                     )
             return f.read()
     except FileNotFoundError:
@@ -480,13 +456,10 @@ def _public_key_der(key: Any) -> bytes:
     )
 
 
-def _require_match(
-    certificate: x509.Certificate, key: Any, cert_source: str, key_source: str
-) -> None:
+def _require_match(certificate: x509.Certificate, key: Any, cert_source: str, key_source: str) -> None:
     if _public_key_der(key.public_key()) != _public_key_der(certificate.public_key()):
         raise CredentialsError(
-            f"the private key in {key_source} does not match the certificate "
-            f"in {cert_source}"
+            f"the private key in {key_source} does not match the certificate in {cert_source}"
         )
 
 
@@ -520,25 +493,17 @@ def control_server_options(
     :raises CredentialsError: if the certificates or keys in ``creds`` are not
         usable PEM or a key does not match its certificate.
     """
-    server_cert = _parse_certificate(
-        creds.server_cert_pem, "control server certificate"
-    )
+    server_cert = _parse_certificate(creds.server_cert_pem, "control server certificate")
     server_key = _parse_key(creds.server_key_pem, "control server key")
-    _require_match(
-        server_cert, server_key, "control server certificate", "control server key"
-    )
-    client_cert = _parse_certificate(
-        creds.client_cert_pem, "control client certificate"
-    )
+    _require_match(server_cert, server_key, "control server certificate", "control server key")
+    client_cert = _parse_certificate(creds.client_cert_pem, "control client certificate")
     options = CertificateOptions(
         privateKey=server_key,
         certificate=server_cert,
         trustRoot=_twisted_certificate(client_cert),
         raiseMinimumTo=TLSVersion.TLSv1_2,
     )
-    return _PinnedClientServerOptions(
-        options, client_cert.public_bytes(serialization.Encoding.DER)
-    )
+    return _PinnedClientServerOptions(options, client_cert.public_bytes(serialization.Encoding.DER))
 
 
 @implementer(IOpenSSLServerConnectionCreator)
@@ -554,9 +519,7 @@ class _PinnedClientServerOptions:
         self._options = options
         self._pinned_der = pinned_der
 
-    def serverConnectionForTLS(
-        self, tlsProtocol: TLSMemoryBIOProtocol
-    ) -> SSL.Connection:
+    def serverConnectionForTLS(self, tlsProtocol: TLSMemoryBIOProtocol) -> SSL.Connection:
         connection = self._options.serverConnectionForTLS(tlsProtocol)
         connection.set_verify(_REQUIRE_PEER_CERTIFICATE, self._verify)
         return connection
@@ -576,9 +539,8 @@ class _PinnedClientServerOptions:
         der = certificate.to_cryptography().public_bytes(serialization.Encoding.DER)
         if der == self._pinned_der:
             return True
-        log.warn(  # noqa: G010 (twisted.logger.Logger has no warning())
-            "control connection refused: the client certificate is not the "
-            "pinned one (subject {subject})",
+        log.warn(
+            "control connection refused: the client certificate is not the pinned one (subject {subject})",
             subject=certificate.to_cryptography().subject.rfc4514_string(),
         )
         return False
@@ -588,17 +550,13 @@ class _PinnedClientServerOptions:
 class _TLSServerEndpoint:
     """A stream server endpoint whose connections speak TLS."""
 
-    def __init__(
-        self, endpoint: IStreamServerEndpoint, options: IOpenSSLServerConnectionCreator
-    ) -> None:
+    def __init__(self, endpoint: IStreamServerEndpoint, options: IOpenSSLServerConnectionCreator) -> None:
         self._endpoint = endpoint
         self._options = options
 
     def listen(self, protocolFactory: Factory) -> Deferred[IListeningPort]:
         """Listen on the wrapped endpoint with TLS around ``protocolFactory``."""
-        return self._endpoint.listen(
-            TLSMemoryBIOFactory(self._options, False, protocolFactory)
-        )
+        return self._endpoint.listen(TLSMemoryBIOFactory(self._options, False, protocolFactory))
 
 
 def tls_server_endpoint(
@@ -667,15 +625,11 @@ class PinnedControlPolicy:
         the client certificate.
     """
 
-    def __init__(
-        self, server_cert_pem: bytes, client_cert_pem: bytes, client_key_pem: bytes
-    ) -> None:
+    def __init__(self, server_cert_pem: bytes, client_cert_pem: bytes, client_key_pem: bytes) -> None:
         server_cert = _parse_certificate(server_cert_pem, "control server certificate")
         client_cert = _parse_certificate(client_cert_pem, "control client certificate")
         client_key = _parse_key(client_key_pem, "control client key")
-        _require_match(
-            client_cert, client_key, "control client certificate", "control client key"
-        )
+        _require_match(client_cert, client_key, "control client certificate", "control client key")
         self._trust_root = _twisted_certificate(server_cert)
         self._client_cert = client_cert
         self._client_key = client_key
@@ -729,9 +683,7 @@ def policy_from_environ(environ: Mapping[str, str]) -> PinnedControlPolicy:
         CLIENT_CERT_ENV,
         CLIENT_KEY_ENV,
     )
-    return PinnedControlPolicy(
-        texts[SERVER_CERT_ENV], texts[CLIENT_CERT_ENV], texts[CLIENT_KEY_ENV]
-    )
+    return PinnedControlPolicy(texts[SERVER_CERT_ENV], texts[CLIENT_CERT_ENV], texts[CLIENT_KEY_ENV])
 
 
 def policy_from_directory(directory: str) -> PinnedControlPolicy:
@@ -822,9 +774,7 @@ _GO_FIELDS = (
     "2.5.4.11",
 )
 _GO_SINGLE_FIELDS = ("2.5.4.3", "2.5.4.5")
-_GO_PRINTABLE = frozenset(
-    "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789'()+,-./ :=?"
-)
+_GO_PRINTABLE = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789'()+,-./ :=?")
 
 
 def _go_name_string(name: x509.Name) -> str:
@@ -848,10 +798,7 @@ def _go_name_string(name: x509.Name) -> str:
     for oid in _GO_SINGLE_FIELDS:
         if parsed.get(oid, [""])[-1]:
             rdns.append([(oid, parsed[oid][-1])])
-    return ",".join(
-        "+".join(_go_attribute(oid, value) for oid, value in rdn)
-        for rdn in reversed(rdns)
-    )
+    return ",".join("+".join(_go_attribute(oid, value) for oid, value in rdn) for rdn in reversed(rdns))
 
 
 def _go_attribute(oid: str, value: str | bytes) -> str:
@@ -862,11 +809,7 @@ def _go_attribute(oid: str, value: str | bytes) -> str:
     last = len(value) - 1
     escaped = []
     for index, char in enumerate(value):
-        if (
-            char in ',+"\\<>;'
-            or (char == " " and index in (0, last))
-            or (char == "#" and index == 0)
-        ):
+        if char in ',+"\\<>;' or (char == " " and index in (0, last)) or (char == "#" and index == 0):
             escaped.append("\\")
         escaped.append(char)
     return f"{type_name}={''.join(escaped)}"

@@ -20,7 +20,7 @@ from twisted.web.server import NOT_DONE_YET, Request, Site
 from kapow.governor import Governor
 from kapow.handlers import Handler, HandlerRegistry
 from kapow.routes import METHOD_NOT_ALLOWED, RouteTable
-from kapow.spawn import SpawnError, Spawner
+from kapow.spawn import Spawner, SpawnError
 
 log = Logger()
 access_log = Logger(namespace="kapow.access")
@@ -72,7 +72,9 @@ class UserAPI(Resource):
             request.unregisterProducer()
             return _plain(request, 500, b"Internal Server Error\n")
         log.debug("handler {id} started: pid {pid}", id=handler.id, pid=pgid)
-        self.governor.started(handler.id, found.route, pgid, lambda elapsed: self._timed_out(handler, elapsed))
+        self.governor.started(
+            handler.id, found.route, pgid, lambda elapsed: self._timed_out(handler, elapsed)
+        )
         handler.on_client_lost = lambda: self._client_lost(handler)
         return NOT_DONE_YET
 
