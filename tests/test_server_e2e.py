@@ -234,7 +234,10 @@ def test_written_credentials_are_private(server: KapowServer) -> None:
 def test_version_and_help() -> None:
     version = subprocess.run([KAPOW, "--version"], capture_output=True, text=True)
     assert version.returncode == 0 and version.stdout.startswith("kapow ")
-    for args in (["--help"], ["route", "add", "--help"], ["server", "--help"]):
+    every = [["--help"], ["server", "--help"], ["route", "--help"], ["get", "--help"], ["set", "--help"]]
+    every += [["route", action, "--help"] for action in ("add", "list", "get", "remove")]
+    every += [["control-credentials", "--help"]]
+    for args in every:
         shown = subprocess.run([KAPOW, *args], capture_output=True, text=True)
         assert shown.returncode == 0 and "example" in shown.stdout.lower(), args
 

@@ -37,7 +37,15 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
-    parser = _Parser(prog="kapow route", description="Manage the routes of a running server.")
+    parser = _Parser(
+        prog="kapow route",
+        description="Manage the routes of a running server over its control API (mutual TLS).",
+        epilog="examples:\n  kapow route list\n  kapow route add /hello -c 'echo hi | kapow set /response/body'\n"
+        "  kapow route remove 3f1c9a52-...\n\n"
+        "From an operator shell, point KAPOW_CONTROL_CREDENTIALS at the directory written by\n"
+        "`kapow server --write-control-credentials DIR`.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
         "--control-url",
@@ -86,9 +94,22 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
         "command_file", metavar="COMMAND_FILE", nargs="?", help="file with the command, or - for stdin"
     )
 
-    sub.add_parser("list", parents=[common], help="print the routes as JSON")
+    sub.add_parser(
+        "list",
+        parents=[common],
+        help="print the routes as JSON",
+        epilog="example:\n  kapow route list | jq -r '.[] | \"\\(.index) \\(.method) \\(.url_pattern)\"'",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     for name, what in (("get", "print one route as JSON"), ("remove", "remove a route")):
-        one = sub.add_parser(name, parents=[common], help=what)
+        one = sub.add_parser(
+            name,
+            parents=[common],
+            help=what,
+            description=what[0].upper() + what[1:] + ", by its id.",
+            epilog=f"example:\n  kapow route {name} $(kapow route list | jq -r '.[0].id')",
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
         one.add_argument("route_id", metavar="ID")
     return parser, add
 
