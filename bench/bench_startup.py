@@ -111,6 +111,65 @@ def time_reference(binary: str, work: Path) -> float:
         process.wait()
 
 
+def rsa_keygen_seconds(runs: int) -> float:
+    """Median time to generate two RSA-4096 keys here (OpenSSL, via cryptography)."""
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    times = []
+    for _ in range(runs):
+        started = time.monotonic()
+        for _ in range(2):
+            rsa.generate_private_key(public_exponent=65537, key_size=4096)
+        times.append(time.monotonic() - started)
+    return statistics.median(times)
+
+
+GO_KEYGEN = """package main
+
+import (
+	"crypto/rand"
+	"crypto/rsa"
+	"fmt"
+	"time"
+)
+
+func main() {
+	start := time.Now()
+	for i := 0; i < 2; i++ {
+		if _, err := rsa.GenerateKey(rand.Reader, 4096); err != nil {
+			panic(err)
+		}
+	}
+	fmt.Println(time.Since(start).Seconds())
+}
+"""
+
+
+def go_keygen_seconds(runs: int) -> float | None:
+    """
+    Median time Go's crypto/rsa takes to generate two RSA-4096 keys, as the
+    reference does at every start; ``None`` without a Go toolchain.
+    """
+    go = shutil.which("go")
+    if go is None:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        source = Path(tmp) / "keygen.go"
+        source.write_text(GO_KEYGEN)
+        binary = Path(tmp) / "keygen"
+        subprocess.run(
+            [go, "build", "-o", str(binary), str(source)],
+            check=True,
+            cwd=tmp,
+            env={**os.environ, "GOCACHE": str(Path(tmp) / "cache"), "GO111MODULE": "off"},
+        )
+        times = [
+            float(subprocess.run([str(binary)], capture_output=True, text=True, check=True).stdout)
+            for _ in range(runs)
+        ]
+    return statistics.median(times)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -132,6 +191,11 @@ def main() -> None:
     print(f"start -> control API answers, median of {args.runs} starts")
     for name, times in results.items():
         print(f"  {name:16} {statistics.median(times) * 1000:8.1f} ms   (min {min(times) * 1000:.1f})")
+    print("what the reference generates at every start, two RSA-4096 keys:")
+    print(f"  {'OpenSSL':16} {rsa_keygen_seconds(args.runs) * 1000:8.1f} ms")
+    go = go_keygen_seconds(args.runs)
+    if go is not None:
+        print(f"  {'Go crypto/rsa':16} {go * 1000:8.1f} ms   (the reference's own library)")
 
 
 if __name__ == "__main__":
