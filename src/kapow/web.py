@@ -9,7 +9,6 @@ import json
 from typing import Any
 
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 from twisted.web.server import Request
 from werkzeug.exceptions import HTTPException
 
@@ -127,11 +126,3 @@ def bounded_request_factory(max_body: int) -> type[Request]:
 
     return BoundedRequest
 
-
-def failure_reason(failure: Failure) -> str:
-    """
-    One line describing ``failure``, for logs and operators.
-    """
-    value = failure.value
-    text = str(value) or type(value).__name__
-    return " ".join(text.split())
