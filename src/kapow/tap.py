@@ -28,7 +28,7 @@ from kapow.routes import RouteTable
 from kapow.service import KapowService, LauncherDirectory, Listener, StartupError, fatal
 from kapow.spawn import Spawner
 from kapow.user_api import UserAPI, UserSite
-from kapow.web import bounded_request_factory
+from kapow.web import QuietSite, bounded_request_factory
 
 #: Largest request body the control API buffers (a route is a few hundred bytes).
 CONTROL_MAX_BODY = 1024 * 1024
@@ -282,7 +282,7 @@ def build_service(options: Options, reactor: Any) -> KapowService:
     control_site = Site(ControlAPI(routes=routes, stats=lambda: {"handlers": governor.running()}).resource())
     control_site.requestFactory = bounded_request_factory(CONTROL_MAX_BODY)
     control = listener("control-bind", control_site, "control", "https", tls.control_server_options(creds))
-    data = listener("data-bind", Site(DataAPI(handlers).resource()), "data", "http")
+    data = listener("data-bind", QuietSite(DataAPI(handlers).resource()), "data", "http")
 
     explicit_reachable = options["control-reachable-addr"] is not None
 

@@ -9,7 +9,7 @@ import json
 from typing import Any
 
 from twisted.logger import Logger
-from twisted.web.server import Request
+from twisted.web.server import Request, Site
 from werkzeug.exceptions import HTTPException
 
 log = Logger()
@@ -126,3 +126,16 @@ def bounded_request_factory(max_body: int) -> type[Request]:
 
     return BoundedRequest
 
+
+
+class QuietSite(Site):
+    """
+    A site that writes no access log: the data API answers several calls per
+    user request, and the user interface's access log already accounts for
+    each of those requests by handler id.
+    """
+
+    noisy = False
+
+    def log(self, request: Request) -> None:
+        pass
