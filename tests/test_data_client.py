@@ -745,3 +745,19 @@ def test_launcher_runs_get_with_linked_python(server, tmp_path, fake_python_dir)
     result = run(launcher, "get", "/request/method", url=server.url)
     assert result.returncode == 0, result.stderr
     assert result.stdout == b"GET"
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["set", "/response/body", "--handler=other"],
+        ["set", "/response/body", "--", "--handler=other"],
+        ["set", "--", "/response/body", "--data-url=http://elsewhere"],
+    ],
+)
+def test_values_after_the_resource_are_never_options(args):
+    from kapow.data_client import _parse_args
+
+    _, handler, positionals = _parse_args(args[1:], "set")
+    assert handler is None
+    assert positionals[0] == "/response/body" and positionals[1].startswith("--")

@@ -71,6 +71,7 @@ def test_a_streaming_response_over_its_timeout_is_cut(server: KapowServer, tmp_p
     )
     result = curl(server.user + "/partial")
     kill_group(read_int(pidfile))
+    server.wait_log(r'"GET /partial HTTP/1\.1" 200 \d+ ')
     assert result.stdout == "partial\n"
     assert result.returncode == 18  # curl: transfer closed with outstanding read data remaining
 
@@ -83,6 +84,7 @@ def test_a_client_that_hangs_up_ends_the_handler(server: KapowServer, tmp_path: 
         pgid = read_int(pidfile)
     try:
         server.wait_log(r"client disconnected: ending its process group")
+        server.wait_log(r'"GET /hang HTTP/1\.1" 499 0 ')
         wait_for(lambda: not group_members(pgid), what="the abandoned handler to end")
     finally:
         kill_group(pgid)
@@ -92,18 +94,21 @@ def test_fire_and_forget_routes_keep_running(server: KapowServer, tmp_path: Path
     pidfile, go, finished = tmp_path / "pgid", tmp_path / "go", tmp_path / "finished"
     route = server.add_route(
         "/forget",
-        f"echo $$ > {pidfile}; while [ ! -e {go} ]; do sleep 0.02; done; touch {finished}",
-        "--keep-running-on-disconnect",
-    )
+        f"echo $$ > {pidfile}; while [ ! -e {go} ]; do sleep 0.02; done; kapow get /request/body > {finished}",
+        "-X", "POST", "--keep-running-on-disconnect",
+    )  # fmt: skip
     assert route["keep_running_on_disconnect"] is True
     with socket.create_connection(server.user.removeprefix("http://").rsplit(":", 1)) as s:  # type: ignore[arg-type]
-        s.sendall(b"GET /forget HTTP/1.1\r\nHost: x\r\n\r\n")
+        s.sendall(b"POST /forget HTTP/1.1\r\nHost: x\r\nContent-Length: 7\r\n\r\npayload")
         pgid = read_int(pidfile)
     try:
         server.wait_log(r"client disconnected; the handler keeps running")
         assert group_members(pgid)
         go.touch()
-        wait_for(finished.exists, what="the handler to finish its work")
+        wait_for(
+            lambda: finished.exists() and finished.read_bytes() == b"payload",
+            what="the handler to read the body",
+        )
     finally:
         kill_group(pgid)
 

@@ -341,3 +341,28 @@ def test_a_client_that_does_not_read_holds_the_handler_back(server: KapowServer,
             received += len(chunk)
     wait_for(done.exists, what="the handler to finish")
     assert received > size
+
+
+def test_405_names_the_allowed_methods(server: KapowServer) -> None:
+    server.add_route("/thing", "true", "-X", "POST")
+    server.add_route("/{any}", "true", "-X", "DELETE")
+    code, headers, _ = fetch(server.user + "/thing")
+    assert (code, headers["allow"]) == (405, ["DELETE, POST"])
+
+
+def test_a_single_large_put_from_another_client_streams(server: KapowServer, tmp_path: Path) -> None:
+    big = tmp_path / "big"
+    big.write_bytes(os.urandom(1 << 20) * 8)
+    server.add_route(
+        "/fed", f"echo $KAPOW_HANDLER_ID > {tmp_path}/id; while [ ! -e {tmp_path}/go ]; do sleep 0.02; done"
+    )
+    out = tmp_path / "out"
+    request = subprocess.Popen(["curl", "-s", "-o", str(out), server.user + "/fed"])
+    handler = wait_for(
+        lambda: (tmp_path / "id").exists() and (tmp_path / "id").read_text().strip(), what="handler id"
+    )
+    put = curl("-T", str(big), "-w", "%{http_code}", f"{server.data}/handlers/{handler}/response/body")
+    assert put.stdout == "200"
+    (tmp_path / "go").touch()
+    request.wait(20)
+    assert out.read_bytes() == big.read_bytes()

@@ -260,3 +260,22 @@ def test_route_add_options_may_follow_the_pattern(server: KapowServer) -> None:
     assert added.returncode == 0, added.stderr
     route = json.loads(added.stdout)
     assert (route["method"], route["entrypoint"], route["command"]) == ("POST", "/bin/bash -c", "echo late\n")
+
+
+def test_insert_with_a_null_index_goes_first(server: KapowServer) -> None:
+    server.add_route("/a", "true")
+    inserted = server.curl_control(
+        "-X", "PUT", "--data", '{"method": "GET", "url_pattern": "/b", "index": null}', server.control + "/routes"
+    )  # fmt: skip
+    assert json.loads(inserted.stdout)["index"] == 0
+
+
+def test_cli_failures_are_one_line_on_stderr(tmp_path: Path) -> None:
+    bare = subprocess.run([KAPOW], capture_output=True, text=True)
+    assert (bare.returncode, bare.stdout) == (1, "") and "usage: kapow" in bare.stderr
+    open_dir = tmp_path / "open"
+    open_dir.mkdir(mode=0o777)
+    open_dir.chmod(0o777)
+    refused = subprocess.run([KAPOW, "control-credentials", str(open_dir)], capture_output=True, text=True)
+    assert (refused.returncode, refused.stdout) == (1, "")
+    assert refused.stderr.startswith("kapow: ") and refused.stderr.count("\n") == 1

@@ -54,8 +54,11 @@ def main(argv: list[str] | None = None) -> int:
 
         sys.stdout.write(f"kapow {__version__}\n")
         return 0
-    if command in (None, "-h", "--help", "help"):
+    if command in ("-h", "--help", "help"):
         sys.stdout.write(USAGE)
-        return 0 if command else 1
+        return 0
+    if command is None:
+        sys.stderr.write(USAGE)
+        return 1
     sys.stderr.write(f"kapow: unknown command {command!r} (see kapow --help)\n")
     return 1

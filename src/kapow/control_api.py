@@ -57,7 +57,9 @@ class ControlAPI:
     @app.route("/routes", methods=["PUT"])
     def insert_route(self, request: IRequest) -> bytes:
         data = _read_json(request)
-        wanted = data.get("index", 0) if isinstance(data, dict) else 0
+        wanted = data.get("index") if isinstance(data, dict) else None
+        if wanted is None:
+            wanted = 0
         if type(wanted) is not int or wanted < 0:
             raise JSONError(422, "Invalid Route")
         route = self._route_from_json(data)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from klein import Klein
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.logger import Logger
 from twisted.protocols.basic import FileSender
 from twisted.web.iweb import IRequest
@@ -29,6 +29,10 @@ log = Logger()
 server_log = Logger(namespace="kapow.handler")
 
 OCTET_STREAM = b"application/octet-stream"
+#: Largest value a status, header, cookie or log write may carry.
+MAX_VALUE = 1024 * 1024
+#: Size of the pieces a large body write is appended in.
+CHUNK_SIZE = 64 * 1024
 _UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f]")
 
 # resource -> (direction, arity); arity counts the name segments after it
@@ -136,20 +140,34 @@ class DataAPI:
         return value
 
     def _write(self, request: IRequest, handler: Handler, target: Resource) -> Any:
-        data = request.content.read()
+        if target.kind in ("body", "stream"):
+            return _append(handler, request.content)
+        data = request.content.read(MAX_VALUE + 1)
+        if len(data) > MAX_VALUE:
+            raise JSONError(413, "Request Entity Too Large")
         if target.kind == "status":
             handler.set_status(data)
         elif target.kind == "headers":
             handler.add_header(target.name, data)
         elif target.kind == "cookies":
             handler.add_cookie(target.name, data)
-        elif target.kind == "log":
-            _log_lines(handler, target.name, data)
         else:
-            return handler.write(data).addCallback(lambda _: b"")
+            _log_lines(handler, target.name, data)
         return b""
 
     install_json_errors(app)
+
+
+@inlineCallbacks
+def _append(handler: Handler, content: Any) -> Any:
+    """
+    Append a PUT's body to the response a chunk at a time, each once the
+    user's connection took the one before (a large PUT arrives spooled to
+    disk and never sits in memory whole).
+    """
+    while chunk := content.read(CHUNK_SIZE):
+        yield handler.write(chunk)
+    return b""
 
 
 def _file(handler: Handler, name: str | None) -> Any:

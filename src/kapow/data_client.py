@@ -693,10 +693,20 @@ def _parse_args(args, command):
     """-> (data_url, handler_id, positionals) or raises ValueError; None for help."""
     data_url = handler_id = None
     positionals = []
+    separated = False
     i = 0
     while i < len(args):
         arg = args[i]
         i += 1
+        if positionals:
+            # options end at RESOURCE: a VALUE from a request ("--handler=...")
+            # must never be taken for an option; one "--" may still come
+            # before VALUE, as in `kapow set RESOURCE -- "$value"`
+            if arg == "--" and len(positionals) == 1 and not separated:
+                separated = True
+            else:
+                positionals.append(arg)
+            continue
         if arg == "--":
             positionals.extend(args[i:])
             break
@@ -713,7 +723,7 @@ def _parse_args(args, command):
                 data_url = value
             else:
                 handler_id = value
-        elif arg.startswith("-") and arg != "-" and not positionals:
+        elif arg.startswith("-") and arg != "-":
             raise ValueError("unknown option %s (see kapow %s --help)" % (arg, command))
         else:
             positionals.append(arg)

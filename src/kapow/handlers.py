@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import enum
 import io
+import os
 import re
 import secrets
 from collections.abc import Callable
@@ -74,6 +75,7 @@ class Handler:
         self.on_client_lost: Callable[[], None] | None = None
         self._form: ParsedForm | None = None
         self._query: dict[bytes, bytes] | None = None
+        self._body = BodySnapshot(request.content)
         self._paused = False
         self._waiting: list[Deferred[None]] = []
         request.registerProducer(self, True)
@@ -130,14 +132,14 @@ class Handler:
 
     def body(self) -> BinaryIO:
         """A new reader over the whole request body, independent of others."""
-        return reopen(self.request.content)
+        return self._body.open()
 
     def form(self) -> ParsedForm:
         """The request's form fields and files, parsed on first use."""
         if self._form is None:
-            self.request.content.seek(0)
             try:
-                self._form = parse_form(self.request.getHeader(b"content-type"), self.request.content)
+                with self._body.open() as body:
+                    self._form = parse_form(self.request.getHeader(b"content-type"), body)
             except FormError as e:
                 # as the reference: an unparsable form has no fields or files
                 log.info("handler {id}: unparsable form: {why}", id=self.id, why=str(e))
@@ -203,6 +205,7 @@ class Handler:
         self._release()
         if self._form is not None:
             self._form.close()
+        self._body.close()
         if not self.client_gone:
             self.request.unregisterProducer()
             self.request.finish()
@@ -294,17 +297,38 @@ def _field_value(raw: bytes) -> bytes:
     return value
 
 
-def reopen(content: BinaryIO) -> BinaryIO:
+class BodySnapshot:
     """
-    A reader over ``content`` from its start with a position of its own, so
-    readers never disturb each other (the buffered request body is a
-    ``BytesIO`` for small bodies and an unlinked temporary file otherwise).
+    The buffered request body, kept by the handler: twisted.web closes the
+    request's own copy when the client goes away, and a handler that keeps
+    running may still read it. Every reader gets a position of its own.
+
+    :param content: ``request.content``: a ``BytesIO`` for small bodies, an
+        unlinked temporary file otherwise.
     """
-    try:
-        fd = content.fileno()
-    except (AttributeError, OSError, ValueError):
-        return io.BytesIO(content.getbuffer())  # type: ignore[attr-defined]
-    return open(f"/proc/self/fd/{fd}", "rb")
+
+    def __init__(self, content: BinaryIO) -> None:
+        self._data: bytes | None = None
+        self._fd: int | None = None
+        try:
+            fd = content.fileno()
+        except (AttributeError, OSError, ValueError):
+            self._data = content.getvalue()  # type: ignore[attr-defined]
+        else:
+            self._fd = os.dup(fd)
+
+    def open(self) -> BinaryIO:
+        """A new reader from the start of the body."""
+        if self._fd is None:
+            return io.BytesIO(self._data or b"")
+        return open(f"/proc/self/fd/{self._fd}", "rb")
+
+    def close(self) -> None:
+        """Release the body; readers already open keep working."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        self._data = None
 
 
 class HandlerRegistry:

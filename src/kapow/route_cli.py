@@ -239,14 +239,20 @@ def credentials_main(argv: Sequence[str]) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("directory", metavar="DIR")
-    parser.add_argument("--control-reachable-addr", default="localhost:8081")
+    parser.add_argument(
+        "--control-reachable-addr",
+        default="localhost:8081",
+        metavar="HOST:PORT",
+        help="where clients reach the control API; its host goes into the server "
+        "certificate [default: localhost:8081]",
+    )
+    from kapow import tls
+
     try:
         args = parser.parse_args(argv)
-        from kapow import tls
-
         creds = tls.generate_control_credentials(args.control_reachable_addr)
         tls.write_full_credentials(creds, args.directory)
-    except (CommandError, ValueError, OSError) as e:
+    except (CommandError, ValueError, OSError, tls.CredentialsError) as e:
         sys.stderr.write(f"kapow: {_one_line(e)}\n")
         return 1
     return 0

@@ -431,6 +431,10 @@ class RouteTable:
         """Every route as :meth:`Route.to_json` shows it, in table order."""
         return [route.to_json(index) for index, route in enumerate(self._routes)]
 
+    def methods_for(self, path: str) -> list[str]:
+        """The methods of the routes whose pattern matches ``path``, sorted."""
+        return sorted({route.method for route in self._routes if route.pattern.match(path) is not None})
+
     def match(self, method: str, path: str) -> Match | Literal[_MethodNotAllowed.METHOD_NOT_ALLOWED] | None:
         """Find the route for a request.
 

@@ -133,6 +133,9 @@ class KapowService(MultiService):
 def _listen_error(e: Exception) -> str:
     if isinstance(e, CannotListenError):
         why = getattr(e.socketError, "strerror", None) or str(e.socketError)
+        if isinstance(e.port, bytes | str) and not str(e.port).isdigit():
+            path = e.port.decode(errors="replace") if isinstance(e.port, bytes) else e.port
+            return f"cannot listen on {path}: {why}"
         return f"cannot listen on {e.interface or '*'}:{e.port}: {why}"
     return " ".join(str(e).split()) or type(e).__name__
 

@@ -12,6 +12,7 @@ import math
 import os
 import re
 import ssl
+import sys
 from typing import Any
 
 from twisted.internet.endpoints import serverFromString
@@ -34,7 +35,7 @@ from kapow.web import QuietSite, bounded_request_factory
 CONTROL_MAX_BODY = 1024 * 1024
 
 _HOST_PORT = re.compile(r"(?:\[(?P<v6>[^\]]*)\]|(?P<host>[^:\[\]]*)):(?P<port>[0-9]+)")
-_ENDPOINT_TYPES = {"tcp", "tcp6", "unix", "ssl", "systemd", "tls"}
+_ENDPOINT_TYPES = {"tcp", "tcp6", "unix", "systemd"}
 
 
 def parse_listen_address(addr: str) -> tuple[str, str | None]:
@@ -44,7 +45,8 @@ def parse_listen_address(addr: str) -> tuple[str, str | None]:
     The reference's ``host:port`` form (``0.0.0.0:8080``, ``localhost:8081``,
     ``[::1]:8082``, ``:8080`` for every interface) is accepted, and so is any
     endpoint description whose type is one of ``tcp``, ``tcp6``, ``unix``,
-    ``ssl``, ``systemd``.
+    ``systemd`` (TLS comes from ``--certfile``/``--keyfile`` and, for the
+    control API, always; never from the description).
 
     :return: the description and the host as written (``None`` for an
         endpoint description or an empty host).
@@ -86,7 +88,7 @@ def _escape(value: str) -> str:
 class Options(usage.Options):
     """Options of ``kapow server`` / ``twist kapow``."""
 
-    synopsis = "[options] [INIT_PROGRAM ...]"
+    synopsis = "kapow server [options] [INIT_PROGRAM ...]"
     longdesc = (
         "Serve HTTP routes backed by shell commands. Each INIT_PROGRAM is run once "
         "the listeners are up, with KAPOW_CONTROL_URL, KAPOW_DATA_URL and the "
@@ -173,6 +175,13 @@ class Options(usage.Options):
         self["max-handlers"] = None
         self["shutdown-timeout"] = 30.0
 
+    def opt_version(self) -> None:
+        """Print the version and exit."""
+        from kapow import __version__
+
+        sys.stdout.write(f"kapow {__version__}\n")
+        raise SystemExit(0)
+
     def parseArgs(self, *programs: str) -> None:
         self["init_programs"] = list(programs)
 
@@ -183,6 +192,8 @@ class Options(usage.Options):
             raise usage.UsageError("--clientauth needs HTTPS: give --certfile and --keyfile")
         if self["clientcafile"] and not self["clientauth"]:
             raise usage.UsageError("--clientcafile needs --clientauth")
+        if self["control-bind"].startswith("unix:"):
+            raise usage.UsageError("--control-bind must be a TCP address: kapow route reaches it over TCP")
         try:
             for flag in ("bind", "control-bind", "data-bind"):
                 parse_listen_address(self[flag])
@@ -260,7 +271,9 @@ def build_service(options: Options, reactor: Any) -> KapowService:
     if options["certfile"]:
         cafile = options["clientcafile"]
         if options["clientauth"] and not cafile:
-            cafile = ssl.get_default_verify_paths().openssl_cafile
+            cafile = ssl.get_default_verify_paths().cafile
+            if cafile is None:
+                raise StartupError("--clientauth: no system CA bundle found; give --clientcafile")
         try:
             user_tls = tls.user_server_options(options["certfile"], options["keyfile"], cafile)
         except tls.CredentialsError as e:

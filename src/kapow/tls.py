@@ -670,7 +670,7 @@ def policy_from_environ(environ: Mapping[str, str]) -> PinnedControlPolicy:
         if not value:
             raise CredentialsError(
                 f"{name} is not set; it must hold the PEM text the kapow server "
-                "puts in the environment of init programs and handlers"
+                "puts in the environment of init programs"
             )
         try:
             texts[name] = value.encode("ascii")

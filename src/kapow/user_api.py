@@ -51,10 +51,16 @@ class UserAPI(Resource):
         if found is None:
             return _plain(request, 404, b"Not Found\n")
         if found is METHOD_NOT_ALLOWED:
+            request.setHeader(b"Allow", ", ".join(self.routes.methods_for(path)).encode())
             return _plain(request, 405, b"Method Not Allowed\n")
         refusal = self.governor.admit(found.route)
         if refusal is not None:
-            log.info("refused {method} {path}: {why}", method=request.method, path=request.path, why=refusal)
+            log.info(
+                "refused {method} {path}: {why}",
+                method=request.method.decode("latin-1"),
+                path=path,
+                why=refusal,
+            )
             request.setHeader(b"Retry-After", b"1")
             return _plain(request, 503, b"Service Unavailable\n")
         handler = self.handlers.create(found.route, found.matches, request)
@@ -117,12 +123,31 @@ def _plain(request: Request, code: int, body: bytes) -> bytes:
     return body
 
 
+class UserRequest(Request):
+    """
+    A user request that is access-logged even when its connection is lost
+    before the response completed (client gone, or a streamed response cut
+    by a timeout); one never started is logged with status 499, "client
+    closed request".
+    """
+
+    def connectionLost(self, reason: Any) -> None:
+        unfinished = not self.finished and not self._disconnected
+        super().connectionLost(reason)
+        if unfinished and getattr(self, "site", None) is not None:
+            if not self.startedWriting:
+                self.code = 499
+            self.site.log(self)
+
+
 class UserSite(Site):
     """
     The user interface's site: bodies are never parsed as forms by
     twisted.web (handlers parse them lazily), and every request leaves one
     Common Log Format line with the handler id as identity.
     """
+
+    requestFactory = UserRequest
 
     def __init__(self, resource: Any, **kwargs: Any) -> None:
         super().__init__(resource, parsePOSTFormSubmission=False, **kwargs)

@@ -127,7 +127,6 @@ def bounded_request_factory(max_body: int) -> type[Request]:
     return BoundedRequest
 
 
-
 class QuietSite(Site):
     """
     A site that writes no access log: the data API answers several calls per
