@@ -94,7 +94,9 @@ def test_listen_addresses(addr: str, description: str, host: str | None) -> None
     assert parse_listen_address(addr) == (description, host)
 
 
-@pytest.mark.parametrize("addr", ["", "8080", "host:", "host:port", "[nothex]:1", "a:70000", "[::1"])
+@pytest.mark.parametrize(
+    "addr", ["", "8080", "host:", "host:port", "[nothex]:1", "a:70000", "[::1", "ssl:8443", "tls:8443"]
+)
 def test_bad_listen_addresses(addr: str) -> None:
     with pytest.raises(StartupError):
         parse_listen_address(addr)

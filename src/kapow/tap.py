@@ -55,6 +55,8 @@ def parse_listen_address(addr: str) -> tuple[str, str | None]:
     kind = addr.split(":", 1)[0]
     if kind in _ENDPOINT_TYPES:
         return addr, None
+    if kind in ("ssl", "tls"):
+        raise StartupError(f"{addr!r}: TLS comes from --certfile/--keyfile, not from an {kind}: endpoint")
     m = _HOST_PORT.fullmatch(addr)
     if m is None:
         raise StartupError(f"invalid address {addr!r}: expected HOST:PORT or an endpoint description")
