@@ -165,10 +165,19 @@ def test_failing_and_missing_init_programs_are_logged(start_server, tmp_path: Pa
     assert server.curl_control(server.control + "/routes").stdout == "[]"
 
 
-def test_twist_kapow_starts_the_same_service(start_server) -> None:
-    server = start_server(command=[TWIST, "--log-format=text", "kapow"])
+@pytest.mark.parametrize(
+    "command",
+    [
+        [TWIST, "--log-format=text", "kapow"],
+        [str(Path(TWIST).with_name("twistd")), "--nodaemon", "--pidfile=", "--logfile=-", "kapow"],
+    ],
+    ids=["twist", "twistd"],
+)
+def test_twist_and_twistd_start_the_same_service(start_server, command: list[str]) -> None:
+    server = start_server(command=command)
     assert server.curl_control(server.control + "/routes").stdout == "[]"
     assert curl("-w", "%{http_code}", "-o", "/dev/null", server.user + "/nothing").stdout == "404"
+    assert server.stop() == 0
 
 
 @pytest.mark.parametrize(
