@@ -5,6 +5,7 @@ and the registry, over real twisted.web requests on in-memory connections.
 
 from __future__ import annotations
 
+import os
 import re
 from typing import Any
 
@@ -17,7 +18,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
-from kapow.handlers import Handler, HandlerRegistry
+from kapow.handlers import Handler, HandlerRegistry, State
 from kapow.routes import Route
 from kapow.user_api import UserSite
 from kapow.web import JSONError
@@ -714,3 +715,16 @@ class ClientLostTests(SynchronousTestCase):
         connection.lose()
         handler.stopProducing()
         self.assertEqual(len(calls), 1)
+
+
+class AbandonTests(SynchronousTestCase):
+    def test_abandon_releases_the_body_and_the_request(self) -> None:
+        before = len(os.listdir("/proc/self/fd"))
+        # a body this large is spooled to a file, which the handler keeps open
+        handler, connection = make_handler(http_request(b"POST", body=b"x" * 200_000))
+        self.assertGreater(len(os.listdir("/proc/self/fd")), before)
+        handler.abandon()
+        connection.request.content.close()
+        self.assertIs(handler.state, State.FINISHED)
+        self.assertIsNone(connection.request.producer)
+        self.assertEqual(len(os.listdir("/proc/self/fd")), before)

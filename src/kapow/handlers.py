@@ -210,6 +210,15 @@ class Handler:
             self.request.unregisterProducer()
             self.request.finish()
 
+    def abandon(self) -> None:
+        """
+        Give up the handler before its process started: release what it
+        holds and leave the request to the caller.
+        """
+        self.state = State.FINISHED
+        self.request.unregisterProducer()
+        self._body.close()
+
     def time_out(self) -> None:
         """
         End the response early because the handler ran out of time: 504 if

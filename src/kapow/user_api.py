@@ -75,7 +75,7 @@ class UserAPI(Resource):
                 id=handler.id, route=found.route.id, why=str(e),
             )  # fmt: skip
             self.handlers.forget(handler)
-            request.unregisterProducer()
+            handler.abandon()
             return _plain(request, 500, b"Internal Server Error\n")
         log.debug("handler {id} started: pid {pid}", id=handler.id, pid=pgid)
         self.governor.started(
