@@ -6,13 +6,14 @@ real ``kapow`` CLI and curl over pinned mutual TLS.
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from tests.kapowserver import KAPOW, TWIST, KapowServer, curl, write_program
+from tests.kapowserver import KAPOW, TWIST, KapowServer, curl, wait_for, write_program
 
 
 def test_control_api_calls_with_curl(server: KapowServer) -> None:
@@ -288,3 +289,18 @@ def test_cli_failures_are_one_line_on_stderr(tmp_path: Path) -> None:
     refused = subprocess.run([KAPOW, "control-credentials", str(open_dir)], capture_output=True, text=True)
     assert (refused.returncode, refused.stdout) == (1, "")
     assert refused.stderr.startswith("kapow: ") and refused.stderr.count("\n") == 1
+
+
+def test_a_long_running_init_program_is_ended_with_the_server(start_server, tmp_path: Path) -> None:
+    pidfile = tmp_path / "pid"
+    program = write_program(tmp_path / "forever.pow", f"#!/bin/sh\necho $$ > {pidfile}\nexec sleep 1000\n")
+    server = start_server(program)
+    pid = int(wait_for(lambda: pidfile.exists() and pidfile.read_text().strip(), what="the init program"))
+    assert server.stop() == 0
+    server.wait_log(r"forever\.pow killed by signal 15")
+    try:
+        os.kill(pid, 0)
+        alive = Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except ProcessLookupError:
+        alive = False
+    assert not alive
