@@ -64,6 +64,10 @@ class KapowServer:
         child_env = dict(os.environ if env is None else env)
         for name in ("KAPOW_CONTROL_URL", "KAPOW_DATA_URL", "KAPOW_HANDLER_ID"):
             child_env.pop(name, None)
+        self.launch(argv, child_env)
+
+    def launch(self, argv: Sequence[str], env: dict[str, str], pass_fds: Sequence[int] = ()) -> None:
+        """Start ``argv`` and wait until it logged its three listeners."""
         self.lines: list[str] = []
         self.urls: dict[str, str] = {}
         self.process = subprocess.Popen(
@@ -71,7 +75,8 @@ class KapowServer:
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
-            env=child_env,
+            env=env,
+            pass_fds=pass_fds,
             start_new_session=True,
             text=True,
         )

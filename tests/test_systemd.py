@@ -13,7 +13,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
@@ -29,7 +28,7 @@ from kapow.systemd import (
     watchdog_interval,
     watchdog_service,
 )
-from tests.kapowserver import KAPOW, TWIST, KapowServer, curl, wait_for, write_program
+from tests.kapowserver import KAPOW, TWIST, KapowServer, curl, write_program
 
 # What systemd does before it executes a socket-activated service: the
 # listening sockets become descriptors 3, 4, ... in the order of their names,
@@ -213,28 +212,7 @@ class SocketActivatedServer(KapowServer):
             "--write-control-credentials", str(self.creds), *args,
         ]  # fmt: skip
         env = {k: v for k, v in os.environ.items() if not k.startswith(("KAPOW_", "LISTEN_", "NOTIFY_"))}
-        self.lines: list[str] = []
-        self.urls: dict[str, str] = {}
-        self.process = subprocess.Popen(
-            argv,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            env=env,
-            pass_fds=fds,
-            start_new_session=True,
-            text=True,
-        )
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-        wait_for(
-            lambda: len(self.urls) == 3 or self.process.poll() is not None,
-            20,
-            "listeners",
-        )
-        if len(self.urls) != 3:
-            self.stop()
-            raise AssertionError("server did not start:\n" + self.output())
+        self.launch(argv, env, pass_fds=fds)
 
 
 @pytest.fixture
