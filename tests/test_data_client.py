@@ -673,7 +673,7 @@ def test_launcher_file(tmp_path):
         source = f.read()
     first = source.splitlines()[0]
     assert first == "#!%s -IS" % os.path.abspath(sys.executable)
-    assert repr(SRC) in source
+    assert repr(os.path.join(SRC, "kapow")) in source
     assert os.listdir(tmp_path / "bin") == ["kapow"]
     # rewriting replaces the file in place
     assert write_launcher(str(tmp_path / "bin")) == path

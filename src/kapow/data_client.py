@@ -7,6 +7,9 @@ interpreter; :mod:`os` itself costs about 1 ms more) and ``_socket`` (the C
 module behind :mod:`socket`, which costs ~9 ms through :mod:`enum`), and speaks
 a minimal HTTP/1.1 by hand.  Nothing from Twisted, ``http.client``, ``json`` or
 ``argparse`` may be imported here, directly or indirectly; a test checks it.
+Nothing of the ``kapow`` package either: the handlers' launcher
+(:mod:`kapow.launcher`) loads this file as the top-level module
+``data_client``.
 
 Command line::
 

@@ -4,8 +4,11 @@ Handlers run ``kapow get`` / ``kapow set`` several times per request.  The pip
 console script pays for ``site`` processing, ``.pth`` files and editable-install
 finders on each call, several times the interpreter's own start-up.  The
 launcher written here runs the interpreter with ``-I -S`` (no ``site``, no
-``PYTHON*`` variables), puts the directory holding the ``kapow`` package on
-``sys.path`` and calls :func:`kapow.data_client.main` directly; every other
+``PYTHON*`` variables), puts the ``kapow`` package's own directory on
+``sys.path`` and imports :mod:`kapow.data_client` from there as a top-level
+module (it imports nothing of the package), which spares the package import
+and a look through the directory the package is installed in (site-packages,
+for a regular install); it then calls its ``main`` directly. Every other
 sub-command is handed over (``execv``) to the full command line, so
 ``kapow route ...`` from a handler behaves as usual.
 
@@ -29,9 +32,9 @@ MAX_SHEBANG = 255
 _TEMPLATE = """\
 #!{python} -IS
 import sys
-sys.path.insert(0, {package_parent!r})
+sys.path.insert(0, {package_dir!r})
 if sys.argv[1:2] in (["get"], ["set"]):
-    from kapow.data_client import main
+    from data_client import main
     sys.exit(main(sys.argv))
 import os
 os.execv({program!r}, {argv_head} + sys.argv[1:])
@@ -49,7 +52,7 @@ def launcher_source(python=None, launcher_path=None):
         raise ValueError("interpreter path too long for a #! line (%d bytes max): %s" % (MAX_SHEBANG, python))
     if any(c.isspace() for c in python):
         raise ValueError("interpreter path contains whitespace: %r" % python)
-    package_parent = os.path.dirname(os.path.dirname(os.path.abspath(kapow.__file__)))
+    package_dir = os.path.dirname(os.path.abspath(kapow.__file__))
     script = os.path.join(os.path.dirname(python), "kapow")
     usable = os.path.isfile(script) and os.access(script, os.X_OK)
     if usable and launcher_path is not None:
@@ -60,7 +63,7 @@ def launcher_source(python=None, launcher_path=None):
         program, argv_head = python, repr([python, "-m", "kapow"])
     return _TEMPLATE.format(
         python=python,
-        package_parent=package_parent,
+        package_dir=package_dir,
         program=program,
         argv_head=argv_head,
     )
