@@ -37,8 +37,8 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 from zope.interface import implementer
 
-from kapow import tls
-from kapow.tls import ControlCredentials, CredentialsError
+from kapow import credentials, tls
+from kapow.credentials import ControlCredentials, CredentialsError
 
 # -- certificate helpers --------------------------------------------------------
 
@@ -106,7 +106,7 @@ def _pinned_ca_credentials() -> tuple[ControlCredentials, x509.Certificate, obje
 
     Chain verification alone accepts that leaf; only the exact pin refuses it.
     """
-    creds = tls.generate_control_credentials("127.0.0.1:1")
+    creds = credentials.generate_control_credentials("127.0.0.1:1")
     ca_key = _ec_key()
     ca_name = _name((NameOID.COMMON_NAME, "control_client"))
     ca_cert = _issue(ca_name, ca_key, ca=True, usage=ExtendedKeyUsageOID.CLIENT_AUTH)
@@ -218,7 +218,7 @@ class ReachableHostTests(TestCase):
             ("example.com:9", "example.com"),
             ("kapow-control.internal:0", "kapow-control.internal"),
         ]:
-            self.assertEqual(tls.reachable_host(addr), host, addr)
+            self.assertEqual(credentials.reachable_host(addr), host, addr)
 
     def test_bad(self) -> None:
         for addr in [
@@ -237,7 +237,7 @@ class ReachableHostTests(TestCase):
             "exa mple:80",
         ]:
             with self.assertRaises(ValueError, msg=addr) as caught:
-                tls.reachable_host(addr)
+                credentials.reachable_host(addr)
             message = str(caught.exception)
             self.assertNotIn("\n", message)
             if addr:
@@ -253,12 +253,12 @@ class GenerateTests(TestCase):
             ("[2600::]:8081", x509.IPAddress(ipaddress.ip_address("2600::"))),
             ("example.test:8081", x509.DNSName("example.test")),
         ]:
-            creds = tls.generate_control_credentials(addr)
+            creds = credentials.generate_control_credentials(addr)
             san = _cert(creds.server_cert_pem).extensions.get_extension_for_class(x509.SubjectAlternativeName)
             self.assertEqual(list(san.value), [expected], addr)
 
     def test_bad_address(self) -> None:
-        self.assertRaises(ValueError, tls.generate_control_credentials, "noport")
+        self.assertRaises(ValueError, credentials.generate_control_credentials, "noport")
 
     def _check(self, cert_pem, key_pem, common_name, usage, san) -> None:
         cert = _cert(cert_pem)
@@ -285,7 +285,7 @@ class GenerateTests(TestCase):
         self.assertGreaterEqual(cert.not_valid_after_utc, now + datetime.timedelta(days=9 * 365))
 
     def test_server_certificate(self) -> None:
-        creds = tls.generate_control_credentials("localhost:8081")
+        creds = credentials.generate_control_credentials("localhost:8081")
         self._check(
             creds.server_cert_pem,
             creds.server_key_pem,
@@ -295,7 +295,7 @@ class GenerateTests(TestCase):
         )
 
     def test_client_certificate(self) -> None:
-        creds = tls.generate_control_credentials("localhost:8081")
+        creds = credentials.generate_control_credentials("localhost:8081")
         self._check(
             creds.client_cert_pem,
             creds.client_key_pem,
@@ -305,13 +305,13 @@ class GenerateTests(TestCase):
         )
 
     def test_fresh_each_time(self) -> None:
-        first = tls.generate_control_credentials("localhost:8081")
-        second = tls.generate_control_credentials("localhost:8081")
+        first = credentials.generate_control_credentials("localhost:8081")
+        second = credentials.generate_control_credentials("localhost:8081")
         for name in ("server_cert_pem", "server_key_pem", "client_cert_pem"):
             self.assertNotEqual(getattr(first, name), getattr(second, name))
 
     def test_repr_hides_keys(self) -> None:
-        creds = tls.generate_control_credentials("localhost:8081")
+        creds = credentials.generate_control_credentials("localhost:8081")
         text = repr(creds)
         self.assertNotIn("PRIVATE KEY", text)
         self.assertIn("CERTIFICATE", text)
@@ -319,8 +319,8 @@ class GenerateTests(TestCase):
 
 class EnvironTests(TestCase):
     def test_environ_carries_no_server_key(self) -> None:
-        creds = tls.generate_control_credentials("localhost:8081")
-        env = tls.credentials_environ(creds)
+        creds = credentials.generate_control_credentials("localhost:8081")
+        env = credentials.credentials_environ(creds)
         self.assertEqual(
             env,
             {
@@ -333,7 +333,7 @@ class EnvironTests(TestCase):
         self.assertIsInstance(tls.policy_from_environ(env), tls.PinnedControlPolicy)
 
     def test_missing_variable(self) -> None:
-        env = tls.credentials_environ(tls.generate_control_credentials("localhost:1"))
+        env = credentials.credentials_environ(credentials.generate_control_credentials("localhost:1"))
         for name in env:
             for broken in (
                 {k: v for k, v in env.items() if k != name},
@@ -346,8 +346,8 @@ class EnvironTests(TestCase):
                 self.assertNotIn("\n", str(caught.exception))
 
     def test_mismatched_client_key(self) -> None:
-        env = tls.credentials_environ(tls.generate_control_credentials("localhost:1"))
-        other = tls.credentials_environ(tls.generate_control_credentials("localhost:1"))
+        env = credentials.credentials_environ(credentials.generate_control_credentials("localhost:1"))
+        other = credentials.credentials_environ(credentials.generate_control_credentials("localhost:1"))
         env["KAPOW_CONTROL_CLIENT_KEY"] = other["KAPOW_CONTROL_CLIENT_KEY"]
         with self.assertRaises(CredentialsError) as caught:
             tls.policy_from_environ(env)
@@ -357,27 +357,27 @@ class EnvironTests(TestCase):
 
 class ControlAcceptanceTests(_Loopback):
     async def test_localhost(self) -> None:
-        creds = tls.generate_control_credentials("localhost:8081")
+        creds = credentials.generate_control_credentials("localhost:8081")
         port, resource = await self.serve(tls.control_server_options(creds))
         body = await self.get(_pinned(creds), f"https://localhost:{port}/")
         self.assertEqual(body, b"ok")
         self.assertEqual(resource.peer_dns, [("CN=control_client",) * 2])
 
     async def test_ipv4(self) -> None:
-        creds = tls.generate_control_credentials("127.0.0.1:8081")
+        creds = credentials.generate_control_credentials("127.0.0.1:8081")
         port, _ = await self.serve(tls.control_server_options(creds))
         body = await self.get(_pinned(creds), f"https://127.0.0.1:{port}/")
         self.assertEqual(body, b"ok")
 
     async def test_ipv6(self) -> None:
-        creds = tls.generate_control_credentials("[::1]:8081")
+        creds = credentials.generate_control_credentials("[::1]:8081")
         port, _ = await self.serve(tls.control_server_options(creds), ipv6=True)
         body = await self.get(_pinned(creds), f"https://[::1]:{port}/")
         self.assertEqual(body, b"ok")
 
     async def test_dns_name_other_than_localhost(self) -> None:
         """A DNSName SAN matches the URL host (resolved here to loopback)."""
-        creds = tls.generate_control_credentials("example.test:8081")
+        creds = credentials.generate_control_credentials("example.test:8081")
         port, _ = await self.serve(tls.control_server_options(creds))
         policy = _pinned(creds)
 
@@ -395,15 +395,15 @@ class ControlAcceptanceTests(_Loopback):
 
 class ControlRefusalTests(_Loopback):
     async def test_no_client_certificate(self) -> None:
-        creds = tls.generate_control_credentials("127.0.0.1:8081")
+        creds = credentials.generate_control_credentials("127.0.0.1:8081")
         port, resource = await self.serve(tls.control_server_options(creds))
         url = f"https://127.0.0.1:{port}/"
         self.assertEqual(await self.get(_pinned(creds), url), b"ok")
         await self.assert_refused(_Policy(creds.server_cert_pem), url, resource)
 
     async def test_foreign_client_certificate(self) -> None:
-        creds = tls.generate_control_credentials("127.0.0.1:8081")
-        other = tls.generate_control_credentials("127.0.0.1:8081")
+        creds = credentials.generate_control_credentials("127.0.0.1:8081")
+        other = credentials.generate_control_credentials("127.0.0.1:8081")
         port, resource = await self.serve(tls.control_server_options(creds))
         url = f"https://127.0.0.1:{port}/"
         self.assertEqual(await self.get(_pinned(creds), url), b"ok")
@@ -411,7 +411,7 @@ class ControlRefusalTests(_Loopback):
         await self.assert_refused(foreign, url, resource)
 
     async def test_certificate_signed_by_pinned_key(self) -> None:
-        creds = tls.generate_control_credentials("127.0.0.1:8081")
+        creds = credentials.generate_control_credentials("127.0.0.1:8081")
         pinned = _cert(creds.client_cert_pem)
         pinned_key = serialization.load_pem_private_key(creds.client_key_pem, None)
         leaf_key = _ec_key()
@@ -444,26 +444,26 @@ class ControlRefusalTests(_Loopback):
         await self.assert_refused(impostor, url, resource)
 
     async def test_foreign_server_certificate(self) -> None:
-        pinned = tls.generate_control_credentials("127.0.0.1:8081")
-        actual = tls.generate_control_credentials("127.0.0.1:8081")
+        pinned = credentials.generate_control_credentials("127.0.0.1:8081")
+        actual = credentials.generate_control_credentials("127.0.0.1:8081")
         port, resource = await self.serve(tls.control_server_options(actual))
         url = f"https://127.0.0.1:{port}/"
         self.assertEqual(await self.get(_pinned(actual), url), b"ok")
         await self.assert_refused(_pinned(pinned), url, resource)
 
     async def test_host_mismatch(self) -> None:
-        creds = tls.generate_control_credentials("example.test:8081")
+        creds = credentials.generate_control_credentials("example.test:8081")
         port, resource = await self.serve(tls.control_server_options(creds))
         await self.assert_refused(_pinned(creds), f"https://127.0.0.1:{port}/", resource)
 
     async def test_ip_mismatch(self) -> None:
-        creds = tls.generate_control_credentials("127.0.0.2:8081")
+        creds = credentials.generate_control_credentials("127.0.0.2:8081")
         port, resource = await self.serve(tls.control_server_options(creds))
         await self.assert_refused(_pinned(creds), f"https://127.0.0.1:{port}/", resource)
 
     def test_bad_credentials(self) -> None:
-        creds = tls.generate_control_credentials("localhost:8081")
-        other = tls.generate_control_credentials("localhost:8081")
+        creds = credentials.generate_control_credentials("localhost:8081")
+        other = credentials.generate_control_credentials("localhost:8081")
         for broken in (
             ControlCredentials(
                 b"junk",
@@ -495,11 +495,11 @@ class CurlTests(_Loopback):
         return await getProcessOutputAndValue("curl", ("-sS", "--max-time", "10", *args), env=env)
 
     async def test_curl_with_written_credentials(self) -> None:
-        creds = tls.generate_control_credentials("localhost:8081")
+        creds = credentials.generate_control_credentials("localhost:8081")
         directory = os.path.join(_tmpdir(self), "control")
         old_umask = os.umask(0)
         try:
-            tls.write_client_credentials(creds, directory)
+            credentials.write_client_credentials(creds, directory)
         finally:
             os.umask(old_umask)
         self.assertEqual(stat.S_IMODE(os.stat(directory).st_mode), 0o700)
@@ -528,9 +528,9 @@ class CurlTests(_Loopback):
 
 class FilesTests(TestCase):
     def test_full_round_trip(self) -> None:
-        creds = tls.generate_control_credentials("localhost:8081")
+        creds = credentials.generate_control_credentials("localhost:8081")
         directory = os.path.join(_tmpdir(self), "creds")
-        tls.write_full_credentials(creds, directory)
+        credentials.write_full_credentials(creds, directory)
         self.assertEqual(
             sorted(os.listdir(directory)),
             ["client.crt", "client.key", "server.crt", "server.key"],
@@ -539,45 +539,45 @@ class FilesTests(TestCase):
             stat.S_IMODE(os.stat(os.path.join(directory, "server.key")).st_mode),
             0o600,
         )
-        self.assertEqual(tls.load_control_credentials(directory), creds)
+        self.assertEqual(credentials.load_control_credentials(directory), creds)
 
     def test_rewrite_replaces(self) -> None:
         directory = os.path.join(_tmpdir(self), "creds")
-        tls.write_full_credentials(tls.generate_control_credentials("localhost:1"), directory)
-        creds = tls.generate_control_credentials("localhost:1")
-        tls.write_full_credentials(creds, directory)
-        self.assertEqual(tls.load_control_credentials(directory), creds)
+        credentials.write_full_credentials(credentials.generate_control_credentials("localhost:1"), directory)
+        creds = credentials.generate_control_credentials("localhost:1")
+        credentials.write_full_credentials(creds, directory)
+        self.assertEqual(credentials.load_control_credentials(directory), creds)
         self.assertEqual(len(os.listdir(directory)), 4)
 
     def test_existing_open_directory_refused(self) -> None:
         directory = os.path.join(_tmpdir(self), "open")
         os.mkdir(directory)
         os.chmod(directory, 0o755)
-        creds = tls.generate_control_credentials("localhost:1")
+        creds = credentials.generate_control_credentials("localhost:1")
         with self.assertRaises(CredentialsError) as caught:
-            tls.write_client_credentials(creds, directory)
+            credentials.write_client_credentials(creds, directory)
         self.assertIn(directory, str(caught.exception))
         self.assertEqual(os.listdir(directory), [])
         os.chmod(directory, 0o700)
-        tls.write_client_credentials(creds, directory)
+        credentials.write_client_credentials(creds, directory)
 
     def test_existing_file_refused(self) -> None:
         path = os.path.join(_tmpdir(self), "file")
         with open(path, "w"):
             pass
-        creds = tls.generate_control_credentials("localhost:1")
+        creds = credentials.generate_control_credentials("localhost:1")
         with self.assertRaises(CredentialsError) as caught:
-            tls.write_client_credentials(creds, path)
+            credentials.write_client_credentials(creds, path)
         self.assertIn("not a directory", str(caught.exception))
 
     def _written(self) -> str:
         directory = os.path.join(_tmpdir(self), "creds")
-        tls.write_full_credentials(tls.generate_control_credentials("localhost:1"), directory)
+        credentials.write_full_credentials(credentials.generate_control_credentials("localhost:1"), directory)
         return directory
 
     def _assert_load_fails(self, directory: str, name: str) -> str:
         with self.assertRaises(CredentialsError) as caught:
-            tls.load_control_credentials(directory)
+            credentials.load_control_credentials(directory)
         message = str(caught.exception)
         self.assertIn(os.path.join(directory, name), message)
         self.assertNotIn("\n", message)
@@ -596,7 +596,7 @@ class FilesTests(TestCase):
 
     def test_load_mismatched_key(self) -> None:
         directory = self._written()
-        other = tls.generate_control_credentials("localhost:1")
+        other = credentials.generate_control_credentials("localhost:1")
         path = os.path.join(directory, "client.key")
         with open(path, "wb") as f:
             f.write(other.client_key_pem)

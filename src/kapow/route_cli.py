@@ -174,13 +174,13 @@ def _quote(segment: str) -> str:
 
 def policy(directory: str | None, environ: Mapping[str, str]) -> Any:
     """The pinned mTLS policy from ``directory`` or from ``environ``."""
-    from kapow import tls
+    from kapow import credentials, tls
 
     try:
         if directory:
             return tls.policy_from_directory(directory)
         return tls.policy_from_environ(environ)
-    except tls.CredentialsError as e:
+    except credentials.CredentialsError as e:
         raise CommandError(str(e)) from None
 
 
@@ -246,13 +246,13 @@ def credentials_main(argv: Sequence[str]) -> int:
         help="where clients reach the control API; its host goes into the server "
         "certificate [default: localhost:8081]",
     )
-    from kapow import tls
+    from kapow import credentials
 
     try:
         args = parser.parse_args(argv)
-        creds = tls.generate_control_credentials(args.control_reachable_addr)
-        tls.write_full_credentials(creds, args.directory)
-    except (CommandError, ValueError, OSError, tls.CredentialsError) as e:
+        creds = credentials.generate_control_credentials(args.control_reachable_addr)
+        credentials.write_full_credentials(creds, args.directory)
+    except (CommandError, ValueError, OSError, credentials.CredentialsError) as e:
         sys.stderr.write(f"kapow: {_one_line(e)}\n")
         return 1
     return 0

@@ -19,7 +19,7 @@ from twisted.internet.endpoints import serverFromString
 from twisted.python import usage
 from twisted.web.server import Site
 
-from kapow import systemd, tls
+from kapow import credentials, systemd, tls
 from kapow.control_api import ControlAPI
 from kapow.data_api import DataAPI
 from kapow.governor import Governor, Limits
@@ -200,20 +200,20 @@ class Options(usage.Options):
             for flag in ("bind", "control-bind", "data-bind"):
                 parse_listen_address(self[flag])
             if self["control-reachable-addr"] is not None:
-                tls.reachable_host(self["control-reachable-addr"])
+                credentials.reachable_host(self["control-reachable-addr"])
         except (StartupError, ValueError) as e:
             raise usage.UsageError(str(e)) from None
 
 
-def _control_credentials(options: Options, reachable: str) -> tls.ControlCredentials:
+def _control_credentials(options: Options, reachable: str) -> credentials.ControlCredentials:
     try:
         if options["control-credentials"]:
-            creds = tls.load_control_credentials(options["control-credentials"])
+            creds = credentials.load_control_credentials(options["control-credentials"])
         else:
-            creds = tls.generate_control_credentials(reachable)
+            creds = credentials.generate_control_credentials(reachable)
         if options["write-control-credentials"]:
-            tls.write_client_credentials(creds, options["write-control-credentials"])
-    except (tls.CredentialsError, OSError, ValueError) as e:
+            credentials.write_client_credentials(creds, options["write-control-credentials"])
+    except (credentials.CredentialsError, OSError, ValueError) as e:
         raise StartupError(f"control credentials: {e}") from e
     return creds
 
@@ -278,7 +278,7 @@ def build_service(options: Options, reactor: Any) -> KapowService:
                 raise StartupError("--clientauth: no system CA bundle found; give --clientcafile")
         try:
             user_tls = tls.user_server_options(options["certfile"], options["keyfile"], cafile)
-        except tls.CredentialsError as e:
+        except credentials.CredentialsError as e:
             raise StartupError(f"user HTTPS: {e}") from e
 
     handlers = HandlerRegistry()
@@ -310,7 +310,7 @@ def build_service(options: Options, reactor: Any) -> KapowService:
         env = launcher_dir.environ(os.environ)
         env.setdefault("KAPOW_CONTROL_URL", control_url())
         env.setdefault("KAPOW_DATA_URL", data.url())
-        env.update(tls.credentials_environ(creds))
+        env.update(credentials.credentials_environ(creds))
         return env
 
     watchdog = systemd.watchdog_service(reactor)
@@ -325,7 +325,7 @@ def _with_host(url: str, reachable: str) -> str:
     m = re.fullmatch(r"https://(?:\[[^\]]*\]|[^:/]*)(:[0-9]+)?", url)
     if m is None:
         return f"https://{reachable}"
-    host = tls.reachable_host(reachable)
+    host = credentials.reachable_host(reachable)
     host = f"[{host}]" if ":" in host else host
     return f"https://{host}{m.group(1) or ''}"
 

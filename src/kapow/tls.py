@@ -1,18 +1,11 @@
-"""TLS for Kapow!: control-interface credentials, mutual TLS and user HTTPS.
-
-The control interface (SPEC.md §2, "Mutual TLS with pinned, generated
-certificates") is HTTPS with mutual authentication by *pinning*: the server
-accepts exactly one client certificate and the client trusts exactly one server
-certificate.  Both are fresh self-signed EC P-256 certificates made on every
-start by :func:`generate_control_credentials`, or operator-supplied ones read by
-:func:`load_control_credentials`.
+"""TLS for Kapow!: pinned mutual TLS on the control interface, and user HTTPS.
 
 - Server side: :func:`control_server_options` wrapped around any stream server
   endpoint by :func:`tls_server_endpoint`.
 - Client side (``kapow route``, init programs): :class:`PinnedControlPolicy`,
   usually built by :func:`policy_from_environ` from the variables that
-  :func:`credentials_environ` produces.
-- Operators with curl: :func:`write_client_credentials`.
+  :func:`kapow.credentials.credentials_environ` produces, or by
+  :func:`policy_from_directory` for an operator's shell.
 
 The user interface may also be served over HTTPS with operator certificates,
 optionally demanding client certificates (:func:`user_server_options`); the
@@ -24,22 +17,13 @@ friends cannot change what the control interface trusts.
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import os
-import re
-import secrets
-import stat
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.hazmat.primitives import serialization
 from OpenSSL import SSL
 from OpenSSL.crypto import X509
 from twisted.internet.interfaces import (
@@ -59,6 +43,22 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
 
+from kapow.credentials import (
+    CLIENT_CERT_ENV,
+    CLIENT_CERT_FILE,
+    CLIENT_KEY_ENV,
+    CLIENT_KEY_FILE,
+    SERVER_CERT_ENV,
+    SERVER_CERT_FILE,
+    ControlCredentials,
+    CredentialsError,
+    parse_certificate,
+    parse_certificates,
+    parse_key,
+    read_file,
+    require_match,
+)
+
 if TYPE_CHECKING:
     from twisted.internet.defer import Deferred
     from twisted.internet.interfaces import IListeningPort
@@ -66,411 +66,18 @@ if TYPE_CHECKING:
     from twisted.protocols.tls import TLSMemoryBIOProtocol
 
 __all__ = [
-    "ControlCredentials",
-    "CredentialsError",
     "PinnedControlPolicy",
     "control_server_options",
-    "credentials_environ",
-    "generate_control_credentials",
-    "load_control_credentials",
     "peer_subject_dn",
     "policy_from_directory",
     "policy_from_environ",
-    "reachable_host",
     "tls_server_endpoint",
     "user_server_options",
-    "write_client_credentials",
-    "write_full_credentials",
 ]
 
 log = Logger()
 
-SERVER_CERT_ENV = "KAPOW_CONTROL_SERVER_CERT"
-CLIENT_CERT_ENV = "KAPOW_CONTROL_CLIENT_CERT"
-CLIENT_KEY_ENV = "KAPOW_CONTROL_CLIENT_KEY"
-
-SERVER_CERT_FILE = "server.crt"
-SERVER_KEY_FILE = "server.key"
-CLIENT_CERT_FILE = "client.crt"
-CLIENT_KEY_FILE = "client.key"
-
-SERVER_COMMON_NAME = "control_server"
-CLIENT_COMMON_NAME = "control_client"
-
-_VALIDITY = datetime.timedelta(days=3650)
-# Tolerates clocks of the client and server processes that disagree a little.
-_BACKDATE = datetime.timedelta(minutes=5)
-
 _REQUIRE_PEER_CERTIFICATE = SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT | SSL.VERIFY_CLIENT_ONCE
-
-_DNS_NAME = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]*[A-Za-z0-9_.])?")
-_PORT = re.compile(r"[0-9]{1,5}")
-
-
-@dataclass(frozen=True)
-class ControlCredentials:
-    """The four PEM texts that secure the control interface.
-
-    The server presents ``server_cert_pem`` and accepts only a client that
-    presents ``client_cert_pem``; clients trust only ``server_cert_pem``.
-    ``server_key_pem`` must never leave the server process: it is not part of
-    :func:`credentials_environ` nor of :func:`write_client_credentials`.
-    The keys are left out of ``repr()`` so that logging the object cannot leak
-    them.
-    """
-
-    server_cert_pem: bytes
-    server_key_pem: bytes = field(repr=False)
-    client_cert_pem: bytes
-    client_key_pem: bytes = field(repr=False)
-
-
-class CredentialsError(Exception):
-    """Certificates or keys that cannot be used.
-
-    ``str()`` of the exception is a single line meant for the operator: it names
-    the file or variable at fault and what is wrong with it.
-    """
-
-
-# -- the control reachable address -------------------------------------------
-
-
-def reachable_host(addr: str) -> str:
-    """Return the host part of a ``host:port`` control reachable address.
-
-    ``"localhost:8081"`` gives ``"localhost"``, ``"127.0.0.1:8081"`` gives
-    ``"127.0.0.1"`` and ``"[::1]:8081"`` gives ``"::1"``.  IPv6 addresses must
-    be bracketed; the brackets are removed.
-
-    :param addr: the address clients use to reach the control interface.
-    :raises ValueError: if ``addr`` is not ``host:port`` with a DNS name or IP
-        address for host and a decimal port in 0-65535; the message names
-        ``addr`` and the problem.
-    """
-    if not isinstance(addr, str) or not addr:
-        raise ValueError("control reachable address is empty; expected host:port")
-    if addr.startswith("["):
-        close = addr.find("]")
-        if close == -1:
-            raise ValueError(f"control reachable address {addr!r}: missing ']'")
-        host, rest = addr[1:close], addr[close + 1 :]
-        if not rest.startswith(":"):
-            raise ValueError(f"control reachable address {addr!r}: expected ':port' after ']'")
-        port = rest[1:]
-        try:
-            ipaddress.IPv6Address(host)
-        except ValueError:
-            raise ValueError(
-                f"control reachable address {addr!r}: {host!r} in brackets is not an IPv6 address"
-            ) from None
-    else:
-        host, sep, port = addr.rpartition(":")
-        if not sep:
-            raise ValueError(f"control reachable address {addr!r}: missing port; expected host:port")
-        if ":" in host:
-            raise ValueError(
-                f"control reachable address {addr!r}: an IPv6 address must be bracketed, as in [::1]:8081"
-            )
-        if not host:
-            raise ValueError(f"control reachable address {addr!r}: missing host")
-        if not _is_ip(host) and not _DNS_NAME.fullmatch(host):
-            raise ValueError(
-                f"control reachable address {addr!r}: {host!r} is neither a DNS name nor an IP address"
-            )
-    if not _PORT.fullmatch(port) or int(port) > 65535:
-        raise ValueError(f"control reachable address {addr!r}: port {port!r} is not a number from 0 to 65535")
-    return host
-
-
-def _is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
-
-
-# -- generation ----------------------------------------------------------------
-
-
-def generate_control_credentials(reachable_addr: str) -> ControlCredentials:
-    """Make a fresh pair of self-signed control certificates with their keys.
-
-    Both certificates carry EC P-256 keys, are signed with ECDSA-SHA256, are
-    valid from five minutes ago for ten years and have a critical
-    ``BasicConstraints(ca=False)`` (so nothing they sign can ever be accepted)
-    and a critical ``KeyUsage(digitalSignature)``.
-
-    - server: CN ``control_server``, extended key usage serverAuth and a
-      subjectAltName holding the host of ``reachable_addr``: an IPAddress if it
-      is an IPv4/IPv6 address, otherwise a DNSName.
-    - client: CN ``control_client``, extended key usage clientAuth and the
-      subjectAltName DNSName ``control_client``.
-
-    :param reachable_addr: ``host:port`` by which clients reach the control
-        interface (``--control-reachable-addr``), see :func:`reachable_host`.
-    :raises ValueError: if ``reachable_addr`` is malformed.
-    """
-    host = reachable_host(reachable_addr)
-    server_san: x509.GeneralName
-    server_san = x509.IPAddress(ipaddress.ip_address(host)) if _is_ip(host) else x509.DNSName(host)
-    server_cert, server_key = _self_signed(SERVER_COMMON_NAME, ExtendedKeyUsageOID.SERVER_AUTH, server_san)
-    client_cert, client_key = _self_signed(
-        CLIENT_COMMON_NAME,
-        ExtendedKeyUsageOID.CLIENT_AUTH,
-        x509.DNSName(CLIENT_COMMON_NAME),
-    )
-    return ControlCredentials(
-        server_cert_pem=server_cert,
-        server_key_pem=server_key,
-        client_cert_pem=client_cert,
-        client_key_pem=client_key,
-    )
-
-
-def _self_signed(
-    common_name: str, usage: x509.ObjectIdentifier, san: x509.GeneralName
-) -> tuple[bytes, bytes]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-    now = datetime.datetime.now(datetime.UTC)
-    certificate = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - _BACKDATE)
-        .not_valid_after(now + _VALIDITY)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=False,
-                crl_sign=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            True,
-        )
-        .add_extension(x509.ExtendedKeyUsage([usage]), False)
-        .add_extension(x509.SubjectAlternativeName([san]), False)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
-        .sign(key, hashes.SHA256())
-    )
-    return (
-        certificate.public_bytes(serialization.Encoding.PEM),
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        ),
-    )
-
-
-# -- files -----------------------------------------------------------------------
-
-
-def write_client_credentials(creds: ControlCredentials, directory: str) -> None:
-    """Write what an operator needs to call the control API with curl.
-
-    Writes ``server.crt`` (the pinned server certificate, for ``--cacert``),
-    ``client.crt`` and ``client.key`` (for ``--cert``/``--key``); never the
-    server key.  ``directory`` is created with mode 0700 if missing.  An existing
-    ``directory`` must be a directory owned by this user that group and others
-    cannot access (it is not chmod-ed: it might be a shared one named by
-    mistake).  Each file is written to a temporary file created with mode 0600 in
-    the same directory and renamed over the old one, so no reader ever sees a
-    partial file or one with wider permissions.
-
-    :raises CredentialsError: if the directory is unsuitable or a write fails.
-    """
-    _write_files(
-        directory,
-        (
-            (SERVER_CERT_FILE, creds.server_cert_pem),
-            (CLIENT_CERT_FILE, creds.client_cert_pem),
-            (CLIENT_KEY_FILE, creds.client_key_pem),
-        ),
-    )
-
-
-def write_full_credentials(creds: ControlCredentials, directory: str) -> None:
-    """Write all four control credentials, ``server.key`` included.
-
-    The result is a persistent set that :func:`load_control_credentials` reads
-    back.  Directory and file handling are those of
-    :func:`write_client_credentials`.
-
-    :raises CredentialsError: if the directory is unsuitable or a write fails.
-    """
-    _write_files(
-        directory,
-        (
-            (SERVER_CERT_FILE, creds.server_cert_pem),
-            (SERVER_KEY_FILE, creds.server_key_pem),
-            (CLIENT_CERT_FILE, creds.client_cert_pem),
-            (CLIENT_KEY_FILE, creds.client_key_pem),
-        ),
-    )
-
-
-def _write_files(directory: str, files: tuple[tuple[str, bytes], ...]) -> None:
-    _prepare_private_directory(directory)
-    for name, content in files:
-        _write_private_file(os.path.join(directory, name), content)
-
-
-def _prepare_private_directory(directory: str) -> None:
-    try:
-        os.makedirs(directory, mode=0o700)
-    except FileExistsError:
-        pass
-    except OSError as e:
-        raise CredentialsError(f"cannot create credentials directory {directory}: {e.strerror}") from None
-    else:
-        # makedirs' mode is filtered by the umask; make it exact.
-        os.chmod(directory, 0o700)
-        return
-    info = os.stat(directory)
-    if not stat.S_ISDIR(info.st_mode):
-        raise CredentialsError(f"{directory} exists and is not a directory")
-    if info.st_uid != os.geteuid():
-        raise CredentialsError(f"credentials directory {directory} is owned by another user")
-    if info.st_mode & 0o077:
-        raise CredentialsError(
-            f"credentials directory {directory} is accessible by group or others "
-            f"(mode {stat.S_IMODE(info.st_mode):04o}); run chmod 700 {directory} "
-            "or name a new directory"
-        )
-
-
-def _write_private_file(path: str, content: bytes) -> None:
-    directory, name = os.path.split(path)
-    temporary = os.path.join(directory, f".{name}.{secrets.token_hex(8)}.tmp")
-    try:
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            # The umask can only narrow 0600; this makes it exact.
-            os.fchmod(fd, 0o600)
-            view = memoryview(content)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(temporary, path)
-    except OSError as e:
-        try:
-            os.unlink(temporary)
-        except OSError:
-            pass
-        raise CredentialsError(f"cannot write {path}: {e.strerror}") from None
-
-
-def load_control_credentials(directory: str) -> ControlCredentials:
-    """Read a persistent set of control credentials from ``directory``.
-
-    Reads ``server.crt``, ``server.key``, ``client.crt`` and ``client.key`` (as
-    written by :func:`write_full_credentials`, or made by the operator).  Each
-    certificate must be a PEM certificate that is self-signed (each side trusts
-    the other's certificate as its only root) and each key must be an
-    unencrypted PEM private key matching its certificate.  Key files must not be
-    accessible by group or others.
-
-    :raises CredentialsError: naming the file at fault.
-    """
-    server_cert_path = os.path.join(directory, SERVER_CERT_FILE)
-    server_key_path = os.path.join(directory, SERVER_KEY_FILE)
-    client_cert_path = os.path.join(directory, CLIENT_CERT_FILE)
-    client_key_path = os.path.join(directory, CLIENT_KEY_FILE)
-    server_cert_pem = _read_file(server_cert_path)
-    server_key_pem = _read_file(server_key_path, private=True)
-    client_cert_pem = _read_file(client_cert_path)
-    client_key_pem = _read_file(client_key_path, private=True)
-    for cert_path, cert_pem, key_path, key_pem in (
-        (server_cert_path, server_cert_pem, server_key_path, server_key_pem),
-        (client_cert_path, client_cert_pem, client_key_path, client_key_pem),
-    ):
-        certificate = _parse_certificate(cert_pem, cert_path)
-        _require_self_signed(certificate, cert_path)
-        _require_match(certificate, _parse_key(key_pem, key_path), cert_path, key_path)
-    return ControlCredentials(
-        server_cert_pem=server_cert_pem,
-        server_key_pem=server_key_pem,
-        client_cert_pem=client_cert_pem,
-        client_key_pem=client_key_pem,
-    )
-
-
-def _read_file(path: str, private: bool = False) -> bytes:
-    try:
-        with open(path, "rb") as f:
-            if private:
-                mode = stat.S_IMODE(os.fstat(f.fileno()).st_mode)
-                if mode & 0o077:
-                    raise CredentialsError(
-                        f"{path} is accessible by group or others (mode {mode:04o}); run chmod 600 {path}"
-                    )
-            return f.read()
-    except FileNotFoundError:
-        raise CredentialsError(f"{path}: no such file") from None
-    except OSError as e:
-        raise CredentialsError(f"cannot read {path}: {e.strerror}") from None
-
-
-# -- parsing and checks ------------------------------------------------------------
-
-
-def _parse_certificate(pem: bytes, source: str) -> x509.Certificate:
-    return _parse_certificates(pem, source)[0]
-
-
-def _parse_certificates(pem: bytes, source: str) -> list[x509.Certificate]:
-    try:
-        return x509.load_pem_x509_certificates(pem)
-    except ValueError:
-        raise CredentialsError(f"{source}: no PEM certificate found") from None
-
-
-def _parse_key(pem: bytes, source: str) -> Any:
-    try:
-        return serialization.load_pem_private_key(pem, password=None)
-    except TypeError:
-        raise CredentialsError(
-            f"{source}: the private key is encrypted; an unencrypted key is needed"
-        ) from None
-    except (ValueError, UnsupportedAlgorithm):
-        raise CredentialsError(f"{source}: no usable PEM private key found") from None
-
-
-def _public_key_der(key: Any) -> bytes:
-    return key.public_bytes(
-        serialization.Encoding.DER,
-        serialization.PublicFormat.SubjectPublicKeyInfo,
-    )
-
-
-def _require_match(certificate: x509.Certificate, key: Any, cert_source: str, key_source: str) -> None:
-    if _public_key_der(key.public_key()) != _public_key_der(certificate.public_key()):
-        raise CredentialsError(
-            f"the private key in {key_source} does not match the certificate in {cert_source}"
-        )
-
-
-def _require_self_signed(certificate: x509.Certificate, source: str) -> None:
-    try:
-        certificate.verify_directly_issued_by(certificate)
-    except (ValueError, TypeError, InvalidSignature):
-        raise CredentialsError(
-            f"{source}: the certificate is not self-signed; the control "
-            "interface pins self-signed certificates"
-        ) from None
 
 
 def _twisted_certificate(certificate: x509.Certificate) -> Certificate:
@@ -493,10 +100,10 @@ def control_server_options(
     :raises CredentialsError: if the certificates or keys in ``creds`` are not
         usable PEM or a key does not match its certificate.
     """
-    server_cert = _parse_certificate(creds.server_cert_pem, "control server certificate")
-    server_key = _parse_key(creds.server_key_pem, "control server key")
-    _require_match(server_cert, server_key, "control server certificate", "control server key")
-    client_cert = _parse_certificate(creds.client_cert_pem, "control client certificate")
+    server_cert = parse_certificate(creds.server_cert_pem, "control server certificate")
+    server_key = parse_key(creds.server_key_pem, "control server key")
+    require_match(server_cert, server_key, "control server certificate", "control server key")
+    client_cert = parse_certificate(creds.client_cert_pem, "control client certificate")
     options = CertificateOptions(
         privateKey=server_key,
         certificate=server_cert,
@@ -589,12 +196,12 @@ def user_server_options(
     :raises CredentialsError: naming the file at fault (missing, without a
         certificate or key, encrypted key, key not matching the certificate).
     """
-    chain = _parse_certificates(_read_file(certfile), certfile)
-    key = _parse_key(_read_file(keyfile), keyfile)
-    _require_match(chain[0], key, certfile, keyfile)
+    chain = parse_certificates(read_file(certfile), certfile)
+    key = parse_key(read_file(keyfile), keyfile)
+    require_match(chain[0], key, certfile, keyfile)
     kwargs: dict[str, Any] = {}
     if clientcafile is not None:
-        authorities = _parse_certificates(_read_file(clientcafile), clientcafile)
+        authorities = parse_certificates(read_file(clientcafile), clientcafile)
         kwargs["trustRoot"] = trustRootFromCertificates(
             [_twisted_certificate(authority) for authority in authorities]
         )
@@ -626,10 +233,10 @@ class PinnedControlPolicy:
     """
 
     def __init__(self, server_cert_pem: bytes, client_cert_pem: bytes, client_key_pem: bytes) -> None:
-        server_cert = _parse_certificate(server_cert_pem, "control server certificate")
-        client_cert = _parse_certificate(client_cert_pem, "control client certificate")
-        client_key = _parse_key(client_key_pem, "control client key")
-        _require_match(client_cert, client_key, "control client certificate", "control client key")
+        server_cert = parse_certificate(server_cert_pem, "control server certificate")
+        client_cert = parse_certificate(client_cert_pem, "control client certificate")
+        client_key = parse_key(client_key_pem, "control client key")
+        require_match(client_cert, client_key, "control client certificate", "control client key")
         self._trust_root = _twisted_certificate(server_cert)
         self._client_cert = client_cert
         self._client_key = client_key
@@ -676,10 +283,10 @@ def policy_from_environ(environ: Mapping[str, str]) -> PinnedControlPolicy:
             texts[name] = value.encode("ascii")
         except UnicodeEncodeError:
             raise CredentialsError(f"{name}: not PEM text (non-ASCII)") from None
-    _parse_certificate(texts[SERVER_CERT_ENV], SERVER_CERT_ENV)
-    _require_match(
-        _parse_certificate(texts[CLIENT_CERT_ENV], CLIENT_CERT_ENV),
-        _parse_key(texts[CLIENT_KEY_ENV], CLIENT_KEY_ENV),
+    parse_certificate(texts[SERVER_CERT_ENV], SERVER_CERT_ENV)
+    require_match(
+        parse_certificate(texts[CLIENT_CERT_ENV], CLIENT_CERT_ENV),
+        parse_key(texts[CLIENT_KEY_ENV], CLIENT_KEY_ENV),
         CLIENT_CERT_ENV,
         CLIENT_KEY_ENV,
     )
@@ -696,23 +303,10 @@ def policy_from_directory(directory: str) -> PinnedControlPolicy:
     :raises CredentialsError: naming the file that is missing or unusable.
     """
     return PinnedControlPolicy(
-        _read_file(os.path.join(directory, SERVER_CERT_FILE)),
-        _read_file(os.path.join(directory, CLIENT_CERT_FILE)),
-        _read_file(os.path.join(directory, CLIENT_KEY_FILE), private=True),
+        read_file(os.path.join(directory, SERVER_CERT_FILE)),
+        read_file(os.path.join(directory, CLIENT_CERT_FILE)),
+        read_file(os.path.join(directory, CLIENT_KEY_FILE), private=True),
     )
-
-
-def credentials_environ(creds: ControlCredentials) -> dict[str, str]:
-    """The environment variables that let a process use the control API.
-
-    Holds the server certificate and the client certificate and key; never the
-    server key.  :func:`policy_from_environ` reads them back.
-    """
-    return {
-        SERVER_CERT_ENV: creds.server_cert_pem.decode("ascii"),
-        CLIENT_CERT_ENV: creds.client_cert_pem.decode("ascii"),
-        CLIENT_KEY_ENV: creds.client_key_pem.decode("ascii"),
-    }
 
 
 # -- peer identity -------------------------------------------------------------------
