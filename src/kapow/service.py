@@ -170,19 +170,23 @@ class Listener(StreamServerEndpointService):
         log.info("{label} interface listening on {url}", label=self.label, url=self.url())
         return port
 
-    def url(self) -> str:
-        """The URL of this listener, with its real port."""
+    def url(self, host: str | None = None) -> str:
+        """
+        The URL of this listener, with its real port.
+
+        :param host: the host to show instead of the one listened on (e.g.
+            the name in the control certificate).
+        """
         address = self.port.getHost() if self.port is not None else None
-        host = getattr(address, "host", None)
         port = getattr(address, "port", None)
-        if host is None or port is None:
+        if getattr(address, "host", None) is None or port is None:
             name = getattr(address, "name", None)
             if isinstance(name, bytes):
                 name = name.decode()
             if name:
                 return f"{self.scheme}+unix://{quote(name, safe='')}"
             return f"{self.scheme}://{self.host or 'localhost'}"
-        shown = self.host or ("localhost" if host in ("0.0.0.0", "::") else host)
+        shown = host or self.host or ("localhost" if address.host in ("0.0.0.0", "::") else address.host)
         if ":" in shown:
             shown = f"[{shown}]"
         return f"{self.scheme}://{shown}:{port}"

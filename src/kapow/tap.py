@@ -8,6 +8,7 @@ and ``kapow server`` all come through here.
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import os
 import re
@@ -74,8 +75,6 @@ def parse_listen_address(addr: str) -> tuple[str, str | None]:
 
 
 def _is_ipv6(host: str) -> bool:
-    import ipaddress
-
     try:
         ipaddress.IPv6Address(host)
     except ValueError:
@@ -304,7 +303,7 @@ def build_service(options: Options, reactor: Any) -> KapowService:
     def control_url() -> str:
         if explicit_reachable:
             return f"https://{reachable}"
-        return _with_host(control.url(), reachable)
+        return control.url(host=credentials.reachable_host(reachable))
 
     def init_environ() -> dict[str, str]:
         env = launcher_dir.environ(os.environ)
@@ -318,16 +317,6 @@ def build_service(options: Options, reactor: Any) -> KapowService:
         watchdog.setServiceParent(service)
     InitProgramsService(reactor, options["init_programs"], init_environ).setServiceParent(service)
     return service
-
-
-def _with_host(url: str, reachable: str) -> str:
-    """``url`` with its host replaced by the host of ``reachable`` (the SAN)."""
-    m = re.fullmatch(r"https://(?:\[[^\]]*\]|[^:/]*)(:[0-9]+)?", url)
-    if m is None:
-        return f"https://{reachable}"
-    host = credentials.reachable_host(reachable)
-    host = f"[{host}]" if ":" in host else host
-    return f"https://{host}{m.group(1) or ''}"
 
 
 def makeService(options: Options) -> KapowService:
