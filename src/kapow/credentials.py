@@ -231,14 +231,7 @@ def write_client_credentials(creds: ControlCredentials, directory: str) -> None:
 
     :raises CredentialsError: if the directory is unsuitable or a write fails.
     """
-    _write_files(
-        directory,
-        (
-            (SERVER_CERT_FILE, creds.server_cert_pem),
-            (CLIENT_CERT_FILE, creds.client_cert_pem),
-            (CLIENT_KEY_FILE, creds.client_key_pem),
-        ),
-    )
+    _write_files(directory, _client_files(creds))
 
 
 def write_full_credentials(creds: ControlCredentials, directory: str) -> None:
@@ -250,14 +243,15 @@ def write_full_credentials(creds: ControlCredentials, directory: str) -> None:
 
     :raises CredentialsError: if the directory is unsuitable or a write fails.
     """
-    _write_files(
-        directory,
-        (
-            (SERVER_CERT_FILE, creds.server_cert_pem),
-            (SERVER_KEY_FILE, creds.server_key_pem),
-            (CLIENT_CERT_FILE, creds.client_cert_pem),
-            (CLIENT_KEY_FILE, creds.client_key_pem),
-        ),
+    _write_files(directory, ((SERVER_KEY_FILE, creds.server_key_pem), *_client_files(creds)))
+
+
+def _client_files(creds: ControlCredentials) -> tuple[tuple[str, bytes], ...]:
+    """What a client needs: the server certificate, its own certificate and key."""
+    return (
+        (SERVER_CERT_FILE, creds.server_cert_pem),
+        (CLIENT_CERT_FILE, creds.client_cert_pem),
+        (CLIENT_KEY_FILE, creds.client_key_pem),
     )
 
 
