@@ -54,6 +54,20 @@ def wait_answer(port: int, creds: Path, deadline: float) -> None:
     raise RuntimeError("control API never answered")
 
 
+def time_until_answer(argv: list[str], control: int, creds: Path, timeout: float) -> float:
+    """Seconds from starting ``argv`` until its control API on ``control`` answers."""
+    start = time.monotonic()
+    process = subprocess.Popen(
+        argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    try:
+        wait_answer(control, creds, start + timeout)
+        return time.monotonic() - start
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait()
+
+
 def time_kapow(argv_head: list[str], work: Path) -> float:
     creds = work / "creds"
     shutil.rmtree(creds, ignore_errors=True)
@@ -65,16 +79,7 @@ def time_kapow(argv_head: list[str], work: Path) -> float:
         "--data-bind", f"127.0.0.1:{free_port()}",
         "--write-control-credentials", str(creds),
     ]  # fmt: skip
-    start = time.monotonic()
-    process = subprocess.Popen(
-        argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
-    )
-    try:
-        wait_answer(control, creds, start + 30)
-        return time.monotonic() - start
-    finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait()
+    return time_until_answer(argv, control, creds, 30)
 
 
 def time_reference(binary: str, work: Path) -> float:
@@ -99,16 +104,7 @@ def time_reference(binary: str, work: Path) -> float:
         "--data-bind", f"127.0.0.1:{free_port()}",
         str(init),
     ]  # fmt: skip
-    start = time.monotonic()
-    process = subprocess.Popen(
-        argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
-    )
-    try:
-        wait_answer(control, creds, start + 60)
-        return time.monotonic() - start
-    finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait()
+    return time_until_answer(argv, control, creds, 60)
 
 
 def rsa_keygen_seconds(runs: int) -> float:
