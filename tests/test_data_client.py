@@ -1,8 +1,10 @@
-"""Tests for kapow.data_client (``kapow get``/``kapow set``) and kapow.launcher.
+"""Tests for ``kapow get``/``kapow set`` (both clients) and kapow.launcher.
 
 Everything runs for real: a small threaded HTTP/1.1 data server on 127.0.0.1
-(or a unix socket) records what it receives, and the launcher written by
+(or a unix socket) records what it receives, and the ``kapow`` written by
 ``write_launcher`` runs as a subprocess with KAPOW_DATA_URL/KAPOW_HANDLER_ID.
+Every command-line case runs twice: with the Python lean client
+(kapow.data_client) and with the native one (src/kapow/native/kapow.c).
 """
 
 import http.server
@@ -10,6 +12,7 @@ import io
 import itertools
 import json
 import os
+import shutil
 import socket
 import socketserver
 import subprocess
@@ -22,7 +25,8 @@ import pytest
 
 import kapow
 from kapow.data_client import DataAPIError, DataClient, _json_reason, is_lean_command
-from kapow.launcher import MAX_SHEBANG, launcher_source, write_launcher
+from kapow.launcher import FULL_CLI, MAX_SHEBANG, launcher_source, write_launcher
+from tests.native import native_client_or_skip
 
 SRC = os.path.dirname(os.path.dirname(os.path.abspath(kapow.__file__)))
 HANDLER = "a1b2c3"
@@ -163,9 +167,11 @@ def server():
     fake.close()
 
 
-@pytest.fixture(scope="module")
-def launcher(tmp_path_factory):
-    return write_launcher(str(tmp_path_factory.mktemp("bin")))
+@pytest.fixture(scope="module", params=["python", "native"])
+def launcher(request, tmp_path_factory):
+    """``kapow`` as handlers get it: the Python launcher, or the native client."""
+    native = native_client_or_skip() if request.param == "native" else None
+    return write_launcher(str(tmp_path_factory.mktemp("bin")), native=native)
 
 
 def kapow_env(url, handler=HANDLER):
@@ -618,9 +624,11 @@ def test_ipv6_url():
 
 
 def test_json_reason():
-    assert _json_reason(b'{"reason": "Handler ID Not Found"}') == "Handler ID Not Found"
+    assert _json_reason(b'{"reason": "Handler ID Not Found"}') == b"Handler ID Not Found"
     body = b'{ "x": 1, "reason" :"a\\"b\\\\c\\/d\\u00e9\\ud83d\\ude00" }'
-    assert _json_reason(body) == 'a"b\\c/d\u00e9\U0001f600'
+    assert _json_reason(body) == 'a"b\\c/d\u00e9\U0001f600'.encode()
+    # raw bytes are kept as sent; half a surrogate pair is U+FFFD
+    assert _json_reason(b'{"reason": "\xff\\ud83dx\\ude00"}') == b"\xff\xef\xbf\xbdx\xef\xbf\xbd"
     assert _json_reason(b"not json") is None
     assert _json_reason(b'{"reason": "unterminated') is None
     assert _json_reason(b'{"reason": 12}') is None
@@ -758,6 +766,70 @@ def test_launcher_runs_get_with_linked_python(server, tmp_path, fake_python_dir)
 def test_values_after_the_resource_are_never_options(args):
     from kapow.data_client import _parse_args
 
-    _, handler, positionals = _parse_args(args[1:], "set")
+    _, handler, positionals = _parse_args([a.encode() for a in args[1:]], b"set")
     assert handler is None
-    assert positionals[0] == "/response/body" and positionals[1].startswith("--")
+    assert positionals[0] == b"/response/body" and positionals[1].startswith(b"--")
+
+
+# The native client's own parts
+
+
+def test_native_launcher_files(tmp_path):
+    native = native_client_or_skip()
+    path = write_launcher(str(tmp_path / "bin"), native=native)
+    assert sorted(os.listdir(tmp_path / "bin")) == ["kapow", FULL_CLI]
+    with open(path, "rb") as f, open(native, "rb") as g:
+        assert f.read() == g.read()
+    for name in ("kapow", FULL_CLI):
+        assert os.stat(tmp_path / "bin" / name).st_mode & 0o777 == 0o755
+    # written again: replaced in place
+    assert write_launcher(str(tmp_path / "bin"), native=native) == path
+    assert sorted(os.listdir(tmp_path / "bin")) == ["kapow", FULL_CLI]
+
+
+def test_native_hands_other_commands_to_the_full_command_line(tmp_path, fake_python_dir):
+    native = native_client_or_skip()
+    out = tmp_path / "argv.txt"
+    script = fake_python_dir / "kapow"
+    script.write_text('#!/bin/sh\nprintf "%%s\\n" "$0" "$@" > %s\n' % out)
+    script.chmod(0o755)
+    launcher = write_launcher(str(tmp_path / "bin"), str(fake_python_dir / "python"), native=native)
+    for argv in (["route", "list", "--control-url", "a b"], ["--help"], []):
+        result = subprocess.run([launcher, *argv], capture_output=True, timeout=TIMEOUT)
+        assert result.returncode == 0, result.stderr
+        assert out.read_text().splitlines() == [str(script), *argv]
+
+
+def test_native_runs_python_m_kapow_without_script(tmp_path, fake_python_dir):
+    native = native_client_or_skip()
+    pkg = tmp_path / "pypath" / "kapow"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "__main__.py").write_text("import sys\nprint(repr(sys.argv[1:]))\n")
+    launcher = write_launcher(str(tmp_path / "my bin"), str(fake_python_dir / "python"), native=native)
+    env = dict(os.environ, PYTHONPATH=str(tmp_path / "pypath"))
+    result = subprocess.run([launcher, "server", "--debug"], capture_output=True, env=env, timeout=TIMEOUT)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.decode().strip() == repr(["server", "--debug"])
+
+
+def test_native_without_the_full_command_line(tmp_path):
+    native = native_client_or_skip()
+    alone = tmp_path / "kapow"
+    shutil.copyfile(native, alone)
+    alone.chmod(0o755)
+    result = subprocess.run([str(alone), "route", "list"], capture_output=True, timeout=TIMEOUT)
+    line = one_error_line(result)
+    assert line == "kapow: cannot run the kapow command line %s: No such file or directory" % (
+        tmp_path / FULL_CLI
+    )
+
+
+def test_native_source_compiles_warning_free(tmp_path):
+    if shutil.which("cc") is None:
+        pytest.skip("no C compiler")
+    source = os.path.join(SRC, "kapow", "native", "kapow.c")
+    argv = ["cc", "-std=c11", "-O2", "-Wall", "-Wextra", "-Werror", "-o", str(tmp_path / "kapow"), source]
+    result = subprocess.run(argv, capture_output=True, timeout=120)
+    assert result.returncode == 0, result.stderr.decode()
+    assert result.stderr == b""

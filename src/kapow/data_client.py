@@ -11,6 +11,12 @@ Nothing of the ``kapow`` package either: the handlers' launcher
 (:mod:`kapow.launcher`) loads this file as the top-level module
 ``data_client``.
 
+This module is also the definition of the native client
+(``src/kapow/native/kapow.c``), which handlers get when it was built: both
+work on bytes from end to end (arguments, environment, URL, answers,
+messages), with rules simple enough to be the same in C, and the tests run
+every case against both and compare them on random input.
+
 Command line::
 
     kapow get [--data-url URL] [--handler ID] RESOURCE
@@ -32,6 +38,12 @@ appending ``PUT`` requests of at most 64 KiB each over one keep-alive
 connection, each sent only after the previous one was answered: the server
 answers a chunk once the user's connection has taken it, which is the flow
 control that lets an endless producer stream in bounded memory.
+
+The answers are read strictly enough to be the same whatever the timing: a
+response head (or a chunk-size line) longer than 64 KiB, a status that is not
+three digits, a ``Content-Length`` that is not digits and a chunk size that is
+not hexadecimal digits are malformed; the reason of a refusal is looked for in
+the first 64 KiB of its body.
 """
 
 import sys
@@ -49,13 +61,14 @@ STREAMING_RESOURCES = ("/response/body", "/response/stream")
 _STREAMING = (b"/response/body", b"/response/stream")
 CHUNK_SIZE = 65536
 
-_MAX_HEAD = 65536  # largest response head (status line + headers) accepted
-_MAX_REASON_BODY = 65536  # error bodies are read up to this size for the reason
-_MALFORMED = "malformed response from the data API"
-_CLOSED_EARLY = "the data API closed the connection mid-response"
-_NO_ANSWER = "the data API closed the connection without answering"
-_FS_ENCODING = sys.getfilesystemencoding()
-_FS_ERRORS = sys.getfilesystemencodeerrors()
+_MAX_HEAD = 65536  # longest response head (status line + headers + CRLFCRLF), or chunk line
+_MAX_REASON_BODY = 65536  # a refusal's reason is looked for in this much of its body
+_MAX_UNIX_PATH = 107  # sizeof(sun_path) - 1 on Linux
+_MALFORMED = b"malformed response from the data API"
+_CLOSED_EARLY = b"the data API closed the connection mid-response"
+_NO_ANSWER = b"the data API closed the connection without answering"
+_WHITESPACE = b" \t\n\r\x0b\x0c"  # what bytes.split() and bytes.strip() take away
+_HEX = b"0123456789abcdefABCDEF"
 
 USAGE = """\
 usage: kapow get [--data-url URL] [--handler ID] RESOURCE
@@ -79,6 +92,18 @@ example:
 """.replace("{default}", DEFAULT_DATA_URL)
 
 
+def _text(data):
+    """Bytes as text that turns back into the same bytes (see :func:`_bytes`)."""
+    return data.decode("utf-8", "surrogateescape")
+
+
+def _bytes(text):
+    """Text (a ``str`` from :func:`_text`, ``sys.argv`` or the environment) as bytes."""
+    if isinstance(text, str):
+        return text.encode("utf-8", "surrogateescape")
+    return bytes(text)
+
+
 class DataAPIError(Exception):
     """A data API call failed.
 
@@ -88,6 +113,7 @@ class DataAPIError(Exception):
     """
 
     def __init__(self, status, reason):
+        reason = _text(reason) if isinstance(reason, bytes) else reason
         super().__init__(status, reason)
         self.status = status
         self.reason = reason
@@ -100,26 +126,34 @@ class _PeerClosed(Exception):
     """The connection ended before a single byte of the response arrived."""
 
 
-def _fsencode(text):
-    return text.encode(_FS_ENCODING, _FS_ERRORS)
+def _invalid(data):
+    return ValueError(_text(data))
 
 
-def _fsdecode(data):
-    return data.decode(_FS_ENCODING, _FS_ERRORS)
+def _quote(data):
+    """``data`` in double quotes, with every byte outside printable ASCII
+    (and ``"`` and ``\\``) written as ``\\xNN``."""
+    out = bytearray(b'"')
+    for c in data:
+        if 0x20 <= c < 0x7F and c != 0x22 and c != 0x5C:
+            out.append(c)
+        else:
+            out += b"\\x%02x" % c
+    out.append(0x22)
+    return bytes(out)
 
 
 def _getenv(name):
     os_module = sys.modules.get("os")
     if os_module is not None:  # honour changes made through os.environ
-        return os_module.environ.get(name)
-    value = _os.environ.get(_fsencode(name))  # posix.environ has bytes keys
-    return None if value is None else _fsdecode(value)
+        value = os_module.environ.get(name)
+        return None if value is None else _bytes(value)
+    return _os.environ.get(name.encode())  # posix.environ has bytes keys and values
 
 
-def _percent_decode(text):
-    data = _fsencode(text)
+def _percent_decode(data):
     if b"%" not in data:
-        return text
+        return data
     out = bytearray()
     i, n = 0, len(data)
     while i < n:
@@ -130,25 +164,24 @@ def _percent_decode(text):
         else:
             out.append(c)
             i += 1
-    return _fsdecode(bytes(out))
+    return bytes(out)
 
 
-def _is_hex(pair):
-    return len(pair) == 2 and all(c in b"0123456789abcdefABCDEF" for c in pair)
+def _is_hex(digits, size=2):
+    return len(digits) == size and all(c in _HEX for c in digits)
 
 
-def _path_bytes(text, what):
-    """``text`` as request-target bytes; only what HTTP cannot carry is escaped.
+def _path_bytes(data, what):
+    """``data`` as request-target bytes; only what HTTP cannot carry is escaped.
 
     Refuses whitespace and control characters (they would end or split the
     request line).  Non-ASCII bytes and ``?``/``#`` (which would start a query
     or fragment) are percent-encoded; everything else is sent as given.
     """
-    data = _fsencode(text)
     out = bytearray()
     for c in data:
         if c <= 0x20 or c == 0x7F:
-            raise ValueError("invalid %s %r: whitespace or control character" % (what, text))
+            raise _invalid(b"invalid %s %s: whitespace or control character" % (what, _quote(data)))
         if c >= 0x80 or c == 0x3F or c == 0x23:
             out += b"%%%02X" % c
         else:
@@ -157,50 +190,53 @@ def _path_bytes(text, what):
 
 
 def _resource_bytes(resource):
-    if not isinstance(resource, str):
-        if isinstance(resource, (bytes, bytearray)):
-            resource = _fsdecode(bytes(resource))
-        else:
-            raise TypeError("resource must be str, not %s" % type(resource).__name__)
-    if not resource.startswith("/"):
-        raise ValueError("invalid resource %r: it must start with '/'" % resource)
-    return _path_bytes(resource, "resource")
+    if not isinstance(resource, (str, bytes, bytearray)):
+        raise TypeError("resource must be str, not %s" % type(resource).__name__)
+    resource = _bytes(resource)
+    if not resource.startswith(b"/"):
+        raise _invalid(b"invalid resource %s: it must start with '/'" % _quote(resource))
+    return _path_bytes(resource, b"resource")
 
 
 def _parse_data_url(url):
     """-> (family, address, host header bytes, path prefix bytes)."""
-    scheme, sep, rest = url.partition("://")
+
+    def bad(why):
+        return _invalid(b"invalid data URL %s: %s" % (_quote(url), why))
+
+    scheme, sep, rest = url.partition(b"://")
     scheme = scheme.lower()
-    if not sep or scheme not in ("http", "http+unix"):
-        raise ValueError("invalid data URL %r: expected http://HOST:PORT or http+unix://SOCKET" % url)
-    netloc, slash, prefix = rest.partition("/")
-    prefix = (slash + prefix).rstrip("/")
-    for junk in ("?", "#"):
+    if not sep or scheme not in (b"http", b"http+unix"):
+        raise bad(b"expected http://HOST:PORT or http+unix://SOCKET")
+    netloc, slash, prefix = rest.partition(b"/")
+    prefix = (slash + prefix).rstrip(b"/")
+    for junk in (b"?", b"#"):
         if junk in prefix:
-            prefix = prefix.partition(junk)[0].rstrip("/")
-    if not netloc or "@" in netloc:
-        raise ValueError("invalid data URL %r: bad host part" % url)
-    prefix_bytes = _path_bytes(prefix, "data URL path")
-    if scheme == "http+unix":
-        if not hasattr(_socket, "AF_UNIX"):  # pragma: no cover
-            raise ValueError("unix sockets are not supported on this platform")
-        return _socket.AF_UNIX, _percent_decode(netloc), b"localhost", prefix_bytes
-    if netloc.startswith("["):
-        host, bracket, port = netloc[1:].partition("]")
-        if not bracket or (port and not port.startswith(":")):
-            raise ValueError("invalid data URL %r: bad IPv6 address" % url)
+            prefix = prefix.partition(junk)[0].rstrip(b"/")
+    if not netloc or b"@" in netloc:
+        raise bad(b"bad host part")
+    prefix_bytes = _path_bytes(prefix, b"data URL path")
+    if scheme == b"http+unix":
+        path = _percent_decode(netloc)
+        if b"\0" in path:
+            raise bad(b"bad socket path")
+        return _socket.AF_UNIX, path, b"localhost", prefix_bytes
+    if netloc.startswith(b"["):
+        host, bracket, port = netloc[1:].partition(b"]")
+        if not bracket or (port and not port.startswith(b":")):
+            raise bad(b"bad IPv6 address")
         port = port[1:]
     else:
-        host, _, port = netloc.partition(":")
+        host, _, port = netloc.partition(b":")
     if not host:
-        raise ValueError("invalid data URL %r: no host" % url)
+        raise bad(b"no host")
     if port:
         if not port.isdigit() or not 0 < int(port) < 65536:
-            raise ValueError("invalid data URL %r: bad port" % url)
+            raise bad(b"bad port")
         port = int(port)
     else:
         port = 80
-    return None, (host, port), _path_bytes(netloc, "data URL host"), prefix_bytes
+    return None, (host, port), _path_bytes(netloc, b"data URL host"), prefix_bytes
 
 
 class _Connection:
@@ -224,9 +260,6 @@ class _Connection:
             sock.sendall(data)
             sock.sendall(body)
 
-    def _recv(self, size=CHUNK_SIZE):
-        return self.sock.recv(size)
-
     def read_head(self):
         """-> (status, reason bytes, {lowercase name: value bytes})."""
         while True:
@@ -241,31 +274,43 @@ class _Connection:
             self.close_after = b"close" in connection
         return status, reason, headers
 
-    def _read_one_head(self):
+    def _read_until(self, mark, first):
+        """The bytes before ``mark`` (consumed with it); it must end within
+        _MAX_HEAD bytes.  ``first``: an end of the connection before any byte
+        is _PeerClosed, and a failing recv there is the OSError itself."""
         buf = self.buf
         start = 0
         while True:
-            end = buf.find(b"\r\n\r\n", start)
+            end = buf.find(mark, start)
             if end >= 0:
-                break
-            if len(buf) > _MAX_HEAD:
+                if end + len(mark) > _MAX_HEAD:
+                    raise DataAPIError(None, _MALFORMED)
+                self.buf = buf[end + len(mark) :]
+                return buf[:end]
+            if len(buf) >= _MAX_HEAD:
                 raise DataAPIError(None, _MALFORMED)
-            start = max(0, len(buf) - 3)
+            start = max(0, len(buf) - len(mark) + 1)
             try:
-                data = self._recv()
+                data = self.sock.recv(CHUNK_SIZE)
             except OSError:
-                if buf:  # part of an answer came: never a case for a retry
+                if buf and first:  # part of an answer came: never a case for a retry
                     raise DataAPIError(None, _CLOSED_EARLY) from None
                 raise
             if not data:
-                if not buf:
+                if not buf and first:
                     raise _PeerClosed()
                 raise DataAPIError(None, _CLOSED_EARLY)
             buf += data
-        self.buf = buf[end + 4 :]
-        lines = buf[:end].split(b"\r\n")
+
+    def _read_one_head(self):
+        lines = self._read_until(b"\r\n\r\n", True).split(b"\r\n")
         parts = lines[0].split(None, 2)
-        if len(parts) < 2 or not parts[0].startswith(b"HTTP/") or not parts[1].isdigit():
+        if (
+            len(parts) < 2
+            or not parts[0].startswith(b"HTTP/")
+            or len(parts[1]) != 3
+            or not parts[1].isdigit()
+        ):
             raise DataAPIError(None, _MALFORMED)
         headers = {}
         for line in lines[1:]:
@@ -293,7 +338,7 @@ class _Connection:
         if buf:
             yield buf
         while True:
-            data = self._recv()
+            data = self.sock.recv(CHUNK_SIZE)
             if not data:
                 return
             yield data
@@ -315,28 +360,14 @@ class _Connection:
             yield data
 
     def _line(self):
-        buf = self.buf
-        start = 0
-        while True:
-            end = buf.find(b"\r\n", start)
-            if end >= 0:
-                self.buf = buf[end + 2 :]
-                return buf[:end]
-            if len(buf) > _MAX_HEAD:
-                raise DataAPIError(None, _MALFORMED)
-            start = max(0, len(buf) - 1)
-            data = self._recv()
-            if not data:
-                raise DataAPIError(None, _CLOSED_EARLY)
-            buf += data
+        return self._read_until(b"\r\n", False)
 
     def _chunked(self):
         while True:
             size = self._line().partition(b";")[0].strip()
-            try:
-                size = int(size, 16)
-            except ValueError:
-                raise DataAPIError(None, _MALFORMED) from None
+            if not size or not all(c in _HEX for c in size):
+                raise DataAPIError(None, _MALFORMED)
+            size = int(size, 16)
             if size == 0:
                 while self._line():  # trailers, up to the empty line
                     pass
@@ -346,8 +377,16 @@ class _Connection:
                 raise DataAPIError(None, _MALFORMED)
 
 
+_ESCAPES = {
+    0x22: b'"', 0x5C: b"\\", 0x2F: b"/", 0x62: b"\b",
+    0x66: b"\f", 0x6E: b"\n", 0x72: b"\r", 0x74: b"\t",
+}  # fmt: skip
+
+
 def _json_reason(body):
-    """The ``reason`` string of a JSON error body, or None (no json module)."""
+    """The ``reason`` string of a JSON error body as UTF-8 bytes, or None (no
+    json module).  Raw bytes are kept as sent; a ``\\u`` escape of half a
+    surrogate pair that has no other half becomes U+FFFD."""
     key = body.find(b'"reason"')
     if key < 0:
         return None
@@ -363,48 +402,49 @@ def _json_reason(body):
     if i >= n or body[i] != 0x22:  # '"'
         return None
     i += 1
-    out = []
-    simple = {
-        0x22: '"', 0x5C: "\\", 0x2F: "/", 0x62: "\b",
-        0x66: "\f", 0x6E: "\n", 0x72: "\r", 0x74: "\t",
-    }  # fmt: skip
+    out = bytearray()
     while i < n:
         end = i
         while end < n and body[end] != 0x22 and body[end] != 0x5C:
             end += 1
-        out.append(body[i:end].decode("utf-8", "replace"))
+        out += body[i:end]
         if end >= n:
             return None
         if body[end] == 0x22:
-            text = "".join(out)
-            # join surrogate pairs written as two \u escapes
-            return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
-        # backslash escape
+            return bytes(out)
         if end + 1 >= n:
             return None
         c = body[end + 1]
         if c == 0x75:  # \uXXXX
             digits = body[end + 2 : end + 6]
-            if not _is_hex(digits[:2]) or not _is_hex(digits[2:]):
+            if not _is_hex(digits, 4):
                 return None
-            out.append(chr(int(digits, 16)))
+            code = int(digits, 16)
             i = end + 6
-        elif c in simple:
-            out.append(simple[c])
+            if 0xD800 <= code < 0xDC00 and body[i : i + 2] == b"\\u" and _is_hex(body[i + 2 : i + 6], 4):
+                low = int(body[i + 2 : i + 6], 16)
+                if 0xDC00 <= low < 0xE000:
+                    code = 0x10000 + ((code - 0xD800) << 10) + (low - 0xDC00)
+                    i += 6
+            if 0xD800 <= code < 0xE000:
+                code = 0xFFFD
+            out += chr(code).encode("utf-8")
+        elif c in _ESCAPES:
+            out += _ESCAPES[c]
             i = end + 2
         else:
             return None
     return None
 
 
-def _one_line(text):
-    return " ".join(text.split()) if ("\n" in text or "\r" in text) else text
+def _one_line(data):
+    return b" ".join(data.split()) if (b"\n" in data or b"\r" in data) else data
 
 
 def _reason_of(status, reason, body):
-    text = _json_reason(body)
+    text = _json_reason(body[:_MAX_REASON_BODY])
     if not text:
-        text = reason.decode("utf-8", "replace") or "HTTP status %d" % status
+        text = reason or b"HTTP status %d" % status
     return _one_line(text)
 
 
@@ -413,9 +453,9 @@ class DataClient:
 
     ``data_url`` defaults to ``$KAPOW_DATA_URL``, else ``http://localhost:8082``;
     ``handler_id`` to ``$KAPOW_HANDLER_ID`` (required: ``ValueError`` without
-    it).  Every call opens its own connection (a streamed ``set`` keeps one
-    for all its chunks).  Failures raise :class:`DataAPIError`; a malformed
-    resource raises ``ValueError``.
+    it).  Both may be ``str`` or ``bytes``.  Every call opens its own
+    connection (a streamed ``set`` keeps one for all its chunks).  Failures
+    raise :class:`DataAPIError`; a malformed resource raises ``ValueError``.
     """
 
     def __init__(self, data_url=None, handler_id=None):
@@ -425,12 +465,13 @@ class DataClient:
             handler_id = _getenv("KAPOW_HANDLER_ID")
         if not handler_id:
             raise ValueError("no handler id: set KAPOW_HANDLER_ID or pass --handler")
-        self.data_url = data_url
-        self.handler_id = handler_id
-        self._family, self._address, host, prefix = _parse_data_url(data_url)
-        handler = _path_bytes(handler_id, "handler id")
+        self._url = url = _bytes(data_url)
+        self.data_url = _text(url)
+        self.handler_id = _text(_bytes(handler_id))
+        self._family, self._address, host, prefix = _parse_data_url(url)
+        handler = _path_bytes(_bytes(handler_id), b"handler id")
         if b"/" in handler:
-            raise ValueError("invalid handler id %r" % handler_id)
+            raise _invalid(b"invalid handler id %s" % _quote(_bytes(handler_id)))
         self._base = prefix + b"/handlers/" + handler
         self._host = host
 
@@ -482,7 +523,7 @@ class DataClient:
         resource = _resource_bytes(resource)
         target = self._base + resource
         if isinstance(value, str):
-            value = _fsencode(value)
+            value = _bytes(value)
         if isinstance(value, (bytearray, memoryview)):
             value = bytes(value)
         if isinstance(value, bytes):
@@ -512,6 +553,8 @@ class DataClient:
         family, address = self._family, self._address
         try:
             if family is not None:
+                if len(address) > _MAX_UNIX_PATH:
+                    raise OSError("AF_UNIX path too long")
                 sock = _socket.socket(family, _socket.SOCK_STREAM)
                 try:
                     sock.connect(address)
@@ -520,7 +563,7 @@ class DataClient:
                     raise
                 return _Connection(sock)
             host, port = address
-            if host.lower() == "localhost":
+            if host.lower() == b"localhost":
                 # loopback by definition (RFC 6761 6.3); spares the resolver
                 # (~0.2 ms of NSS loading, a noticeable part of the budget)
                 candidates = [
@@ -528,18 +571,18 @@ class DataClient:
                     (_socket.AF_INET6, ("::1", port, 0, 0)),
                 ]
             else:
-                try:
-                    # bytes: a str host makes getaddrinfo load the idna codec,
-                    # which drags in `re` (~10 ms)
-                    host = host.encode("ascii")
-                except UnicodeEncodeError:
-                    pass
+                # bytes: the name goes to the resolver as given (a str would
+                # make getaddrinfo load the idna codec, which drags in `re`)
                 candidates = [
                     (info[0], info[4]) for info in _socket.getaddrinfo(host, port, 0, _socket.SOCK_STREAM)
                 ]
             error = None
             for family, sockaddr in candidates:
-                sock = _socket.socket(family, _socket.SOCK_STREAM)
+                try:
+                    sock = _socket.socket(family, _socket.SOCK_STREAM)
+                except OSError as exc:
+                    error = exc
+                    continue
                 try:
                     sock.connect(sockaddr)
                 except OSError as exc:
@@ -551,21 +594,20 @@ class DataClient:
                     raise
                 sock.setsockopt(_socket.IPPROTO_TCP, _socket.TCP_NODELAY, 1)
                 return _Connection(sock)
-            raise error or OSError("no address found for %s" % address[0])
+            raise error
         except OSError as exc:
-            reason = "cannot reach data API at %s: %s" % (self.data_url, _strerror(exc))
+            reason = b"cannot reach data API at %s: %s" % (self._url, _strerror(exc))
             raise DataAPIError(None, reason) from None
 
     def _broken(self, exc):
-        message = "connection to data API at %s failed: %s"
-        return DataAPIError(None, message % (self.data_url, _strerror(exc)))
+        message = b"connection to data API at %s failed: %s"
+        return DataAPIError(None, message % (self._url, _strerror(exc)))
 
     def _refusal(self, status, reason, body):
         data = b""
         try:
             for chunk in body:
-                if len(data) < _MAX_REASON_BODY:
-                    data += chunk
+                data += chunk
                 if len(data) >= _MAX_REASON_BODY:
                     break
         except (OSError, DataAPIError):
@@ -652,9 +694,9 @@ def _read_chunks(fileobj):
 
 
 def _strerror(exc):
-    if getattr(exc, "strerror", None):
-        return exc.strerror
-    return str(exc) or type(exc).__name__
+    """The C library's text for ``exc`` (``strerror``, ``gai_strerror``), as bytes."""
+    text = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+    return _bytes(text)
 
 
 class _FdFile:
@@ -678,9 +720,8 @@ class _FdFile:
 
 
 def _error(message):
-    data = ("kapow: %s\n" % _one_line(message)).encode("utf-8", "backslashreplace")
     try:
-        _os.write(2, data)
+        _FdFile(2).write(b"kapow: %s\n" % _one_line(_bytes(message)))
     except OSError:
         pass
     return 1
@@ -693,7 +734,8 @@ def is_lean_command(argv):
 
 
 def _parse_args(args, command):
-    """-> (data_url, handler_id, positionals) or raises ValueError; None for help."""
+    """-> (data_url, handler_id, positionals), all bytes, or raises
+    ValueError; None for help.  ``args`` are bytes."""
     data_url = handler_id = None
     positionals = []
     separated = False
@@ -705,36 +747,35 @@ def _parse_args(args, command):
             # options end at RESOURCE: a VALUE from a request ("--handler=...")
             # must never be taken for an option; one "--" may still come
             # before VALUE, as in `kapow set RESOURCE -- "$value"`
-            if arg == "--" and len(positionals) == 1 and not separated:
+            if arg == b"--" and len(positionals) == 1 and not separated:
                 separated = True
             else:
                 positionals.append(arg)
             continue
-        if arg == "--":
+        if arg == b"--":
             positionals.extend(args[i:])
             break
-        if arg in ("-h", "--help"):
+        if arg in (b"-h", b"--help"):
             return None
-        name, eq, value = arg.partition("=")
-        if name in ("--data-url", "--handler"):
+        name, eq, value = arg.partition(b"=")
+        if name in (b"--data-url", b"--handler"):
             if not eq:
                 if i >= len(args):
-                    raise ValueError("option %s needs a value" % name)
+                    raise _invalid(b"option %s needs a value" % name)
                 value = args[i]
                 i += 1
-            if name == "--data-url":
+            if name == b"--data-url":
                 data_url = value
             else:
                 handler_id = value
-        elif arg.startswith("-") and arg != "-":
-            raise ValueError("unknown option %s (see kapow %s --help)" % (arg, command))
+        elif arg.startswith(b"-") and arg != b"-":
+            raise _invalid(b"unknown option %s (see kapow %s --help)" % (_quote(arg), command))
         else:
             positionals.append(arg)
-    limit = 1 if command == "get" else 2
+    limit = 1 if command == b"get" else 2
     if not positionals or len(positionals) > limit:
-        syntax = "RESOURCE" if command == "get" else "RESOURCE [VALUE]"
-        usage = "usage: kapow %s [--data-url URL] [--handler ID] %s"
-        raise ValueError(usage % (command, syntax))
+        syntax = b"RESOURCE" if command == b"get" else b"RESOURCE [VALUE]"
+        raise _invalid(b"usage: kapow %s [--data-url URL] [--handler ID] %s" % (command, syntax))
     return data_url, handler_id, positionals
 
 
@@ -743,9 +784,10 @@ def main(argv):
     the exit status: 0 on success, 1 on any failure (reason on stderr)."""
     if not is_lean_command(argv):
         return _error("expected 'get' or 'set'")
-    command = argv[1]
+    args = [_bytes(arg) for arg in argv[1:]]
+    command = args[0]
     try:
-        parsed = _parse_args(argv[2:], command)
+        parsed = _parse_args(args[1:], command)
         if parsed is None:
             _FdFile(1).write(USAGE.encode("utf-8"))
             return 0
@@ -756,9 +798,9 @@ def main(argv):
     except ValueError as exc:
         return _error(str(exc))
     except OSError as exc:  # writing the help text
-        return _error("cannot write help: %s" % _strerror(exc))
+        return _error(b"cannot write help: %s" % _strerror(exc))
     try:
-        if command == "get":
+        if command == b"get":
             client.get_into(resource, _FdFile(1))
         elif len(positionals) == 2:
             client.set(resource, positionals[1])
@@ -769,8 +811,8 @@ def main(argv):
     except BrokenPipeError:  # stdout reader went away (`kapow get ... | head`)
         return 1
     except OSError as exc:  # our own stdin/stdout
-        what = "write output" if command == "get" else "read input"
-        return _error("cannot %s: %s" % (what, _strerror(exc)))
+        what = b"write output" if command == b"get" else b"read input"
+        return _error(b"cannot %s: %s" % (what, _strerror(exc)))
     except KeyboardInterrupt:
         return 130
     return 0

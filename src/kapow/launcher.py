@@ -12,6 +12,12 @@ for a regular install); it then calls its ``main`` directly. Every other
 sub-command is handed over (``execv``) to the full command line, so
 ``kapow route ...`` from a handler behaves as usual.
 
+When the native client (``native/kapow.c``, compiled by the package's build)
+is there, :func:`write_launcher` puts it in the launcher's place instead: it
+does ``get``/``set`` itself, costing about what ``/bin/true`` does, and hands
+every other sub-command to ``kapow-cli`` beside it, a two-line shell script
+that runs the full command line.
+
 Shebang limit: the kernel reads at most 255 bytes of the ``#!`` line (127 on
 Linux before 5.1), and splits it at the first blank only once, so the
 interpreter path must be short enough and must not contain whitespace;
@@ -19,12 +25,20 @@ interpreter path must be short enough and must not contain whitespace;
 """
 
 import os
+import shlex
+import shutil
 import sys
 import tempfile
 
 import kapow
 
-__all__ = ["MAX_SHEBANG", "launcher_source", "write_launcher"]
+__all__ = ["MAX_SHEBANG", "NATIVE_CLIENT", "launcher_source", "native_client", "write_launcher"]
+
+#: Where the package's build puts the native data client.
+NATIVE_CLIENT = os.path.join(os.path.dirname(os.path.abspath(kapow.__file__)), "native", "kapow")
+
+#: The name, beside the native client, of the full command line it hands over to.
+FULL_CLI = "kapow-cli"
 
 #: Longest ``#!`` line (including the newline) the launcher will write.
 MAX_SHEBANG = 255
@@ -41,6 +55,22 @@ os.execv({program!r}, {argv_head} + sys.argv[1:])
 """
 
 
+def native_client():
+    """The path of the native data client when the build made it, else None."""
+    return NATIVE_CLIENT if os.access(NATIVE_CLIENT, os.X_OK) else None
+
+
+def _full_command(python, launcher_path):
+    """The argv head that runs the full command line: the console script
+    beside ``python``, or ``python -m kapow``.  A console script at
+    ``launcher_path`` is not used (it would run itself)."""
+    script = os.path.join(os.path.dirname(python), "kapow")
+    usable = os.path.isfile(script) and os.access(script, os.X_OK)
+    if usable and launcher_path is not None:
+        usable = os.path.realpath(script) != os.path.realpath(launcher_path)
+    return [script] if usable else [python, "-m", "kapow"]
+
+
 def launcher_source(python=None, launcher_path=None):
     """The text of the launcher for interpreter ``python`` (absolute path).
 
@@ -53,32 +83,39 @@ def launcher_source(python=None, launcher_path=None):
     if any(c.isspace() for c in python):
         raise ValueError("interpreter path contains whitespace: %r" % python)
     package_dir = os.path.dirname(os.path.abspath(kapow.__file__))
-    script = os.path.join(os.path.dirname(python), "kapow")
-    usable = os.path.isfile(script) and os.access(script, os.X_OK)
-    if usable and launcher_path is not None:
-        usable = os.path.realpath(script) != os.path.realpath(launcher_path)
-    if usable:
-        program, argv_head = script, repr([script])
-    else:
-        program, argv_head = python, repr([python, "-m", "kapow"])
-    return _TEMPLATE.format(
-        python=python,
-        package_dir=package_dir,
-        program=program,
-        argv_head=argv_head,
-    )
+    head = _full_command(python, launcher_path)
+    return _TEMPLATE.format(python=python, package_dir=package_dir, program=head[0], argv_head=repr(head))
 
 
-def write_launcher(directory, python=sys.executable):
-    """Write an executable ``kapow`` launcher into ``directory`` (atomically,
-    mode 0755) and return its path.  ``python`` is the interpreter it runs."""
+def _full_cli_source(python, launcher_path):
+    words = " ".join(shlex.quote(word) for word in _full_command(python, launcher_path))
+    return '#!/bin/sh\nexec %s "$@"\n' % words
+
+
+def write_launcher(directory, python=sys.executable, native=None):
+    """Write an executable ``kapow`` into ``directory`` (atomically, mode
+    0755) and return its path.  ``python`` is the interpreter of the full
+    command line.  With ``native`` (the path of the native client), ``kapow``
+    is a copy of it and ``kapow-cli`` the script it hands other commands to;
+    else ``kapow`` is the Python launcher."""
+    python = os.path.abspath(python)
     path = os.path.join(directory, "kapow")
-    source = launcher_source(python, path)
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".kapow-", dir=directory)
+    if native is None:
+        _write_atomically(path, lambda f: f.write(launcher_source(python, path).encode("utf-8")))
+        return path
+    cli = os.path.join(directory, FULL_CLI)
+    _write_atomically(cli, lambda f: f.write(_full_cli_source(python, path).encode("utf-8")))
+    with open(native, "rb") as source:
+        _write_atomically(path, lambda f: shutil.copyfileobj(source, f))
+    return path
+
+
+def _write_atomically(path, fill):
+    fd, tmp = tempfile.mkstemp(prefix=".kapow-", dir=os.path.dirname(path))
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(source)
+        with os.fdopen(fd, "wb") as f:
+            fill(f)
             f.flush()
             os.fchmod(f.fileno(), 0o755)
         os.replace(tmp, path)
@@ -88,4 +125,3 @@ def write_launcher(directory, python=sys.executable):
         except OSError:
             pass
         raise
-    return path

@@ -1,0 +1,65 @@
+"""
+The build of the native data client (``src/kapow/native/kapow.c``).
+
+Everything else is declared in ``pyproject.toml``.  The client is one C file
+compiled into an executable with the system's C compiler (``$CC``, else
+``cc``); without a compiler, or when compiling fails, the install goes on
+without it and handlers get the Python client (``kapow server`` says which).
+"""
+
+import os
+import shlex
+import shutil
+import subprocess
+
+from setuptools import Command, setup
+from setuptools.command.build import build
+
+SOURCE = os.path.join("src", "kapow", "native", "kapow.c")
+FLAGS = ["-std=c11", "-O2", "-Wall", "-Wextra"]
+
+
+class build_native(Command):
+    """Compile the native data client next to the package's modules."""
+
+    description = "compile the native kapow get/set client"
+    user_options = []
+
+    def initialize_options(self):
+        self.build_lib = None
+        self.editable_mode = False
+        self.target = None
+
+    def finalize_options(self):
+        self.set_undefined_options("build_py", ("build_lib", "build_lib"))
+        root = os.path.join("src", "kapow") if self.editable_mode else os.path.join(self.build_lib, "kapow")
+        self.target = os.path.join(root, "native", "kapow")
+
+    def run(self):
+        compiler = shlex.split(os.environ.get("CC") or "cc")
+        if shutil.which(compiler[0]) is None:
+            self.announce("no C compiler (%s): handlers will use the Python data client" % compiler[0], 3)
+            return
+        os.makedirs(os.path.dirname(self.target), exist_ok=True)
+        argv = [*compiler, *FLAGS, "-o", self.target, SOURCE]
+        self.announce(" ".join(argv), 2)
+        if subprocess.run(argv).returncode != 0:
+            self.announce("the native data client did not compile: handlers will use the Python one", 3)
+            if os.path.exists(self.target):
+                os.unlink(self.target)
+
+    def get_source_files(self):
+        return [SOURCE]
+
+    def get_outputs(self):
+        return [self.target] if self.target and os.path.exists(self.target) else []
+
+    def get_output_mapping(self):
+        return {}
+
+
+class build_with_native(build):
+    sub_commands = [*build.sub_commands, ("build_native", None)]
+
+
+setup(cmdclass={"build": build_with_native, "build_native": build_native})
