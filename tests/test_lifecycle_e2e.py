@@ -1,6 +1,8 @@
 """
 The request life cycle end to end (SPEC.md §3, §4): a real server, real
 ``/bin/sh`` handlers using the real ``kapow get``/``kapow set``, and curl.
+The tests that take ``server`` run once with each data client handlers can
+get: the native one and the Python one.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.kapowserver import KapowServer, curl, wait_for
+from tests.native import native_client_or_skip
 
 RESOURCES = ["method", "host", "version", "path", "remote"]
 
@@ -30,6 +33,28 @@ def fetch(*args: str, input: bytes | None = None) -> tuple[int, dict[str, list[s
         name, _, value = line.partition(":")
         headers.setdefault(name.strip().lower(), []).append(value.strip())
     return int(lines[0].split()[1]), headers, body
+
+
+@pytest.fixture(params=["native", "python"])
+def server(request: pytest.FixtureRequest, start_server) -> KapowServer:
+    """A running server with no routes, whose handlers get one data client or the other."""
+    if request.param == "native":
+        native_client_or_skip()
+    server = start_server(extra=("--data-client", request.param))
+    server.wait_log(f"handlers get the {request.param} data client")
+    return server
+
+
+def test_the_native_client_hands_other_commands_over(start_server) -> None:
+    native_client_or_skip()
+    server = start_server(extra=("--data-client", "native"))
+    server.add_route("/v", "kapow --version | kapow set /response/body")
+    assert fetch(server.user + "/v")[2].startswith(b"kapow ")
+
+
+def test_auto_gives_handlers_the_native_client(start_server) -> None:
+    path = native_client_or_skip()
+    start_server().wait_log(f"handlers get the native data client \\({path}\\)")
 
 
 def test_hello_and_the_access_log(server: KapowServer) -> None:

@@ -26,6 +26,7 @@ def test_defaults_are_the_reference_ones() -> None:
         "clientcafile": None,
         "control-credentials": None,
         "write-control-credentials": None,
+        "data-client": "auto",
         "debug": 0,
         "keep-running-on-disconnect": 0,
         "handler-timeout": None,
@@ -45,6 +46,16 @@ def test_governance_flags() -> None:
         options["handler-timeout"], options["kill-grace"], options["max-handlers"],
         options["shutdown-timeout"], options["keep-running-on-disconnect"],
     ) == (2.5, 0.0, 8, 10.0, 1)  # fmt: skip
+
+
+def test_data_client_choice(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert parsed("--data-client", "python")["data-client"] == "python"
+    with pytest.raises(UsageError, match="must be auto, native or python, not 'c'"):
+        parsed("--data-client", "c")
+    monkeypatch.setattr("kapow.tap.native_client", lambda: None)  # as when no compiler was there
+    with pytest.raises(UsageError, match="the native client was not built"):
+        parsed("--data-client", "native")
+    assert parsed("--data-client", "auto")["data-client"] == "auto"
 
 
 def test_init_programs_and_flags() -> None:

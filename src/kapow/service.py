@@ -194,17 +194,26 @@ class Listener(StreamServerEndpointService):
 
 class LauncherDirectory(Service):
     """
-    A private directory holding the lean ``kapow`` launcher, put first on the
-    PATH of handlers and init programs so ``kapow get``/``kapow set`` start
-    fast; removed when the service stops.
+    A private directory holding the ``kapow`` that handlers and init programs
+    run, first on their PATH so ``kapow get``/``kapow set`` start fast: the
+    native client, or the lean Python launcher; removed when the service stops.
+
+    :param native: the path of the native client, or ``None`` for the Python one.
     """
 
     path: str | None = None
 
+    def __init__(self, native: str | None) -> None:
+        self.native = native
+
     def startService(self) -> None:
         super().startService()
         self.path = tempfile.mkdtemp(prefix="kapow-bin-")
-        write_launcher(self.path)
+        write_launcher(self.path, native=self.native)
+        if self.native is None:
+            log.info("handlers get the python data client")
+        else:
+            log.info("handlers get the native data client ({path})", path=self.native)
 
     def environ(self, base: Mapping[str, str]) -> dict[str, str]:
         """``base`` with the launcher directory first on ``PATH``."""

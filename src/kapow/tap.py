@@ -26,6 +26,7 @@ from kapow.data_api import DataAPI
 from kapow.governor import Governor, Limits
 from kapow.handlers import HandlerRegistry
 from kapow.init_programs import InitProgramsService
+from kapow.launcher import native_client
 from kapow.routes import RouteTable
 from kapow.service import KapowService, LauncherDirectory, Listener, StartupError, fatal
 from kapow.spawn import Spawner
@@ -127,6 +128,13 @@ class Options(usage.Options):
             "for the control API instead of generating them (see `kapow control-credentials`).",
         ],
         [
+            "data-client",
+            None,
+            "auto",
+            "The kapow get/set that handlers run: native (the C client built at install), "
+            "python (the lean Python client) or auto (native when it was built).",
+        ],
+        [
             "write-control-credentials",
             None,
             None,
@@ -193,6 +201,12 @@ class Options(usage.Options):
             raise usage.UsageError("--clientauth needs HTTPS: give --certfile and --keyfile")
         if self["clientcafile"] and not self["clientauth"]:
             raise usage.UsageError("--clientcafile needs --clientauth")
+        if self["data-client"] not in ("auto", "native", "python"):
+            raise usage.UsageError(f"--data-client must be auto, native or python, not {self['data-client']!r}")
+        if self["data-client"] == "native" and native_client() is None:
+            raise usage.UsageError(
+                "--data-client native: the native client was not built (no C compiler at install?)"
+            )
         if self["control-bind"].startswith("unix:"):
             raise usage.UsageError("--control-bind must be a TCP address: kapow route reaches it over TCP")
         try:
@@ -282,7 +296,7 @@ def build_service(options: Options, reactor: Any) -> KapowService:
 
     handlers = HandlerRegistry()
     user_scheme = "https" if user_tls else "http"
-    launcher_dir = LauncherDirectory()
+    launcher_dir = LauncherDirectory(None if options["data-client"] == "python" else native_client())
     launcher_dir.setServiceParent(service)
     spawner = Spawner(
         reactor,
