@@ -1,13 +1,18 @@
 #!/usr/bin/env python3
 """
-Time from starting ``kapow server`` to "the control API answers" (a pinned
-mTLS ``GET /routes`` returning 200), median of several starts.
+Two start-up figures, medians of several starts:
+
+* start of ``kapow server`` until the control API answers (a pinned mTLS
+  ``GET /routes`` returning 200);
+* start until an init program that adds 20 routes with ``kapow route add``
+  is done: until the 20th route answers 200 on the user port (readiness).
 
 Usage: python bench/bench_startup.py [--runs N] [--reference PATH_TO_GO_KAPOW]
 
 With --reference, the Go reference binary is timed the same way in the same
 run (it needs its certificates from the environment of an init program, so an
-init program writes them to a directory first).
+init program writes them to a directory first; its init programs find it as
+``kapow`` first on PATH).
 """
 
 from __future__ import annotations
@@ -66,6 +71,79 @@ def time_until_answer(argv: list[str], control: int, creds: Path, timeout: float
     finally:
         os.killpg(process.pid, signal.SIGTERM)
         process.wait()
+
+
+ROUTES = 20
+
+
+def wait_route(port: int, path: str, deadline: float) -> None:
+    """Poll until ``GET path`` on the user port answers 200."""
+    request = f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode()
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=2) as sock:
+                sock.sendall(request)
+                if sock.recv(64).startswith(b"HTTP/1.1 200"):
+                    return
+        except OSError:
+            pass
+        time.sleep(0.002)
+    raise RuntimeError(f"{path} never answered")
+
+
+def routes_init(work: Path) -> Path:
+    """An init program adding /r0 ... /r19, one ``kapow route add`` each."""
+    init = work / "routes.pow"
+    lines = ["#!/bin/sh"]
+    lines += [f"kapow route add /r{i} -c 'echo {i} | kapow set /response/body'" for i in range(ROUTES)]
+    init.write_text("\n".join(lines) + "\n")
+    init.chmod(0o755)
+    return init
+
+
+def time_until_ready(argv: list[str], user: int, env: dict[str, str] | None = None) -> float:
+    """Seconds from starting ``argv`` until the last route of :func:`routes_init` answers."""
+    start = time.monotonic()
+    process = subprocess.Popen(
+        argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, env=env
+    )
+    try:
+        wait_route(user, f"/r{ROUTES - 1}", start + 120)
+        return time.monotonic() - start
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait()
+
+
+def ready_kapow(argv_head: list[str], work: Path) -> float:
+    user, control = free_port(), free_port()
+    argv = [
+        *argv_head,
+        "--bind", f"127.0.0.1:{user}",
+        "--control-bind", f"127.0.0.1:{control}",
+        "--data-bind", f"127.0.0.1:{free_port()}",
+        str(routes_init(work)),
+    ]  # fmt: skip
+    return time_until_ready(argv, user)
+
+
+def ready_reference(binary: str, work: Path) -> float:
+    bindir = work / "ref-bin"
+    bindir.mkdir(exist_ok=True)
+    if not (bindir / "kapow").exists():
+        (bindir / "kapow").symlink_to(os.path.abspath(binary))
+    user, control = free_port(), free_port()
+    argv = [
+        binary, "server",
+        "--bind", f"127.0.0.1:{user}",
+        "--control-bind", f"127.0.0.1:{control}",
+        "--control-reachable-addr", f"127.0.0.1:{control}",
+        "--data-bind", f"127.0.0.1:{free_port()}",
+        str(routes_init(work)),
+    ]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KAPOW_")}
+    env["PATH"] = f"{bindir}{os.pathsep}{env.get('PATH', os.defpath)}"
+    return time_until_ready(argv, user, env)
 
 
 def time_kapow(argv_head: list[str], work: Path) -> float:
@@ -173,20 +251,30 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=9)
     parser.add_argument("--reference", help="path of the Go reference kapow binary")
     args = parser.parse_args()
-    candidates = {
-        "kapow server": lambda work: time_kapow([str(VENV_BIN / "kapow"), "server"], work),
+    kapow_server = [str(VENV_BIN / "kapow"), "server"]
+    answers = {
+        "kapow server": lambda work: time_kapow(kapow_server, work),
         "twist kapow": lambda work: time_kapow([str(VENV_BIN / "twist"), "kapow"], work),
     }
+    ready = {"kapow server": lambda work: ready_kapow(kapow_server, work)}
     if args.reference:
-        candidates["reference (Go)"] = lambda work: time_reference(args.reference, work)
-    results: dict[str, list[float]] = {name: [] for name in candidates}
-    with tempfile.TemporaryDirectory() as tmp:
-        for _ in range(args.runs):
-            for name, run in candidates.items():
-                results[name].append(run(Path(tmp)))
-    print(f"start -> control API answers, median of {args.runs} starts")
-    for name, times in results.items():
-        print(f"  {name:16} {statistics.median(times) * 1000:8.1f} ms   (min {min(times) * 1000:.1f})")
+        answers["reference (Go)"] = lambda work: time_reference(args.reference, work)
+        ready["reference (Go)"] = lambda work: ready_reference(args.reference, work)
+    for title, candidates in (
+        ("start -> control API answers", answers),
+        (f"start -> an init program's {ROUTES} routes added and the last one answers", ready),
+    ):
+        results: dict[str, list[float]] = {name: [] for name in candidates}
+        with tempfile.TemporaryDirectory() as tmp:
+            for _ in range(args.runs):
+                for name, run in candidates.items():
+                    results[name].append(run(Path(tmp)))
+        print(f"{title}, median of {args.runs} starts")
+        for name, times in results.items():
+            print(f"  {name:16} {statistics.median(times) * 1000:8.1f} ms   (min {min(times) * 1000:.1f})")
+        if "reference (Go)" in results:
+            ratio = statistics.median(results["kapow server"]) / statistics.median(results["reference (Go)"])
+            print(f"  {'ours/ref':16} {ratio:8.2f}")
     print("what the reference generates at every start, two RSA-4096 keys:")
     print(f"  {'OpenSSL':16} {rsa_keygen_seconds(args.runs) * 1000:8.1f} ms")
     go = go_keygen_seconds(args.runs)
