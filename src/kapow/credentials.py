@@ -8,7 +8,10 @@ fresh self-signed EC P-256 certificates made on every start by
 :func:`load_control_credentials`; :func:`write_client_credentials` writes what
 an operator's curl needs. :mod:`kapow.tls` turns them into TLS settings.
 
-Pure :mod:`cryptography`; nothing here imports Twisted.
+Pure :mod:`cryptography`; nothing here imports Twisted.  The functions that
+need :mod:`cryptography` import it themselves: ``kapow route`` only reads the
+files and variables, and importing :mod:`cryptography` would take several
+times as long as the rest of that command's start-up.
 """
 
 from __future__ import annotations
@@ -20,13 +23,10 @@ import re
 import secrets
 import stat
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from cryptography import x509
-from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+if TYPE_CHECKING:
+    from cryptography import x509
 
 SERVER_CERT_ENV = "KAPOW_CONTROL_SERVER_CERT"
 CLIENT_CERT_ENV = "KAPOW_CONTROL_CLIENT_CERT"
@@ -153,6 +153,9 @@ def generate_control_credentials(reachable_addr: str) -> ControlCredentials:
         interface (``--control-reachable-addr``), see :func:`reachable_host`.
     :raises ValueError: if ``reachable_addr`` is malformed.
     """
+    from cryptography import x509
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+
     host = reachable_host(reachable_addr)
     server_san: x509.GeneralName
     server_san = x509.IPAddress(ipaddress.ip_address(host)) if _is_ip(host) else x509.DNSName(host)
@@ -173,6 +176,11 @@ def generate_control_credentials(reachable_addr: str) -> ControlCredentials:
 def _self_signed(
     common_name: str, usage: x509.ObjectIdentifier, san: x509.GeneralName
 ) -> tuple[bytes, bytes]:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
     now = datetime.datetime.now(datetime.UTC)
@@ -380,6 +388,8 @@ def parse_certificate(pem: bytes, source: str) -> x509.Certificate:
 
 
 def parse_certificates(pem: bytes, source: str) -> list[x509.Certificate]:
+    from cryptography import x509
+
     try:
         return x509.load_pem_x509_certificates(pem)
     except ValueError:
@@ -387,6 +397,9 @@ def parse_certificates(pem: bytes, source: str) -> list[x509.Certificate]:
 
 
 def parse_key(pem: bytes, source: str) -> Any:
+    from cryptography.exceptions import UnsupportedAlgorithm
+    from cryptography.hazmat.primitives import serialization
+
     try:
         return serialization.load_pem_private_key(pem, password=None)
     except TypeError:
@@ -398,6 +411,8 @@ def parse_key(pem: bytes, source: str) -> Any:
 
 
 def _public_key_der(key: Any) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
     return key.public_bytes(
         serialization.Encoding.DER,
         serialization.PublicFormat.SubjectPublicKeyInfo,
@@ -412,6 +427,8 @@ def require_match(certificate: x509.Certificate, key: Any, cert_source: str, key
 
 
 def _require_self_signed(certificate: x509.Certificate, source: str) -> None:
+    from cryptography.exceptions import InvalidSignature
+
     try:
         certificate.verify_directly_issued_by(certificate)
     except (ValueError, TypeError, InvalidSignature):

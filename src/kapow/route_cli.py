@@ -7,6 +7,10 @@ from ``KAPOW_CONTROL_*`` variables (set for init programs) or from a
 credentials directory (``--control-credentials DIR`` or
 ``$KAPOW_CONTROL_CREDENTIALS``) written by ``kapow server
 --write-control-credentials DIR``.
+
+An init program runs ``kapow route add`` once per route, so this command's
+start-up delays the server's readiness: its requests go through
+:mod:`kapow.control_https`, on the standard library only.
 """
 
 from __future__ import annotations
@@ -15,7 +19,13 @@ import argparse
 import os
 import sys
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from kapow import control_https
+from kapow.credentials import CredentialsError
+
+if TYPE_CHECKING:
+    import ssl
 
 EPILOG_ADD = """\
 examples:
@@ -172,15 +182,13 @@ def _quote(segment: str) -> str:
     return quote(segment, safe="")
 
 
-def policy(directory: str | None, environ: Mapping[str, str]) -> Any:
-    """The pinned mTLS policy from ``directory`` or from ``environ``."""
-    from kapow import credentials, tls
-
+def context(directory: str | None, environ: Mapping[str, str]) -> ssl.SSLContext:
+    """The pinned mutual TLS settings from ``directory`` or from ``environ``."""
     try:
         if directory:
-            return tls.policy_from_directory(directory)
-        return tls.policy_from_environ(environ)
-    except credentials.CredentialsError as e:
+            return control_https.context_from_directory(directory)
+        return control_https.context_from_environ(environ)
+    except CredentialsError as e:
         raise CommandError(str(e)) from None
 
 
@@ -189,37 +197,15 @@ def main(argv: Sequence[str]) -> int:
     try:
         args = _parse(argv)
         method, path, body, expected = _request(args)
-        client_policy = policy(args.control_credentials, os.environ)
-    except CommandError as e:
-        sys.stderr.write(f"kapow: {e}\n")
+        text = control_https.call(
+            context(args.control_credentials, os.environ), args.control_url, method, path, body, expected
+        )
+    except (CommandError, control_https.ControlError) as e:
+        sys.stderr.write(f"kapow: {_one_line(e)}\n")
         return 1
-
-    from twisted.internet.task import react
-
-    outcome: list[int] = []
-
-    def run(reactor: Any) -> Any:
-        from kapow.control_client import call
-
-        d = call(reactor, client_policy, args.control_url, method, path, body, expected)
-
-        def done(text: str) -> None:
-            if text:
-                sys.stdout.write(text if text.endswith("\n") else text + "\n")
-            outcome.append(0)
-
-        def failed(failure: Any) -> None:
-            sys.stderr.write(f"kapow: {_one_line(failure.value)}\n")
-            outcome.append(1)
-
-        return d.addCallbacks(done, failed)
-
-    try:
-        react(run)
-    except SystemExit as e:
-        if e.code not in (0, None):
-            return int(e.code) if isinstance(e.code, int) else 1
-    return outcome[0] if outcome else 1
+    if text:
+        sys.stdout.write(text if text.endswith("\n") else text + "\n")
+    return 0
 
 
 def _one_line(exc: BaseException) -> str:
