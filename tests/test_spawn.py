@@ -27,6 +27,7 @@ from kapow.spawn import (
     SessionProcess,
     Spawner,
     SpawnError,
+    ignored_signals,
     signal_group,
     spawn_in_session,
 )
@@ -102,7 +103,9 @@ class SpawnTests(TestCase):
         if the child was gone before twisted registered it.
         """
         protocol = Collector()
-        process = spawn_in_session(reactor, protocol, argv, env or {}, {0: self.devnull, 1: "r", 2: "r"})
+        process = spawn_in_session(
+            reactor, protocol, argv, env or {}, {0: self.devnull, 1: "r", 2: "r"}, ignored_signals()
+        )
         self.assertIsInstance(process, SessionProcess)
         pid = process.pid
 
@@ -245,6 +248,7 @@ class SpawnerTests(TestCase):
             return base
 
         urls = iter([(DATA_URL, CONTROL_URL), ("http://127.0.0.1:9", "https://[::1]:9")])
+        # both are read once: the listeners are up by the first spawn and stay
         spawner = Spawner(reactor, environ, lambda: next(urls))
         self.assertEqual(
             spawner.handler_environ("abc"),
@@ -263,7 +267,7 @@ class SpawnerTests(TestCase):
                 second["KAPOW_DATA_URL"],
                 second["KAPOW_CONTROL_URL"],
             ),
-            ("def", "http://127.0.0.1:9", "https://[::1]:9"),
+            ("def", DATA_URL, CONTROL_URL),
         )
         self.assertEqual(len(calls), 1)
         self.assertEqual(base["KAPOW_CONTROL_CLIENT_KEY"], "client key")
@@ -330,6 +334,18 @@ class SpawnerTests(TestCase):
         self.assertEqual(how, (0, None))
         await deferLater(reactor, 0.05, lambda: None)
         self.assertEqual(lines, [])
+
+    async def test_handlers_get_no_descriptor_but_0_1_2(self) -> None:
+        # inherited without close-on-exec (as systemd's sockets are) before the first spawn
+        inherited = os.open(os.devnull, os.O_RDONLY)
+        self.addCleanup(os.close, inherited)
+        os.set_inheritable(inherited, True)
+        spawner = self.spawner({"PATH": os.environ["PATH"]}, debug=True)
+        for handler_id in ("h5", "h6"):
+            how, lines = await self.run_handler(spawner, handler_id, "ls /proc/$$/fd", lines_expected=3)
+            self.assertEqual(how, (0, None))
+            self.assertEqual(sorted(lines), [f"{handler_id}: {fd}" for fd in (0, 1, 2)])
+        self.assertFalse(os.get_inheritable(inherited))
 
     async def test_killed_handler_reports_the_signal(self) -> None:
         spawner = self.spawner({"PATH": os.environ["PATH"]})

@@ -7,6 +7,11 @@ it reads as soon as it reads it); each PUT is answered only once the user's
 connection has taken its bytes, which gives end-to-end flow control with
 about one chunk per handler in memory. A single large PUT from another
 client works too: twisted.web spools it to disk before it is appended.
+
+Handlers make several calls per request, so this is a plain twisted.web leaf
+resource, as the user interface is: routing a call through Klein and
+werkzeug cost more than answering it. :func:`parse_resource` is the one
+place that knows the resource tree.
 """
 
 from __future__ import annotations
@@ -15,15 +20,16 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from klein import Klein
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.logger import Logger
 from twisted.protocols.basic import FileSender
+from twisted.python.failure import Failure
+from twisted.web import resource
 from twisted.web.iweb import IRequest
-from werkzeug.routing import PathConverter
+from twisted.web.server import NOT_DONE_YET
 
 from kapow.handlers import Handler, HandlerRegistry
-from kapow.web import JSONError, install_json_errors
+from kapow.web import JSONError, reason_body
 
 log = Logger()
 server_log = Logger(namespace="kapow.handler")
@@ -79,32 +85,52 @@ def parse_resource(segments: list[str]) -> Resource:
     raise JSONError(400, "Invalid Resource Path")
 
 
-class _RestConverter(PathConverter):
-    """Everything after the handler id, newlines and all (werkzeug's ``path`` stops at them)."""
-
-    regex = "(?s:.+)"
-    part_isolating = False
+_ALLOWED = b"GET, HEAD, PUT"
 
 
-@dataclass
-class DataAPI:
+class DataAPI(resource.Resource):
     """
-    The data interface as a Klein application.
+    The data interface: ``GET|PUT /handlers/{id}{resource}``; every error is
+    a JSON reason.
 
     :param handlers: the live handlers, by id.
     """
 
-    handlers: HandlerRegistry
-    app = Klein()
-    app.url_map.converters["rest"] = _RestConverter
+    isLeaf = True
 
-    def resource(self) -> Any:
-        """The Twisted resource serving this API."""
-        return self.app.resource()
+    def __init__(self, handlers: HandlerRegistry) -> None:
+        super().__init__()
+        self.handlers = handlers
 
-    @app.route("/handlers/<string:handler_id>/<rest:resource>", methods=["GET", "PUT"])
-    def handle(self, request: IRequest, handler_id: str, resource: str) -> Any:
-        target = parse_resource(resource.split("/"))
+    def resource(self) -> DataAPI:
+        """The Twisted resource serving this API (itself)."""
+        return self
+
+    def render(self, request: IRequest) -> Any:
+        try:
+            result = self.handle(request)
+        except Exception:
+            return _error_body(request, Failure())
+        if isinstance(result, Deferred):
+            result.addErrback(lambda failure: _error_body(request, failure))
+            result.addCallback(lambda body: _finish(request, body))
+            return NOT_DONE_YET
+        return result
+
+    def handle(self, request: IRequest) -> Any:
+        """The answer to ``request``: bytes, or a Deferred of them."""
+        if request.method not in (b"GET", b"HEAD", b"PUT"):
+            request.setHeader(b"Allow", _ALLOWED)
+            raise JSONError(405, "Method Not Allowed")
+        try:
+            path = b"/".join(request.postpath).decode("utf-8")
+        except UnicodeDecodeError:
+            raise JSONError(400, "Invalid Resource Path") from None
+        top, _, rest = path.partition("/")
+        handler_id, _, rest = rest.partition("/")
+        if top != "handlers" or not handler_id or not rest:
+            raise JSONError(404, "Not Found")
+        target = parse_resource(rest.split("/"))
         writing = request.method == b"PUT"
         if writing != target.writable:
             raise JSONError(405, "Method Not Allowed")
@@ -155,7 +181,22 @@ class DataAPI:
             _log_lines(handler, target.name, data)
         return b""
 
-    install_json_errors(app)
+
+def _error_body(request: IRequest, failure: Failure) -> bytes:
+    """The JSON answer for an error: its reason, or 500 for the unexpected
+    (logged with its traceback, never sent)."""
+    if failure.check(JSONError):
+        return reason_body(request, failure.value.code, failure.value.reason)
+    log.failure("Unhandled error answering {uri}", failure, uri=request.uri)
+    return reason_body(request, 500, "Internal Server Error")
+
+
+def _finish(request: IRequest, body: bytes) -> None:
+    if request.finished or request._disconnected:  # type: ignore[attr-defined]
+        return
+    if body:
+        request.write(body)
+    request.finish()
 
 
 @inlineCallbacks

@@ -208,6 +208,7 @@ class Route:
     max_concurrency: int | None = None
     keep_running_on_disconnect: bool | None = None
     _pattern: Pattern = field(init=False, repr=False, compare=False)
+    _argv: tuple[str, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.id, str):
@@ -228,9 +229,10 @@ class Route:
             if "\0" in value:
                 raise InvalidRoute(f"{name} contains a NUL character")
         try:
-            shlex.split(self.entrypoint)
+            words = shlex.split(self.entrypoint)
         except ValueError as e:
             raise InvalidRoute(f"entrypoint cannot be split: {e}") from None
+        object.__setattr__(self, "_argv", (*words, self.command) if self.command else tuple(words))
         if self.timeout is not None:
             _check_positive_number(self.timeout)
         if self.max_concurrency is not None and (
@@ -256,10 +258,7 @@ class Route:
         An empty entrypoint gives no program (only the command, or nothing);
         running it is refused by whoever spawns it.
         """
-        argv = shlex.split(self.entrypoint)
-        if self.command:
-            argv.append(self.command)
-        return argv
+        return list(self._argv)
 
     def to_json(self, index: int) -> dict:
         """The route as the control API shows it.

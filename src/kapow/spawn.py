@@ -8,10 +8,19 @@ fork-time ``os.setsid()`` of older recipes. :class:`SessionProcess` passes
 spawn (a ``setsid`` program in front of argv would cost one more exec).
 It overrides a private method of :class:`twisted.internet.process.Process`;
 ``tests/test_spawn.py`` checks the behaviour this relies on.
+
+Spawning is on the path of every request, so it does only what a child
+needs: the descriptors the child gets are set up, and nothing else is
+looked at. Every other descriptor must already be close-on-exec, which
+Python makes them from birth (PEP 446); :func:`close_on_exec_from` makes it
+so once for the few a process may inherit without (systemd's sockets), and
+:class:`Spawner` calls it before its first spawn. The signals the server
+ignores are found once, too, and set back to their default in each child.
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 import signal
 from collections.abc import Callable, Mapping, Sequence
@@ -29,38 +38,61 @@ class SpawnError(Exception):
     """The program could not be started; ``str()`` says why, in one line."""
 
 
+def close_on_exec_from(lowest: int) -> None:
+    """Make every open descriptor from ``lowest`` up close-on-exec."""
+    for fd in _process._listOpenFDs():
+        if fd >= lowest:
+            try:
+                flags = fcntl.fcntl(fd, fcntl.F_GETFD)
+                if not flags & fcntl.FD_CLOEXEC:
+                    fcntl.fcntl(fd, fcntl.F_SETFD, flags | fcntl.FD_CLOEXEC)
+            except OSError:
+                pass  # the descriptor of the listing itself, closed by now
+
+
+def ignored_signals() -> tuple[int, ...]:
+    """The signals this process ignores (SIGPIPE, SIGXFSZ, and any inherited)."""
+    return tuple(s for s in range(1, signal.NSIG) if signal.getsignal(s) == signal.SIG_IGN)
+
+
 class SessionProcess(_process.Process):
     """
     A :class:`~twisted.internet.process.Process` that leads a new session.
+    Only the descriptors of ``childFDs`` are set up in the child; every
+    other one of the parent from 3 up must be close-on-exec.
 
+    :param reset_signals: signals to set back to their default in the child
+        (the ones the parent ignores).
     :ivar pgid: its process group (its pid); unlike ``pid``, kept after the
         process was reaped.
     """
 
     pgid: int
 
+    def __init__(self, *args: Any, reset_signals: Sequence[int] = (), **kwargs: Any) -> None:
+        self._reset_signals = reset_signals
+        super().__init__(*args, **kwargs)
+
     def _trySpawnInsteadOfFork(
         self, path: Any, uid: Any, gid: Any, executable: Any, args: Any, environment: Any, kwargs: Any
     ) -> bool:
-        import fcntl
-
         if uid is not None or gid is not None or path is not None:
             raise SpawnError("uid, gid and path are not supported for handlers")
+        fdmap = kwargs.get("fdmap") or {}
         fdState = []
-        for fd in _process._listOpenFDs():
+        for fd in {0, 1, 2, *fdmap, *fdmap.values()}:
             try:
-                fdState.append((fd, fcntl.fcntl(fd, fcntl.F_GETFD, fcntl.FD_CLOEXEC)))
+                fdState.append((fd, fcntl.fcntl(fd, fcntl.F_GETFD) & fcntl.FD_CLOEXEC))
             except OSError:
-                pass
-        ignored = [s for s in range(1, signal.NSIG) if signal.getsignal(s) == signal.SIG_IGN]
+                pass  # not open
         self.pid = self.pgid = os.posix_spawnp(
             executable,
             args,
             os.environ if environment is None else environment,
             file_actions=_process._getFileActions(
-                fdState, kwargs.get("fdmap"), doClose=_process._PS_CLOSE, doDup2=_process._PS_DUP2
+                fdState, fdmap, doClose=_process._PS_CLOSE, doDup2=_process._PS_DUP2
             ),
-            setsigdef=ignored,
+            setsigdef=self._reset_signals,
             setsid=True,
         )
         self.status = -1
@@ -73,21 +105,34 @@ def spawn_in_session(
     argv: Sequence[str],
     env: Mapping[str, str],
     child_fds: Mapping[int, Any],
+    reset_signals: Sequence[int] = (),
 ) -> SessionProcess:
     """
-    Start ``argv`` as the leader of a new session and process group.
+    Start ``argv`` as the leader of a new session and process group. The
+    child gets the descriptors of ``child_fds`` and no other: every other
+    one of this process from 3 up must be close-on-exec
+    (:func:`close_on_exec_from`).
 
     :param reactor: a POSIX reactor (the process is reaped by its SIGCHLD
         handling).
     :param child_fds: as ``childFDs`` of ``spawnProcess``: ``"r"``/``"w"``
         for pipes, or a parent descriptor to share.
+    :param reset_signals: signals to set back to their default in the child
+        (:func:`ignored_signals`).
     :raises SpawnError: if ``argv`` is empty or cannot be executed.
     """
     if not argv or not argv[0]:
         raise SpawnError("empty entrypoint")
     try:
         return SessionProcess(
-            reactor, argv[0], list(argv), dict(env), None, protocol, childFDs=dict(child_fds)
+            reactor,
+            argv[0],
+            list(argv),
+            env,
+            None,
+            protocol,
+            childFDs=dict(child_fds),
+            reset_signals=reset_signals,
         )
     except OSError as e:
         raise SpawnError(f"cannot run {argv[0]}: {e.strerror or e}") from e
@@ -187,7 +232,8 @@ class Spawner:
     :param reactor: a POSIX reactor.
     :param environ: returns the server's environment, given to every
         handler; called once, at the first spawn.
-    :param urls: returns ``(data URL, control URL)`` at spawn time.
+    :param urls: returns ``(data URL, control URL)``; called once, at the
+        first spawn (the listeners are up by then).
     :param debug: log the handlers' stdout and stderr instead of discarding them.
     :param spawn: how to start a process (:func:`spawn_in_session`).
     """
@@ -210,16 +256,17 @@ class Spawner:
         self.debug = debug
         self._spawn = spawn
         self._devnull: int | None = None
+        self._reset_signals: tuple[int, ...] = ()
 
     def handler_environ(self, handler_id: str) -> dict[str, str]:
         """The environment of the handler ``handler_id``."""
         if self._base is None:
+            data_url, control_url = self.urls()
             self._base = {k: v for k, v in self._environ().items() if k not in self.PRIVATE}
-        data_url, control_url = self.urls()
-        env = dict(self._base)
+            self._base["KAPOW_DATA_URL"] = data_url
+            self._base["KAPOW_CONTROL_URL"] = control_url
+        env = self._base.copy()
         env["KAPOW_HANDLER_ID"] = handler_id
-        env["KAPOW_DATA_URL"] = data_url
-        env["KAPOW_CONTROL_URL"] = control_url
         return env
 
     def start(self, handler_id: str, argv: Sequence[str], on_exit: ExitCallback) -> int:
@@ -231,6 +278,8 @@ class Spawner:
         :raises SpawnError: if it cannot be started.
         """
         if self._devnull is None:
+            close_on_exec_from(3)
+            self._reset_signals = ignored_signals()
             self._devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
         out: Any = "r" if self.debug else self._devnull
         protocol = HandlerProcess(handler_id, log, on_exit)
@@ -240,6 +289,7 @@ class Spawner:
             argv,
             self.handler_environ(handler_id),
             {0: self._devnull, 1: out, 2: out},
+            self._reset_signals,
         )
         protocol.release(self.reactor)
         return process.pgid

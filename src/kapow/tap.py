@@ -202,7 +202,9 @@ class Options(usage.Options):
         if self["clientcafile"] and not self["clientauth"]:
             raise usage.UsageError("--clientcafile needs --clientauth")
         if self["data-client"] not in ("auto", "native", "python"):
-            raise usage.UsageError(f"--data-client must be auto, native or python, not {self['data-client']!r}")
+            raise usage.UsageError(
+                f"--data-client must be auto, native or python, not {self['data-client']!r}"
+            )
         if self["data-client"] == "native" and native_client() is None:
             raise usage.UsageError(
                 "--data-client native: the native client was not built (no C compiler at install?)"
