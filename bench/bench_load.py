@@ -1,10 +1,12 @@
 #!/usr/bin/env python3
 """
 Load and leak check: N requests (default 10,000) at concurrency C (default 32)
-against a ``hello`` route of a real ``kapow server``, then the server's open
-file descriptors and child processes compared with their idle counts.
+against a ``hello`` route of a real ``kapow server`` (or, with ``--true``, a
+route that only runs ``true``: the server's own cost per spawn), then the
+server's CPU time per request, its open file descriptors and child processes
+compared with their idle counts.
 
-Usage: python bench/bench_load.py [-n 10000] [-c 32]
+Usage: python bench/bench_load.py [-n 10000] [-c 32] [--true] [-- SERVER_ARGS...]
 """
 
 from __future__ import annotations
@@ -60,13 +62,14 @@ def main() -> None:
     )
     parser.add_argument("-n", type=int, default=10_000)
     parser.add_argument("-c", type=int, default=32)
+    parser.add_argument("--true", action="store_true", help="a route that runs only `true`")
+    parser.add_argument("server_args", nargs="*", help="more options of kapow server")
     args = parser.parse_args()
+    command, expected = ("true", b"") if args.true else ("echo Hello | kapow set /response/body", b"Hello\n")
     with tempfile.TemporaryDirectory() as tmp:
-        server = KapowServer(Path(tmp))
+        server = KapowServer(Path(tmp), extra=args.server_args)
         try:
-            server.add_route(
-                "/hello", os.environ.get("BENCH_COMMAND", "echo Hello | kapow set /response/body")
-            )
+            server.add_route("/hello", command)
             host, port = server.user.removeprefix("http://").rsplit(":", 1)
             pid = server.process.pid
             # one request first, so lazily opened descriptors are counted as idle
@@ -91,7 +94,7 @@ def main() -> None:
                         conn.request("GET", "/hello")
                         response = conn.getresponse()
                         body = response.read()
-                        if response.status != 200 or body != b"Hello\n":
+                        if response.status != 200 or body != expected:
                             errors.append(f"{response.status} {body[:40]!r}")
                         else:
                             with lock:

@@ -23,7 +23,9 @@ def main(args: list[str]) -> int:
 
     from twisted.application.twist._twist import Twist
     from twisted.internet import reactor
-    from twisted.logger import LogLevel, textFileLogObserver
+    from twisted.logger import LogLevel
+
+    from kapow.logs import text_log_observer
 
     service = makeService(options)
     Twist.startService(reactor, service)
@@ -32,7 +34,7 @@ def main(args: list[str]) -> int:
             "reactor": reactor,
             "logLevel": LogLevel.info,
             "logFile": sys.stdout,
-            "fileLogObserverFactory": textFileLogObserver,
+            "fileLogObserverFactory": text_log_observer,
         }
     )
     return 0

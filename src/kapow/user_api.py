@@ -151,28 +151,46 @@ class UserSite(Site):
 
     def __init__(self, resource: Any, **kwargs: Any) -> None:
         super().__init__(resource, parsePOSTFormSubmission=False, **kwargs)
+        self._log_second: int | None = None
+        self._log_date = ""
 
     def log(self, request: Request) -> None:
-        access_log.info("{line}", line=access_line(request))
+        now = self.reactor.seconds()
+        if int(now) != self._log_second:  # one log date per second, as twisted.web keeps one
+            self._log_second = int(now)
+            self._log_date = http.datetimeToLogString(now)
+        access_log.info("{line}", line=access_line(request, self._log_date))
 
 
-def access_line(request: Request) -> str:
-    """The Common Log Format line (with referrer and agent) for ``request``."""
+def access_line(request: Request, date: str | None = None) -> str:
+    """
+    The Common Log Format line (with referrer and agent) for ``request``.
+
+    :param date: the date field as :func:`twisted.web.http.datetimeToLogString`
+        gives it; now by default.
+    """
     host = getattr(request.getClientAddress(), "host", "-")
     identity = getattr(request, "kapow_handler_id", "-")
-
-    def quoted(value: bytes | None) -> str:
-        return http._escape(value or b"-")  # type: ignore[attr-defined]
-
     return '{} {} - {} "{} {} {}" {} {} "{}" "{}"'.format(
         host,
         identity,
-        http.datetimeToLogString(),
-        quoted(request.method),
-        quoted(request.uri),
-        quoted(request.clientproto),
+        date or http.datetimeToLogString(),
+        _quoted(request.method),
+        _quoted(request.uri),
+        _quoted(request.clientproto),
         request.code,
         request.sentLength,
-        quoted(request.getHeader(b"referer")),
-        quoted(request.getHeader(b"user-agent")),
+        _quoted(request.getHeader(b"referer")),
+        _quoted(request.getHeader(b"user-agent")),
     )
+
+
+def _quoted(value: bytes | None) -> str:
+    """A field of the log line, escaped as twisted.web escapes it."""
+    if not value:
+        return "-"
+    if value.isascii():
+        text = value.decode("ascii")
+        if text.isprintable() and not any(c in text for c in "\\\"'"):
+            return text  # nothing to escape: the common case, without repr
+    return http._escape(value)  # type: ignore[attr-defined]
