@@ -30,7 +30,7 @@ def event(level: LogLevel, format: str, when: float | None, **fields: object) ->
 def test_same_text_as_twisted() -> None:
     now = time.time()
     try:
-        1 / 0
+        raise ZeroDivisionError("division by zero")
     except ZeroDivisionError:
         failure = Failure()
     events = [
