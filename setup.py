@@ -36,6 +36,8 @@ class build_native(Command):
         self.target = os.path.join(root, "native", "kapow")
 
     def run(self):
+        if os.path.exists(self.target):  # never ship one an earlier build left
+            os.unlink(self.target)
         compiler = shlex.split(os.environ.get("CC") or "cc")
         if shutil.which(compiler[0]) is None:
             self.announce("no C compiler (%s): handlers will use the Python data client" % compiler[0], 3)
