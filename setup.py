@@ -5,6 +5,13 @@ Everything else is declared in ``pyproject.toml``.  The client is one C file
 compiled into an executable with the system's C compiler (``$CC``, else
 ``cc``); without a compiler, or when compiling fails, the install goes on
 without it and handlers get the Python client (``kapow server`` says which).
+
+It is linked statically where the C library allows it: a static executable
+starts without the dynamic loader, about a quarter faster here, and handlers
+start it several times per request.  (The linker notes that a static
+``getaddrinfo`` loads the system's name service modules at run time: it does
+so only for a data URL with a host name other than ``localhost``, on the
+machine that built it.)
 """
 
 import os
@@ -43,12 +50,16 @@ class build_native(Command):
             self.announce("no C compiler (%s): handlers will use the Python data client" % compiler[0], 3)
             return
         os.makedirs(os.path.dirname(self.target), exist_ok=True)
-        argv = [*compiler, *FLAGS, "-o", self.target, SOURCE]
-        self.announce(" ".join(argv), 2)
-        if subprocess.run(argv).returncode != 0:
-            self.announce("the native data client did not compile: handlers will use the Python one", 3)
+        for link in (["-static"], []):
+            argv = [*compiler, *FLAGS, *link, "-o", self.target, SOURCE]
+            self.announce(" ".join(argv), 2)
+            done = subprocess.run(argv, capture_output=True, text=True)
+            if done.returncode == 0:
+                return
             if os.path.exists(self.target):
                 os.unlink(self.target)
+        self.announce(done.stderr, 3)
+        self.announce("the native data client did not compile: handlers will use the Python one", 3)
 
     def get_source_files(self):
         return [SOURCE]
