@@ -25,13 +25,12 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from kapow.credentials import (
-    CLIENT_CERT_ENV,
     CLIENT_CERT_FILE,
-    CLIENT_KEY_ENV,
     CLIENT_KEY_FILE,
-    SERVER_CERT_ENV,
+    CONTROL_ENVIRON,
     SERVER_CERT_FILE,
     CredentialsError,
+    environ_pem_texts,
     read_file,
 )
 
@@ -129,19 +128,7 @@ def context_from_environ(environ: Mapping[str, str]) -> ssl.SSLContext:
     :raises CredentialsError: naming the variable that is missing, empty or
         unusable.
     """
-    texts = []
-    for name in (SERVER_CERT_ENV, CLIENT_CERT_ENV, CLIENT_KEY_ENV):
-        value = environ.get(name)
-        if not value:
-            raise CredentialsError(
-                f"{name} is not set; it must hold the PEM text the kapow server "
-                "puts in the environment of init programs"
-            )
-        try:
-            texts.append(value.encode("ascii"))
-        except UnicodeEncodeError:
-            raise CredentialsError(f"{name}: not PEM text (non-ASCII)") from None
-    return pinned_context(*texts, sources=(SERVER_CERT_ENV, CLIENT_CERT_ENV, CLIENT_KEY_ENV))
+    return pinned_context(*environ_pem_texts(environ), sources=CONTROL_ENVIRON)
 
 
 def context_from_directory(directory: str) -> ssl.SSLContext:

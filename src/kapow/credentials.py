@@ -6,7 +6,8 @@ certificate and the client trusts exactly one server certificate. Both are
 fresh self-signed EC P-256 certificates made on every start by
 :func:`generate_control_credentials`, or operator-supplied ones read by
 :func:`load_control_credentials`; :func:`write_client_credentials` writes what
-an operator's curl needs. :mod:`kapow.tls` turns them into TLS settings.
+an operator's curl needs. :mod:`kapow.tls` (Twisted) and
+:mod:`kapow.control_https` (``kapow route``) turn them into TLS settings.
 
 Pure :mod:`cryptography`; nothing here imports Twisted.  The functions that
 need :mod:`cryptography` import it themselves: ``kapow route`` only reads the
@@ -20,17 +21,19 @@ import datetime
 import ipaddress
 import os
 import re
-import secrets
 import stat
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+
     from cryptography import x509
 
 SERVER_CERT_ENV = "KAPOW_CONTROL_SERVER_CERT"
 CLIENT_CERT_ENV = "KAPOW_CONTROL_CLIENT_CERT"
 CLIENT_KEY_ENV = "KAPOW_CONTROL_CLIENT_KEY"
+# The variables of credentials_environ, in the order environ_pem_texts returns them.
+CONTROL_ENVIRON: tuple[str, str, str] = (SERVER_CERT_ENV, CLIENT_CERT_ENV, CLIENT_KEY_ENV)
 
 SERVER_CERT_FILE = "server.crt"
 SERVER_KEY_FILE = "server.key"
@@ -48,7 +51,6 @@ _DNS_NAME = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]*[A-Za-z0-9_.])?")
 _PORT = re.compile(r"[0-9]{1,5}")
 
 
-@dataclass(frozen=True)
 class ControlCredentials:
     """The four PEM texts that secure the control interface.
 
@@ -58,12 +60,59 @@ class ControlCredentials:
     :func:`credentials_environ` nor of :func:`write_client_credentials`.
     The keys are left out of ``repr()`` so that logging the object cannot leak
     them.
+
+    Immutable, compared and hashed by its four texts, as a frozen dataclass
+    would be; a plain class keeps :mod:`dataclasses` (and :mod:`inspect`) out
+    of ``kapow route``'s start-up.
     """
 
+    __slots__ = ("client_cert_pem", "client_key_pem", "server_cert_pem", "server_key_pem")
+    __match_args__ = ("server_cert_pem", "server_key_pem", "client_cert_pem", "client_key_pem")
+
     server_cert_pem: bytes
-    server_key_pem: bytes = field(repr=False)
+    server_key_pem: bytes
     client_cert_pem: bytes
-    client_key_pem: bytes = field(repr=False)
+    client_key_pem: bytes
+
+    def __init__(
+        self, server_cert_pem: bytes, server_key_pem: bytes, client_cert_pem: bytes, client_key_pem: bytes
+    ) -> None:
+        object.__setattr__(self, "server_cert_pem", server_cert_pem)
+        object.__setattr__(self, "server_key_pem", server_key_pem)
+        object.__setattr__(self, "client_cert_pem", client_cert_pem)
+        object.__setattr__(self, "client_key_pem", client_key_pem)
+
+    def _texts(self) -> tuple[bytes, bytes, bytes, bytes]:
+        return (self.server_cert_pem, self.server_key_pem, self.client_cert_pem, self.client_key_pem)
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__qualname__}(server_cert_pem={self.server_cert_pem!r}, "
+            f"client_cert_pem={self.client_cert_pem!r})"
+        )
+
+    def __eq__(self, other: object) -> bool:
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        assert isinstance(other, ControlCredentials)
+        return self._texts() == other._texts()
+
+    def __hash__(self) -> int:
+        return hash(self._texts())
+
+    def __setattr__(self, name: str, value: object) -> None:
+        from dataclasses import FrozenInstanceError
+
+        raise FrozenInstanceError(f"cannot assign to field {name!r}")
+
+    def __delattr__(self, name: str) -> None:
+        from dataclasses import FrozenInstanceError
+
+        raise FrozenInstanceError(f"cannot delete field {name!r}")
+
+    def __reduce__(self) -> tuple[type[ControlCredentials], tuple[bytes, bytes, bytes, bytes]]:
+        # copy and pickle would otherwise restore the slots with setattr.
+        return (type(self), self._texts())
 
 
 class CredentialsError(Exception):
@@ -294,6 +343,8 @@ def _prepare_private_directory(directory: str) -> None:
 
 
 def _write_private_file(path: str, content: bytes) -> None:
+    import secrets
+
     directory, name = os.path.split(path)
     temporary = os.path.join(directory, f".{name}.{secrets.token_hex(8)}.tmp")
     try:
@@ -371,13 +422,42 @@ def credentials_environ(creds: ControlCredentials) -> dict[str, str]:
     """The environment variables that let a process use the control API.
 
     Holds the server certificate and the client certificate and key; never the
-    server key.  :func:`kapow.tls.policy_from_environ` reads them back.
+    server key.  :func:`environ_pem_texts` reads them back.
     """
     return {
         SERVER_CERT_ENV: creds.server_cert_pem.decode("ascii"),
         CLIENT_CERT_ENV: creds.client_cert_pem.decode("ascii"),
         CLIENT_KEY_ENV: creds.client_key_pem.decode("ascii"),
     }
+
+
+def environ_pem_texts(environ: Mapping[str, str]) -> tuple[bytes, bytes, bytes]:
+    """The PEM texts of the ``KAPOW_CONTROL_*`` variables.
+
+    Returns the values of ``KAPOW_CONTROL_SERVER_CERT``,
+    ``KAPOW_CONTROL_CLIENT_CERT`` and ``KAPOW_CONTROL_CLIENT_KEY`` (the order
+    of :data:`CONTROL_ENVIRON`), as :func:`credentials_environ` makes them,
+    without parsing them: :func:`kapow.control_https.context_from_environ` and
+    :func:`kapow.tls.policy_from_environ` do.
+
+    :param environ: e.g. ``os.environ``.
+    :raises CredentialsError: naming the variable that is missing, empty or
+        not ASCII.
+    """
+    texts = []
+    for name in CONTROL_ENVIRON:
+        value = environ.get(name)
+        if not value:
+            raise CredentialsError(
+                f"{name} is not set; it must hold the PEM text the kapow server "
+                "puts in the environment of init programs"
+            )
+        try:
+            texts.append(value.encode("ascii"))
+        except UnicodeEncodeError:
+            raise CredentialsError(f"{name}: not PEM text (non-ASCII)") from None
+    server_cert_pem, client_cert_pem, client_key_pem = texts
+    return server_cert_pem, client_cert_pem, client_key_pem
 
 
 # -- parsing and checks ------------------------------------------------------------

@@ -2,10 +2,14 @@
 
 - Server side: :func:`control_server_options` wrapped around any stream server
   endpoint by :func:`tls_server_endpoint`.
-- Client side (``kapow route``, init programs): :class:`PinnedControlPolicy`,
-  usually built by :func:`policy_from_environ` from the variables that
-  :func:`kapow.credentials.credentials_environ` produces, or by
-  :func:`policy_from_directory` for an operator's shell.
+- Client side, for Twisted programs that call the control API with
+  :func:`kapow.control_client.call`: :class:`PinnedControlPolicy`, usually
+  built by :func:`policy_from_environ` from the variables that
+  :func:`kapow.credentials.credentials_environ` produces (as init programs
+  get them), or by :func:`policy_from_directory` from a credentials
+  directory.  ``kapow route`` does not use it: it applies the same policy
+  with the standard library's :mod:`ssl` (:mod:`kapow.control_https`), so as
+  to start without Twisted or :mod:`cryptography`.
 
 The user interface may also be served over HTTPS with operator certificates,
 optionally demanding client certificates (:func:`user_server_options`); the
@@ -51,7 +55,7 @@ from kapow.credentials import (
     SERVER_CERT_ENV,
     SERVER_CERT_FILE,
     ControlCredentials,
-    CredentialsError,
+    environ_pem_texts,
     parse_certificate,
     parse_certificates,
     parse_key,
@@ -271,26 +275,15 @@ def policy_from_environ(environ: Mapping[str, str]) -> PinnedControlPolicy:
     :raises CredentialsError: naming the variable that is missing, empty or
         unusable.
     """
-    texts = {}
-    for name in (SERVER_CERT_ENV, CLIENT_CERT_ENV, CLIENT_KEY_ENV):
-        value = environ.get(name)
-        if not value:
-            raise CredentialsError(
-                f"{name} is not set; it must hold the PEM text the kapow server "
-                "puts in the environment of init programs"
-            )
-        try:
-            texts[name] = value.encode("ascii")
-        except UnicodeEncodeError:
-            raise CredentialsError(f"{name}: not PEM text (non-ASCII)") from None
-    parse_certificate(texts[SERVER_CERT_ENV], SERVER_CERT_ENV)
+    server_cert_pem, client_cert_pem, client_key_pem = environ_pem_texts(environ)
+    parse_certificate(server_cert_pem, SERVER_CERT_ENV)
     require_match(
-        parse_certificate(texts[CLIENT_CERT_ENV], CLIENT_CERT_ENV),
-        parse_key(texts[CLIENT_KEY_ENV], CLIENT_KEY_ENV),
+        parse_certificate(client_cert_pem, CLIENT_CERT_ENV),
+        parse_key(client_key_pem, CLIENT_KEY_ENV),
         CLIENT_CERT_ENV,
         CLIENT_KEY_ENV,
     )
-    return PinnedControlPolicy(texts[SERVER_CERT_ENV], texts[CLIENT_CERT_ENV], texts[CLIENT_KEY_ENV])
+    return PinnedControlPolicy(server_cert_pem, client_cert_pem, client_key_pem)
 
 
 def policy_from_directory(directory: str) -> PinnedControlPolicy:
