@@ -9,7 +9,8 @@ every GET with 200 and a short body (or uses ``--server``), writes the fast
 launcher into a temporary directory, then runs interleaved, N times each:
 
 * ``python -I -S -c pass`` (the floor: the interpreter alone),
-* the launcher's ``kapow get /request/method``,
+* the launcher's ``kapow get /request/method`` (the Python lean client),
+* the native client's, when it was built, and ``/bin/true`` beside it,
 * the pip console script's ``kapow get /request/method``, when it exists,
 
 and prints the median wall time of each in milliseconds and its ratio to the
@@ -29,7 +30,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "src"))
 
-from kapow.launcher import write_launcher  # noqa: E402
+from kapow.launcher import native_client, write_launcher  # noqa: E402
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
@@ -93,6 +94,10 @@ def main():
             "python -I -S -c pass": [args.python, "-I", "-S", "-c", "pass"],
             "launcher kapow get": [launcher, "get", "/request/method"],
         }
+        if native_client() is not None:
+            native = write_launcher(os.path.join(tmp, "native"), args.python, native=native_client())
+            cases["native kapow get"] = [native, "get", "/request/method"]
+            cases["/bin/true"] = ["/bin/true"]
         script = os.path.join(os.path.dirname(args.python), "kapow")
         if os.path.isfile(script) and os.access(script, os.X_OK):
             cases["console script kapow get"] = [script, "get", "/request/method"]
