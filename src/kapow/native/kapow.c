@@ -352,7 +352,9 @@ static void add_utf8(struct buf *b, unsigned long code)
 	buf_add(b, u, n);
 }
 
-/* -- system calls, retried on EINTR and looped until done ------------------ */
+/* -- system calls, retried on EINTR and looped until done ------------------ *
+ * Sockets use read and write too: SIGPIPE is ignored from the start, so a
+ * closed peer is EPIPE there as on a pipe. */
 
 static int write_all(int fd, const unsigned char *p, size_t n)
 {
@@ -373,30 +375,6 @@ static ssize_t read_some(int fd, unsigned char *p, size_t n)
 {
 	for (;;) {
 		ssize_t r = read(fd, p, n);
-		if (r >= 0 || errno != EINTR)
-			return r;
-	}
-}
-
-static int send_all(int fd, const unsigned char *p, size_t n)
-{
-	while (n > 0) {
-		ssize_t w = send(fd, p, n, MSG_NOSIGNAL);
-		if (w < 0) {
-			if (errno == EINTR)
-				continue;
-			return -1;
-		}
-		p += w;
-		n -= (size_t)w;
-	}
-	return 0;
-}
-
-static ssize_t recv_some(int fd, unsigned char *p, size_t n)
-{
-	for (;;) {
-		ssize_t r = recv(fd, p, n, 0);
 		if (r >= 0 || errno != EINTR)
 			return r;
 	}
@@ -784,7 +762,7 @@ static ssize_t receive(struct client *c, struct conn *k)
 		k->off = 0;
 	}
 	buf_reserve(&k->in, CHUNK_SIZE);
-	ssize_t r = recv_some(k->fd, k->in.p + k->in.n, CHUNK_SIZE);
+	ssize_t r = read_some(k->fd, k->in.p + k->in.n, CHUNK_SIZE);
 	if (r < 0)
 		c->err = errno;
 	else
@@ -934,7 +912,7 @@ static enum result exactly(struct client *c, struct conn *k, uint64_t remaining,
 	}
 	while (remaining > 0) {
 		size_t want = remaining < CHUNK_SIZE ? (size_t)remaining : CHUNK_SIZE;
-		ssize_t got = recv_some(k->fd, c->chunk, want);
+		ssize_t got = read_some(k->fd, c->chunk, want);
 		if (got < 0) {
 			c->err = errno;
 			return RES_OS;
@@ -1007,7 +985,7 @@ static enum result body(struct client *c, struct conn *k, const struct head *h, 
 	k->off += buf.n;
 	enum result r = to_sink(c, s, buf.p, buf.n);
 	while (r == RES_OK) {
-		ssize_t got = recv_some(k->fd, c->chunk, CHUNK_SIZE);
+		ssize_t got = read_some(k->fd, c->chunk, CHUNK_SIZE);
 		if (got < 0) {
 			c->err = errno;
 			return RES_OS;
@@ -1132,7 +1110,7 @@ static enum result get(struct client *c, struct bytes target)
 	struct buf request = {0};
 	struct head h = {0};
 	add_head(c, &request, "GET", target, -1, 1);
-	if (send_all(k.fd, request.p, request.n) < 0) {
+	if (write_all(k.fd, request.p, request.n) < 0) {
 		c->err = errno;
 		r = RES_OS;
 	} else {
@@ -1163,11 +1141,11 @@ static enum result exchange(struct client *c, struct conn *k, struct bytes targe
 	int sent;
 	if (value.n <= CHUNK_SIZE) {
 		buf_addb(&request, value);
-		sent = send_all(k->fd, request.p, request.n);
+		sent = write_all(k->fd, request.p, request.n);
 	} else {
-		sent = send_all(k->fd, request.p, request.n);
+		sent = write_all(k->fd, request.p, request.n);
 		if (sent == 0)
-			sent = send_all(k->fd, value.p, value.n);
+			sent = write_all(k->fd, value.p, value.n);
 	}
 	free(request.p);
 	if (sent < 0) {
