@@ -13,6 +13,7 @@ import itertools
 import json
 import os
 import shutil
+import signal
 import socket
 import socketserver
 import subprocess
@@ -833,3 +834,58 @@ def test_native_source_compiles_warning_free(tmp_path):
     result = subprocess.run(argv, capture_output=True, timeout=120)
     assert result.returncode == 0, result.stderr.decode()
     assert result.stderr == b""
+
+
+# Pipes and signals, as handlers meet them
+
+
+def test_get_into_a_reader_that_goes_away(server, launcher, tmp_path):
+    # `kapow get /request/body | head -c1`: the closed pipe ends it quietly, status 1
+    server.values["/request/body"] = b"x" * 3_000_000
+    script = '"$1" get /request/body | head -c1; echo " ${PIPESTATUS[0]}"'
+    result = subprocess.run(
+        ["bash", "-c", script, "sh", launcher],
+        capture_output=True,
+        env=kapow_env(server.url),
+        timeout=TIMEOUT,
+    )
+    assert result.stdout == b"x 1\n"
+    assert result.stderr == b""
+
+
+def test_a_stopped_and_continued_client_carries_on(server, launcher):
+    # SIGSTOP/SIGCONT interrupt the calls it is blocked in; it must resume them
+    release = threading.Event()
+
+    def respond(record):
+        release.wait(TIMEOUT)  # holds the answer to the first PUT
+        return None
+
+    server.responder = respond
+    proc = start_set_body(launcher, server)
+    try:
+        proc.stdin.write(b"first ")
+        proc.stdin.flush()
+        wait = time.monotonic() + TIMEOUT
+        while not server.requests:  # the PUT arrived; its answer is held
+            assert time.monotonic() < wait
+            time.sleep(0.01)
+        for _ in range(3):
+            proc.send_signal(signal.SIGSTOP)
+            time.sleep(0.05)
+            proc.send_signal(signal.SIGCONT)
+        release.set()
+        time.sleep(0.1)  # now blocked reading stdin
+        for _ in range(3):
+            proc.send_signal(signal.SIGSTOP)
+            time.sleep(0.05)
+            proc.send_signal(signal.SIGCONT)
+        proc.stdin.write(b"second")
+        proc.stdin.close()
+        assert proc.wait(TIMEOUT) == 0, proc.stderr.read()
+    finally:
+        release.set()
+        proc.kill()
+        proc.wait()
+        proc.stderr.close()
+    assert b"".join(r.body for r in server.puts()) == b"first second"
