@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+
 import pytest
 from twisted.python.usage import UsageError
 
 from kapow.tap import Options, StartupError, parse_listen_address
+from tests.kapowserver import KAPOW
 
 
 def parsed(*args: str) -> dict:
@@ -33,6 +37,8 @@ def test_defaults_are_the_reference_ones() -> None:
         "kill-grace": 3.0,
         "max-handlers": None,
         "shutdown-timeout": 30.0,
+        "workers": 1,
+        "worker": None,
         "init_programs": [],
     }
 
@@ -111,3 +117,22 @@ def test_listen_addresses(addr: str, description: str, host: str | None) -> None
 def test_bad_listen_addresses(addr: str) -> None:
     with pytest.raises(StartupError):
         parse_listen_address(addr)
+
+
+def test_workers_option() -> None:
+    assert parsed("--workers", "3")["workers"] == 3
+    assert parsed("--workers", "auto")["workers"] == len(os.sched_getaffinity(0))
+    with pytest.raises(UsageError, match=r"^--workers must be at least 1$"):
+        parsed("--workers", "0")
+    with pytest.raises(UsageError, match=r"^--workers must be a number or auto, not 'x'$"):
+        parsed("--workers", "x")
+    assert "--worker=" not in Options().getUsage()  # the workers' own option stays internal
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [("0", "--workers must be at least 1"), ("x", "--workers must be a number or auto, not 'x'")],
+)
+def test_a_bad_workers_value_is_one_line_and_status_1(value: str, message: str) -> None:
+    result = subprocess.run([KAPOW, "server", "--workers", value], capture_output=True, text=True, timeout=30)
+    assert (result.returncode, result.stdout, result.stderr) == (1, "", f"kapow server: error: {message}\n")

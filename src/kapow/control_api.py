@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from klein import Klein
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.web.iweb import IRequest
 
@@ -30,12 +31,16 @@ class ControlAPI:
 
     :param routes: the live route table this API changes.
     :param new_id: makes route ids (random UUID4 text by default).
-    :param stats: optional callable returning extra fields for ``/health``.
+    :param stats: optional callable returning extra fields for ``/health``
+        (or a Deferred of them).
+    :param publish: called after every change of the table; the change is
+        answered once what it returns (``None`` or a Deferred) is done.
     """
 
     routes: RouteTable
     new_id: Callable[[], str] = field(default=lambda: str(uuid.uuid4()))
-    stats: Callable[[], dict[str, Any]] = field(default=dict)
+    stats: Callable[[], Any] = field(default=dict)
+    publish: Callable[[], Any] = field(default=lambda: None)
 
     app = Klein()
 
@@ -52,7 +57,7 @@ class ControlAPI:
         route = self._route_from_request(request)
         index = self.routes.append(route)
         log.info("route added: {route}", route=route.to_json(index))
-        return json_body(request, 201, route.to_json(index))
+        return self._published(lambda: json_body(request, 201, route.to_json(index)))
 
     @app.route("/routes", methods=["PUT"])
     def insert_route(self, request: IRequest) -> bytes:
@@ -65,7 +70,7 @@ class ControlAPI:
         route = self._route_from_json(data)
         index = self.routes.insert(route, wanted)
         log.info("route inserted: {route}", route=route.to_json(index))
-        return json_body(request, 201, route.to_json(index))
+        return self._published(lambda: json_body(request, 201, route.to_json(index)))
 
     @app.route("/routes/<string:route_id>", methods=["GET"])
     def get_route(self, request: IRequest, route_id: str) -> bytes:
@@ -83,11 +88,24 @@ class ControlAPI:
             raise JSONError(404, "Route Not Found") from None
         log.info("route removed: {id}", id=route.id)
         request.setResponseCode(204)
-        return b""
+        return self._published(lambda: b"")
 
     @app.route("/health", methods=["GET"])
-    def health(self, request: IRequest) -> bytes:
-        return json_body(request, 200, {"status": "ok", "routes": len(self.routes), **self.stats()})
+    def health(self, request: IRequest) -> Any:
+        routes = len(self.routes)
+        stats = self.stats()
+        if isinstance(stats, Deferred):
+            return stats.addCallback(
+                lambda found: json_body(request, 200, {"status": "ok", "routes": routes, **found})
+            )
+        return json_body(request, 200, {"status": "ok", "routes": routes, **stats})
+
+    def _published(self, answer: Callable[[], bytes]) -> Any:
+        """``answer()`` once the change is published (at once when that is immediate)."""
+        published = self.publish()
+        if isinstance(published, Deferred):
+            return published.addCallback(lambda _: answer())
+        return answer()
 
     def _route_from_request(self, request: IRequest) -> Route:
         return self._route_from_json(_read_json(request))

@@ -95,6 +95,9 @@ class Governor:
             return f"route limit of {route.max_concurrency} handlers reached"
         return None
 
+    def release(self, route: Route) -> None:
+        """Nothing to give back: :meth:`exited` already counted the handler out."""
+
     def running(self) -> int:
         """Handler processes that have not exited yet."""
         return len(self._runs)

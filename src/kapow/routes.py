@@ -404,6 +404,15 @@ class RouteTable:
         self._routes = (*routes[:index], route, *routes[index:])
         return index
 
+    def replace(self, routes: Iterable[Route]) -> None:
+        """Make ``routes`` the whole table, in their order.
+
+        :raises InvalidRoute: if two of ``routes`` share an id; the table is
+            unchanged then.
+        """
+        table = RouteTable(routes)
+        self._routes = table._routes
+
     def remove(self, route_id: str) -> Route:
         """Remove the route with id ``route_id``.
 

@@ -18,7 +18,7 @@ from urllib.parse import quote
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks, maybeDeferred
-from twisted.internet.error import CannotListenError
+from twisted.internet.error import CannotListenError, ReactorNotRunning
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 
@@ -54,19 +54,29 @@ class KapowService(MultiService):
     :param reactor: the reactor.
     :param governor: the handlers' governor.
     :param shutdown_timeout: seconds to wait for running handlers.
+    :param worker: the worker's number, in a worker process of ``--workers``.
     """
 
-    def __init__(self, reactor: Any, governor: Governor, shutdown_timeout: float) -> None:
+    def __init__(
+        self, reactor: Any, governor: Governor, shutdown_timeout: float, worker: int | None = None
+    ) -> None:
         super().__init__()
         self.reactor = reactor
         self.governor = governor
         self.shutdown_timeout = shutdown_timeout
+        self.worker = worker
         self.user_listener: Listener | None = None
+        #: returns a Deferred that fires once the server serves (all its workers)
+        self.serving: Callable[[], Any] = lambda: None
+        #: called when handlers must end at once (a second signal)
+        self.hurry: list[Callable[[], None]] = []
         self._stopping: Deferred[None] | None = None
         self._draining: Deferred[None] | None = None
-        self._signalled = False
+        self.stop_requested = False
 
     def privilegedStartService(self) -> None:
+        if self.worker is not None:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # from the start: Ctrl-C is the main process's
         self._guard(super().privilegedStartService)
 
     def startService(self) -> None:
@@ -75,23 +85,41 @@ class KapowService(MultiService):
 
     def _running(self) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._on_signal)
-        notify("READY=1")
+            # a worker leaves the terminal's signals to the main process, which tells it when to stop
+            signal.signal(sig, signal.SIG_IGN if self.worker is not None else self._on_signal)
+        if self.worker is None:
+            maybeDeferred(self.serving).addCallback(lambda _: notify("READY=1"))
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         self.reactor.callFromThread(self._stop_signal, signum)
 
     def _stop_signal(self, signum: int) -> None:
         name = signal.Signals(signum).name
-        if not self._signalled:
-            self._signalled = True
+        if not self.stop_requested:
             log.info("received {name}: stopping gracefully (again to stop at once)", name=name)
-            self.reactor.stop()
+            self.stop_gracefully()
             return
         log.warn("received {name} again: ending all handlers now", name=name)
+        self.stop_now()
+
+    def stop_gracefully(self) -> None:
+        """Stop as :meth:`stopService` does, once; the reactor stops after."""
+        if not self.stop_requested:
+            self.stop_requested = True
+            try:
+                self.reactor.stop()
+            except ReactorNotRunning:
+                pass  # already stopping
+
+    def stop_now(self) -> None:
+        """Stop without waiting for running handlers: they are ended at once."""
+        self.shutdown_timeout = 0
+        self.stop_gracefully()
         if self._draining is not None and not self._draining.called:
             self._draining.callback(None)
         self.governor.end_all(grace=0)
+        for hurry in self.hurry:
+            hurry()
 
     def stopService(self) -> Deferred[None]:
         if self._stopping is None:
@@ -147,15 +175,25 @@ class Listener(StreamServerEndpointService):
     :param label: names the interface in logs and errors.
     :param scheme: ``http`` or ``https``, for the logged URL.
     :param host: the host as the operator wrote it, if any.
+    :param worker: the number of the worker this listener serves in, if any.
     """
 
     _raiseSynchronously = True
 
-    def __init__(self, endpoint: Any, factory: Any, label: str, scheme: str, host: str | None) -> None:
+    def __init__(
+        self,
+        endpoint: Any,
+        factory: Any,
+        label: str,
+        scheme: str,
+        host: str | None,
+        worker: int | None = None,
+    ) -> None:
         super().__init__(endpoint, factory)
         self.label = label
         self.scheme = scheme
         self.host = host
+        self.worker = worker
         self.port: IListeningPort | None = None
 
     def privilegedStartService(self) -> None:
@@ -167,7 +205,15 @@ class Listener(StreamServerEndpointService):
 
     def _listening(self, port: IListeningPort) -> IListeningPort:
         self.port = port
-        log.info("{label} interface listening on {url}", label=self.label, url=self.url())
+        if self.worker is None:
+            log.info("{label} interface listening on {url}", label=self.label, url=self.url())
+        else:
+            log.info(
+                "worker {n} serves its {label} interface on {url}",
+                n=self.worker,
+                label=self.label,
+                url=self.url(),
+            )
         return port
 
     def url(self, host: str | None = None) -> str:

@@ -12,11 +12,13 @@ import ipaddress
 import math
 import os
 import re
+import socket
 import ssl
 import sys
 from typing import Any
 
-from twisted.internet.endpoints import serverFromString
+from twisted.internet.endpoints import AdoptedStreamServerEndpoint, serverFromString
+from twisted.internet.protocol import Factory
 from twisted.python import usage
 from twisted.web.server import Site
 
@@ -32,12 +34,18 @@ from kapow.service import KapowService, LauncherDirectory, Listener, StartupErro
 from kapow.spawn import Spawner
 from kapow.user_api import UserAPI, UserSite
 from kapow.web import QuietSite, bounded_request_factory
+from kapow.worker import GatedEndpoint, MainAdmission, WorkerLink
+from kapow.worker_pool import STOP_MARGIN, HeldListener, WorkerPool
+from kapow.workers import MAIN_FD, USER_FD
 
 #: Largest request body the control API buffers (a route is a few hundred bytes).
 CONTROL_MAX_BODY = 1024 * 1024
 
 _HOST_PORT = re.compile(r"(?:\[(?P<v6>[^\]]*)\]|(?P<host>[^:\[\]]*)):(?P<port>[0-9]+)")
 _ENDPOINT_TYPES = {"tcp", "tcp6", "unix", "systemd"}
+
+#: The hidden option that makes the server one worker of ``--workers N``.
+WORKER_OPTION = "--worker"
 
 
 def parse_listen_address(addr: str) -> tuple[str, str | None]:
@@ -173,6 +181,36 @@ class Options(usage.Options):
         """At most this many handler processes at once; more requests get 503 [default: no limit]."""
         self["max-handlers"] = self._positive("max-handlers", int, value, 1)
 
+    def opt_workers(self, value: str) -> None:
+        """Worker processes serving the user interface, or auto: one per CPU this process may use [default: 1]."""
+        if value == "auto":
+            self["workers"] = len(os.sched_getaffinity(0))
+            return
+        try:
+            number = int(value)
+        except ValueError:
+            raise usage.UsageError(f"--workers must be a number or auto, not {value!r}") from None
+        if number < 1:
+            raise usage.UsageError("--workers must be at least 1")
+        self["workers"] = number
+
+    def opt_worker(self, value: str) -> None:
+        # hidden (see getUsage): the main process of --workers starts its workers with it
+        self["worker"] = int(value)
+
+    def getUsage(self, width: int | None = None) -> str:
+        shown = self.longOpt
+        self.longOpt = [name for name in shown if name != WORKER_OPTION[2:] + "="]
+        try:
+            return super().getUsage(width)
+        finally:
+            self.longOpt = shown
+
+    def parseOptions(self, options: list[str] | None = None) -> None:
+        #: the command line as given, which workers get too
+        self.argv = list(sys.argv[1:] if options is None else options)
+        super().parseOptions(options)
+
     def opt_shutdown_timeout(self, value: str) -> None:
         """Seconds a graceful stop waits for running handlers before ending them [default: 30]."""
         self["shutdown-timeout"] = self._positive("shutdown-timeout", float, value, 0)
@@ -183,6 +221,8 @@ class Options(usage.Options):
         self["kill-grace"] = 3.0
         self["max-handlers"] = None
         self["shutdown-timeout"] = 30.0
+        self["workers"] = 1
+        self["worker"] = None
 
     def opt_version(self) -> None:
         """Print the version and exit."""
@@ -245,12 +285,32 @@ def _reachable_addr(options: Options) -> str:
     return f"[{host}]:{m['port']}" if ":" in host else f"{host}:{m['port']}"
 
 
+def _user_tls(options: Options) -> Any:
+    if not options["certfile"]:
+        return None
+    cafile = options["clientcafile"]
+    if options["clientauth"] and not cafile:
+        cafile = ssl.get_default_verify_paths().cafile
+        if cafile is None:
+            raise StartupError("--clientauth: no system CA bundle found; give --clientcafile")
+    try:
+        return tls.user_server_options(options["certfile"], options["keyfile"], cafile)
+    except credentials.CredentialsError as e:
+        raise StartupError(f"user HTTPS: {e}") from e
+
+
 def build_service(options: Options, reactor: Any) -> KapowService:
     """
-    Assemble the server from parsed ``options``.
+    Assemble the server from parsed ``options``: the whole server; or, with
+    ``--workers N``, the main process (control API, route table, init
+    programs, and N workers serving the user interface); or one of those
+    workers (the hidden ``--worker`` option), which is the whole server
+    without the control API and the init programs.
 
     :raises StartupError: when a certificate, key or address is unusable.
     """
+    worker = options["worker"]
+    workers = options["workers"] if worker is None else 1
     routes = RouteTable()
     governor = Governor(
         reactor,
@@ -258,19 +318,17 @@ def build_service(options: Options, reactor: Any) -> KapowService:
             handler_timeout=options["handler-timeout"],
             kill_grace=options["kill-grace"],
             keep_running_on_disconnect=bool(options["keep-running-on-disconnect"]),
-            max_handlers=options["max-handlers"],
+            # with workers, the main process applies --max-handlers across them
+            max_handlers=options["max-handlers"] if worker is None and workers == 1 else None,
             shutdown_timeout=options["shutdown-timeout"],
         ),
     )
-    service = KapowService(reactor, governor, options["shutdown-timeout"])
+    service = KapowService(reactor, governor, options["shutdown-timeout"], worker=worker)
 
-    reachable = _reachable_addr(options)
-    creds = _control_credentials(options, reachable)
-
-    def listener(flag: str, site: Site, label: str, scheme: str, wrap: Any = None) -> Listener:
+    def endpoint(flag: str) -> tuple[Any, str | None]:
         description, host = parse_listen_address(options[flag])
         try:
-            endpoint = serverFromString(reactor, description)
+            return serverFromString(reactor, description), host
         except LookupError as e:
             raise StartupError(
                 f"--{flag} {options[flag]}: systemd passed no such socket "
@@ -278,41 +336,84 @@ def build_service(options: Options, reactor: Any) -> KapowService:
             ) from e
         except (ValueError, TypeError, AttributeError) as e:  # AttributeError: domain=BOGUS
             raise StartupError(f"--{flag} {options[flag]}: {e}") from e
+
+    def listen(
+        where: tuple[Any, str | None],
+        site: Any,
+        label: str,
+        scheme: str,
+        wrap: Any = None,
+        kind: type = Listener,
+    ) -> Any:
+        found, host = where
         if wrap is not None:
-            endpoint = tls.tls_server_endpoint(endpoint, wrap)
-        svc = Listener(endpoint, site, label, scheme, host)
+            found = tls.tls_server_endpoint(found, wrap)
+        svc = kind(found, site, label, scheme, host, worker)
         svc.setServiceParent(service)
         return svc
 
-    user_tls = None
-    if options["certfile"]:
-        cafile = options["clientcafile"]
-        if options["clientauth"] and not cafile:
-            cafile = ssl.get_default_verify_paths().cafile
-            if cafile is None:
-                raise StartupError("--clientauth: no system CA bundle found; give --clientcafile")
-        try:
-            user_tls = tls.user_server_options(options["certfile"], options["keyfile"], cafile)
-        except credentials.CredentialsError as e:
-            raise StartupError(f"user HTTPS: {e}") from e
-
-    handlers = HandlerRegistry()
+    user_tls = _user_tls(options)
     user_scheme = "https" if user_tls else "http"
     launcher_dir = LauncherDirectory(None if options["data-client"] == "python" else native_client())
     launcher_dir.setServiceParent(service)
-    spawner = Spawner(
-        reactor,
-        lambda: launcher_dir.environ(os.environ),
-        lambda: (data.url(), control_url()),
-        debug=options["debug"],
-    )
-    user_api = UserAPI(routes, handlers, spawner, governor)
-    service.user_listener = listener("bind", UserSite(user_api), "user", user_scheme, user_tls)
 
-    control_site = Site(ControlAPI(routes=routes, stats=lambda: {"handlers": governor.running()}).resource())
+    def serve_users(user_where: tuple[Any, str | None], admission: Any = None) -> Spawner:
+        """The user interface with its handlers: the same in a worker as in the whole server."""
+        spawner = Spawner(
+            reactor,
+            lambda: launcher_dir.environ(os.environ),
+            lambda: (data.url(), control_url()),
+            debug=options["debug"],
+        )
+        user_api = UserAPI(routes, handlers, spawner, governor, admission)
+        site = UserSite(user_api, worker=worker)
+        service.user_listener = listen(user_where, site, "user", user_scheme, user_tls)
+        return spawner
+
+    handlers = HandlerRegistry()
+    data_site = QuietSite(DataAPI(handlers).resource())
+
+    if worker is not None:
+        link: list[WorkerLink] = []
+        gate = GatedEndpoint(AdoptedStreamServerEndpoint(reactor, USER_FD, _socket_family(USER_FD)))
+        serve_users((gate, None), MainAdmission(governor, options["max-handlers"], lambda: link[0]))
+        data = listen(
+            (serverFromString(reactor, "tcp:0:interface=127.0.0.1"), None), data_site, "data", "http"
+        )
+
+        def control_url() -> str:
+            return link[0].control_url
+
+        link.append(WorkerLink(worker, routes, governor, service, gate, data.url))
+        factory = Factory()
+        factory.buildProtocol = lambda addr: link[0]  # type: ignore[method-assign]
+        reactor.adoptStreamConnection(MAIN_FD, socket.AF_UNIX, factory)
+        os.close(MAIN_FD)
+        return service
+
+    pool: WorkerPool | None = None
+    if workers == 1:
+        serve_users(endpoint("bind"))
+    else:
+        never_accepting = Factory()
+        never_accepting.noisy = False
+        held = listen(endpoint("bind"), never_accepting, "user", user_scheme, kind=HeldListener)
+        service.user_listener = held
+
+    reachable = _reachable_addr(options)
+    creds = _control_credentials(options, reachable)
+    control_site = Site(
+        ControlAPI(
+            routes=routes,
+            stats=lambda: pool.stats() if pool is not None else {"handlers": governor.running()},
+            publish=lambda: pool.publish() if pool is not None else None,
+        ).resource()
+    )
     control_site.requestFactory = bounded_request_factory(CONTROL_MAX_BODY)
-    control = listener("control-bind", control_site, "control", "https", tls.control_server_options(creds))
-    data = listener("data-bind", QuietSite(DataAPI(handlers).resource()), "data", "http")
+    control = listen(
+        endpoint("control-bind"), control_site, "control", "https", tls.control_server_options(creds)
+    )
+    data = listen(endpoint("data-bind"), data_site, "data", "http")
 
     explicit_reachable = options["control-reachable-addr"] is not None
 
@@ -320,6 +421,22 @@ def build_service(options: Options, reactor: Any) -> KapowService:
         if explicit_reachable:
             return f"https://{reachable}"
         return control.url(host=credentials.reachable_host(reachable))
+
+    if workers > 1:
+        pool = WorkerPool(
+            reactor,
+            workers,
+            lambda number: ["-m", "kapow", "server", WORKER_OPTION, str(number), *options.argv],
+            systemd.child_environ(os.environ),
+            routes,
+            held.fileno,
+            control_url,
+            options["max-handlers"],
+            options["shutdown-timeout"] + options["kill-grace"] + STOP_MARGIN,
+        )
+        pool.setServiceParent(service)
+        service.serving = pool.serving
+        service.hurry.append(pool.hurry)
 
     def init_environ() -> dict[str, str]:
         env = launcher_dir.environ(os.environ)
@@ -333,6 +450,15 @@ def build_service(options: Options, reactor: Any) -> KapowService:
         watchdog.setServiceParent(service)
     InitProgramsService(reactor, options["init_programs"], init_environ).setServiceParent(service)
     return service
+
+
+def _socket_family(fd: int) -> int:
+    """The address family of the socket ``fd``."""
+    sock = socket.socket(fileno=fd)
+    try:
+        return sock.family
+    finally:
+        sock.detach()
 
 
 def makeService(options: Options) -> KapowService:

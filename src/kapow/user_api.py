@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 from urllib.parse import unquote
 
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.web import http
 from twisted.web.resource import Resource
@@ -19,7 +20,7 @@ from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from kapow.governor import Governor
 from kapow.handlers import Handler, HandlerRegistry
-from kapow.routes import METHOD_NOT_ALLOWED, RouteTable
+from kapow.routes import METHOD_NOT_ALLOWED, Match, RouteTable
 from kapow.spawn import Spawner, SpawnError
 
 log = Logger()
@@ -31,19 +32,28 @@ class UserAPI(Resource):
     :param routes: the live route table.
     :param handlers: where handlers are registered by id.
     :param spawner: starts the routes' processes.
-    :param governor: admits, times and ends them.
+    :param governor: times and ends them.
+    :param admission: admits them (``admit(route)`` answers ``None``, a
+        reason to refuse, or a Deferred of either; ``release(route)`` when an
+        admitted handler exited); the governor by default.
     """
 
     isLeaf = True
 
     def __init__(
-        self, routes: RouteTable, handlers: HandlerRegistry, spawner: Spawner, governor: Governor
+        self,
+        routes: RouteTable,
+        handlers: HandlerRegistry,
+        spawner: Spawner,
+        governor: Governor,
+        admission: Any = None,
     ) -> None:
         super().__init__()
         self.routes = routes
         self.handlers = handlers
         self.spawner = spawner
         self.governor = governor
+        self.admission = governor if admission is None else admission
 
     def render(self, request: Request) -> Any:
         path = unquote(request.path.decode("latin-1"), errors="surrogateescape")
@@ -53,12 +63,28 @@ class UserAPI(Resource):
         if found is METHOD_NOT_ALLOWED:
             request.setHeader(b"Allow", ", ".join(self.routes.methods_for(path)).encode())
             return _plain(request, 405, b"Method Not Allowed\n")
-        refusal = self.governor.admit(found.route)
+        verdict = self.admission.admit(found.route)
+        if isinstance(verdict, Deferred):
+            verdict.addCallback(self._admitted_later, request, found)
+            return NOT_DONE_YET
+        return self._start(request, found, verdict)
+
+    def _admitted_later(self, refusal: str | None, request: Request, found: Match) -> None:
+        if request._disconnected:  # type: ignore[attr-defined]
+            if refusal is None:
+                self.admission.release(found.route)
+            return
+        body = self._start(request, found, refusal)
+        if body is not NOT_DONE_YET:
+            request.write(body)
+            request.finish()
+
+    def _start(self, request: Request, found: Match, refusal: str | None) -> Any:
         if refusal is not None:
             log.info(
                 "refused {method} {path}: {why}",
                 method=request.method.decode("latin-1"),
-                path=path,
+                path=unquote(request.path.decode("latin-1"), errors="surrogateescape"),
                 why=refusal,
             )
             request.setHeader(b"Retry-After", b"1")
@@ -76,6 +102,7 @@ class UserAPI(Resource):
             )  # fmt: skip
             self.handlers.forget(handler)
             handler.abandon()
+            self.admission.release(found.route)
             return _plain(request, 500, b"Internal Server Error\n")
         log.debug("handler {id} started: pid {pid}", id=handler.id, pid=pgid)
         self.governor.started(
@@ -86,6 +113,7 @@ class UserAPI(Resource):
 
     def _exited(self, handler: Handler, status: int | None, signal: int | None) -> None:
         elapsed = self.governor.exited(handler.id)
+        self.admission.release(handler.route)
         if signal is not None:
             log.info(
                 "handler {id} killed by signal {signal} after {elapsed:.3f}s",
@@ -144,13 +172,17 @@ class UserSite(Site):
     """
     The user interface's site: bodies are never parsed as forms by
     twisted.web (handlers parse them lazily), and every request leaves one
-    Common Log Format line with the handler id as identity.
+    Common Log Format line with the handler id as identity (and, in a
+    worker of ``--workers``, the worker's number as the event's ``worker``).
+
+    :param worker: the number of the worker it serves in, if any.
     """
 
     requestFactory = UserRequest
 
-    def __init__(self, resource: Any, **kwargs: Any) -> None:
+    def __init__(self, resource: Any, worker: int | None = None, **kwargs: Any) -> None:
         super().__init__(resource, parsePOSTFormSubmission=False, **kwargs)
+        self.worker = worker
         self._log_second: int | None = None
         self._log_date = ""
 
@@ -159,7 +191,7 @@ class UserSite(Site):
         if int(now) != self._log_second:  # one log date per second, as twisted.web keeps one
             self._log_second = int(now)
             self._log_date = http.datetimeToLogString(now)
-        access_log.info("{line}", line=access_line(request, self._log_date))
+        access_log.info("{line}", line=access_line(request, self._log_date), worker=self.worker)
 
 
 def access_line(request: Request, date: str | None = None) -> str:

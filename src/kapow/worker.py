@@ -1,0 +1,157 @@
+"""
+The worker's side of ``--workers N``: a worker is the server of
+``--workers 1`` without the control API and the init programs. It serves the
+user interface on the listening socket the main process handed over, keeps
+the route table the main process sends, asks it before starting a handler
+whose limit must hold across workers, and stops when told to, or at once when
+the main process is gone.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet.defer import Deferred, gatherResults
+from twisted.logger import Logger
+from twisted.protocols import amp
+from twisted.python.failure import Failure
+
+from kapow.governor import Governor
+from kapow.routes import Route, RouteTable, route_from_json
+from kapow.workers import Admit, Release, Routes, Running, Serve, Stop
+
+log = Logger()
+
+
+class GatedEndpoint:
+    """
+    A stream server endpoint that listens only once :meth:`open` was called:
+    a worker accepts no connection before it has the route table.
+
+    :param endpoint: the endpoint to listen on then.
+    """
+
+    def __init__(self, endpoint: Any) -> None:
+        self.endpoint = endpoint
+        self._opened = False
+        self._waiting: list[tuple[Deferred[Any], Any]] = []
+
+    def listen(self, factory: Any) -> Deferred[Any]:
+        if self._opened:
+            return self.endpoint.listen(factory)
+        d: Deferred[Any] = Deferred()
+        self._waiting.append((d, factory))
+        return d
+
+    def open(self) -> Deferred[Any]:
+        """Listen now (and from now on at once); fires once listening."""
+        self._opened = True
+        waiting, self._waiting = self._waiting, []
+        for d, factory in waiting:
+            self.endpoint.listen(factory).chainDeferred(d)
+        return gatherResults([d for d, _ in waiting])
+
+
+class MainAdmission:
+    """
+    Admission of a worker's handlers: the worker's own governor first (is it
+    stopping?), then the main process, but only when a limit that must hold
+    across workers applies (the route's ``max_concurrency``, ``--max-handlers``).
+
+    :param governor: the worker's governor.
+    :param max_handlers: the server's ``--max-handlers``.
+    :param link: returns the connection to the main process.
+    """
+
+    def __init__(self, governor: Governor, max_handlers: int | None, link: Callable[[], amp.AMP]) -> None:
+        self.governor = governor
+        self.max_handlers = max_handlers
+        self.link = link
+
+    def _limited(self, route: Route) -> bool:
+        return route.max_concurrency is not None or self.max_handlers is not None
+
+    def admit(self, route: Route) -> str | Deferred[str | None] | None:
+        """``None`` if a handler may start, else why not; a Deferred of that when the main process decides."""
+        refusal = self.governor.admit(route)
+        if refusal is not None or not self._limited(route):
+            return refusal
+        d = self.link().callRemote(Admit, route_id=route.id, limit=route.max_concurrency)
+
+        def lost(failure: Failure) -> str:
+            log.warn("admission by the main process failed: {why}", why=failure.getErrorMessage())
+            return "the main process does not answer"
+
+        return d.addCallbacks(lambda answer: answer.get("refusal"), lost)
+
+    def release(self, route: Route) -> None:
+        """A handler that :meth:`admit` let start has exited."""
+        if self._limited(route):
+            self.link().callRemote(Release, route_id=route.id, limited=route.max_concurrency is not None)
+
+
+class WorkerLink(amp.AMP):
+    """
+    The worker's end of its connection to the main process.
+
+    :param number: the worker's number, for logs.
+    :param routes: the worker's route table, replaced by each :class:`Routes`.
+    :param governor: the worker's governor.
+    :param service: the worker's :class:`kapow.service.KapowService`.
+    :param user_endpoint: opened on :class:`Serve`.
+    :param data_url: returns the URL of the worker's data listener.
+    """
+
+    def __init__(
+        self,
+        number: int,
+        routes: RouteTable,
+        governor: Governor,
+        service: Any,
+        user_endpoint: GatedEndpoint,
+        data_url: Callable[[], str],
+    ) -> None:
+        super().__init__()
+        self.number = number
+        self.routes = routes
+        self.governor = governor
+        self.service = service
+        self.user_endpoint = user_endpoint
+        self.data_url = data_url
+        self.control_url = ""
+        self._parts: list[bytes] = []
+
+    @Routes.responder
+    def replace_routes(self, part: bytes, last: bool) -> dict:
+        self._parts.append(part)
+        if last:
+            text, self._parts = b"".join(self._parts), []
+            self.routes.replace([route_from_json(data, data["id"]) for data in json.loads(text)])
+        return {}
+
+    @Serve.responder
+    def serve(self, control_url: str) -> Deferred[dict]:
+        self.control_url = control_url
+        return self.user_endpoint.open().addCallback(lambda _: {"data_url": self.data_url()})
+
+    @Running.responder
+    def running(self) -> dict:
+        return {"handlers": self.governor.running()}
+
+    @Stop.responder
+    def stop(self, now: bool) -> dict:
+        if now:
+            log.info("worker {n}: told to end its handlers now", n=self.number)
+            self.service.stop_now()
+        else:
+            log.info("worker {n}: told to stop gracefully", n=self.number)
+            self.service.stop_gracefully()
+        return {}
+
+    def connectionLost(self, reason: Failure) -> None:
+        super().connectionLost(reason)
+        if not self.service.stop_requested:
+            log.warn("worker {n}: lost the main process: ending its handlers and stopping", n=self.number)
+        self.service.stop_now()

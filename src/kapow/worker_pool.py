@@ -1,0 +1,319 @@
+"""
+The main process's side of ``--workers N``: it opens the user interface's
+listening socket but never accepts on it, starts N worker processes that do,
+sends each the whole route table and every change to it, decides the limits
+that must hold across workers, replaces a worker that dies, and stops them
+all gracefully with itself.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import sys
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, gatherResults, succeed
+from twisted.internet.error import ProcessExitedAlready
+from twisted.internet.protocol import Factory, ProcessProtocol
+from twisted.logger import Logger
+from twisted.protocols import amp
+from twisted.python.failure import Failure
+
+from kapow.routes import RouteTable
+from kapow.service import Listener
+from kapow.workers import MAIN_FD, USER_FD, Admit, Release, Routes, Running, Serve, Stop, table_parts
+
+log = Logger()
+
+#: Seconds to wait before replacing a worker that died soon after its start.
+RESTART_DELAY = 1.0
+#: A worker that lived less than this many seconds died "soon after its start".
+QUICK_DEATH = 5.0
+#: Seconds a stopping worker gets beyond its own shutdown timeout before SIGKILL.
+STOP_MARGIN = 5.0
+
+
+class HeldListener(Listener):
+    """
+    A listener whose socket is opened here and accepted on elsewhere: it
+    never reads, its descriptor is handed to the workers.
+    """
+
+    def _listening(self, port: Any) -> Any:
+        port.stopReading()
+        return super()._listening(port)
+
+    def fileno(self) -> int:
+        """The listening socket's descriptor."""
+        assert self.port is not None
+        return self.port.fileno()  # type: ignore[attr-defined]
+
+
+class Slots:
+    """
+    The handlers running under a limit, across workers: per route for routes
+    with ``max_concurrency``, and in all under ``--max-handlers``.
+
+    :param max_handlers: the server's ``--max-handlers``.
+    """
+
+    def __init__(self, max_handlers: int | None) -> None:
+        self.max_handlers = max_handlers
+        self.total = 0
+        self.per_route: Counter[str] = Counter()
+
+    def admit(self, route_id: str, limit: int | None) -> str | None:
+        """Take a slot and return ``None``, or say why there is none."""
+        cap = self.max_handlers
+        if cap is not None and self.total >= cap:
+            return f"server limit of {cap} handlers reached"
+        if limit is not None and self.per_route[route_id] >= limit:
+            return f"route limit of {limit} handlers reached"
+        self.total += 1
+        if limit is not None:
+            self.per_route[route_id] += 1
+        return None
+
+    def release(self, route_id: str, limited: bool) -> None:
+        """Give back a slot :meth:`admit` took."""
+        self.total -= 1
+        if limited:
+            self.per_route[route_id] -= 1
+            if not self.per_route[route_id]:
+                del self.per_route[route_id]
+
+
+class MainLink(amp.AMP):
+    """
+    The main process's end of the connection to one worker.
+
+    :param number: the worker's number.
+    :param slots: the limits shared by every worker.
+    """
+
+    def __init__(self, number: int, slots: Slots) -> None:
+        super().__init__()
+        self.number = number
+        self.slots = slots
+        self.data_url: str | None = None
+        self._held: Counter[tuple[str, bool]] = Counter()
+
+    @Admit.responder
+    def admit(self, route_id: str, limit: int | None = None) -> dict:
+        refusal = self.slots.admit(route_id, limit)
+        if refusal is not None:
+            return {"refusal": refusal}
+        self._held[(route_id, limit is not None)] += 1
+        return {}
+
+    @Release.responder
+    def release(self, route_id: str, limited: bool) -> dict:
+        key = (route_id, limited)
+        if self._held[key] > 0:
+            self._held[key] -= 1
+            self.slots.release(route_id, limited)
+        return {}
+
+    def release_all(self) -> None:
+        """Give back every slot this worker held (it is gone)."""
+        for (route_id, limited), count in self._held.items():
+            for _ in range(count):
+                self.slots.release(route_id, limited)
+        self._held.clear()
+
+    def push_routes(self, text: bytes) -> Deferred[Any]:
+        """Send the whole route table; fires once the worker has it."""
+        parts = table_parts(text)
+        sent = [self.callRemote(Routes, part=part, last=n == len(parts) - 1) for n, part in enumerate(parts)]
+        return sent[-1]
+
+
+class _WorkerProcess(ProcessProtocol):
+    def __init__(self, ended: Callable[[Failure], None]) -> None:
+        self.ended = ended
+
+    def processEnded(self, reason: Failure) -> None:
+        self.ended(reason)
+
+
+class _Worker:
+    def __init__(self, number: int, link: MainLink, started: float) -> None:
+        self.number = number
+        self.link = link
+        self.started = started
+        self.process: Any = None
+        self.pid: int | None = None
+        self.serving: Deferred[None] = Deferred()
+        self.ended: Deferred[None] = Deferred()
+
+
+class WorkerPool(Service):
+    """
+    N worker processes serving the user interface.
+
+    :param reactor: provides process spawning, descriptor adoption and time.
+    :param count: how many workers.
+    :param command: the command line of worker number N.
+    :param environ: the workers' environment.
+    :param routes: the route table, which lives here.
+    :param user_socket: returns the listening socket's descriptor.
+    :param control_url: returns the control API's URL, for the handlers.
+    :param max_handlers: ``--max-handlers``.
+    :param stop_timeout: seconds a worker may take to stop before SIGKILL.
+    """
+
+    name = "workers"
+
+    def __init__(
+        self,
+        reactor: Any,
+        count: int,
+        command: Callable[[int], Sequence[str]],
+        environ: Mapping[str, str],
+        routes: RouteTable,
+        user_socket: Callable[[], int],
+        control_url: Callable[[], str],
+        max_handlers: int | None,
+        stop_timeout: float,
+    ) -> None:
+        self.reactor = reactor
+        self.count = count
+        self.command = command
+        self.environ = dict(environ)
+        self.routes = routes
+        self.user_socket = user_socket
+        self.control_url = control_url
+        self.slots = Slots(max_handlers)
+        self.stop_timeout = stop_timeout
+        self.workers: dict[int, _Worker] = {}
+        self._first: list[Deferred[None]] = []
+        self._stopping = False
+
+    # -- life of the workers -------------------------------------------------
+
+    def startService(self) -> None:
+        super().startService()
+        for number in range(1, self.count + 1):
+            self._first.append(self._start(number).serving)
+
+    def serving(self) -> Deferred[Any]:
+        """Fires once every worker of the first start serves."""
+        return gatherResults(self._first)
+
+    def _start(self, number: int) -> _Worker:
+        link = MainLink(number, self.slots)
+        worker = _Worker(number, link, self.reactor.seconds())
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        factory = Factory()
+        factory.buildProtocol = lambda addr: link  # type: ignore[method-assign]
+        try:
+            self.reactor.adoptStreamConnection(ours.fileno(), socket.AF_UNIX, factory)
+            worker.process = self.reactor.spawnProcess(
+                _WorkerProcess(lambda reason: self._ended(worker, reason)),
+                sys.executable,
+                [sys.executable, *self.command(number)],
+                env=self.environ,
+                childFDs={0: 0, 1: 1, 2: 2, USER_FD: self.user_socket(), MAIN_FD: theirs.fileno()},
+            )
+        finally:
+            ours.close()
+            theirs.close()
+        self.workers[number] = worker
+        worker.pid = worker.process.pid
+        log.info("worker {n} started (pid {pid})", n=number, pid=worker.pid)
+        link.push_routes(self._table())
+        link.callRemote(Serve, control_url=self.control_url()).addCallbacks(
+            lambda answer: self._serving(worker, answer["data_url"]),
+            lambda failure: log.warn(
+                "worker {n} did not start serving: {why}", n=number, why=failure.getErrorMessage()
+            ),
+        )
+        return worker
+
+    def _serving(self, worker: _Worker, data_url: str) -> None:
+        worker.link.data_url = data_url
+        log.info("worker {n} serves (data API for its handlers: {url})", n=worker.number, url=data_url)
+        worker.serving.callback(None)
+
+    def _ended(self, worker: _Worker, reason: Failure) -> None:
+        worker.link.release_all()
+        if worker.link.transport is not None:
+            worker.link.transport.loseConnection()
+        if self.workers.get(worker.number) is worker:
+            del self.workers[worker.number]
+        status, sig = getattr(reason.value, "exitCode", None), getattr(reason.value, "signal", None)
+        if self._stopping:
+            log.info("worker {n} stopped", n=worker.number)
+        else:
+            log.error(
+                "worker {n} (pid {pid}) ended (status {status}, signal {signal}): starting another",
+                n=worker.number, pid=worker.pid, status=status, signal=sig,
+            )  # fmt: skip
+            quick = self.reactor.seconds() - worker.started < QUICK_DEATH
+            self.reactor.callLater(RESTART_DELAY if quick else 0, self._restart, worker)
+        worker.ended.callback(None)
+
+    def _restart(self, worker: _Worker) -> None:
+        if self._stopping or worker.number in self.workers:
+            return
+        replacement = self._start(worker.number)
+        if not worker.serving.called:  # died before it served: its replacement stands for it
+            replacement.serving.chainDeferred(worker.serving)
+
+    # -- route changes, health -----------------------------------------------
+
+    def _table(self) -> bytes:
+        return json.dumps(self.routes.listing()).encode()
+
+    def publish(self) -> Deferred[Any]:
+        """Send the route table to every worker; fires once each has it (or is gone)."""
+        text = self._table()
+
+        def failed(failure: Failure, number: int) -> None:
+            log.warn("worker {n} did not take the routes: {why}", n=number, why=failure.getErrorMessage())
+
+        return gatherResults(
+            [w.link.push_routes(text).addErrback(failed, w.number) for w in list(self.workers.values())]
+        )
+
+    def stats(self) -> Deferred[dict]:
+        """The fields of ``/health``: handlers of every worker, and the workers serving."""
+        serving = [w for w in self.workers.values() if w.serving.called]
+        answers = [w.link.callRemote(Running).addErrback(lambda _: {"handlers": 0}) for w in serving]
+        return gatherResults(answers).addCallback(
+            lambda found: {"handlers": sum(a["handlers"] for a in found), "workers": len(serving)}
+        )
+
+    # -- stopping -------------------------------------------------------------
+
+    def stopService(self) -> Deferred[Any]:
+        """Every worker stops gracefully; SIGKILL for any that outlives the stop timeout."""
+        super().stopService()
+        self._stopping = True
+        workers = list(self.workers.values())
+        if not workers:
+            return succeed(None)
+        for worker in workers:
+            worker.link.callRemote(Stop, now=False)
+        kill = self.reactor.callLater(self.stop_timeout, self._kill, workers)
+        done = gatherResults([w.ended for w in workers])
+        return done.addBoth(lambda result: kill.active() and kill.cancel())
+
+    def hurry(self) -> None:
+        """Tell every worker to end its handlers now."""
+        for worker in list(self.workers.values()):
+            worker.link.callRemote(Stop, now=True)
+
+    def _kill(self, workers: list[_Worker]) -> None:
+        for worker in workers:
+            if not worker.ended.called:
+                log.warn("worker {n} did not stop in time: SIGKILL", n=worker.number)
+                try:
+                    worker.process.signalProcess(signal.SIGKILL)
+                except ProcessExitedAlready:
+                    pass

@@ -1,0 +1,82 @@
+"""
+The messages between the main process and its workers (``--workers N``).
+
+Both sides import the commands from here, and nothing else crosses the
+connection: routes travel as their JSON form (:meth:`kapow.routes.Route.to_json`),
+never pickled. The connection is one end of a ``socketpair`` that the main
+process hands to each worker as descriptor :data:`MAIN_FD`, next to the
+listening socket of the user interface as :data:`USER_FD`.
+
+Main to worker: :class:`Routes` (the whole table), :class:`Serve` (start
+accepting), :class:`Running`, :class:`Stop`. Worker to main: :class:`Admit`
+and :class:`Release`, for the limits that must hold across workers.
+"""
+
+from __future__ import annotations
+
+from twisted.protocols import amp
+
+#: The worker's descriptor of the user interface's listening socket.
+USER_FD = 3
+#: The worker's descriptor of its connection to the main process.
+MAIN_FD = 4
+
+#: Largest part of the route table in one :class:`Routes` message (an AMP
+#: value holds at most 65,535 bytes).
+ROUTES_PART = 60_000
+
+
+class Routes(amp.Command):
+    """
+    A part of the whole route table's JSON text (a list of routes in table
+    order); the worker replaces its table once the ``last`` part arrived.
+    """
+
+    arguments = [(b"part", amp.String()), (b"last", amp.Boolean())]
+    response: list = []
+
+
+class Serve(amp.Command):
+    """Start accepting users' connections; answers once the worker does."""
+
+    arguments = [(b"control_url", amp.Unicode())]
+    response = [(b"data_url", amp.Unicode())]
+
+
+class Running(amp.Command):
+    """How many handler processes the worker runs."""
+
+    arguments: list = []
+    response = [(b"handlers", amp.Integer())]
+
+
+class Stop(amp.Command):
+    """Stop gracefully, as the main process does; ``now``: end the handlers at once."""
+
+    arguments = [(b"now", amp.Boolean())]
+    response: list = []
+    requiresAnswer = False
+
+
+class Admit(amp.Command):
+    """
+    May a handler of route ``route_id`` start? ``limit`` is the route's
+    ``max_concurrency`` (absent: none); the main process also applies
+    ``--max-handlers``. ``refusal`` is absent when it may.
+    """
+
+    arguments = [(b"route_id", amp.Unicode()), (b"limit", amp.Integer(optional=True))]
+    response = [(b"refusal", amp.Unicode(optional=True))]
+
+
+class Release(amp.Command):
+    """A handler :class:`Admit` let start has exited."""
+
+    arguments = [(b"route_id", amp.Unicode()), (b"limited", amp.Boolean())]
+    response: list = []
+    requiresAnswer = False
+
+
+def table_parts(text: bytes) -> list[bytes]:
+    """``text`` cut into parts of at most :data:`ROUTES_PART` bytes (at least one)."""
+    return [text[i : i + ROUTES_PART] for i in range(0, len(text), ROUTES_PART)] or [b""]
