@@ -15,7 +15,7 @@ import subprocess
 import sys
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -25,15 +25,19 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from kapow import control_https, credentials
+from kapow import control_https, credentials, route_cli
 from kapow.credentials import ControlCredentials, CredentialsError
 from tests.kapowserver import KAPOW, KapowServer
 from tests.pki import _cert, _key_pem, _name, _pem
 
 HEAVY = ("twisted", "treq", "klein", "OpenSSL", "cryptography")
-# Standard modules that kapow.credentials keeps out of `kapow route` (dataclasses
-# brings inspect along); none of the modules that command needs imports them.
-LEFT_OUT = ("dataclasses", "inspect", "secrets")
+# Standard modules (and packages) that `kapow route` keeps out: dataclasses
+# brings inspect along; http.client brings email, urllib, calendar and random;
+# none of the modules that command needs imports them.
+LEFT_OUT = (
+    "dataclasses", "inspect", "secrets", "http", "email", "urllib", "calendar", "random",
+    "typing", "contextlib", "datetime", "ipaddress",
+)  # fmt: skip
 
 # Runs ``kapow route ARGS`` in this interpreter, then prints what it imported.
 _ROUTE_THEN_MODULES = """\
@@ -98,29 +102,39 @@ def _assert_one_error_line(result: subprocess.CompletedProcess[str], *fragments:
         assert fragment in result.stderr
 
 
+def _route_then_modules(env: dict[str, str], *args: str) -> tuple[list[str], list[str]]:
+    """The output lines of ``kapow route ARGS`` and the modules it imported."""
+    run = subprocess.run(
+        [sys.executable, "-c", _ROUTE_THEN_MODULES, *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=30,
+    )
+    assert (run.returncode, run.stderr) == (0, ""), run
+    *lines, modules = run.stdout.splitlines()
+    return lines, json.loads(modules)
+
+
 @pytest.mark.parametrize("environ", [_operator_environ, _init_program_environ])
-def test_route_add_and_list_without_twisted_or_cryptography(server: KapowServer, environ) -> None:
+def test_each_route_action_without_twisted_cryptography_or_http_client(server: KapowServer, environ) -> None:
     env = environ(server)
-    runs = []
-    for args in (("add", "/hi", "-c", "echo hi"), ("list",)):
-        runs.append(
-            subprocess.run(
-                [sys.executable, "-c", _ROUTE_THEN_MODULES, *args],
-                capture_output=True,
-                text=True,
-                env=env,
-                timeout=30,
-            )
-        )
-    for run in runs:
-        assert (run.returncode, run.stderr) == (0, ""), run
-        modules = json.loads(run.stdout.splitlines()[-1])
+    added_lines, modules = _route_then_modules(env, "add", "/hi", "-c", "echo hi")
+    imported = [modules]
+    added = json.loads(added_lines[0])
+    assert (added["method"], added["url_pattern"], added["command"]) == ("GET", "/hi", "echo hi")
+    for args, lines in (
+        (("list",), [json.dumps([added])]),
+        (("get", added["id"]), [json.dumps(added)]),
+        (("remove", added["id"]), []),
+    ):
+        output, modules = _route_then_modules(env, *args)
+        assert [json.loads(line) for line in output] == [json.loads(line) for line in lines]
+        imported.append(modules)
+    for modules in imported:
         assert "kapow.control_https" in modules
         assert [m for m in modules if m.split(".")[0] in HEAVY] == []
-        assert [m for m in modules if m in LEFT_OUT] == []
-    added = json.loads(runs[0].stdout.splitlines()[0])
-    assert (added["method"], added["url_pattern"], added["command"]) == ("GET", "/hi", "echo hi")
-    assert json.loads(runs[1].stdout.splitlines()[0]) == [added]
+        assert [m for m in modules if m.split(".")[0] in LEFT_OUT] == []
 
 
 def test_a_server_certificate_other_than_the_pinned_one_is_refused(
@@ -215,11 +229,25 @@ def test_an_ipv6_literal_control_url(start_server) -> None:
 # -- certificates a kapow server would not load, on a one-connection server ----------
 
 
+EMPTY_LIST = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\n[]"
+# In the pieces of an answer: wait until the client gives up and closes.
+HANG = None
+
+
 @contextmanager
 def _one_https_answer(
-    tmp_path: Path, cert_pem: bytes, key_pem: bytes, client_cert_pem: bytes
+    tmp_path: Path,
+    cert_pem: bytes,
+    key_pem: bytes,
+    client_cert_pem: bytes,
+    pieces: Sequence[bytes | None] = (EMPTY_LIST,),
+    requests: list[bytes] | None = None,
 ) -> Iterator[str]:
-    """An HTTPS URL answering one request with ``[]`` to a client presenting ``client_cert_pem``."""
+    """An HTTPS URL answering one request to a client presenting ``client_cert_pem``.
+
+    The answer is ``pieces``, each sent by itself (so in a TLS record of its
+    own), then the connection is closed; ``requests`` gets the request.
+    """
     chain, key = tmp_path / "served.crt", tmp_path / "served.key"
     chain.write_bytes(cert_pem)
     key.write_bytes(key_pem)
@@ -234,12 +262,16 @@ def _one_https_answer(
         try:
             connection, _ = listener.accept()
             with context.wrap_socket(connection, server_side=True) as tls:
-                request = b""
-                while b"\r\n\r\n" not in request:
-                    request += tls.recv(4096)
-                tls.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\n[]")
+                request = _read_request(tls)
+                if requests is not None:
+                    requests.append(request)
+                for piece in pieces:
+                    if piece is HANG:
+                        tls.recv(1)
+                    else:
+                        tls.sendall(piece)
         except OSError:
-            pass  # a refused handshake, as the test wants
+            pass  # a refused handshake, or a client that stopped reading, as the test wants
 
     thread = threading.Thread(target=answer, daemon=True)
     thread.start()
@@ -248,6 +280,20 @@ def _one_https_answer(
     finally:
         thread.join(10)
         listener.close()
+
+
+def _read_request(tls: ssl.SSLSocket) -> bytes:
+    """One request: its head, and its body by its Content-Length."""
+    request = b""
+    while b"\r\n\r\n" not in request:
+        request += tls.recv(4096)
+    head = request.partition(b"\r\n\r\n")[0]
+    lengths = [
+        line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")
+    ]
+    while len(request) < len(head) + 4 + sum(int(length) for length in lengths):
+        request += tls.recv(4096)
+    return request
 
 
 def _context(creds: ControlCredentials) -> ssl.SSLContext:
@@ -274,6 +320,277 @@ def test_a_certificate_issued_with_the_pinned_key_is_refused(tmp_path: Path) -> 
     refused = pytest.raises(control_https.ControlError, match="not the pinned control server certificate")
     with _one_https_answer(tmp_path, _pem(leaf), _key_pem(leaf_key), creds.client_cert_pem) as url, refused:
         control_https.call(_context(creds), url, "GET", "/routes", None, 200)
+
+
+# -- reading answers: framing, bounds and malformed answers -----------------------------
+
+
+@pytest.fixture(scope="module")
+def pinned() -> ControlCredentials:
+    return credentials.generate_control_credentials("127.0.0.1:1")
+
+
+def _answer_call(
+    tmp_path: Path,
+    creds: ControlCredentials,
+    pieces: Sequence[bytes | None],
+    expected: int = 200,
+    requests: list[bytes] | None = None,
+    **call: object,
+) -> tuple[str, str]:
+    """``(URL, text or ControlError text)`` of a call answered with ``pieces``."""
+    served = (creds.server_cert_pem, creds.server_key_pem, creds.client_cert_pem)
+    with _one_https_answer(tmp_path, *served, pieces, requests) as url:
+        arguments = {"method": "GET", "path": "/routes", "body": None, **call}
+        try:
+            return url, control_https.call(_context(creds), url, expected=expected, **arguments)  # type: ignore[arg-type]
+        except control_https.ControlError as e:
+            return url, f"ControlError: {e}"
+
+
+def _chunk(data: bytes, extension: bytes = b"") -> bytes:
+    return b"%x%s\r\n%s\r\n" % (len(data), extension, data)
+
+
+LISTING = b'[{"id": "a"}, {"id": "b"}]'
+CHUNKED = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+
+
+@pytest.mark.parametrize(
+    ("pieces", "expected", "text"),
+    [
+        pytest.param(
+            [b"HTTP/1.1 200 OK\r\nContent-Le", b"ngth: %d\r\nContent-Type: application/json\r" % len(LISTING),
+             b"\n\r\n" + LISTING[:5], LISTING[5:]],
+            200, LISTING, id="content-length, in pieces",
+        ),
+        pytest.param(
+            [CHUNKED + _chunk(LISTING[:1], b";name=value"), _chunk(LISTING[1:9], b' ; a ; b="x;y"'),
+             b"00000000D\r\n" + LISTING[9:22] + b"\r\n", _chunk(LISTING[22:]),
+             b"0;last=1\r\nX-Checksum: 1\r\nX-Other: 2\r\n\r\n"],
+            200, LISTING, id="chunked, with extensions and trailers",
+        ),
+        pytest.param(
+            [CHUNKED.replace(b"Transfer-Encoding", b"TRANSFER-ENCODING").replace(b"chunked", b"Chunked"),
+             _chunk(b"[") + _chunk(b"]") + b"0\r\n", b"\r\n"],
+            200, b"[]", id="chunked, names and values in any case, no trailers",
+        ),
+        pytest.param(
+            [CHUNKED.replace(b"\r\n\r\n", b"\r\nContent-Length: 999\r\n\r\n") + _chunk(LISTING) + b"0\r\n\r\n"],
+            200, LISTING, id="Transfer-Encoding wins over Content-Length",
+        ),
+        pytest.param(
+            [b"HTTP/1.0 200 OK\r\nContent-Type: application/json\r\n\r\n", LISTING[:3], LISTING[3:]],
+            200, LISTING, id="until the connection closes",
+        ),
+        pytest.param(
+            [b"HTTP/1.1 200 OK\nX-Folded: one\n two\nContent-Length: 2\n\n[]"],
+            200, b"[]", id="bare line feeds and a folded header",
+        ),
+        pytest.param(
+            [b"HTTP/1.1 100 Continue\r\n\r\n", b"HTTP/1.1 103 Early Hints\r\nLink: </x>\r\n\r\n", EMPTY_LIST],
+            200, b"[]", id="interim answers are skipped",
+        ),
+        pytest.param(
+            [b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n"], 204, b"", id="no content",
+        ),
+        pytest.param(
+            [CHUNKED.replace(b"200 OK", b"404 Not Found"), _chunk(b'{"reason": "Route'),
+             _chunk(b' Not Found"}') + b"0\r\n\r\n"],
+            200, b"ControlError: Route Not Found", id="the reason of another status",
+        ),
+        pytest.param(
+            [b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 4\r\n\r\noops"],
+            200, b"ControlError: HTTP 500", id="another status without a reason",
+        ),
+    ],
+)  # fmt: skip
+def test_answers_are_read_by_their_framing(
+    tmp_path: Path, pinned: ControlCredentials, pieces: list[bytes], expected: int, text: bytes
+) -> None:
+    assert _answer_call(tmp_path, pinned, pieces, expected)[1] == text.decode()
+
+
+@pytest.mark.parametrize(
+    ("pieces", "why"),
+    [
+        pytest.param([], "the server closed the connection without answering", id="no answer"),
+        pytest.param([b"garbage\r\n\r\n"], "malformed status line 'garbage'", id="status line"),
+        pytest.param([b"HTTP/1.1 2000 OK\r\n\r\n"], "malformed status line 'HTTP/1.1 2000 OK'", id="status code"),
+        pytest.param([b"HTTP/2 200\r\n\r\n"], "malformed status line 'HTTP/2 200'", id="version"),
+        pytest.param([b"\r\n"], "malformed status line ''", id="empty head"),
+        pytest.param(
+            [b"HTTP/1.1 200\x00OK\rmore\r\n\r\n"], "malformed status line 'HTTP/1.1 200\\x00OK\\rmore'",
+            id="status line shown on one line",
+        ),
+        pytest.param(
+            [b"SSH-2.0-" + b"x" * 100 + b"\r\n\r\n"], f"malformed status line 'SSH-2.0-{'x' * 72}'...",
+            id="status line cut",
+        ),
+        pytest.param(
+            [b"HTTP/1.1 200 OK\r\nX-Filler: " + b"x" * control_https.HEAD_LIMIT + b"\r\n\r\n[]"],
+            f"the answer's head is over {control_https.HEAD_LIMIT} bytes", id="one long header",
+        ),
+        pytest.param(
+            [b"HTTP/1.1 200 OK\r\n", *[b"X-Filler: xxxxxx\r\n" * 256] * 16, b"\r\n[]"],
+            f"the answer's head is over {control_https.HEAD_LIMIT} bytes", id="many headers",
+        ),
+        pytest.param(
+            [b"HTTP/1.1 200 OK\r\nContent-"], "the connection closed in the middle of the answer's head",
+            id="closed in the head",
+        ),
+        pytest.param(
+            [b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n", b"12345"],
+            "the connection closed in the middle of the body (5 of 10 bytes)", id="closed in the body",
+        ),
+        pytest.param(
+            [CHUNKED + _chunk(b"[]"), b"a\r\n1234"],
+            "the connection closed in the middle of a chunk (4 of 10 bytes)", id="closed in a chunk",
+        ),
+        pytest.param(
+            [CHUNKED + _chunk(b"[]")], "the connection closed in the middle of a chunk size line",
+            id="closed before the last chunk",
+        ),
+        pytest.param(
+            [CHUNKED + _chunk(b"[]") + b"0\r\nX-Checksum: 1\r\n"],
+            "the connection closed in the middle of the trailer section", id="closed in the trailers",
+        ),
+        pytest.param(
+            [b"HTTP/1.1 200 OK\r\nNo colon here\r\n\r\n"], "malformed header line 'No colon here'",
+            id="header line",
+        ),
+        pytest.param(
+            [b"HTTP/1.1 200 OK\r\nBad name: x\r\n\r\n"], "malformed header line 'Bad name: x'",
+            id="header name",
+        ),
+        pytest.param(
+            [b"HTTP/1.1 200 OK\r\n folded first\r\n\r\n"], "malformed header line ' folded first'",
+            id="folding without a header",
+        ),
+        pytest.param(
+            [b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\n[]"],
+            "malformed Content-Length '2, 3'", id="Content-Lengths that disagree",
+        ),
+        pytest.param(
+            [b"HTTP/1.1 200 OK\r\nContent-Length: -2\r\n\r\n[]"], "malformed Content-Length '-2'",
+            id="negative Content-Length",
+        ),
+        pytest.param(
+            [b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n[]" % (control_https.BODY_LIMIT + 1)],
+            f"the body is over {control_https.BODY_LIMIT} bytes (Content-Length: {control_https.BODY_LIMIT + 1})",
+            id="Content-Length over the limit",
+        ),
+        pytest.param(
+            [b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"],
+            "unsupported Transfer-Encoding 'gzip, chunked'", id="another transfer coding",
+        ),
+        pytest.param([CHUNKED + b"zz\r\n"], "malformed chunk size line 'zz'", id="chunk size"),
+        pytest.param([CHUNKED + b"\r\n"], "malformed chunk size line ''", id="empty chunk size"),
+        pytest.param(
+            [CHUNKED + b"1;" + b"x" * control_https.CHUNK_LINE_LIMIT + b"\r\n"],
+            f"a chunk size line is over {control_https.CHUNK_LINE_LIMIT} bytes", id="chunk size line over the limit",
+        ),
+        pytest.param(
+            [CHUNKED + b"2\r\n[]]\r\n0\r\n\r\n"], "a chunk is longer than its size line says",
+            id="chunk longer than its size",
+        ),
+        pytest.param(
+            [CHUNKED + b"fffffffffff\r\n"], f"the body is over {control_https.BODY_LIMIT} bytes",
+            id="chunk over the limit",
+        ),
+        pytest.param(
+            [CHUNKED + _chunk(b"[]") + b"0\r\nX-Filler: " + b"x" * control_https.HEAD_LIMIT + b"\r\n\r\n"],
+            f"the trailer section is over {control_https.HEAD_LIMIT} bytes", id="trailers over the limit",
+        ),
+    ],
+)  # fmt: skip
+def test_a_malformed_or_cut_answer_is_one_clear_line(
+    tmp_path: Path, pinned: ControlCredentials, pieces: list[bytes], why: str
+) -> None:
+    url, text = _answer_call(tmp_path, pinned, pieces)
+    assert text == f"ControlError: cannot reach control API at {url}: {why}"
+
+
+def test_bodies_until_close_and_in_chunks_are_bounded(
+    tmp_path: Path, pinned: ControlCredentials, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(control_https, "BODY_LIMIT", 100)
+    head = b"HTTP/1.1 200 OK\r\n\r\n"
+    assert _answer_call(tmp_path, pinned, [head, b"x" * 100])[1] == "x" * 100
+    url, text = _answer_call(tmp_path, pinned, [head, b"x" * 60, b"x" * 41])
+    assert text == f"ControlError: cannot reach control API at {url}: the body is over 100 bytes"
+    url, text = _answer_call(tmp_path, pinned, [CHUNKED, _chunk(b"x" * 60), _chunk(b"x" * 41), b"0\r\n\r\n"])
+    assert text == f"ControlError: cannot reach control API at {url}: the body is over 100 bytes"
+
+
+def test_a_server_that_does_not_answer_times_out(tmp_path: Path, pinned: ControlCredentials) -> None:
+    url, text = _answer_call(tmp_path, pinned, [b"HTTP/1.1 200 OK\r\n", HANG], timeout=0.5)
+    assert text == f"ControlError: cannot reach control API at {url}: The read operation timed out"
+
+
+def test_the_request(tmp_path: Path, pinned: ControlCredentials) -> None:
+    requests: list[bytes] = []
+    body = {"method": "GET", "url_pattern": "/caf\u00e9", "index": 0}
+    created = b"HTTP/1.1 201 Created\r\nContent-Length: 2\r\n\r\n{}"
+    put, text = _answer_call(tmp_path, pinned, [created], 201, requests, method="PUT", body=body)
+    assert text == "{}"
+    delete, _ = _answer_call(
+        tmp_path, pinned, [EMPTY_LIST], 200, requests, method="DELETE", path="/routes/a%2Fb"
+    )
+    payload = json.dumps(body).encode()
+    assert requests == [
+        b"PUT /routes HTTP/1.1\r\nHost: %s\r\nAccept-Encoding: identity\r\nConnection: close\r\n"
+        b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+        % (put.removeprefix("https://").encode(), len(payload), payload),
+        b"DELETE /routes/a%%2Fb HTTP/1.1\r\nHost: %s\r\nAccept-Encoding: identity\r\nConnection: close\r\n\r\n"
+        % delete.removeprefix("https://").encode(),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("url", "target", "authority"),
+    [
+        ("https://127.0.0.1:8081", ("127.0.0.1", 8081, ""), "127.0.0.1:8081"),
+        ("https://[::1]:8081", ("::1", 8081, ""), "[::1]:8081"),
+        ("https://[::1]", ("::1", 443, ""), "[::1]"),
+        ("HTTPS://Control.Example:1/kapow/?q#f", ("control.example", 1, "/kapow"), "control.example:1"),
+        (" https://user:secret@localhost:2/a/b/", ("localhost", 2, "/a/b"), "localhost:2"),
+        ("https://local\thost:8081\n", ("localhost", 8081, ""), "localhost:8081"),
+        (
+            "https://b\u00fccher.example:8081",
+            ("xn--bcher-kva.example", 8081, ""),
+            "xn--bcher-kva.example:8081",
+        ),
+    ],
+)
+def test_control_urls_are_read_as_urlsplit_reads_them(url: str, target: tuple, authority: str) -> None:
+    assert control_https._target(url) == target
+    assert control_https._authority(*target[:2]) == authority
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://127.0.0.1:8081", "https:/127.0.0.1:8081", "https://", "https://:8081", "https://[::1",
+        "https://[::1]x", "https://[localhost]:1", "https://h:0", "https://h:65536", "https://h:+1",
+        "https://h:1 ", "https://a..b:1", "https://h:1/a b", "https://h:1/caf\u00e9", "https://a\x00b:1",
+    ],
+)  # fmt: skip
+def test_other_control_urls_are_one_clear_line(url: str) -> None:
+    with pytest.raises(control_https.ControlError) as caught:
+        control_https._target(url)
+    assert str(caught.value) == (
+        f"cannot reach control API at {url}: not an https://HOST:PORT URL (the control API is HTTPS only)"
+    )
+
+
+@pytest.mark.parametrize(
+    "segment", ["3f1c9a52-0d7e", "a/b", "a b%c?d#e", "caf\u00e9 \u2603", "~_.-", "!*'();:@&=+$,[]", ""]
+)
+def test_route_ids_are_quoted_as_urllib_quotes_them(segment: str) -> None:
+    from urllib.parse import quote
+
+    assert route_cli._quote(segment) == quote(segment, safe="")
 
 
 # -- credentials -----------------------------------------------------------------------

@@ -12,20 +12,22 @@ an operator's curl needs. :mod:`kapow.tls` (Twisted) and
 Pure :mod:`cryptography`; nothing here imports Twisted.  The functions that
 need :mod:`cryptography` import it themselves: ``kapow route`` only reads the
 files and variables, and importing :mod:`cryptography` would take several
-times as long as the rest of that command's start-up.
+times as long as the rest of that command's start-up.  For the same reason
+:mod:`datetime`, :mod:`ipaddress` and :mod:`typing` are not imported at
+module level: ``kapow route`` needs none of them.
 """
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import os
 import re
 import stat
-from typing import TYPE_CHECKING, Any
 
+# typing.TYPE_CHECKING without importing typing; type checkers know the name.
+TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Mapping
+    from typing import Any
 
     from cryptography import x509
 
@@ -43,9 +45,9 @@ CLIENT_KEY_FILE = "client.key"
 SERVER_COMMON_NAME = "control_server"
 CLIENT_COMMON_NAME = "control_client"
 
-_VALIDITY = datetime.timedelta(days=3650)
+_VALIDITY_DAYS = 3650
 # Tolerates clocks of the client and server processes that disagree a little.
-_BACKDATE = datetime.timedelta(minutes=5)
+_BACKDATE_MINUTES = 5
 
 _DNS_NAME = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]*[A-Za-z0-9_.])?")
 _PORT = re.compile(r"[0-9]{1,5}")
@@ -148,6 +150,8 @@ def reachable_host(addr: str) -> str:
         if not rest.startswith(":"):
             raise ValueError(f"control reachable address {addr!r}: expected ':port' after ']'")
         port = rest[1:]
+        import ipaddress
+
         try:
             ipaddress.IPv6Address(host)
         except ValueError:
@@ -174,6 +178,8 @@ def reachable_host(addr: str) -> str:
 
 
 def _is_ip(host: str) -> bool:
+    import ipaddress
+
     try:
         ipaddress.ip_address(host)
     except ValueError:
@@ -202,6 +208,8 @@ def generate_control_credentials(reachable_addr: str) -> ControlCredentials:
         interface (``--control-reachable-addr``), see :func:`reachable_host`.
     :raises ValueError: if ``reachable_addr`` is malformed.
     """
+    import ipaddress
+
     from cryptography import x509
     from cryptography.x509.oid import ExtendedKeyUsageOID
 
@@ -225,6 +233,8 @@ def generate_control_credentials(reachable_addr: str) -> ControlCredentials:
 def _self_signed(
     common_name: str, usage: x509.ObjectIdentifier, san: x509.GeneralName
 ) -> tuple[bytes, bytes]:
+    import datetime
+
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -239,8 +249,8 @@ def _self_signed(
         .issuer_name(name)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - _BACKDATE)
-        .not_valid_after(now + _VALIDITY)
+        .not_valid_before(now - datetime.timedelta(minutes=_BACKDATE_MINUTES))
+        .not_valid_after(now + datetime.timedelta(days=_VALIDITY_DAYS))
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), True)
         .add_extension(
             x509.KeyUsage(

@@ -18,14 +18,17 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
 
 from kapow import control_https
 from kapow.credentials import CredentialsError
 
+# typing.TYPE_CHECKING without importing typing, which this command needs
+# only for annotations; type checkers know the name.
+TYPE_CHECKING = False
 if TYPE_CHECKING:
     import ssl
+    from collections.abc import Mapping, Sequence
+    from typing import Any
 
 EPILOG_ADD = """\
 examples:
@@ -176,10 +179,17 @@ def _request(args: argparse.Namespace) -> tuple[str, str, dict[str, Any] | None,
     return "DELETE", path, None, 204
 
 
-def _quote(segment: str) -> str:
-    from urllib.parse import quote
+# What urllib.parse.quote(segment, safe="") leaves as it is (RFC 3986 unreserved).
+_UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.-~")
 
-    return quote(segment, safe="")
+
+def _quote(segment: str) -> str:
+    """``segment`` percent-encoded as one path segment, as ``urllib.parse.quote(segment, safe="")``.
+
+    Written out: importing :mod:`urllib.parse` would add a few milliseconds
+    to every ``kapow route get`` and ``kapow route remove``.
+    """
+    return "".join(chr(byte) if byte in _UNRESERVED else f"%{byte:02X}" for byte in segment.encode("utf-8"))
 
 
 def context(directory: str | None, environ: Mapping[str, str]) -> ssl.SSLContext:
