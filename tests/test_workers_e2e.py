@@ -171,3 +171,45 @@ def test_a_graceful_stop_drains_every_worker_and_leaves_no_process(
     assert not any(alive(pid) for pid in pids.values())
     assert not any(group_members(int(p.name)) for p in started.iterdir())
     assert "worker 1 stopped" in server.output() and "worker 2 stopped" in server.output()
+
+
+def test_the_data_bind_reaches_the_handlers_of_every_worker(start_server, tmp_path: Path) -> None:
+    server = start_server(extra=WORKERS)
+    pids = serving(server)
+    go, started = tmp_path / "go", tmp_path / "started"
+    started.mkdir()
+    # the handler itself writes through --data-bind: appending PUTs, streamed
+    server.add_route(
+        "/held/{n}",
+        f'echo "$PPID" > {started}/$KAPOW_HANDLER_ID; export KAPOW_DATA_URL={server.data}; '
+        "echo first | kapow set /response/stream; "
+        f"while [ ! -e {go} ]; do sleep 0.02; done; echo last | kapow set /response/stream",
+    )
+    requests: dict[str, subprocess.Popen] = {}
+    try:
+        for n in range(40):  # until both workers run one
+            requests[str(n)] = subprocess.Popen(
+                ["curl", "-sSN", f"{server.user}/held/{n}"], stdout=subprocess.PIPE
+            )
+            assert requests[str(n)].stdout.readline() == b"first\n"  # type: ignore[union-attr]
+            if {int(p.read_text()) for p in started.iterdir()} == set(pids.values()):
+                break
+        assert {int(p.read_text()) for p in started.iterdir()} == set(pids.values())
+        for handler in started.iterdir():
+            n = curl(f"{server.data}/handlers/{handler.name}/request/matches/n").stdout
+            put = curl(
+                "-X", "PUT", "--data-binary", f"{n} via the main process\n", "-w", "%{http_code}",
+                f"{server.data}/handlers/{handler.name}/response/body",
+            )  # fmt: skip
+            assert put.stdout == "200"
+        gone = curl("-w", " %{http_code}", f"{server.data}/handlers/0001{'0' * 28}/request/path")
+        assert gone.stdout == '{"reason": "Handler ID Not Found"} 404'
+        go.touch()
+        answers = {n: r.communicate(timeout=20)[0] for n, r in requests.items()}
+        for n, answer in answers.items():
+            assert answer == f"{n} via the main process\nlast\n".encode(), answers
+    finally:
+        go.touch()
+        for request in requests.values():
+            request.kill()
+            request.wait()

@@ -341,13 +341,18 @@ class BodySnapshot:
 
 
 class HandlerRegistry:
-    """Live handlers by id; a finished handler is forgotten at once."""
+    """
+    Live handlers by id; a finished handler is forgotten at once.
 
-    def __init__(self) -> None:
+    :param new_id: makes the ids (:func:`new_handler_id` by default).
+    """
+
+    def __init__(self, new_id: Callable[[], str] = new_handler_id) -> None:
         self._handlers: dict[str, Handler] = {}
+        self._new_id = new_id
 
     def create(self, route: Route, matches: dict[str, str], request: Request) -> Handler:
-        handler = Handler(new_handler_id(), route, matches, request)
+        handler = Handler(self._new_id(), route, matches, request)
         self._handlers[handler.id] = handler
         return handler
 

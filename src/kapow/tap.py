@@ -25,6 +25,7 @@ from twisted.web.server import Site
 from kapow import credentials, systemd, tls
 from kapow.control_api import ControlAPI
 from kapow.data_api import DataAPI
+from kapow.data_proxy import DataProxy
 from kapow.governor import Governor, Limits
 from kapow.handlers import HandlerRegistry
 from kapow.init_programs import InitProgramsService
@@ -36,7 +37,7 @@ from kapow.user_api import UserAPI, UserSite
 from kapow.web import QuietSite, bounded_request_factory
 from kapow.worker import GatedEndpoint, MainAdmission, WorkerLink
 from kapow.worker_pool import STOP_MARGIN, HeldListener, WorkerPool
-from kapow.workers import MAIN_FD, USER_FD
+from kapow.workers import MAIN_FD, USER_FD, worker_handler_id
 
 #: Largest request body the control API buffers (a route is a few hundred bytes).
 CONTROL_MAX_BODY = 1024 * 1024
@@ -370,8 +371,13 @@ def build_service(options: Options, reactor: Any) -> KapowService:
         service.user_listener = listen(user_where, site, "user", user_scheme, user_tls)
         return spawner
 
-    handlers = HandlerRegistry()
-    data_site = QuietSite(DataAPI(handlers).resource())
+    handlers = HandlerRegistry() if worker is None else HandlerRegistry(lambda: worker_handler_id(worker))
+    if workers == 1:
+        data_site = QuietSite(DataAPI(handlers).resource())
+    else:  # every handler lives in a worker: --data-bind forwards to it
+        data_site = QuietSite(
+            DataProxy(reactor, lambda handler_id: pool.data_address(handler_id) if pool is not None else None)
+        )
 
     if worker is not None:
         link: list[WorkerLink] = []

@@ -15,6 +15,7 @@ import sys
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
+from urllib.parse import urlsplit
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, gatherResults, succeed
@@ -26,7 +27,18 @@ from twisted.python.failure import Failure
 
 from kapow.routes import RouteTable
 from kapow.service import Listener
-from kapow.workers import MAIN_FD, USER_FD, Admit, Release, Routes, Running, Serve, Stop, table_parts
+from kapow.workers import (
+    MAIN_FD,
+    USER_FD,
+    Admit,
+    Release,
+    Routes,
+    Running,
+    Serve,
+    Stop,
+    handler_worker,
+    table_parts,
+)
 
 log = Logger()
 
@@ -148,6 +160,7 @@ class _Worker:
         self.started = started
         self.process: Any = None
         self.pid: int | None = None
+        self.data_address: tuple[str, int] | None = None
         self.serving: Deferred[None] = Deferred()
         self.ended: Deferred[None] = Deferred()
 
@@ -237,6 +250,8 @@ class WorkerPool(Service):
 
     def _serving(self, worker: _Worker, data_url: str) -> None:
         worker.link.data_url = data_url
+        parts = urlsplit(data_url)
+        worker.data_address = (parts.hostname or "127.0.0.1", parts.port or 80)
         log.info("worker {n} serves (data API for its handlers: {url})", n=worker.number, url=data_url)
         worker.serving.callback(None)
 
@@ -288,6 +303,21 @@ class WorkerPool(Service):
         return gatherResults(answers).addCallback(
             lambda found: {"handlers": sum(a["handlers"] for a in found), "workers": len(serving)}
         )
+
+    def data_address(self, handler_id: str) -> tuple[str, int] | None:
+        """
+        Where the data API of the worker that runs ``handler_id`` listens;
+        any serving worker's for an id no worker made, ``None`` if its
+        worker is gone.
+        """
+        number = handler_worker(handler_id)
+        if number is not None:
+            worker = self.workers.get(number)
+            return worker.data_address if worker is not None else None
+        for worker in self.workers.values():
+            if worker.data_address is not None:
+                return worker.data_address
+        return None
 
     # -- stopping -------------------------------------------------------------
 

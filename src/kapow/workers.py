@@ -14,12 +14,17 @@ and :class:`Release`, for the limits that must hold across workers.
 
 from __future__ import annotations
 
+import re
+import secrets
+
 from twisted.protocols import amp
 
 #: The worker's descriptor of the user interface's listening socket.
 USER_FD = 3
 #: The worker's descriptor of its connection to the main process.
 MAIN_FD = 4
+
+_HANDLER_ID = re.compile(r"[0-9a-f]{32}")
 
 #: Largest part of the route table in one :class:`Routes` message (an AMP
 #: value holds at most 65,535 bytes).
@@ -80,3 +85,19 @@ class Release(amp.Command):
 def table_parts(text: bytes) -> list[bytes]:
     """``text`` cut into parts of at most :data:`ROUTES_PART` bytes (at least one)."""
     return [text[i : i + ROUTES_PART] for i in range(0, len(text), ROUTES_PART)] or [b""]
+
+
+def worker_handler_id(number: int) -> str:
+    """
+    A fresh handler id of worker ``number``: as unguessable as any (112
+    random bits), with the worker's number in its first four hex digits, so
+    the main process knows where to forward the id's data API calls.
+    """
+    return f"{number:04x}{secrets.token_hex(14)}"
+
+
+def handler_worker(handler_id: str) -> int | None:
+    """The number of the worker whose :func:`worker_handler_id` this is, if it is one."""
+    if _HANDLER_ID.fullmatch(handler_id) is None:
+        return None
+    return int(handler_id[:4], 16)
