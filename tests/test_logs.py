@@ -54,3 +54,23 @@ def test_time_formatted_again_each_second() -> None:
     ours = text(text_log_observer, events)
     assert ours == text(textFileLogObserver, events)
     assert len({line.split()[0] for line in ours.splitlines()}) == 3
+
+
+def test_the_access_event_names_the_worker_that_served_the_request() -> None:
+    from twisted.logger import globalLogPublisher
+    from twisted.web.resource import Resource
+    from twisted.web.server import Request
+    from twisted.web.test.requesthelper import DummyChannel
+
+    from kapow.user_api import UserSite
+
+    events: list[dict] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        for worker in (2, None):
+            UserSite(Resource(), worker=worker).log(Request(DummyChannel()))
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    access = [e for e in events if e.get("log_namespace") == "kapow.access"]
+    assert [e["worker"] for e in access] == [2, None]
+    assert all(e["log_format"] == "{line}" and '"(no method yet)' in e["line"] for e in access)

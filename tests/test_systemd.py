@@ -237,10 +237,12 @@ def port(sock: socket.socket) -> int:
     return sock.getsockname()[1]
 
 
+@pytest.mark.parametrize("workers", [(), ("--workers", "2")], ids=["one process", "two workers"])
 def test_inherited_sockets_serve_user_http_and_control_mtls(
     activated: list[SocketActivatedServer],
     loopback_sockets: tuple[socket.socket, socket.socket],
     tmp_path: Path,
+    workers: tuple[str, ...],
 ) -> None:
     user, control = loopback_sockets
     init = write_program(
@@ -255,6 +257,7 @@ def test_inherited_sockets_serve_user_http_and_control_mtls(
             "--control-bind", "systemd:domain=INET:name=control",
             "--data-bind", "127.0.0.1:0",
             "--control-reachable-addr", f"127.0.0.1:{port(control)}",
+            *workers,
             init,
         ],
     )  # fmt: skip
@@ -330,5 +333,22 @@ def test_the_server_notifies_ready_and_stopping(
         server.process.send_signal(signal.SIGTERM)
         receive_until(sock, b"STOPPING=1")
         assert server.process.wait(15) == 0
+    finally:
+        server.stop()
+
+
+def test_with_workers_ready_comes_once_every_worker_serves(
+    datagram_socket: tuple[str, socket.socket], tmp_path: Path
+) -> None:
+    path, sock = datagram_socket
+    server = KapowServer(tmp_path, extra=("--workers", "2"), env={**os.environ, "NOTIFY_SOCKET": path})
+    try:
+        receive_until(sock, b"READY=1")
+        server.wait_log(r"worker 1 serves \(", timeout=2)
+        server.wait_log(r"worker 2 serves \(", timeout=2)
+        server.process.send_signal(signal.SIGTERM)
+        received = receive_until(sock, b"STOPPING=1")
+        assert server.process.wait(15) == 0
+        assert b"READY=1" not in b"\n".join(received + pending(sock))  # once, from the main process
     finally:
         server.stop()

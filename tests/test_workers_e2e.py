@@ -89,6 +89,23 @@ def test_a_route_limited_to_one_never_runs_twice_at_once(start_server, tmp_path:
     assert {int(pid) for pid in ran.read_text().split()} == set(pids.values())
 
 
+def test_max_handlers_holds_across_workers(start_server, tmp_path: Path) -> None:
+    server = start_server(extra=(*WORKERS, "--max-handlers", "1"))
+    serving(server)
+    go = tmp_path / "go"
+    server.add_route("/a", f"touch {tmp_path}/started; while [ ! -e {go} ]; do sleep 0.02; done")
+    server.add_route("/b", "kapow set /response/body b")
+    first = subprocess.Popen(["curl", "-s", server.user + "/a"], stdout=subprocess.DEVNULL)
+    try:
+        wait_for((tmp_path / "started").exists, what="the first handler")
+        assert {code for _, code in many(server.user + "/b", 10)} == {"503"}  # from either worker
+    finally:
+        go.touch()
+        first.wait(10)
+    wait_for(lambda: curl(server.user + "/b").stdout == "b", what="capacity to come back")
+    assert {answer for answer in many(server.user + "/b", 10)} == {("b", "200")}
+
+
 def test_health_counts_the_handlers_of_both_workers(start_server, tmp_path: Path) -> None:
     server = start_server(extra=WORKERS)
     pids = serving(server)

@@ -380,19 +380,18 @@ def build_service(options: Options, reactor: Any) -> KapowService:
         )
 
     if worker is not None:
-        link: list[WorkerLink] = []
         gate = GatedEndpoint(AdoptedStreamServerEndpoint(reactor, USER_FD, _socket_family(USER_FD)))
-        serve_users((gate, None), MainAdmission(governor, options["max-handlers"], lambda: link[0]))
+        link = WorkerLink(worker, routes, governor, service, gate, lambda: data.url())
+        serve_users((gate, None), MainAdmission(governor, options["max-handlers"], link))
         data = listen(
             (serverFromString(reactor, "tcp:0:interface=127.0.0.1"), None), data_site, "data", "http"
         )
 
         def control_url() -> str:
-            return link[0].control_url
+            return link.control_url
 
-        link.append(WorkerLink(worker, routes, governor, service, gate, data.url))
         factory = Factory()
-        factory.buildProtocol = lambda addr: link[0]  # type: ignore[method-assign]
+        factory.buildProtocol = lambda addr: link  # type: ignore[method-assign]
         reactor.adoptStreamConnection(MAIN_FD, socket.AF_UNIX, factory)
         os.close(MAIN_FD)
         return service

@@ -62,10 +62,10 @@ class MainAdmission:
 
     :param governor: the worker's governor.
     :param max_handlers: the server's ``--max-handlers``.
-    :param link: returns the connection to the main process.
+    :param link: the connection to the main process.
     """
 
-    def __init__(self, governor: Governor, max_handlers: int | None, link: Callable[[], amp.AMP]) -> None:
+    def __init__(self, governor: Governor, max_handlers: int | None, link: amp.AMP) -> None:
         self.governor = governor
         self.max_handlers = max_handlers
         self.link = link
@@ -78,7 +78,7 @@ class MainAdmission:
         refusal = self.governor.admit(route)
         if refusal is not None or not self._limited(route):
             return refusal
-        d = self.link().callRemote(Admit, route_id=route.id, limit=route.max_concurrency)
+        d = self.link.callRemote(Admit, route_id=route.id, limit=route.max_concurrency)
 
         def lost(failure: Failure) -> str:
             log.warn("admission by the main process failed: {why}", why=failure.getErrorMessage())
@@ -89,7 +89,7 @@ class MainAdmission:
     def release(self, route: Route) -> None:
         """A handler that :meth:`admit` let start has exited."""
         if self._limited(route):
-            self.link().callRemote(Release, route_id=route.id, limited=route.max_concurrency is not None)
+            self.link.callRemote(Release, route_id=route.id, limited=route.max_concurrency is not None)
 
 
 class WorkerLink(amp.AMP):
