@@ -6,6 +6,7 @@ for certificates a kapow server would not load), real certificates.
 
 from __future__ import annotations
 
+import argparse
 import ipaddress
 import json
 import os
@@ -33,10 +34,13 @@ from tests.pki import _cert, _key_pem, _name, _pem
 HEAVY = ("twisted", "treq", "klein", "OpenSSL", "cryptography")
 # Standard modules (and packages) that `kapow route` keeps out: dataclasses
 # brings inspect along; http.client brings email, urllib, calendar and random;
-# none of the modules that command needs imports them.
+# argparse's own help formatter brings shutil, bz2 and lzma; the idna codec
+# brings stringprep and unicodedata.  None of the modules that command needs
+# imports them.
 LEFT_OUT = (
     "dataclasses", "inspect", "secrets", "http", "email", "urllib", "calendar", "random",
-    "typing", "contextlib", "datetime", "ipaddress",
+    "typing", "contextlib", "datetime", "ipaddress", "shutil", "bz2", "lzma",
+    "encodings.idna", "stringprep", "unicodedata",
 )  # fmt: skip
 
 # Runs ``kapow route ARGS`` in this interpreter, then prints what it imported.
@@ -134,7 +138,7 @@ def test_each_route_action_without_twisted_cryptography_or_http_client(server: K
     for modules in imported:
         assert "kapow.control_https" in modules
         assert [m for m in modules if m.split(".")[0] in HEAVY] == []
-        assert [m for m in modules if m.split(".")[0] in LEFT_OUT] == []
+        assert [m for m in modules if m in LEFT_OUT or m.split(".")[0] in LEFT_OUT] == []
 
 
 def test_a_server_certificate_other_than_the_pinned_one_is_refused(
@@ -555,6 +559,8 @@ def test_the_request(tmp_path: Path, pinned: ControlCredentials) -> None:
         ("https://[::1]", ("::1", 443, ""), "[::1]"),
         ("HTTPS://Control.Example:1/kapow/?q#f", ("control.example", 1, "/kapow"), "control.example:1"),
         (" https://user:secret@localhost:2/a/b/", ("localhost", 2, "/a/b"), "localhost:2"),
+        ("https://localhost.:2", ("localhost.", 2, ""), "localhost.:2"),
+        (f"https://{'a' * 63}.example:2", (f"{'a' * 63}.example", 2, ""), f"{'a' * 63}.example:2"),
         ("https://local\thost:8081\n", ("localhost", 8081, ""), "localhost:8081"),
         (
             "https://b\u00fccher.example:8081",
@@ -573,7 +579,8 @@ def test_control_urls_are_read_as_urlsplit_reads_them(url: str, target: tuple, a
     [
         "http://127.0.0.1:8081", "https:/127.0.0.1:8081", "https://", "https://:8081", "https://[::1",
         "https://[::1]x", "https://[localhost]:1", "https://h:0", "https://h:65536", "https://h:+1",
-        "https://h:1 ", "https://a..b:1", "https://h:1/a b", "https://h:1/caf\u00e9", "https://a\x00b:1",
+        "https://h:1 ", "https://a..b:1", "https://.a:1", f"https://{'a' * 64}.example:1",
+        f"https://example.{'a' * 64}:1", "https://h:1/a b", "https://h:1/caf\u00e9", "https://a\x00b:1",
     ],
 )  # fmt: skip
 def test_other_control_urls_are_one_clear_line(url: str) -> None:
@@ -582,6 +589,21 @@ def test_other_control_urls_are_one_clear_line(url: str) -> None:
     assert str(caught.value) == (
         f"cannot reach control API at {url}: not an https://HOST:PORT URL (the control API is HTTPS only)"
     )
+
+
+@pytest.mark.parametrize("columns", [None, "50", "200", "abc", "0"])
+def test_help_is_as_wide_as_argparse_makes_it(monkeypatch: pytest.MonkeyPatch, columns: str | None) -> None:
+    if columns is None:
+        monkeypatch.delenv("COLUMNS", raising=False)
+    else:
+        monkeypatch.setenv("COLUMNS", columns)
+
+    def help_text(formatter_class: type[argparse.HelpFormatter]) -> str:
+        parser = argparse.ArgumentParser(prog="p", description="word " * 60, formatter_class=formatter_class)
+        parser.add_argument("--option", help="word " * 60)
+        return parser.format_help()
+
+    assert help_text(route_cli._Formatter) == help_text(argparse.RawDescriptionHelpFormatter)
 
 
 @pytest.mark.parametrize(

@@ -323,11 +323,7 @@ def _host_and_port(hostinfo: str) -> tuple[str, int] | None:
         host, _, port_text = hostinfo.partition(":")
         if "[" in host or "]" in host:
             return None
-    try:
-        # ssl encodes server_hostname so too (an empty label is an error).
-        host = host.encode("idna").decode("ascii").lower()
-    except UnicodeError:
-        return None
+    host = _ascii_host(host)
     if not host or not _PRINTABLE.fullmatch(host):
         return None
     if not port_text:
@@ -335,6 +331,25 @@ def _host_and_port(hostinfo: str) -> tuple[str, int] | None:
     if not _PORT.fullmatch(port_text) or not 0 < int(port_text) <= 65535:
         return None
     return host, int(port_text)
+
+
+def _ascii_host(host: str) -> str | None:
+    """``host`` in lower case ASCII, as :mod:`ssl` and :mod:`socket` encode it (IDNA).
+
+    ``None`` if it cannot be encoded.  A name in ASCII is checked as the
+    ``idna`` codec checks it, without importing the codec (and
+    :mod:`stringprep` and :mod:`unicodedata` with it): every label but the
+    last is not empty, and none is longer than 63 characters.
+    """
+    if host.isascii():
+        *labels, last = host.split(".")
+        if len(last) > 63 or not all(0 < len(label) < 64 for label in labels):
+            return None
+        return host.lower()
+    try:
+        return host.encode("idna").decode("ascii").lower()
+    except UnicodeError:
+        return None
 
 
 def _authority(host: str, port: int) -> str:
@@ -372,7 +387,10 @@ def _exchange(
     :raises OSError: if the connection or TLS fails.
     :raises _BadAnswer: if the answer is malformed, too large or cut short.
     """
-    with socket.create_connection((host, port), timeout=timeout) as raw:
+    # In bytes, so that neither socket nor ssl imports the idna codec to
+    # encode a name that is ASCII already.
+    name = host.encode("ascii")
+    with socket.create_connection((name, port), timeout=timeout) as raw:
         try:
             # A request larger than a TLS record goes out in several writes;
             # Nagle's algorithm would hold the last back until the first is
@@ -380,7 +398,7 @@ def _exchange(
             raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError:
             pass
-        with context.wrap_socket(raw, server_hostname=host) as tls:
+        with context.wrap_socket(raw, server_hostname=name) as tls:
             tls.sendall(request)
             return _read_answer(_Reader(tls))
 

@@ -49,6 +49,37 @@ class _Parser(argparse.ArgumentParser):
         raise CommandError(f"{self.prog}: {message}")
 
 
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """argparse's formatter, sized to the terminal without :mod:`shutil`.
+
+    argparse makes a formatter for every argument added, to check it, and its
+    own one imports :mod:`shutil` (which brings :mod:`bz2`, :mod:`lzma` and
+    :mod:`fnmatch` along) only to learn the terminal width:
+    :func:`_terminal_columns` finds the same width.
+    """
+
+    def __init__(
+        self, prog: str, indent_increment: int = 2, max_help_position: int = 24, width: int | None = None
+    ) -> None:
+        if width is None:
+            width = _terminal_columns() - 2  # as argparse.HelpFormatter does
+        super().__init__(prog, indent_increment, max_help_position, width)
+
+
+def _terminal_columns() -> int:
+    """The width :func:`shutil.get_terminal_size` gives: ``$COLUMNS``, the terminal's, or 80."""
+    try:
+        columns = int(os.environ["COLUMNS"])
+    except (KeyError, ValueError):
+        columns = 0
+    if columns > 0:
+        return columns
+    try:
+        return os.get_terminal_size(sys.__stdout__.fileno()).columns or 80
+    except (AttributeError, ValueError, OSError):
+        return 80
+
+
 def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     parser = _Parser(
         prog="kapow route",
@@ -57,9 +88,9 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
         "  kapow route remove 3f1c9a52-...\n\n"
         "From an operator shell, point KAPOW_CONTROL_CREDENTIALS at the directory written by\n"
         "`kapow server --write-control-credentials DIR`.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=_Formatter,
     )
-    common = argparse.ArgumentParser(add_help=False)
+    common = argparse.ArgumentParser(add_help=False, formatter_class=_Formatter)
     common.add_argument(
         "--control-url",
         default=os.environ.get("KAPOW_CONTROL_URL", "https://localhost:8081"),
@@ -79,7 +110,7 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
         parents=[common],
         help="append (or insert) a route",
         epilog=EPILOG_ADD,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=_Formatter,
     )
     add.add_argument("-X", "--method", default="GET", help="HTTP method [GET]")
     add.add_argument("-e", "--entrypoint", default="/bin/sh -c", help="program to run [/bin/sh -c]")
@@ -112,7 +143,7 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
         parents=[common],
         help="print the routes as JSON",
         epilog="example:\n  kapow route list | jq -r '.[] | \"\\(.index) \\(.method) \\(.url_pattern)\"'",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=_Formatter,
     )
     for name, what in (("get", "print one route as JSON"), ("remove", "remove a route")):
         one = sub.add_parser(
@@ -121,7 +152,7 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
             help=what,
             description=what[0].upper() + what[1:] + ", by its id.",
             epilog=f"example:\n  kapow route {name} $(kapow route list | jq -r '.[0].id')",
-            formatter_class=argparse.RawDescriptionHelpFormatter,
+            formatter_class=_Formatter,
         )
         one.add_argument("route_id", metavar="ID")
     return parser, add
@@ -232,7 +263,7 @@ def credentials_main(argv: Sequence[str]) -> int:
         "restarts keep them.",
         epilog="example:\n  kapow control-credentials /etc/kapow/control "
         "--control-reachable-addr localhost:8081",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=_Formatter,
     )
     parser.add_argument("directory", metavar="DIR")
     parser.add_argument(
