@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import select
 import signal
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
@@ -208,7 +209,9 @@ def test_the_data_bind_reaches_the_handlers_of_every_worker(start_server, tmp_pa
             requests[str(n)] = subprocess.Popen(
                 ["curl", "-sSN", f"{server.user}/held/{n}"], stdout=subprocess.PIPE
             )
-            assert requests[str(n)].stdout.readline() == b"first\n"  # type: ignore[union-attr]
+            out = requests[str(n)].stdout
+            assert select.select([out], [], [], 10)[0], "no first line within 10s"
+            assert out.readline() == b"first\n"  # type: ignore[union-attr]
             if {int(p.read_text()) for p in started.iterdir()} == set(pids.values()):
                 break
         assert {int(p.read_text()) for p in started.iterdir()} == set(pids.values())
@@ -219,6 +222,10 @@ def test_the_data_bind_reaches_the_handlers_of_every_worker(start_server, tmp_pa
                 f"{server.data}/handlers/{handler.name}/response/body",
             )  # fmt: skip
             assert put.stdout == "200"
+            bad = curl("-i", f"{server.data}/handlers/{handler.name}/nope")  # errors pass through as they are
+            assert bad.stdout.startswith("HTTP/1.1 400 ")
+            assert "\nContent-Length: 35\n" in bad.stdout  # text mode: CRLF reads as LF
+            assert bad.stdout.endswith('\n\n{"reason": "Invalid Resource Path"}')
         gone = curl("-w", " %{http_code}", f"{server.data}/handlers/0001{'0' * 28}/request/path")
         assert gone.stdout == '{"reason": "Handler ID Not Found"} 404'
         go.touch()
