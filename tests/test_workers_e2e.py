@@ -154,6 +154,10 @@ def test_a_killed_worker_is_replaced_and_its_requests_fail_cleanly(start_server,
         victim.wait(10)  # its connection closes: no answer, no hang
         assert victim.returncode != 0
         server.wait_log(rf"worker 1 \(pid {pids[1]}\) ended .*: starting another")
+        server.wait_log(r"worker 1 left 1 handlers running: ending their process groups")
+        on_worker_1 = [int(p.name) for p in started.iterdir() if int(p.read_text()) == pids[1]]
+        wait_for(lambda: not any(group_members(g) for g in on_worker_1), what="its handlers to end")
+        assert all(group_members(int(p.name)) for p in started.iterdir() if int(p.read_text()) == pids[2])
         wait_for(lambda: worker_pids(server)[1] != pids[1], what="a new worker 1")
         serving(server, 3)
         answers = many(server.user + "/who", 20)

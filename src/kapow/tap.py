@@ -438,6 +438,7 @@ def build_service(options: Options, reactor: Any) -> KapowService:
             control_url,
             options["max-handlers"],
             options["shutdown-timeout"] + options["kill-grace"] + STOP_MARGIN,
+            governor.end_groups,
         )
         pool.setServiceParent(service)
         service.serving = pool.serving

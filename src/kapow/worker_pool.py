@@ -9,6 +9,7 @@ all gracefully with itself.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import sys
@@ -178,6 +179,8 @@ class WorkerPool(Service):
     :param control_url: returns the control API's URL, for the handlers.
     :param max_handlers: ``--max-handlers``.
     :param stop_timeout: seconds a worker may take to stop before SIGKILL.
+    :param end_groups: ends process groups (SIGTERM, a grace period, SIGKILL),
+        for the handlers a dead worker left behind.
     """
 
     name = "workers"
@@ -193,8 +196,10 @@ class WorkerPool(Service):
         control_url: Callable[[], str],
         max_handlers: int | None,
         stop_timeout: float,
+        end_groups: Callable[[set[int]], Any],
     ) -> None:
         self.reactor = reactor
+        self.end_groups = end_groups
         self.count = count
         self.command = command
         self.environ = dict(environ)
@@ -257,6 +262,14 @@ class WorkerPool(Service):
 
     def _ended(self, worker: _Worker, reason: Failure) -> None:
         worker.link.release_all()
+        if worker.link.data_url is not None:
+            orphans = handler_groups(worker.link.data_url)
+            if orphans:
+                log.warn(
+                    "worker {n} left {count} handlers running: ending their process groups",
+                    n=worker.number, count=len(orphans),
+                )  # fmt: skip
+                self.end_groups(orphans)
         if worker.link.transport is not None:
             worker.link.transport.loseConnection()
         if self.workers.get(worker.number) is worker:
@@ -347,3 +360,29 @@ class WorkerPool(Service):
                     worker.process.signalProcess(signal.SIGKILL)
                 except ProcessExitedAlready:
                     pass
+
+
+def handler_groups(data_url: str) -> set[int]:
+    """
+    The process groups of live handlers started with ``KAPOW_DATA_URL`` set
+    to ``data_url`` (a worker's own data API): every handler leads a group of
+    its own, and its environment as it started names its worker's data API.
+    """
+    marker = b"\0KAPOW_DATA_URL=" + data_url.encode() + b"\0"
+    found = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                stat = f.read()
+            fields = stat[stat.rfind(b")") + 2 :].split()
+            if int(fields[2]) != int(entry) or fields[0] == b"Z":
+                continue  # not a group leader, or dead
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                environ = b"\0" + f.read()
+        except (OSError, IndexError, ValueError):
+            continue
+        if marker in environ:
+            found.add(int(entry))
+    return found
