@@ -227,6 +227,7 @@ class WorkerPool(Service):
         link = MainLink(number, self.slots)
         worker = _Worker(number, link, self.reactor.seconds())
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        stdin = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
         factory = Factory()
         factory.buildProtocol = lambda addr: link  # type: ignore[method-assign]
         try:
@@ -236,11 +237,12 @@ class WorkerPool(Service):
                 sys.executable,
                 [sys.executable, *self.command(number)],
                 env=self.environ,
-                childFDs={0: 0, 1: 1, 2: 2, USER_FD: self.user_socket(), MAIN_FD: theirs.fileno()},
+                childFDs={0: stdin, 1: 1, 2: 2, USER_FD: self.user_socket(), MAIN_FD: theirs.fileno()},
             )
         finally:
             ours.close()
             theirs.close()
+            os.close(stdin)
         self.workers[number] = worker
         worker.pid = worker.process.pid
         log.info("worker {n} started (pid {pid})", n=number, pid=worker.pid)
