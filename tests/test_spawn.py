@@ -21,13 +21,14 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.task import deferLater
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SkipTest, TestCase
 
 from kapow.spawn import (
     SessionProcess,
     Spawner,
     SpawnError,
     ignored_signals,
+    pidfds_work,
     signal_group,
     spawn_in_session,
 )
@@ -364,13 +365,33 @@ class SpawnerTests(TestCase):
             register(pid, process)
 
         self.patch(_process, "registerReapProcessHandler", register_after_exit)
-        spawner = self.spawner({})
+        spawner = self.spawner({}, debug=True)  # the way through Twisted's Process
         exits: list[Any] = []
         pgid = spawner.start("h5", [SH, "-c", "exit 0"], lambda *how: exits.append(how))
         self.assertIsInstance(pgid, int)
         self.assertEqual(exits, [])
         await deferLater(reactor, 0.01, lambda: None)
         self.assertEqual(exits, [(0, None)])
+
+    async def test_an_exit_at_once_is_reported_after_start_returns(self) -> None:
+        for debug in (False, True):
+            spawner = self.spawner({}, debug=debug)
+            exited: Deferred[tuple[Any, Any]] = Deferred()
+            pgid = spawner.start("h7", [SH, "-c", "exit 7"], lambda *how, d=exited: d.callback(how))
+            time.sleep(0.05)  # gone before the reactor turns
+            self.assertFalse(exited.called)
+            self.assertEqual(await exited, (7, None))
+            self.assertFalse(os.path.exists(f"/proc/{pgid}"), "reaped, no zombie left")
+
+    async def test_handlers_without_output_are_watched_through_a_pidfd(self) -> None:
+        if not pidfds_work():
+            raise SkipTest("no pidfds here")
+        spawner = self.spawner({})
+        exited: Deferred[tuple[Any, Any]] = Deferred()
+        pgid = spawner.start("h8", [SH, "-c", "sleep 5"], lambda *how: exited.callback(how))
+        self.assertNotIn(pgid, _process.reapProcessHandlers)  # no Process object, no SIGCHLD scan
+        signal_group(pgid, signal.SIGKILL)
+        self.assertEqual(await exited, (None, signal.SIGKILL))
 
     def test_start_failure(self) -> None:
         spawner = self.spawner({})
