@@ -174,7 +174,12 @@ class _ExitWatcher:
         return "handler"
 
     def doRead(self) -> None:
-        pid, status = os.waitpid(self.pid, os.WNOHANG)
+        try:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+        except ChildProcessError:  # reaped elsewhere: it exited, how is unknown
+            self._close()
+            self.on_exit(None, None)
+            return
         if pid == 0:
             return
         self._close()
