@@ -15,6 +15,8 @@ from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.web.client import Agent, FileBodyProducer
 from twisted.web.http_headers import Headers
 
+from kapow.control_https import refusal_reason
+
 
 class ControlError(Exception):
     """The control API refused the call; ``str()`` is the server's reason."""
@@ -53,16 +55,8 @@ def call(
         raise ControlError(f"cannot reach control API at {control_url}: {_why(e)}") from e
     content = yield treq.content(response)
     if response.code != expected:
-        raise ControlError(_reason(content, response.code))
+        raise ControlError(refusal_reason(content, response.code))
     return content.decode("utf-8", "replace")
-
-
-def _reason(content: bytes, code: int) -> str:
-    try:
-        reason = json.loads(content)["reason"]
-    except (ValueError, KeyError, TypeError):
-        reason = None
-    return str(reason) if reason else f"HTTP {code}"
 
 
 def _why(e: Exception) -> str:

@@ -267,7 +267,7 @@ def call(
     except (OSError, _BadAnswer) as e:
         raise ControlError(f"cannot reach control API at {control_url}: {_why(e)}") from None
     if status != expected:
-        raise ControlError(_reason(content, status))
+        raise ControlError(refusal_reason(content, status))
     return content.decode("utf-8", "replace")
 
 
@@ -567,7 +567,8 @@ class _Reader:
 # -- errors -----------------------------------------------------------------------------------
 
 
-def _reason(content: bytes, code: int) -> str:
+def refusal_reason(content: bytes, code: int) -> str:
+    """The reason of a refusal: its JSON ``reason``, else ``HTTP <code>``."""
     try:
         reason = json.loads(content)["reason"]
     except (ValueError, KeyError, TypeError):
