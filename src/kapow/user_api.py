@@ -14,7 +14,6 @@ from urllib.parse import unquote
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 from twisted.web import http
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
@@ -66,9 +65,7 @@ class UserAPI(Resource):
             return _plain(request, 405, b"Method Not Allowed\n")
         verdict = self.admission.admit(found.route)
         if isinstance(verdict, Deferred):
-            verdict.addCallbacks(
-                self._admitted_later, self._admission_failed, (request, found), errbackArgs=(request,)
-            )
+            verdict.addCallback(self._admitted_later, request, found)
             return NOT_DONE_YET
         return self._start(request, found, verdict)
 
@@ -80,14 +77,6 @@ class UserAPI(Resource):
         body = self._start(request, found, refusal)
         if body is not NOT_DONE_YET:
             request.write(body)
-            request.finish()
-
-    def _admission_failed(self, failure: Failure, request: Request) -> None:
-        """The one place that decides admission could not answer: 503, never a hang."""
-        log.failure("admission of {path} failed", failure, path=request.path)
-        if not request._disconnected:  # type: ignore[attr-defined]
-            request.setHeader(b"Retry-After", b"1")
-            request.write(_plain(request, 503, b"Service Unavailable\n"))
             request.finish()
 
     def _start(self, request: Request, found: Match, refusal: str | None) -> Any:
