@@ -330,7 +330,6 @@ class Spawner:
     :param urls: returns ``(data URL, control URL)``; called once, at the
         first spawn (the listeners are up by then).
     :param debug: log the handlers' stdout and stderr instead of discarding them.
-    :param spawn: how to start a process (:func:`spawn_in_session`).
     """
 
     #: Never given to handlers, even if the server's environment has them.
@@ -342,14 +341,12 @@ class Spawner:
         environ: Callable[[], Mapping[str, str]],
         urls: Callable[[], tuple[str, str]],
         debug: bool = False,
-        spawn: Callable[..., Any] = spawn_in_session,
     ) -> None:
         self.reactor = reactor
         self._environ = environ
         self._base: dict[str, str] | None = None
         self.urls = urls
         self.debug = debug
-        self._spawn = spawn
         self._devnull: int | None = None
         self._reset_signals: tuple[int, ...] = ()
         self._watch = False
@@ -376,14 +373,14 @@ class Spawner:
         if self._devnull is None:
             close_on_exec_from(3)
             self._reset_signals = ignored_signals()
-            self._watch = not self.debug and self._spawn is spawn_in_session and pidfds_work()
+            self._watch = not self.debug and pidfds_work()
             self._devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
         env = self.handler_environ(handler_id)
         if self._watch:
             return spawn_watched(self.reactor, argv, env, self._devnull, self._reset_signals, on_exit)
         out: Any = "r" if self.debug else self._devnull
         protocol = HandlerProcess(handler_id, log, on_exit)
-        process = self._spawn(
+        process = spawn_in_session(
             self.reactor,
             protocol,
             argv,
