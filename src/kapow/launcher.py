@@ -32,13 +32,23 @@ import tempfile
 
 import kapow
 
-__all__ = ["MAX_SHEBANG", "NATIVE_CLIENT", "launcher_source", "native_client", "write_launcher"]
+__all__ = [
+    "FORKSERVER_SOCKET",
+    "MAX_SHEBANG",
+    "NATIVE_CLIENT",
+    "launcher_source",
+    "native_client",
+    "write_launcher",
+]
 
 #: Where the package's build puts the native data client.
 NATIVE_CLIENT = os.path.join(os.path.dirname(os.path.abspath(kapow.__file__)), "native", "kapow")
 
 #: The name, beside the native client, of the full command line it hands over to.
 FULL_CLI = "kapow-cli"
+
+#: The socket, beside the native client, of :mod:`kapow.forkserver`.
+FORKSERVER_SOCKET = "kapow-cli.sock"
 
 #: Longest ``#!`` line (including the newline) the launcher will write.
 MAX_SHEBANG = 255

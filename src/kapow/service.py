@@ -18,12 +18,13 @@ from urllib.parse import quote
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks, maybeDeferred
-from twisted.internet.error import CannotListenError, ReactorNotRunning
+from twisted.internet.error import CannotListenError, ProcessDone, ReactorNotRunning
 from twisted.internet.interfaces import IListeningPort
+from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 
 from kapow.governor import Governor
-from kapow.launcher import write_launcher
+from kapow.launcher import FORKSERVER_SOCKET, write_launcher
 from kapow.systemd import child_environ, notify
 
 log = Logger()
@@ -244,13 +245,21 @@ class LauncherDirectory(Service):
     run, first on their PATH so ``kapow get``/``kapow set`` start fast: the
     native client, or the lean Python launcher; removed when the service stops.
 
+    With the native client and a ``reactor``, it also runs the pre-started
+    ``kapow route`` of :mod:`kapow.forkserver`, listening on
+    ``kapow-cli.sock`` in the directory, which the native client uses for
+    ``kapow route ...``; it ends when the service stops or the server dies.
+
     :param native: the path of the native client, or ``None`` for the Python one.
+    :param reactor: the reactor to run the forkserver with, or ``None`` for none.
     """
 
     path: str | None = None
+    forkserver: Any = None
 
-    def __init__(self, native: str | None) -> None:
+    def __init__(self, native: str | None, reactor: Any = None) -> None:
         self.native = native
+        self.reactor = reactor
 
     def startService(self) -> None:
         super().startService()
@@ -258,8 +267,10 @@ class LauncherDirectory(Service):
         write_launcher(self.path, native=self.native)
         if self.native is None:
             log.info("handlers get the python data client")
-        else:
-            log.info("handlers get the native data client ({path})", path=self.native)
+            return
+        log.info("handlers get the native data client ({path})", path=self.native)
+        if self.reactor is not None:
+            self.forkserver = start_forkserver(self.reactor, os.path.join(self.path, FORKSERVER_SOCKET))
 
     def environ(self, base: Mapping[str, str]) -> dict[str, str]:
         """``base`` with the launcher directory first on ``PATH``."""
@@ -269,5 +280,42 @@ class LauncherDirectory(Service):
 
     def stopService(self) -> None:
         super().stopService()
+        if self.forkserver is not None:
+            self.forkserver.closeStdin()  # its end: see kapow.forkserver
+            self.forkserver = None
         if self.path is not None:
             shutil.rmtree(self.path, ignore_errors=True)
+
+
+def start_forkserver(reactor: Any, socket_path: str) -> Any:
+    """
+    Listen on the Unix socket ``socket_path`` and start :mod:`kapow.forkserver`
+    on it; return its process transport (closing its standard input ends it).
+    The socket listens before this returns, so a client that connects while
+    the process still starts waits in the backlog instead of falling back.
+    """
+    import socket
+
+    import kapow
+    from kapow import forkserver
+
+    listening = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        listening.bind(socket_path)
+        listening.listen(128)
+        package_parent = os.path.dirname(os.path.dirname(os.path.abspath(kapow.__file__)))
+        return reactor.spawnProcess(
+            _ForkserverProtocol(),
+            sys.executable,
+            [sys.executable, "-I", "-S", forkserver.__file__, package_parent],
+            env=dict(os.environ),
+            childFDs={0: "w", 1: 1, 2: 2, forkserver.LISTENING_FD: listening.fileno()},
+        )
+    finally:
+        listening.close()
+
+
+class _ForkserverProtocol(ProcessProtocol):
+    def processEnded(self, reason: Any) -> None:
+        if not reason.check(ProcessDone):
+            log.warn("the kapow route forkserver ended: {reason}", reason=reason.getErrorMessage())

@@ -355,7 +355,11 @@ def build_service(options: Options, reactor: Any) -> KapowService:
 
     user_tls = _user_tls(options)
     user_scheme = "https" if user_tls else "http"
-    launcher_dir = LauncherDirectory(None if options["data-client"] == "python" else native_client())
+    launcher_dir = LauncherDirectory(
+        None if options["data-client"] == "python" else native_client(),
+        # init programs run in the main process: kapow route is theirs
+        reactor if worker is None else None,
+    )
     launcher_dir.setServiceParent(service)
 
     def serve_users(user_where: tuple[Any, str | None], admission: Any = None) -> Spawner:

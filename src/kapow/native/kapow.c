@@ -10,7 +10,10 @@
  *
  * Every other sub-command (`kapow route ...`, `kapow --help`) is handed over,
  * with the same arguments, to the Python command line: `kapow-cli` in the
- * directory of this executable, which the server writes beside it.
+ * directory of this executable, which the server writes beside it.  For
+ * `kapow route ...`, the server's pre-started command line is asked first
+ * when its socket is there beside this executable (src/kapow/forkserver.py
+ * describes it and the request written here).
  *
  * C11 + POSIX, libc only.
  */
@@ -29,6 +32,7 @@
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/types.h>
+#include <sys/uio.h>
 #include <sys/un.h>
 #include <unistd.h>
 
@@ -38,6 +42,7 @@
 #define MAX_UNIX_PATH 107
 #define DEFAULT_DATA_URL "http://localhost:8082"
 #define FULL_CLI "kapow-cli"
+#define FORKSERVER_SOCKET "kapow-cli.sock"
 
 static const char USAGE[] =
     "usage: kapow get [--data-url URL] [--handler ID] RESOURCE\n"
@@ -1311,15 +1316,121 @@ static int parse_args(struct client *c, int argc, char **argv, const char *comma
 	return 0;
 }
 
+extern char **environ;
+
+/* Read one byte from fd, retrying on EINTR: the byte, or -1 at the end or on error. */
+static int read_byte(int fd)
+{
+	unsigned char c;
+	for (;;) {
+		ssize_t n = read(fd, &c, 1);
+		if (n == 1)
+			return c;
+		if (n < 0 && errno == EINTR)
+			continue;
+		return -1;
+	}
+}
+
+/* `kapow route ...` through the server's pre-started command line listening
+ * at `path`: its exit status, or -1 when it cannot be asked (no socket, no
+ * working directory, a standard descriptor closed), to run kapow-cli instead. */
+static int forked(const char *path, int argc, char **argv)
+{
+	struct sockaddr_un addr;
+	if (strlen(path) >= sizeof addr.sun_path)
+		return -1;
+	char cwd[4096];
+	if (getcwd(cwd, sizeof cwd) == NULL)
+		return -1;
+	struct buf req = {0};
+	buf_add(&req, "\0\0\0\0", 4);
+	char count[16];
+	snprintf(count, sizeof count, "%d", argc);
+	buf_add(&req, count, strlen(count) + 1);
+	for (int i = 0; i < argc; i++)
+		buf_add(&req, argv[i], strlen(argv[i]) + 1);
+	buf_add(&req, cwd, strlen(cwd) + 1);
+	for (char **e = environ; *e != NULL; e++)
+		buf_add(&req, *e, strlen(*e) + 1);
+	size_t size = req.n - 4;
+	for (int i = 0; i < 4; i++)
+		req.p[i] = (unsigned char)(size >> (8 * (3 - i)));
+
+	int s = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+	if (s < 0) {
+		free(req.p);
+		return -1;
+	}
+	memset(&addr, 0, sizeof addr);
+	addr.sun_family = AF_UNIX;
+	memcpy(addr.sun_path, path, strlen(path) + 1);
+	int r;
+	do
+		r = connect(s, (struct sockaddr *)&addr, sizeof addr);
+	while (r < 0 && errno == EINTR);
+	if (r < 0) {
+		close(s);
+		free(req.p);
+		return -1;
+	}
+	/* the descriptors go with the first byte; the rest follows as a stream */
+	union {
+		char space[CMSG_SPACE(3 * sizeof(int))];
+		struct cmsghdr align;
+	} control;
+	memset(&control, 0, sizeof control);
+	struct iovec first = {.iov_base = req.p, .iov_len = 1};
+	struct msghdr msg = {.msg_iov = &first, .msg_iovlen = 1, .msg_control = control.space,
+			     .msg_controllen = sizeof control.space};
+	struct cmsghdr *cmsg = CMSG_FIRSTHDR(&msg);
+	cmsg->cmsg_level = SOL_SOCKET;
+	cmsg->cmsg_type = SCM_RIGHTS;
+	cmsg->cmsg_len = CMSG_LEN(3 * sizeof(int));
+	int fds[3] = {0, 1, 2};
+	memcpy(CMSG_DATA(cmsg), fds, sizeof fds);
+	ssize_t sent;
+	do
+		sent = sendmsg(s, &msg, MSG_NOSIGNAL);
+	while (sent < 0 && errno == EINTR);
+	if (sent != 1) { /* EBADF: a standard descriptor is closed */
+		close(s);
+		free(req.p);
+		return -1;
+	}
+	/* asked: from here on, its answer is the answer */
+	int status = 0;
+	for (size_t at = 1; at < req.n && status == 0;) {
+		sent = send(s, req.p + at, req.n - at, MSG_NOSIGNAL);
+		if (sent > 0)
+			at += (size_t)sent;
+		else if (errno != EINTR)
+			status = -1;
+	}
+	free(req.p);
+	if (status == 0)
+		status = read_byte(s);
+	close(s);
+	if (status < 0)
+		return error_line(cview("the kapow command line of the server ended without an exit status"));
+	return status;
+}
+
 /* Every command but get and set: the Python command line beside this file. */
-static int hand_over(char **argv)
+static int hand_over(int argc, char **argv)
 {
 	char self[4096];
-	ssize_t n = readlink("/proc/self/exe", self, sizeof self - sizeof FULL_CLI - 1);
-	if (n <= 0 || (size_t)n >= sizeof self - sizeof FULL_CLI - 1)
+	ssize_t n = readlink("/proc/self/exe", self, sizeof self - sizeof FORKSERVER_SOCKET - 1);
+	if (n <= 0 || (size_t)n >= sizeof self - sizeof FORKSERVER_SOCKET - 1)
 		return error_line(cview("cannot find the kapow command line: /proc/self/exe is unreadable"));
 	while (n > 0 && self[n - 1] != '/')
 		n--;
+	if (argc > 1 && strcmp(argv[1], "route") == 0) {
+		memcpy(self + n, FORKSERVER_SOCKET, sizeof FORKSERVER_SOCKET);
+		int status = forked(self, argc, argv);
+		if (status >= 0)
+			return status;
+	}
 	memcpy(self + n, FULL_CLI, sizeof FULL_CLI);
 	execv(self, argv);
 	struct buf m = {0};
@@ -1356,7 +1467,7 @@ static void set_signals(void)
 int main(int argc, char **argv)
 {
 	if (argc < 2 || (strcmp(argv[1], "get") != 0 && strcmp(argv[1], "set") != 0))
-		return hand_over(argv);
+		return hand_over(argc, argv);
 	set_signals();
 	const char *command = argv[1];
 	struct client c = {0};
