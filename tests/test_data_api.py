@@ -251,8 +251,9 @@ class DataAPITests(TestCase):
         handler, _ = self.user()
         for method, resource in (
             ("GET", "/request/nope"),
-            ("GET", "/request/headers"),
             ("GET", "/request/headers/"),
+            ("GET", "/request/body/x"),
+            ("GET", "/request/files/"),
             ("GET", "/request/method/extra"),
             ("GET", "/request/files/x"),
             ("GET", "/request/files/x/other"),
@@ -315,6 +316,16 @@ class DataAPITests(TestCase):
             ("POST", "/response/body"),
             ("POST", "/response/status"),
             ("DELETE", "/request/method"),
+            ("DELETE", "/request/headers/Host"),
+            ("DELETE", "/response/status"),
+            ("DELETE", "/response/body"),
+            ("DELETE", "/response/reason"),
+            ("DELETE", "/response/end"),
+            ("DELETE", "/server/log"),
+            ("PUT", "/request/headers"),
+            ("PUT", "/request/params"),
+            ("GET", "/response/reason"),
+            ("GET", "/response/end"),
             ("PATCH", "/response/body"),
         ):
             await self.assertError(

@@ -1,4 +1,4 @@
-"""Tests for ``kapow get``/``kapow set`` (both clients) and kapow.launcher.
+"""Tests for ``kapow get``/``set``/``unset`` (both clients) and kapow.launcher.
 
 Everything runs for real: a small threaded HTTP/1.1 data server on 127.0.0.1
 (or a unix socket) records what it receives, and the ``kapow`` written by
@@ -85,7 +85,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         reply = fake.respond(record)
         self._send(reply)
 
-    do_GET = do_PUT = do_POST = _handle
+    do_GET = do_PUT = do_POST = do_DELETE = _handle
 
     def _send(self, reply):
         reason = reply.reason or self.responses.get(reply.status, ("X",))[0]
@@ -366,6 +366,9 @@ def test_flags_override_env(server, launcher):
         ["set", "/a", "b", "c"],
         ["get", "--bogus", "/a"],
         ["get", "/a", "--handler"],
+        ["unset"],
+        ["unset", "/a", "b"],
+        ["unset", "--bogus", "/a"],
     ],
 )
 def test_usage_errors(server, launcher, args):
@@ -375,10 +378,11 @@ def test_usage_errors(server, launcher, args):
 
 
 def test_help(launcher):
-    for command in ("get", "set"):
+    for command in ("get", "set", "unset"):
         result = run(launcher, command, "--help", url="http://127.0.0.1:1")
         assert result.returncode == 0
         assert b"usage: kapow get" in result.stdout
+        assert b"kapow unset [--data-url URL] [--handler ID] RESOURCE" in result.stdout
         assert b"example" in result.stdout
         assert run(launcher, command, "-h", url="x").stdout == result.stdout
 
@@ -532,6 +536,42 @@ def test_set_connection_refused(launcher):
     assert "cannot reach data API at %s" % url in one_error_line(result)
 
 
+# kapow unset
+
+
+def test_unset_sends_one_delete(server, launcher):
+    server.responder = lambda r: Reply(body=b"ignored") if r.method == "DELETE" else None
+    result = run(launcher, "unset", "/response/headers/X-Debug", url=server.url, input=b"not read")
+    assert (result.returncode, result.stdout, result.stderr) == (0, b"", b"")
+    (req,) = server.requests
+    assert (req.method, req.path, req.body) == (
+        "DELETE",
+        "/handlers/%s/response/headers/X-Debug" % HANDLER,
+        b"",
+    )
+    assert req.headers["connection"] == "close"
+
+
+@pytest.mark.parametrize(
+    "reply, message",
+    [
+        (json_error(409, "Response Already Started"), "kapow: Response Already Started"),
+        (json_error(405, "Method Not Allowed"), "kapow: Method Not Allowed"),
+        (Reply(500, b"oops", reason="Broken Here"), "kapow: Broken Here"),
+    ],
+)
+def test_unset_refused(server, launcher, reply, message):
+    server.responder = lambda r: reply
+    result = run(launcher, "unset", "/response/cookies/session", url=server.url)
+    assert one_error_line(result) == message
+
+
+def test_unset_connection_refused(launcher):
+    url = "http://127.0.0.1:%d" % free_port()
+    result = run(launcher, "unset", "/response/headers/X", url=url)
+    assert "cannot reach data API at %s" % url in one_error_line(result)
+
+
 # The Python API
 
 
@@ -552,6 +592,11 @@ def test_api_get_set(server):
     assert b"".join(r.body for r in puts[2:-1]) == data
     assert len(puts) > 4
     assert puts[-1].body == b"z" * 100_000
+    client.unset("/response/headers/X")
+    assert (server.requests[-1].method, server.requests[-1].path) == (
+        "DELETE",
+        "/handlers/%s/response/headers/X" % HANDLER,
+    )
 
 
 def test_api_errors(server, monkeypatch):
@@ -638,6 +683,7 @@ def test_json_reason():
 def test_is_lean_command():
     assert is_lean_command(["kapow", "get", "/x"])
     assert is_lean_command(["kapow", "set"])
+    assert is_lean_command(["kapow", "unset", "/x"])
     assert not is_lean_command(["kapow", "route", "list"])
     assert not is_lean_command(["kapow"])
 

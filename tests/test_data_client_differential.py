@@ -259,7 +259,8 @@ def _resource(rng: random.Random) -> str:
     if kind < 4:
         return "/request/" + _weird(rng)
     return rng.choice(["/request/method", "/request/body", "/response/body", "/response/stream",
-                       "/response/status", "/response/headers/X-A", "/request/params/a%20b"])  # fmt: skip
+                       "/response/status", "/response/headers/X-A", "/request/params/a%20b",
+                       "/response/cookies/c"])  # fmt: skip
 
 
 def _data_url(rng: random.Random, port: int, tmp: str) -> str:
@@ -279,7 +280,7 @@ def _data_url(rng: random.Random, port: int, tmp: str) -> str:
 def case(seed: int, port: int, tmp: str) -> tuple[list[str], dict[str, str], bytes]:
     """The argv (after ``kapow``), environment and stdin of ``seed``."""
     rng = random.Random(seed)
-    command = rng.choice(["get", "get", "set", "set", "set"])
+    command = rng.choice(["get", "get", "set", "set", "set", "unset"])
     args = [command]
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LC_ALL": "C.UTF-8"}
     if rng.random() < 0.8:

@@ -1,7 +1,7 @@
 """
 The ``kapow`` command.
 
-``kapow get`` and ``kapow set`` run several times inside every request, so
+``kapow get``, ``kapow set`` and ``kapow unset`` run several times inside every request, so
 they are dispatched before anything else is imported: they load only
 :mod:`kapow.data_client`. Every other command imports what it needs when it
 runs.
@@ -19,6 +19,7 @@ commands:
   route                  add, list, get and remove routes (control API)
   get                    read a request resource inside a handler
   set                    write a response resource inside a handler
+  unset                  remove a response header or cookie inside a handler
   control-credentials    create a persistent set of control API certificates
 
 Run `kapow COMMAND --help` for the options of each command.
@@ -33,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv is None:
         argv = sys.argv
     command = argv[1] if len(argv) > 1 else None
-    if command in ("get", "set"):
+    if command in ("get", "set", "unset"):
         from kapow.data_client import main as data_main
 
         return data_main(argv)

@@ -1,6 +1,6 @@
 """
-The data API (SPEC.md §4): ``GET|PUT /handlers/{id}{resource}``, through which
-a handler process reads its request and writes its response.
+The data API (SPEC.md §4, §7): ``GET|PUT|DELETE /handlers/{id}{resource}``,
+through which a handler process reads its request and writes its response.
 
 Body writes arrive as a sequence of appending PUTs (``kapow set`` sends what
 it reads as soon as it reads it); each PUT is answered only once the user's
@@ -28,7 +28,7 @@ from twisted.web import resource
 from twisted.web.iweb import IRequest
 from twisted.web.server import NOT_DONE_YET
 
-from kapow.handlers import Handler, HandlerRegistry
+from kapow.handlers import ALREADY_ENDED, Handler, HandlerRegistry, State
 from kapow.web import JSONError, reason_body
 
 log = Logger()
@@ -44,6 +44,9 @@ _UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f]")
 # resource -> (direction, arity); arity counts the name segments after it
 _READ_SIMPLE = {"method", "host", "version", "path", "remote"}
 _READ_NAMED = {"matches", "params", "headers", "cookies", "form"}
+_COLLECTIONS = {*_READ_NAMED, "files"}
+_BROKEN_ESCAPE = re.compile(rb"%(?![0-9A-Fa-f]{2})")
+JSON = b"application/json"
 
 
 @dataclass(frozen=True)
@@ -53,6 +56,8 @@ class Resource:
     kind: str
     writable: bool
     name: str | None = None
+    #: whether ``DELETE`` removes it
+    removable: bool = False
 
 
 def parse_resource(segments: list[str]) -> Resource:
@@ -66,6 +71,8 @@ def parse_resource(segments: list[str]) -> Resource:
             return Resource(kind, False)
         case ["request", "body"]:
             return Resource("body", False)
+        case ["request", kind] if kind in _COLLECTIONS:
+            return Resource("all_" + kind, False)
         case ["request", kind, name] if kind in _READ_NAMED and name:
             return Resource(kind, False, name)
         case ["request", "files", name, ("filename" | "content") as part] if name:
@@ -74,10 +81,10 @@ def parse_resource(segments: list[str]) -> Resource:
             return Resource("route_id", False)
         case ["ssl", "client", "i", "dn"]:
             return Resource("client_dn", False)
-        case ["response", ("status" | "body" | "stream") as kind]:
+        case ["response", ("status" | "body" | "stream" | "reason" | "end") as kind]:
             return Resource(kind, True)
         case ["response", ("headers" | "cookies") as kind, name] if name:
-            return Resource(kind, True, name)
+            return Resource(kind, True, name, removable=True)
         case ["server", "log"]:
             return Resource("log", True)
         case ["server", "log", prefix] if prefix:
@@ -85,13 +92,14 @@ def parse_resource(segments: list[str]) -> Resource:
     raise JSONError(400, "Invalid Resource Path")
 
 
-_ALLOWED = b"GET, HEAD, PUT"
+_ALLOWED = b"GET, HEAD, PUT, DELETE"
+_METHODS = (b"GET", b"HEAD", b"PUT", b"DELETE")
 
 
 class DataAPI(resource.Resource):
     """
-    The data interface: ``GET|PUT /handlers/{id}{resource}``; every error is
-    a JSON reason.
+    The data interface: ``GET|PUT|DELETE /handlers/{id}{resource}``; every
+    error is a JSON reason.
 
     :param handlers: the live handlers, by id.
     """
@@ -119,9 +127,12 @@ class DataAPI(resource.Resource):
 
     def handle(self, request: IRequest) -> Any:
         """The answer to ``request``: bytes, or a Deferred of them."""
-        if request.method not in (b"GET", b"HEAD", b"PUT"):
+        method = request.method
+        if method not in _METHODS:
             request.setHeader(b"Allow", _ALLOWED)
             raise JSONError(405, "Method Not Allowed")
+        if b"%" in request.path and _BROKEN_ESCAPE.search(request.path):
+            raise JSONError(400, "Invalid Resource Path")
         try:
             path = b"/".join(request.postpath).decode("utf-8")
         except UnicodeDecodeError:
@@ -131,14 +142,22 @@ class DataAPI(resource.Resource):
         if top != "handlers" or not handler_id or not rest:
             raise JSONError(404, "Not Found")
         target = parse_resource(rest.split("/"))
-        writing = request.method == b"PUT"
-        if writing != target.writable:
+        if method == b"DELETE":
+            if not target.removable:
+                raise JSONError(405, "Method Not Allowed")
+        elif (method == b"PUT") != target.writable:
             raise JSONError(405, "Method Not Allowed")
         handler = self.handlers.get(handler_id)
         if handler is None:
             raise JSONError(404, "Handler ID Not Found")
-        if writing:
+        if method == b"PUT":
             return self._write(request, handler, target)
+        if method == b"DELETE":
+            if target.kind == "headers":
+                handler.remove_header(target.name or "")
+            else:
+                handler.remove_cookie(target.name or "")
+            return b""
         return self._read(request, handler, target)
 
     def _read(self, request: IRequest, handler: Handler, target: Resource) -> Any:
@@ -148,6 +167,11 @@ class DataAPI(resource.Resource):
         if target.kind == "file_content":
             upload = _file(handler, target.name)
             return _send_file(request, upload.open(), upload.size)
+        if target.kind.startswith("all_"):
+            collection = handler.request_collection(target.kind[4:])
+            request.setHeader(b"Content-Type", JSON)
+            request.setHeader(b"Content-Length", b"%d" % len(collection))
+            return collection
         if target.kind == "file_filename":
             value: bytes | None = _file(handler, target.name).filename.encode()
         elif target.kind == "route_id":
@@ -166,6 +190,11 @@ class DataAPI(resource.Resource):
         return value
 
     def _write(self, request: IRequest, handler: Handler, target: Resource) -> Any:
+        if handler.state is State.ENDED and target.kind != "log":
+            raise JSONError(*ALREADY_ENDED)
+        if target.kind == "end":
+            handler.end()
+            return b""
         if target.kind in ("body", "stream"):
             return _append(handler, request.content)
         data = request.content.read(MAX_VALUE + 1)
@@ -177,6 +206,8 @@ class DataAPI(resource.Resource):
             handler.add_header(target.name, data)
         elif target.kind == "cookies":
             handler.add_cookie(target.name, data)
+        elif target.kind == "reason":
+            handler.set_reason(data)
         else:
             _log_lines(handler, target.name, data)
         return b""

@@ -1,6 +1,6 @@
-"""``kapow get`` / ``kapow set``: the lean client of the data API.
+"""``kapow get`` / ``kapow set`` / ``kapow unset``: the lean client of the data API.
 
-These two verbs run several times inside every request a handler serves, so
+These verbs run several times inside every request a handler serves, so
 their start-up time is the product's latency.  This module therefore imports
 only ``sys``, ``posix`` (the C module behind :mod:`os`, already loaded by the
 interpreter; :mod:`os` itself costs about 1 ms more) and ``_socket`` (the C
@@ -21,6 +21,7 @@ Command line::
 
     kapow get [--data-url URL] [--handler ID] RESOURCE
     kapow set [--data-url URL] [--handler ID] RESOURCE [VALUE]
+    kapow unset [--data-url URL] [--handler ID] RESOURCE
 
 Python API, for handlers written in Python::
 
@@ -30,8 +31,9 @@ Python API, for handlers written in Python::
     client.set("/response/headers/Content-Type", "text/plain")
     with open("report.txt", "rb") as f:
         client.set("/response/body", f)   # streamed in chunks
+    client.unset("/response/headers/X-Debug")
 
-Wire protocol: ``GET``/``PUT {prefix}/handlers/{id}{resource}``; 200 is
+Wire protocol: ``GET``/``PUT``/``DELETE {prefix}/handlers/{id}{resource}``; 200 is
 success, anything else carries ``{"reason": "..."}``.  A value written to
 ``/response/body`` or ``/response/stream`` from a stream is sent as a series of
 appending ``PUT`` requests of at most 64 KiB each over one keep-alive
@@ -73,11 +75,13 @@ _HEX = b"0123456789abcdefABCDEF"
 USAGE = """\
 usage: kapow get [--data-url URL] [--handler ID] RESOURCE
        kapow set [--data-url URL] [--handler ID] RESOURCE [VALUE]
+       kapow unset [--data-url URL] [--handler ID] RESOURCE
 
-Read a request resource, or write a response resource, of the running handler
-through the Kapow! data API. `get` writes the raw value to stdout. Without
-VALUE, `set` reads the value from stdin; for /response/body and
-/response/stream it is streamed as it arrives.
+Read a request resource, or write or remove a response resource, of the
+running handler through the Kapow! data API. `get` writes the raw value to
+stdout. Without VALUE, `set` reads the value from stdin; for /response/body
+and /response/stream it is streamed as it arrives. `unset` removes every value
+of a response header or cookie written so far.
 
 options:
   --data-url URL  data API (default: $KAPOW_DATA_URL, else {default})
@@ -495,11 +499,20 @@ class DataClient:
     def iter_get(self, resource):
         """Yield the value of ``resource`` in chunks; the status is checked
         (and :class:`DataAPIError` raised) before the first chunk."""
+        return self._call(b"GET", resource)
+
+    def unset(self, resource):
+        """Remove ``resource`` (every value of a response header or cookie
+        written so far)."""
+        for _ in self._call(b"DELETE", resource):
+            pass
+
+    def _call(self, method, resource):
         target = self._base + _resource_bytes(resource)
         conn = self._connect()
         try:
             try:
-                conn.send(self._head(b"GET", target, None, True), b"")
+                conn.send(self._head(method, target, None, True), b"")
                 status, reason, headers = conn.read_head()
             except _PeerClosed:
                 raise DataAPIError(None, _NO_ANSWER) from None
@@ -728,9 +741,10 @@ def _error(message):
 
 
 def is_lean_command(argv):
-    """True when ``argv`` (like ``sys.argv``) is ``kapow get`` or ``kapow set``,
-    which :func:`main` handles without importing anything heavy."""
-    return len(argv) > 1 and argv[1] in ("get", "set")
+    """True when ``argv`` (like ``sys.argv``) is ``kapow get``, ``kapow set``
+    or ``kapow unset``, which :func:`main` handles without importing anything
+    heavy."""
+    return len(argv) > 1 and argv[1] in ("get", "set", "unset")
 
 
 def _parse_args(args, command):
@@ -772,18 +786,19 @@ def _parse_args(args, command):
             raise _invalid(b"unknown option %s (see kapow %s --help)" % (_quote(arg), command))
         else:
             positionals.append(arg)
-    limit = 1 if command == b"get" else 2
+    limit = 2 if command == b"set" else 1
     if not positionals or len(positionals) > limit:
-        syntax = b"RESOURCE" if command == b"get" else b"RESOURCE [VALUE]"
+        syntax = b"RESOURCE [VALUE]" if command == b"set" else b"RESOURCE"
         raise _invalid(b"usage: kapow %s [--data-url URL] [--handler ID] %s" % (command, syntax))
     return data_url, handler_id, positionals
 
 
 def main(argv):
-    """``kapow get`` / ``kapow set``; ``argv`` is like ``sys.argv``.  Returns
-    the exit status: 0 on success, 1 on any failure (reason on stderr)."""
+    """``kapow get`` / ``kapow set`` / ``kapow unset``; ``argv`` is like
+    ``sys.argv``.  Returns the exit status: 0 on success, 1 on any failure
+    (reason on stderr)."""
     if not is_lean_command(argv):
-        return _error("expected 'get' or 'set'")
+        return _error("expected 'get', 'set' or 'unset'")
     args = [_bytes(arg) for arg in argv[1:]]
     command = args[0]
     try:
@@ -802,6 +817,8 @@ def main(argv):
     try:
         if command == b"get":
             client.get_into(resource, _FdFile(1))
+        elif command == b"unset":
+            client.unset(resource)
         elif len(positionals) == 2:
             client.set(resource, positionals[1])
         else:

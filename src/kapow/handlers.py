@@ -2,25 +2,32 @@
 Handlers: the state one request shares between the user interface (which
 creates and finishes it) and the data API (which reads and writes it).
 
-A handler's response moves ``PENDING`` (status, headers and cookies may
-change) → ``STREAMING`` (the first body byte sent them; only body appends
-are possible) → ``FINISHED``.
+A handler's response moves ``PENDING`` (status, reason, headers and cookies
+may change) → ``STREAMING`` (the first body byte sent them; only body
+appends are possible) → ``FINISHED`` (the process exited). A handler may
+complete its response early (``/response/end``): it is then ``ENDED`` until
+its process exits, its request still readable, every response write
+refused. On a ``buffer`` route body writes are held and the response stays
+``PENDING`` until the process exits or ends it.
 """
 
 from __future__ import annotations
 
 import enum
 import io
+import json
 import os
 import re
 import secrets
+import tempfile
 from collections.abc import Callable
 from typing import Any, BinaryIO
-from urllib.parse import parse_qsl, unquote_to_bytes
+from urllib.parse import unquote_to_bytes
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
+from twisted.protocols.basic import FileSender
 from twisted.web.server import Request
 from zope.interface import implementer
 
@@ -38,11 +45,18 @@ _STATUS_DIGITS = re.compile(rb"[+-]?0*([0-9]{1,3})")
 
 #: Status of a status/header/cookie write that comes after the response started.
 ALREADY_STARTED = (409, "Response Already Started")
+#: Status of a response write that comes after ``/response/end``.
+ALREADY_ENDED = (409, "Response Already Ended")
+#: Longest reason phrase a handler may set, in bytes.
+MAX_REASON = 256
+#: Bytes of a ``buffer`` route's response held in memory before a temporary file.
+BUFFER_IN_MEMORY = 1024 * 1024
 
 
 class State(enum.Enum):
     PENDING = "pending"
     STREAMING = "streaming"
+    ENDED = "ended"
     FINISHED = "finished"
 
 
@@ -69,6 +83,8 @@ class Handler:
         self.request = request
         self.state = State.PENDING
         self.status = 200
+        #: the reason phrase the handler set, if any
+        self.reason: bytes | None = None
         self.headers: list[tuple[bytes, bytes]] = []
         self.client_gone = False
         #: called once if the user's connection is lost before the response is complete
@@ -78,6 +94,8 @@ class Handler:
         self._body = BodySnapshot(request.content)
         self._paused = False
         self._waiting: list[Deferred[None]] = []
+        #: the held body of a ``buffer`` route
+        self._held: Any = tempfile.SpooledTemporaryFile(BUFFER_IN_MEMORY) if route.buffer else None  # noqa: SIM115 (closed when sent or dropped)
         request.registerProducer(self, True)
         request.notifyFinish().addErrback(self._lost)
 
@@ -121,14 +139,53 @@ class Handler:
         raise ValueError(kind)
 
     def _params(self) -> dict[bytes, bytes]:
-        # '&' separates parameters, ';' does not (as Go's url.ParseQuery);
-        # twisted.web's request.args splits on both
         if self._query is None:
-            query = self.request.uri.partition(b"?")[2]
             self._query = {}
-            for name, value in parse_qsl(query, keep_blank_values=True):
+            for name, value in query_pairs(self.request.uri):
                 self._query.setdefault(name, value)
         return self._query
+
+    def request_collection(self, kind: str) -> bytes:
+        """
+        Every item of a named kind of the request, as JSON (SPEC.md §7):
+        ``params``, ``headers``, ``cookies``, ``form`` (name to its values),
+        ``files`` (name to its uploads' descriptions) or ``matches`` (name to
+        its value). Bytes that are not UTF-8 become U+FFFD.
+        """
+        value: dict[str, Any] = {}
+        if kind == "params":
+            for name, item in query_pairs(self.request.uri):
+                value.setdefault(_json_text(name), []).append(_json_text(item))
+        elif kind == "headers":
+            for name, items in self.request.requestHeaders.getAllRawHeaders():
+                value.setdefault(_json_text(name).lower(), []).extend(_json_text(item) for item in items)
+        elif kind == "cookies":
+            for name, item in _cookies(self.request.requestHeaders.getRawHeaders(b"cookie", [])):
+                value.setdefault(_json_text(name), []).append(_json_text(item))
+        elif kind == "form":
+            value = self.form().fields
+        elif kind == "files":
+            value = {
+                name: [
+                    {"filename": f.filename, "content_type": f.content_type, "size": f.size} for f in uploads
+                ]
+                for name, uploads in self.form().files.items()
+            }
+        elif kind == "matches":
+            value = {
+                name: _json_text(item.encode("utf-8", "surrogateescape"))
+                for name, item in self.matches.items()
+            }
+        else:
+            raise ValueError(kind)
+        return json.dumps(value, ensure_ascii=False).encode("utf-8")
+
+    def stdin(self) -> int:
+        """
+        A new descriptor, read-only and positioned at its start, over the
+        whole request body (for a handler's stdin); the caller closes it.
+        """
+        return self._body.descriptor()
 
     def body(self) -> BinaryIO:
         """A new reader over the whole request body, independent of others."""
@@ -174,6 +231,59 @@ class Handler:
             value = b'"' + value.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
         self.headers.append((b"Set-Cookie", _token(name) + b"=" + value))
 
+    def remove_header(self, name: str) -> None:
+        """Drop every value of header ``name`` written so far."""
+        self._check_pending()
+        lower = _token(name).lower()
+        self.headers = [(key, value) for key, value in self.headers if key.lower() != lower]
+
+    def remove_cookie(self, name: str) -> None:
+        """Drop every ``Set-Cookie`` of cookie ``name`` written so far."""
+        self._check_pending()
+        prefix = _token(name) + b"="
+        self.headers = [
+            (key, value)
+            for key, value in self.headers
+            if key.lower() != b"set-cookie" or not value.lstrip().startswith(prefix)
+        ]
+
+    def set_reason(self, raw: bytes) -> None:
+        """Set the status line's reason phrase; empty: the standard one."""
+        self._check_pending()
+        value = raw[:-1] if raw.endswith(b"\n") else raw
+        if len(value) > MAX_REASON or _CONTROL.search(value):
+            raise JSONError(400, "Invalid Reason Phrase")
+        self.reason = value or None
+
+    def end(self) -> None:
+        """
+        Complete the response now with what was written (a ``buffer``
+        route's held body included); the process runs on, and its request
+        stays readable, until it exits.
+        """
+        if self.state is State.ENDED:
+            raise JSONError(*ALREADY_ENDED)
+        if self.state is State.FINISHED:
+            return
+        self._complete()
+        self.state = State.ENDED
+
+    def fail(self, code: int) -> bool:
+        """
+        The process failed: give the response status ``code`` unless the
+        handler set one >= 400 itself (its reason phrase, written for
+        another status, goes with the status it replaces).
+
+        :return: ``False`` if the response needed it but had started.
+        """
+        if self.status >= 400 or self.client_gone:
+            return True
+        if self.state is not State.PENDING:
+            return False
+        self.status = code
+        self.reason = None
+        return True
+
     def write(self, data: bytes) -> Deferred[None]:
         """
         Append ``data`` to the response body, sending status and headers
@@ -182,9 +292,14 @@ class Handler:
         :return: fires once the user's connection has taken the bytes (at
             once unless it is paused).
         """
+        if self.state is State.ENDED:
+            raise JSONError(*ALREADY_ENDED)
         if self.state is State.FINISHED or self.client_gone:
             return succeed(None)
         if not data:
+            return succeed(None)
+        if self._held is not None:
+            self._held.write(data)
             return succeed(None)
         if self.state is State.PENDING:
             self._commit(data)
@@ -199,16 +314,43 @@ class Handler:
         """Complete the response (the process has exited)."""
         if self.state is State.FINISHED:
             return
-        if self.state is State.PENDING and not self.client_gone:
-            self._commit(b"")
+        if self.state is not State.ENDED:
+            self._complete()
         self.state = State.FINISHED
-        self._release()
         if self._form is not None:
             self._form.close()
         self._body.close()
-        if not self.client_gone:
-            self.request.unregisterProducer()
+
+    def _complete(self) -> None:
+        """Send what is still to be sent and complete the user's request."""
+        self._release()
+        held, self._held = self._held, None
+        if self.client_gone:
+            if held is not None:
+                held.close()
+            return
+        self.request.unregisterProducer()
+        if held is None or self.state is not State.PENDING:
+            if self.state is State.PENDING:
+                self._commit(b"")
             self.request.finish()
+            return
+        size = held.tell()
+        held.seek(0)
+        self._commit(held.read(512), size)
+        if not size or self.request.method == b"HEAD":
+            held.close()
+            self.request.finish()
+            return
+        held.seek(0)
+        request = self.request
+
+        def sent(result: Any) -> None:
+            held.close()
+            if not request._disconnected and not request.finished:  # type: ignore[attr-defined]
+                request.finish()
+
+        FileSender().beginFileTransfer(held, request).addBoth(sent)
 
     def abandon(self) -> None:
         """
@@ -217,6 +359,8 @@ class Handler:
         """
         self.state = State.FINISHED
         self.request.unregisterProducer()
+        if self._held is not None:
+            self._held.close()
         self._body.close()
 
     def time_out(self) -> None:
@@ -225,11 +369,16 @@ class Handler:
         nothing was sent yet, else the connection is cut so the client sees
         a truncated response rather than a complete-looking one.
         """
-        if self.state is State.FINISHED or self.client_gone:
-            self.state = State.FINISHED
+        if self.state in (State.FINISHED, State.ENDED) or self.client_gone:
+            if self.state is not State.FINISHED:
+                self.finish()
             return
         if self.state is State.PENDING:
+            if self._held is not None:
+                self._held.close()
+                self._held = None
             self.status = 504
+            self.reason = None
             self.headers = [(b"Content-Type", b"text/plain; charset=utf-8")]
             self._commit(b"")
             self.request.write(b"Gateway Timeout\n")
@@ -240,9 +389,13 @@ class Handler:
         self.request.unregisterProducer()
         self.request.channel.transport.loseConnection()
 
-    def _commit(self, first: bytes) -> None:
+    def _commit(self, first: bytes, length: int | None = None) -> None:
+        """
+        Send the status and headers, before ``first``, the first bytes of
+        the body; ``length``: the whole body's, known in advance.
+        """
         request = self.request
-        request.setResponseCode(self.status)
+        request.setResponseCode(self.status, self.reason)
         names = set()
         for name, value in self.headers:
             request.responseHeaders.addRawHeader(name, value)
@@ -250,11 +403,13 @@ class Handler:
         if b"content-type" not in names:
             kind = sniff_content_type(first) if first else "text/plain; charset=utf-8"
             request.setHeader(b"Content-Type", kind.encode())
+        if length is not None:
+            request.setHeader(b"Content-Length", b"%d" % length)
         self.state = State.STREAMING
 
     def _check_pending(self) -> None:
         if self.state is not State.PENDING:
-            raise JSONError(*ALREADY_STARTED)
+            raise JSONError(*(ALREADY_ENDED if self.state is State.ENDED else ALREADY_STARTED))
 
     # -- flow control from the user's connection (IPushProducer) -----------
 
@@ -284,12 +439,42 @@ class Handler:
 
 def _first_cookie(headers: list[bytes], name: bytes) -> bytes | None:
     """The first cookie called ``name`` (browsers send the most specific first)."""
+    for key, value in _cookies(headers):
+        if key == name:
+            return value
+    return None
+
+
+def _cookies(headers: list[bytes]) -> Any:
+    """Every (name, value) of ``Cookie`` headers, in order."""
     for header in headers:
         for pair in header.split(b";"):
             key, eq, value = pair.strip().partition(b"=")
-            if eq and key == name:
-                return value
-    return None
+            if eq:
+                yield key, value
+
+
+def query_pairs(uri: bytes) -> list[tuple[bytes, bytes]]:
+    """
+    The (name, value) pairs of the query of ``uri``, percent-decoded, as
+    bytes: ``&`` separates them, ``;`` does not (as Go's
+    ``url.ParseQuery``; twisted.web's ``request.args`` splits on both), a
+    ``+`` is a space and a pair without ``=`` has an empty value.
+    """
+    query = uri.partition(b"?")[2]
+    pairs = []
+    for pair in query.split(b"&"):
+        if not pair:
+            continue
+        name, _, value = pair.partition(b"=")
+        pairs.append(
+            (unquote_to_bytes(name.replace(b"+", b" ")), unquote_to_bytes(value.replace(b"+", b" ")))
+        )
+    return pairs
+
+
+def _json_text(raw: bytes) -> str:
+    return raw.decode("utf-8", "replace")
 
 
 def _token(name: str) -> bytes:
@@ -331,6 +516,24 @@ class BodySnapshot:
         if self._fd is None:
             return io.BytesIO(self._data or b"")
         return open(f"/proc/self/fd/{self._fd}", "rb")
+
+    def descriptor(self) -> int:
+        """
+        A new read-only descriptor at the start of the body, with a file
+        position of its own; the caller closes it.
+        """
+        if self._fd is not None:
+            return os.open(f"/proc/self/fd/{self._fd}", os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.memfd_create("kapow-body", os.MFD_CLOEXEC)
+        try:
+            view = memoryview(self._data or b"")
+            while view:
+                view = view[os.write(fd, view) :]
+            os.lseek(fd, 0, os.SEEK_SET)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
 
     def close(self) -> None:
         """Release the body; readers already open keep working."""

@@ -57,7 +57,7 @@ _TEMPLATE = """\
 #!{python} -IS
 import sys
 sys.path.insert(0, {package_dir!r})
-if sys.argv[1:2] in (["get"], ["set"]):
+if sys.argv[1:2] in (["get"], ["set"], ["unset"]):
     from data_client import main
     sys.exit(main(sys.argv))
 import os

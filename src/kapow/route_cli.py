@@ -133,6 +133,19 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
         const=False,
         help="end handlers when their client hangs up",
     )
+    add.add_argument("--stdin", choices=("body",), help="give the handler the request body as its stdin")
+    add.add_argument(
+        "--buffer",
+        action="store_const",
+        const=True,
+        help="hold the response until the handler exits, then send it with Content-Length",
+    )
+    add.add_argument(
+        "--error-status",
+        type=int,
+        metavar="CODE",
+        help="status (400-599) of a handler that exits non-zero before its response started",
+    )
     add.add_argument("url_pattern", metavar="URL_PATTERN", help="e.g. /greet/{name}")
     add.add_argument(
         "command_file", metavar="COMMAND_FILE", nargs="?", help="file with the command, or - for stdin"
@@ -198,6 +211,9 @@ def _request(args: argparse.Namespace) -> tuple[str, str, dict[str, Any] | None,
             body["max_concurrency"] = args.max_concurrency
         if args.keep_running is not None:
             body["keep_running_on_disconnect"] = args.keep_running
+        for name in ("stdin", "buffer", "error_status"):
+            if getattr(args, name) is not None:
+                body[name] = getattr(args, name)
         if args.index is None:
             return "POST", "/routes", body, 201
         body["index"] = args.index

@@ -30,6 +30,7 @@ from typing import Literal
 __all__ = [
     "DEFAULT_ENTRYPOINT",
     "METHOD_NOT_ALLOWED",
+    "OPTIONS",
     "InvalidRoute",
     "Match",
     "Pattern",
@@ -45,6 +46,9 @@ DEFAULT_ENTRYPOINT = "/bin/sh -c"
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 
 _DEFAULT_PLACEHOLDER = "[^/]+"
+
+#: The optional fields of a route, shown by :meth:`Route.to_json` when set.
+OPTIONS = ("timeout", "max_concurrency", "keep_running_on_disconnect", "stdin", "buffer", "error_status")
 
 
 class InvalidRoute(ValueError):
@@ -196,6 +200,12 @@ class Route:
         (>= 1), or ``None`` for no limit.
     :ivar keep_running_on_disconnect: whether handlers go on running when
         their client hangs up (``None``: the server's default).
+    :ivar stdin: ``"body"``: the handler's stdin is the request body;
+        ``None``: it is empty.
+    :ivar buffer: hold the response until the process exits and send it
+        with ``Content-Length`` (``None`` or ``False``: it streams).
+    :ivar error_status: the status (400-599) a handler that fails gets when
+        it set none of its own >= 400 and its response has not started.
     :raises InvalidRoute: if a field is invalid.
     """
 
@@ -207,6 +217,9 @@ class Route:
     timeout: float | None = None
     max_concurrency: int | None = None
     keep_running_on_disconnect: bool | None = None
+    stdin: str | None = None
+    buffer: bool | None = None
+    error_status: int | None = None
     _pattern: Pattern = field(init=False, repr=False, compare=False)
     _argv: tuple[str, ...] = field(init=False, repr=False, compare=False)
 
@@ -245,6 +258,16 @@ class Route:
             self.keep_running_on_disconnect, bool
         ):
             raise InvalidRoute("keep_running_on_disconnect must be true or false")
+        if self.stdin is not None and self.stdin != "body":
+            raise InvalidRoute('stdin must be "body"')
+        if self.buffer is not None and not isinstance(self.buffer, bool):
+            raise InvalidRoute("buffer must be true or false")
+        if self.error_status is not None and (
+            isinstance(self.error_status, bool)
+            or not isinstance(self.error_status, int)
+            or not 400 <= self.error_status <= 599
+        ):
+            raise InvalidRoute("error_status must be an integer from 400 to 599")
 
     @property
     def pattern(self) -> Pattern:
@@ -265,9 +288,8 @@ class Route:
 
         :param index: the route's current position in its table.
         :return: ``id``, ``method``, ``url_pattern``, ``entrypoint``,
-            ``command`` and ``index``, plus ``timeout``,
-            ``max_concurrency`` and ``keep_running_on_disconnect`` when
-            they are set.
+            ``command`` and ``index``, plus each of :data:`OPTIONS` that
+            is set.
         """
         data: dict = {
             "id": self.id,
@@ -277,12 +299,10 @@ class Route:
             "command": self.command,
             "index": index,
         }
-        if self.timeout is not None:
-            data["timeout"] = self.timeout
-        if self.max_concurrency is not None:
-            data["max_concurrency"] = self.max_concurrency
-        if self.keep_running_on_disconnect is not None:
-            data["keep_running_on_disconnect"] = self.keep_running_on_disconnect
+        for name in OPTIONS:
+            value = getattr(self, name)
+            if value is not None:
+                data[name] = value
         return data
 
 
@@ -295,8 +315,9 @@ def route_from_json(data: object, route_id: str) -> Route:
     ``/bin/sh -c``; an empty string is kept as given), ``command`` (string,
     default empty), ``timeout`` (number of seconds > 0; ``true``/``false``
     are not numbers), ``max_concurrency`` (integer >= 1; ``2.0`` is refused),
-    ``keep_running_on_disconnect`` (``true`` or ``false``).
-    Any other key, including ``id`` and ``index``, is ignored.
+    ``keep_running_on_disconnect`` (``true`` or ``false``), ``stdin``
+    (``"body"``), ``buffer`` (``true`` or ``false``), ``error_status``
+    (integer from 400 to 599). Any other key, including ``id`` and ``index``, is ignored.
 
     :param data: what :func:`json.loads` returned.
     :param route_id: the id the new route gets.
@@ -307,13 +328,7 @@ def route_from_json(data: object, route_id: str) -> Route:
     for key in ("method", "url_pattern"):
         if data.get(key) is None:
             raise InvalidRoute(f"{key} is missing")
-    optional = {
-        "entrypoint": data.get("entrypoint"),
-        "command": data.get("command"),
-        "timeout": data.get("timeout"),
-        "max_concurrency": data.get("max_concurrency"),
-        "keep_running_on_disconnect": data.get("keep_running_on_disconnect"),
-    }
+    optional = {key: data.get(key) for key in ("entrypoint", "command", *OPTIONS)}
     return Route(
         id=route_id,
         method=data["method"],

@@ -205,12 +205,14 @@ def spawn_watched(
     stdio: int,
     reset_signals: Sequence[int],
     on_exit: ExitCallback,
+    stdin: int | None = None,
 ) -> int:
     """
     Start ``argv`` as the leader of a new session with ``stdio`` as its 0, 1
-    and 2 (and, as for :func:`spawn_in_session`, no other descriptor), and
-    report its exit to ``on_exit`` with (exit status, signal) from the
-    reactor, never before this returns. Needs :func:`pidfds_work`.
+    and 2 (``stdin`` as its 0 when given; and, as for
+    :func:`spawn_in_session`, no other descriptor), and report its exit to
+    ``on_exit`` with (exit status, signal) from the reactor, never before
+    this returns. Needs :func:`pidfds_work`.
 
     :return: its pid, which is its process group.
     :raises SpawnError: if ``argv`` is empty or cannot be executed.
@@ -223,7 +225,7 @@ def spawn_watched(
             argv[0],
             list(argv),
             env,
-            file_actions=[(dup, stdio, 0), (dup, stdio, 1), (dup, stdio, 2)],
+            file_actions=[(dup, stdio if stdin is None else stdin, 0), (dup, stdio, 1), (dup, stdio, 2)],
             setsigdef=reset_signals,
             setsid=True,
         )
@@ -362,10 +364,15 @@ class Spawner:
         env["KAPOW_HANDLER_ID"] = handler_id
         return env
 
-    def start(self, handler_id: str, argv: Sequence[str], on_exit: ExitCallback) -> int:
+    def start(
+        self, handler_id: str, argv: Sequence[str], on_exit: ExitCallback, stdin: int | None = None
+    ) -> int:
         """
         Start ``argv`` for handler ``handler_id`` in a session of its own.
         ``on_exit`` is never called before this returns.
+
+        :param stdin: a descriptor for the handler's stdin (the caller keeps
+            and closes it); ``/dev/null`` by default.
 
         :return: the process group id (the process's pid).
         :raises SpawnError: if it cannot be started.
@@ -377,7 +384,7 @@ class Spawner:
             self._devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
         env = self.handler_environ(handler_id)
         if self._watch:
-            return spawn_watched(self.reactor, argv, env, self._devnull, self._reset_signals, on_exit)
+            return spawn_watched(self.reactor, argv, env, self._devnull, self._reset_signals, on_exit, stdin)
         out: Any = "r" if self.debug else self._devnull
         protocol = HandlerProcess(handler_id, log, on_exit)
         process = spawn_in_session(
@@ -385,7 +392,7 @@ class Spawner:
             protocol,
             argv,
             env,
-            {0: self._devnull, 1: out, 2: out},
+            {0: self._devnull if stdin is None else stdin, 1: out, 2: out},
             self._reset_signals,
         )
         protocol.release(self.reactor)

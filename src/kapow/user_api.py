@@ -9,6 +9,7 @@ redirect, changing the paths operators match on).
 
 from __future__ import annotations
 
+import os
 from typing import Any
 from urllib.parse import unquote
 
@@ -91,9 +92,10 @@ class UserAPI(Resource):
             return _plain(request, 503, b"Service Unavailable\n")
         handler = self.handlers.create(found.route, found.matches, request)
         request.kapow_handler_id = handler.id  # type: ignore[attr-defined]
+        stdin = handler.stdin() if found.route.stdin else None
         try:
             pgid = self.spawner.start(
-                handler.id, found.route.argv(), lambda status, sig: self._exited(handler, status, sig)
+                handler.id, found.route.argv(), lambda status, sig: self._exited(handler, status, sig), stdin
             )
         except SpawnError as e:
             log.error(
@@ -104,6 +106,9 @@ class UserAPI(Resource):
             handler.abandon()
             self.admission.release(found.route)
             return _plain(request, 500, b"Internal Server Error\n")
+        finally:
+            if stdin is not None:
+                os.close(stdin)
         log.debug("handler {id} started: pid {pid}", id=handler.id, pid=pgid)
         self.governor.started(
             handler.id, found.route, pgid, lambda elapsed: self._timed_out(handler, elapsed)
@@ -121,6 +126,12 @@ class UserAPI(Resource):
             )  # fmt: skip
         elif status:
             log.info("handler {id} exited with status {status}", id=handler.id, status=status)
+        error_status = handler.route.error_status
+        if error_status is not None and (status or signal is not None) and not handler.fail(error_status):
+            log.info(
+                "handler {id} failed after its response started: status {code} not applied",
+                id=handler.id, code=error_status,
+            )  # fmt: skip
         self.handlers.forget(handler)
         handler.finish()
 

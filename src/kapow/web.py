@@ -31,21 +31,24 @@ class JSONError(Exception):
         self.reason = reason
 
 
-def json_body(request: Any, code: int, value: Any) -> bytes:
+def json_body(request: Any, code: int, value: Any, phrase: bytes | None = None) -> bytes:
     """
     Set ``code`` and the JSON content type on ``request`` and return the
     encoded ``value``.
+
+    :param phrase: the status line's reason phrase; the standard one by default.
     """
-    request.setResponseCode(code)
+    request.setResponseCode(code, phrase)
     request.setHeader(b"Content-Type", JSON_CONTENT_TYPE)
     return json.dumps(value).encode("utf-8")
 
 
 def reason_body(request: Any, code: int, reason: str) -> bytes:
     """
-    The contract's error shape: ``{"reason": reason}`` with ``code``.
+    The contract's error shape: ``{"reason": reason}`` with ``code``, and
+    the reason as the status line's reason phrase (SPEC.md §7).
     """
-    return json_body(request, code, {"reason": reason})
+    return json_body(request, code, {"reason": reason}, reason.encode("utf-8"))
 
 
 def install_json_errors(app: Any) -> None:
@@ -117,7 +120,7 @@ def bounded_request_factory(max_body: int) -> type[Request]:
             self._refused = True
             body = json.dumps({"reason": "Request Entity Too Large"}).encode()
             self.channel.transport.write(
-                b"HTTP/1.1 413 Content Too Large\r\n"
+                b"HTTP/1.1 413 Request Entity Too Large\r\n"
                 b"Content-Type: application/json\r\n"
                 b"Content-Length: %d\r\n"
                 b"Connection: close\r\n\r\n%s" % (len(body), body)

@@ -1,5 +1,6 @@
 /*
- * kapow -- the data client that handlers run: `kapow get` and `kapow set`.
+ * kapow -- the data client that handlers run: `kapow get`, `kapow set` and
+ * `kapow unset`.
  *
  * Its behaviour is defined by the Python lean client, src/kapow/data_client.py:
  * the same requests on the wire, the same output, the same messages and the
@@ -47,11 +48,13 @@
 static const char USAGE[] =
     "usage: kapow get [--data-url URL] [--handler ID] RESOURCE\n"
     "       kapow set [--data-url URL] [--handler ID] RESOURCE [VALUE]\n"
+    "       kapow unset [--data-url URL] [--handler ID] RESOURCE\n"
     "\n"
-    "Read a request resource, or write a response resource, of the running handler\n"
-    "through the Kapow! data API. `get` writes the raw value to stdout. Without\n"
-    "VALUE, `set` reads the value from stdin; for /response/body and\n"
-    "/response/stream it is streamed as it arrives.\n"
+    "Read a request resource, or write or remove a response resource, of the\n"
+    "running handler through the Kapow! data API. `get` writes the raw value to\n"
+    "stdout. Without VALUE, `set` reads the value from stdin; for /response/body\n"
+    "and /response/stream it is streamed as it arrives. `unset` removes every value\n"
+    "of a response header or cookie written so far.\n"
     "\n"
     "options:\n"
     "  --data-url URL  data API (default: $KAPOW_DATA_URL, else " DEFAULT_DATA_URL ")\n"
@@ -1105,8 +1108,9 @@ static void add_head(struct client *c, struct buf *b, const char *method, struct
 	buf_adds(b, "\r\n");
 }
 
-/* iter_get + get_into: the value of `target` to stdout. */
-static enum result get(struct client *c, struct bytes target)
+/* _call: one GET (the value of `target` to stdout, as iter_get + get_into)
+ * or one DELETE (unset: its answer discarded). */
+static enum result call(struct client *c, const char *method, struct bytes target)
 {
 	struct conn k;
 	enum result r = open_conn(c, &k);
@@ -1114,7 +1118,7 @@ static enum result get(struct client *c, struct bytes target)
 		return r;
 	struct buf request = {0};
 	struct head h = {0};
-	add_head(c, &request, "GET", target, -1, 1);
+	add_head(c, &request, method, target, -1, 1);
 	if (write_all(k.fd, request.p, request.n) < 0) {
 		c->err = errno;
 		r = RES_OS;
@@ -1126,7 +1130,7 @@ static enum result get(struct client *c, struct bytes target)
 	} else if (r == RES_OK && h.status != 200) {
 		r = refusal(c, &k, &h);
 	} else if (r == RES_OK) {
-		struct sink out = {TO_FD, 1, {0}};
+		struct sink out = {strcmp(method, "GET") == 0 ? TO_FD : DISCARD, 1, {0}};
 		r = body(c, &k, &h, &out);
 	}
 	if (r == RES_OS)
@@ -1307,10 +1311,11 @@ static int parse_args(struct client *c, int argc, char **argv, const char *comma
 			a->positionals[a->count++] = arg;
 		}
 	}
-	int limit = strcmp(command, "get") == 0 ? 1 : 2;
+	int limit = strcmp(command, "set") == 0 ? 2 : 1;
 	if (a->count == 0 || a->count > limit) {
-		fail_text(c, limit == 1 ? "usage: kapow get [--data-url URL] [--handler ID] RESOURCE"
-					: "usage: kapow set [--data-url URL] [--handler ID] RESOURCE [VALUE]");
+		fail_text(c, strcmp(command, "get") == 0     ? "usage: kapow get [--data-url URL] [--handler ID] RESOURCE"
+			     : strcmp(command, "unset") == 0 ? "usage: kapow unset [--data-url URL] [--handler ID] RESOURCE"
+							     : "usage: kapow set [--data-url URL] [--handler ID] RESOURCE [VALUE]");
 		return -1;
 	}
 	return 0;
@@ -1416,7 +1421,7 @@ static int forked(const char *path, int argc, char **argv)
 	return status;
 }
 
-/* Every command but get and set: the Python command line beside this file. */
+/* Every command but get, set and unset: the Python command line beside this file. */
 static int hand_over(int argc, char **argv)
 {
 	char self[4096];
@@ -1466,7 +1471,7 @@ static void set_signals(void)
 
 int main(int argc, char **argv)
 {
-	if (argc < 2 || (strcmp(argv[1], "get") != 0 && strcmp(argv[1], "set") != 0))
+	if (argc < 2 || (strcmp(argv[1], "get") != 0 && strcmp(argv[1], "set") != 0 && strcmp(argv[1], "unset") != 0))
 		return hand_over(argc, argv);
 	set_signals();
 	const char *command = argv[1];
@@ -1494,8 +1499,8 @@ int main(int argc, char **argv)
 		return error_line(bview(&c.msg));
 	struct bytes resource = view(target.p + c.base.n, target.n - c.base.n);
 	enum result r;
-	if (strcmp(command, "get") == 0)
-		r = get(&c, bview(&target));
+	if (strcmp(command, "get") == 0 || strcmp(command, "unset") == 0)
+		r = call(&c, strcmp(command, "get") == 0 ? "GET" : "DELETE", bview(&target));
 	else if (a.count == 2)
 		r = set_value(&c, bview(&target), cview(a.positionals[1]));
 	else
