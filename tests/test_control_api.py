@@ -28,6 +28,7 @@ class ControlAPITests(SynchronousTestCase):
         response = self.successResultOf(self.treq.request(method, URL + path, data=data))
         content = self.successResultOf(response.content())
         kind = (response.headers.getRawHeaders(b"content-type") or [b""])[0].decode()
+        self.phrase = response.phrase
         return response.code, kind, json.loads(content) if content else None
 
     def test_append_list_get_delete(self) -> None:
@@ -120,7 +121,25 @@ class ControlAPITests(SynchronousTestCase):
         for method, path, body, raw, (code, reason) in cases:
             got = self.call(method, path, body, raw)
             self.assertEqual(got, (code, "application/json", {"reason": reason}), (method, path, body, raw))
+            self.assertEqual(self.phrase, reason.encode(), (method, path))
         self.assertEqual(len(self.routes), 0)
+
+    def test_success_keeps_the_standard_phrase(self) -> None:
+        self.call("POST", "/routes", {"method": "GET", "url_pattern": "/a"})
+        self.assertEqual(self.phrase, b"Created")
+        self.call("GET", "/routes")
+        self.assertEqual(self.phrase, b"OK")
+
+    def test_handler_options(self) -> None:
+        options = {"stdin": "body", "buffer": True, "error_status": 500}
+        code, _, route = self.call("POST", "/routes", {"method": "POST", "url_pattern": "/a", **options})
+        self.assertEqual((code, {key: route[key] for key in options}), (201, options))
+        self.assertEqual({key: self.call("GET", "/routes")[2][0][key] for key in options}, options)
+        for bad in ({"stdin": "file"}, {"buffer": "yes"}, {"error_status": 302}):
+            got = self.call("PUT", "/routes", {"method": "GET", "url_pattern": "/b", **bad})
+            self.assertEqual(got, (422, "application/json", {"reason": "Invalid Route"}), bad)
+            self.assertEqual(self.phrase, b"Invalid Route")
+        self.assertEqual(len(self.routes), 1)
 
     def test_health(self) -> None:
         self.call("POST", "/routes", {"method": "GET", "url_pattern": "/a"})

@@ -27,7 +27,8 @@ from zope.interface import implementer
 
 from kapow import data_api
 from kapow.data_api import DataAPI
-from kapow.handlers import Handler, HandlerRegistry
+from kapow.handlers import Handler, HandlerRegistry, State
+from kapow.routes import Route
 from tests.test_handlers import (
     MULTIPART,
     PEER,
@@ -124,6 +125,7 @@ class DataAPITests(TestCase):
         handler_id = handler if isinstance(handler, str) else handler.id
         response = await self.settle(self.treq.request(method, DATA + handler_id + resource, data=data))
         body = await self.settle(response.content())
+        self.phrase = response.phrase
         return (
             response.code,
             b", ".join(response.headers.getRawHeaders(b"content-type", [])),
@@ -150,8 +152,8 @@ class DataAPITests(TestCase):
     ) -> None:
         actual, kind, body = await self.call(method, handler, resource, data)
         self.assertEqual(
-            (actual, kind, json.loads(body) if kind == b"application/json" else body),
-            (code, b"application/json", {"reason": reason}),
+            (actual, self.phrase, kind, json.loads(body) if kind == b"application/json" else body),
+            (code, reason.encode(), b"application/json", {"reason": reason}),
             f"{method} {resource}",
         )
 
@@ -441,3 +443,146 @@ class DataAPITests(TestCase):
         await self.write(handler, "/server/log/backup", b"done")
         lines = [formatEvent(e) for e in events if e.get("log_namespace") == "kapow.handler"]
         self.assertEqual(lines, [f"{handler.id} backup: done"])
+
+    # SPEC.md §7
+
+    async def test_success_keeps_the_standard_phrase(self) -> None:
+        handler, _ = self.user()
+        await self.read(handler, "/request/method")
+        self.assertEqual(self.phrase, b"OK")
+
+    async def test_collections(self) -> None:
+        handler, _ = self.user(
+            http_request(
+                b"POST",
+                b"/x?p=a%ffb&p=2&q",
+                [
+                    (b"Host", b"h"),
+                    (b"X-Rep", b"1"),
+                    (b"X-Rep", b"2"),
+                    (b"Cookie", b"a=1; a=2"),
+                    (b"Content-Type", URLENCODED),
+                ],
+                b"f=1&f=2",
+            ),
+            matches={"name": "world"},
+        )
+        expected = {
+            "/request/params": {"p": ["a\ufffdb", "2"], "q": [""]},
+            "/request/headers": {
+                "host": ["h"],
+                "x-rep": ["1", "2"],
+                "cookie": ["a=1; a=2"],
+                "content-type": [URLENCODED.decode()],
+                "content-length": ["7"],
+            },
+            "/request/cookies": {"a": ["1", "2"]},
+            "/request/form": {"f": ["1", "2"]},
+            "/request/files": {},
+            "/request/matches": {"name": "world"},
+        }
+        for resource, value in expected.items():
+            code, kind, body = await self.call("GET", handler, resource)
+            self.assertEqual((code, kind, json.loads(body)), (200, b"application/json", value), resource)
+        self.assertEqual(await self.read(handler, "/request/params/p"), b"a\xffb")
+
+    async def test_files_collection(self) -> None:
+        body = multipart_body(
+            (b'form-data; name="up"; filename="a.txt"\r\nContent-Type: text/plain', b"hello"),
+        )
+        handler, _ = self.user(
+            http_request(b"POST", b"/x", [(b"Host", b"h"), (b"Content-Type", MULTIPART)], body)
+        )
+        code, _, data = await self.call("GET", handler, "/request/files")
+        self.assertEqual(
+            (code, json.loads(data)),
+            (200, {"up": [{"filename": "a.txt", "content_type": "text/plain", "size": 5}]}),
+        )
+
+    async def test_delete_header_and_cookie(self) -> None:
+        handler, connection = self.user()
+        await self.write(handler, "/response/headers/X-A", b"1")
+        await self.write(handler, "/response/headers/X-A", b"2")
+        await self.write(handler, "/response/headers/X-B", b"kept")
+        await self.write(handler, "/response/cookies/c", b"1")
+        for resource in ("/response/headers/x-a", "/response/cookies/c", "/response/cookies/never"):
+            self.assertEqual(await self.call("DELETE", handler, resource), (200, b"", b""), resource)
+        await self.assertError(400, "Invalid Resource Path", "DELETE", handler, "/response/headers/a%20b")
+        await self.assertError(400, "Invalid Resource Path", "DELETE", handler, "/response/headers/")
+        await self.assertError(404, "Handler ID Not Found", "DELETE", "nope", "/response/headers/X-A")
+        await self.write(handler, "/response/body", b"x")
+        await self.assertError(409, "Response Already Started", "DELETE", handler, "/response/headers/X-B")
+        await self.assertError(409, "Response Already Started", "DELETE", handler, "/response/cookies/c")
+        handler.finish()
+        _, headers, _ = connection.response()
+        self.assertEqual(header_values(headers, b"X-A"), [])
+        self.assertEqual(header_values(headers, b"X-B"), [b"kept"])
+        self.assertEqual(header_values(headers, b"Set-Cookie"), [])
+
+    async def test_reason(self) -> None:
+        handler, connection = self.user()
+        await self.write(handler, "/response/reason", b"Still Thinking\n")
+        for bad in (b"a\r\nX-Injected: 1", b"x" * 257, b"nul\x00"):
+            await self.assertError(400, "Invalid Reason Phrase", "PUT", handler, "/response/reason", bad)
+        await self.write(handler, "/response/status", b"202")
+        await self.write(handler, "/response/body", b"x")
+        await self.assertError(409, "Response Already Started", "PUT", handler, "/response/reason", b"Late")
+        handler.finish()
+        self.assertTrue(connection.transport.value().startswith(b"HTTP/1.1 202 Still Thinking\r\n"))
+
+    async def test_end(self) -> None:
+        handler, connection = self.user(http_request(b"POST", b"/x?q=1", body=b"payload"))
+        await self.write(handler, "/response/status", b"202")
+        await self.write(handler, "/response/end", b"anything, ignored")
+        self.assertTrue(connection.request.finished)
+        self.assertIs(handler.state, State.ENDED)
+        self.assertEqual(connection.response()[::2], (202, b""))
+        for method, resource in (
+            ("PUT", "/response/status"),
+            ("PUT", "/response/reason"),
+            ("PUT", "/response/headers/X-A"),
+            ("PUT", "/response/cookies/c"),
+            ("PUT", "/response/body"),
+            ("PUT", "/response/stream"),
+            ("PUT", "/response/end"),
+            ("DELETE", "/response/headers/X-A"),
+            ("DELETE", "/response/cookies/c"),
+        ):
+            await self.assertError(409, "Response Already Ended", method, handler, resource, b"1")
+        await self.assertError(409, "Response Already Ended", "PUT", handler, "/response/body", b"")
+        self.assertEqual(await self.read(handler, "/request/params/q"), b"1")
+        self.assertEqual(await self.read(handler, "/request/body"), b"payload")
+        await self.write(handler, "/server/log", b"still logging")
+        self.assertEqual(connection.response()[::2], (202, b""))
+
+    async def test_end_a_large_value_is_ignored(self) -> None:
+        handler, connection = self.user()
+        await self.write(handler, "/response/end", b"x" * (data_api.MAX_VALUE + 10))
+        self.assertTrue(connection.request.finished)
+
+    async def test_buffer_route_takes_a_late_status(self) -> None:
+        connection = UserConnection(http_request())
+        route = Route(id="route-b", method="GET", url_pattern="/x", buffer=True)
+        handler = self.registry.create(route, {}, connection.request)
+        await self.write(handler, "/response/body", b"held")
+        await self.write(handler, "/response/status", b"201")
+        await self.write(handler, "/response/headers/X-Late", b"1")
+        self.assertEqual(connection.transport.value(), b"")
+        handler.finish()
+        code, headers, body = connection.response()
+        self.assertEqual((code, body), (201, b"held"))
+        self.assertEqual(header_values(headers, b"X-Late"), [b"1"])
+        self.assertEqual(header_values(headers, b"Content-Length"), [b"4"])
+
+    async def test_paths_that_are_not_utf8_or_broken_escapes(self) -> None:
+        handler, _ = self.user()
+        for method, resource in (
+            ("GET", "/request/headers/%ff"),
+            ("GET", "/request/params/%zz"),
+            ("GET", "/request/params/a%4"),
+            ("GET", "/request/params/a%"),
+            ("PUT", "/response/headers/%c3%28"),
+            ("DELETE", "/response/headers/%zz"),
+        ):
+            await self.assertError(400, "Invalid Resource Path", method, handler, resource, b"1")
+        await self.assertError(400, "Invalid Resource Path", "GET", "bad%zzid", "/request/method")

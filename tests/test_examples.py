@@ -6,6 +6,7 @@ exactly as their comment headers say.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -86,6 +87,9 @@ def test_examples_are_posix_shell_scripts() -> None:
         "json.pow",
         "stream.pow",
         "status.pow",
+        "headers.pow",
+        "checksum.pow",
+        "later.pow",
     }
     for program in programs:
         assert program.read_text().startswith("#!/bin/sh\n"), program
@@ -356,3 +360,48 @@ def test_status_makes_its_own_store(start_server: Any, fetch: Fetch, tmp_path: P
     assert fetch(server.user + location, "-X", "DELETE").status == 204
     (store,) = [p for p in tmp_path.glob("tmp.*") if p.is_dir()]
     assert list(store.iterdir()) == []
+
+
+def test_headers_every_value_as_json(start_server: Any, fetch: Fetch) -> None:
+    server = start_example(start_server, "headers.pow")
+    both = fetch(server.user + "/headers?q=1&q=2&e", "-H", "X-Tag: a", "-H", "X-Tag: b")
+    assert both.status == 200
+    assert both.header("content-type") == "application/json"
+    data = json.loads(both.body)
+    assert data["params"] == {"q": ["1", "2"], "e": [""]}
+    assert data["headers"]["x-tag"] == ["a", "b"]
+    assert data["headers"]["host"] == [server.user.removeprefix("http://")]
+    one = fetch(server.user + "/headers/X-TAG", "-H", "X-Tag: a", "-H", "X-Tag: b")
+    assert json.loads(one.body) == ["a", "b"]
+    assert json.loads(fetch(server.user + "/headers/x-none").body) == []
+
+
+def test_checksum_reads_the_body_on_stdin(start_server: Any, fetch: Fetch, tmp_path: Path) -> None:
+    server = start_example(start_server, "checksum.pow")
+    upload = tmp_path / "upload"
+    data = os.urandom(3 * 1024 * 1024)
+    upload.write_bytes(data)
+    digest = fetch(server.user + "/sha256", "--data-binary", f"@{upload}")
+    assert (digest.status, digest.text) == (200, hashlib.sha256(data).hexdigest() + "\n")
+    count = fetch(server.user + "/count", "--data-binary", "hello")
+    assert (count.status, count.text) == (200, "5\n")
+    empty = fetch(server.user + "/count", "-X", "POST")
+    assert (empty.status, empty.text) == (200, "0\n")
+
+
+def test_later_answers_202_and_works_on(start_server: Any, fetch: Fetch, tmp_path: Path) -> None:
+    server = start_example(start_server, "later.pow", env={"JOBS_DIR": str(tmp_path)})
+    started = time.monotonic()
+    accepted = fetch(server.user + "/jobs", "--data-binary", "some work")
+    assert time.monotonic() - started < 2, "the answer waited for the work"
+    assert (accepted.status, accepted.body) == (202, b"")
+    location = accepted.header("location")
+    assert location is not None and re.fullmatch(r"/jobs/[A-Za-z0-9]+", location), location
+    running = fetch(server.user + location)
+    assert running.status == 404
+    assert "is not done" in running.text
+    deadline = time.monotonic() + 15
+    while (done := fetch(server.user + location)).status == 404:
+        assert time.monotonic() < deadline, "the job never finished"
+        time.sleep(0.1)
+    assert (done.status, done.text) == (200, "SOME WORK")

@@ -5,6 +5,7 @@ and the registry, over real twisted.web requests on in-memory connections.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from typing import Any
@@ -728,3 +729,425 @@ class AbandonTests(SynchronousTestCase):
         self.assertIs(handler.state, State.FINISHED)
         self.assertIsNone(connection.request.producer)
         self.assertEqual(len(os.listdir("/proc/self/fd")), before)
+
+
+def status_line(connection: UserConnection) -> bytes:
+    """The status line the user's connection got."""
+    return connection.transport.value().partition(b"\r\n")[0]
+
+
+def routed_handler(raw: bytes | None = None, **options: Any) -> tuple[Handler, UserConnection]:
+    """A handler of a route with ``options`` (SPEC.md §7 route fields)."""
+    connection = UserConnection(http_request() if raw is None else raw)
+    route = Route(id="route-2", method="GET", url_pattern="/x", **options)
+    return Handler("b" * 32, route, {}, connection.request), connection
+
+
+class CollectionTests(SynchronousTestCase):
+    def collection(self, handler: Handler, kind: str) -> Any:
+        return json.loads(handler.request_collection(kind))
+
+    def test_params_every_value_in_order(self) -> None:
+        handler, _ = make_handler(http_request(target=b"/x?p=a%ffb&p=2&q&sp=a+b&e=&p=3;x=1&&"))
+        self.assertEqual(
+            self.collection(handler, "params"),
+            {"p": ["a\ufffdb", "2", "3;x=1"], "q": [""], "sp": ["a b"], "e": [""]},
+        )
+        self.assertEqual(handler.request_value("params", "p"), b"a\xffb")
+        self.assertEqual(handler.request_value("params", "q"), b"")
+
+    def test_no_query(self) -> None:
+        handler, _ = make_handler()
+        self.assertEqual(self.collection(handler, "params"), {})
+
+    def test_headers_lower_case_every_value(self) -> None:
+        handler, _ = make_handler(
+            http_request(headers=[(b"Host", b"h"), (b"X-Rep", b"1"), (b"x-rep", b"2"), (b"X-Bin", b"\xff")])
+        )
+        self.assertEqual(
+            self.collection(handler, "headers"), {"host": ["h"], "x-rep": ["1", "2"], "x-bin": ["\ufffd"]}
+        )
+
+    def test_cookies_every_value(self) -> None:
+        handler, _ = make_handler(
+            http_request(headers=[(b"Host", b"h"), (b"Cookie", b"a=1; b=2; a=3"), (b"Cookie", b"c=; junk")])
+        )
+        self.assertEqual(self.collection(handler, "cookies"), {"a": ["1", "3"], "b": ["2"], "c": [""]})
+
+    def test_form_and_files(self) -> None:
+        body = multipart_body(
+            (b'form-data; name="f"', b"v1"),
+            (b'form-data; name="f"', b"v2"),
+            (b'form-data; name="up"; filename="a.txt"', b"hello"),
+            (b'form-data; name="up"; filename="b.bin"', b"\x00" * 10),
+        )
+        handler, _ = make_handler(
+            http_request(b"POST", b"/x", [(b"Host", b"h"), (b"Content-Type", MULTIPART)], body)
+        )
+        self.assertEqual(self.collection(handler, "form"), {"f": ["v1", "v2"]})
+        self.assertEqual(
+            self.collection(handler, "files"),
+            {
+                "up": [
+                    {"filename": "a.txt", "content_type": None, "size": 5},
+                    {"filename": "b.bin", "content_type": None, "size": 10},
+                ]
+            },
+        )
+
+    def test_matches(self) -> None:
+        handler, _ = make_handler(matches={"name": "wörld", "raw": "\udcff"})
+        self.assertEqual(self.collection(handler, "matches"), {"name": "wörld", "raw": "\ufffd"})
+
+
+class StdinTests(SynchronousTestCase):
+    def read_all(self, fd: int) -> bytes:
+        chunks = []
+        while chunk := os.read(fd, 65536):
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def check(self, body: bytes) -> None:
+        handler, _ = make_handler(http_request(b"POST", b"/x", [(b"Host", b"h")], body))
+        first, second = handler.stdin(), handler.stdin()
+        try:
+            self.assertEqual(os.read(first, 3), body[:3])
+            self.assertEqual(self.read_all(second), body)
+            handler.finish()  # the handler lets go of the body; the descriptors keep it
+            self.assertEqual(self.read_all(first), body[3:])
+        finally:
+            os.close(first)
+            os.close(second)
+
+    def test_small_body(self) -> None:
+        self.check(b"small body")
+
+    def test_body_in_a_temporary_file(self) -> None:
+        self.check(os.urandom(300_000))
+
+    def test_empty_body(self) -> None:
+        handler, _ = make_handler()
+        fd = handler.stdin()
+        self.addCleanup(os.close, fd)
+        self.assertEqual(os.read(fd, 10), b"")
+
+
+class RemoveTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.handler, self.connection = make_handler()
+
+    def test_header_written_twice(self) -> None:
+        self.handler.add_header("X-A", b"1")
+        self.handler.add_header("X-B", b"keep")
+        self.handler.add_header("x-a", b"2")
+        self.handler.remove_header("X-a")
+        self.handler.add_header("X-A", b"3")
+        self.handler.remove_header("X-Never-Written")
+        self.handler.finish()
+        _, headers, _ = self.connection.response()
+        self.assertEqual(header_values(headers, b"X-A"), [b"3"])
+        self.assertEqual(header_values(headers, b"X-B"), [b"keep"])
+
+    def test_cookie(self) -> None:
+        self.handler.add_cookie("session", b"1")
+        self.handler.add_cookie("other", b"2")
+        self.handler.add_header("Set-Cookie", b"session=raw; Path=/")
+        self.handler.add_cookie("session2", b"3")
+        self.handler.remove_cookie("session")
+        self.handler.finish()
+        _, headers, _ = self.connection.response()
+        self.assertEqual(header_values(headers, b"Set-Cookie"), [b"other=2", b"session2=3"])
+
+    def test_content_type_removed_is_sniffed_again(self) -> None:
+        self.handler.add_header("Content-Type", b"text/html")
+        self.handler.remove_header("content-type")
+        self.handler.write(b"\x00\x01")
+        self.handler.finish()
+        _, headers, _ = self.connection.response()
+        self.assertEqual(header_values(headers, b"Content-Type"), [b"application/octet-stream"])
+
+    def test_after_start_refused(self) -> None:
+        self.handler.add_header("X-A", b"1")
+        self.handler.add_cookie("c", b"1")
+        self.handler.write(b"body")
+        for call in (self.handler.remove_header, self.handler.remove_cookie):
+            name = "X-A" if call == self.handler.remove_header else "c"
+            error = self.assertRaises(JSONError, call, name)
+            self.assertEqual((error.code, error.reason), (409, "Response Already Started"))
+        self.handler.finish()
+        _, headers, _ = self.connection.response()
+        self.assertEqual(header_values(headers, b"X-A"), [b"1"])
+        self.assertEqual(header_values(headers, b"Set-Cookie"), [b"c=1"])
+
+    def test_name_must_be_a_token(self) -> None:
+        for call in (self.handler.remove_header, self.handler.remove_cookie):
+            error = self.assertRaises(JSONError, call, "a b")
+            self.assertEqual((error.code, error.reason), (400, "Invalid Resource Path"))
+
+
+class ReasonTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.handler, self.connection = make_handler()
+
+    def assertRefused(self, code: int, reason: str, call: Any, *args: Any) -> None:
+        error = self.assertRaises(JSONError, call, *args)
+        self.assertEqual((error.code, error.reason), (code, reason))
+
+    def test_reason_in_the_status_line(self) -> None:
+        self.handler.set_status(b"202")
+        self.handler.set_reason(b"Queued For Later\n")
+        self.handler.finish()
+        self.assertEqual(status_line(self.connection), b"HTTP/1.1 202 Queued For Later")
+
+    def test_last_write_wins_and_empty_is_the_standard_phrase(self) -> None:
+        self.handler.set_reason(b"Fine")
+        self.handler.set_reason(b"")
+        self.handler.set_status(b"404")
+        self.handler.finish()
+        self.assertEqual(status_line(self.connection), b"HTTP/1.1 404 Not Found")
+
+    def test_bad_reasons_refused_and_change_nothing(self) -> None:
+        self.handler.set_reason(b"Kept\ttab")
+        for raw in (b"a\rb", b"a\nb", b"a\x00", b"x\n\n", b"\x1b[1m", b"r" * 257):
+            self.assertRefused(400, "Invalid Reason Phrase", self.handler.set_reason, raw)
+        self.handler.set_reason(b"r" * 256)
+        self.handler.set_reason(b"Kept\ttab")
+        self.handler.finish()
+        self.assertEqual(status_line(self.connection), b"HTTP/1.1 200 Kept\ttab")
+
+    def test_after_start_refused(self) -> None:
+        self.handler.write(b"x")
+        self.assertRefused(409, "Response Already Started", self.handler.set_reason, b"Late")
+        self.handler.finish()
+        self.assertEqual(status_line(self.connection), b"HTTP/1.1 200 OK")
+
+
+class EndTests(SynchronousTestCase):
+    def make(self, raw: bytes | None = None) -> tuple[Handler, UserConnection, list[None]]:
+        handler, connection = make_handler(raw)
+        lost: list[None] = []
+        handler.on_client_lost = lambda: lost.append(None)
+        return handler, connection, lost
+
+    def assertEnded(self, call: Any, *args: Any) -> None:
+        error = self.assertRaises(JSONError, call, *args)
+        self.assertEqual((error.code, error.reason), (409, "Response Already Ended"))
+
+    def test_end_while_pending(self) -> None:
+        handler, connection, lost = self.make(
+            http_request(b"POST", b"/x?q=1", [(b"Host", b"h"), (b"X-A", b"v")], b"the body")
+        )
+        handler.set_status(b"202")
+        handler.add_header("X-Job", b"7")
+        handler.end()
+        self.assertIs(handler.state, State.ENDED)
+        self.assertTrue(connection.request.finished)
+        code, headers, body = connection.response()
+        self.assertEqual((code, body), (202, b""))
+        self.assertEqual(header_values(headers, b"X-Job"), [b"7"])
+        self.assertTrue(connection.transport.value().endswith(b"0\r\n\r\n"))
+        # the client leaving now ends nothing; the request stays readable
+        connection.lose()
+        self.assertEqual(lost, [])
+        self.assertEqual(handler.request_value("params", "q"), b"1")
+        self.assertEqual(handler.request_value("headers", "X-A"), b"v")
+        with handler.body() as body_reader:
+            self.assertEqual(body_reader.read(), b"the body")
+        self.assertEqual(json.loads(handler.request_collection("headers"))["x-a"], ["v"])
+
+    def test_end_while_streaming(self) -> None:
+        handler, connection, _ = self.make()
+        handler.write(b"partial")
+        handler.end()
+        self.assertTrue(connection.request.finished)
+        self.assertEqual(connection.response()[::2], (200, b"partial"))
+        self.assertTrue(connection.transport.value().endswith(b"0\r\n\r\n"))
+
+    def test_writes_after_end_refused(self) -> None:
+        handler, connection, _ = self.make()
+        handler.end()
+        sent = connection.transport.value()
+        for call, args in (
+            (handler.set_status, (b"500",)),
+            (handler.set_reason, (b"Late",)),
+            (handler.add_header, ("X-A", b"1")),
+            (handler.add_cookie, ("c", b"1")),
+            (handler.remove_header, ("X-A",)),
+            (handler.remove_cookie, ("c",)),
+            (handler.write, (b"late",)),
+            (handler.end, ()),
+        ):
+            self.assertEnded(call, *args)
+        self.assertEqual(connection.transport.value(), sent)
+
+    def test_exit_after_end(self) -> None:
+        handler, connection, _ = self.make()
+        handler.end()
+        sent = connection.transport.value()
+        handler.finish()
+        self.assertIs(handler.state, State.FINISHED)
+        self.assertEqual(connection.transport.value(), sent)
+
+    def test_time_out_after_end(self) -> None:
+        handler, connection, _ = self.make()
+        handler.end()
+        sent = connection.transport.value()
+        handler.time_out()
+        self.assertIs(handler.state, State.FINISHED)
+        self.assertEqual(connection.transport.value(), sent)
+        self.assertFalse(connection.transport.disconnecting)
+
+    def test_end_releases_a_waiting_write(self) -> None:
+        handler, connection, _ = self.make()
+        handler.write(b"x")
+        connection.pause()
+        waiting = handler.write(b"y")
+        self.assertNoResult(waiting)
+        handler.end()
+        self.successResultOf(waiting)
+
+    def test_end_after_the_client_left(self) -> None:
+        handler, connection, lost = self.make()
+        connection.lose()
+        handler.end()
+        self.assertIs(handler.state, State.ENDED)
+        self.assertEqual(connection.transport.value(), b"")
+        self.assertEqual(len(lost), 1)
+
+
+class BufferTests(SynchronousTestCase):
+    def test_held_until_exit_with_late_status_and_headers(self) -> None:
+        handler, connection = routed_handler(buffer=True)
+        self.successResultOf(handler.write(b"<html>hello "))
+        self.successResultOf(handler.write(b"world"))
+        self.assertEqual(connection.transport.value(), b"")
+        handler.set_status(b"201")
+        handler.set_reason(b"Made")
+        handler.add_header("X-A", b"1")
+        handler.add_cookie("c", b"v")
+        handler.finish()
+        self.assertEqual(status_line(connection), b"HTTP/1.1 201 Made")
+        _, headers, body = connection.response()
+        self.assertEqual(body, b"<html>hello world")
+        self.assertEqual(header_values(headers, b"Content-Length"), [b"17"])
+        self.assertEqual(header_values(headers, b"Transfer-Encoding"), [])
+        self.assertEqual(header_values(headers, b"Content-Type"), [b"text/html; charset=utf-8"])
+        self.assertEqual(header_values(headers, b"Set-Cookie"), [b"c=v"])
+        self.assertTrue(connection.request.finished)
+
+    def test_large_body_goes_through_a_temporary_file(self) -> None:
+        handler, connection = routed_handler(buffer=True)
+        data = os.urandom(3 * 1024 * 1024 + 5)
+        for i in range(0, len(data), 65536):
+            handler.write(data[i : i + 65536])
+        handler.finish()
+        code, headers, body = connection.response()
+        self.assertEqual((code, len(body)), (200, len(data)))
+        self.assertEqual(body, data)
+        self.assertEqual(header_values(headers, b"Content-Length"), [str(len(data)).encode()])
+        self.assertTrue(connection.request.finished)
+
+    def test_held_body_waits_for_a_paused_client(self) -> None:
+        handler, connection = routed_handler(buffer=True)
+        data = os.urandom(200_000)
+        handler.write(data)
+        connection.pause()
+        handler.finish()
+        self.assertEqual(connection.transport.value(), b"")
+        self.assertFalse(connection.request.finished)
+        connection.resume()
+        self.assertEqual(connection.response()[2], data)
+        self.assertTrue(connection.request.finished)
+
+    def test_client_gone_while_the_held_body_is_sent(self) -> None:
+        handler, connection = routed_handler(buffer=True)
+        handler.write(os.urandom(200_000))
+        connection.pause()
+        handler.finish()
+        connection.lose()
+        self.assertIsNone(handler._sending)
+
+    def test_no_body(self) -> None:
+        handler, connection = routed_handler(buffer=True)
+        handler.set_status(b"204")
+        handler.finish()
+        self.assertEqual(connection.response()[::2], (204, b""))
+        self.assertTrue(connection.request.finished)
+
+    def test_head_request(self) -> None:
+        handler, connection = routed_handler(http_request(b"HEAD"), buffer=True)
+        handler.write(b"12345")
+        handler.finish()
+        code, headers, body = connection.response()
+        self.assertEqual((code, body), (200, b""))
+        self.assertEqual(header_values(headers, b"Content-Length"), [b"5"])
+        self.assertTrue(connection.request.finished)
+
+    def test_end_sends_the_held_response_at_once(self) -> None:
+        handler, connection = routed_handler(buffer=True)
+        handler.write(b"done")
+        handler.set_status(b"202")
+        handler.end()
+        self.assertEqual(connection.response()[::2], (202, b"done"))
+        self.assertTrue(connection.request.finished)
+        error = self.assertRaises(JSONError, handler.write, b"more")
+        self.assertEqual(error.reason, "Response Already Ended")
+        handler.finish()
+        self.assertEqual(connection.response()[2], b"done")
+
+    def test_time_out_gives_504(self) -> None:
+        handler, connection = routed_handler(buffer=True)
+        handler.write(b"never sent")
+        handler.set_reason(b"Custom")
+        handler.time_out()
+        code, _, body = connection.response()
+        self.assertEqual((code, body), (504, b"Gateway Timeout\n"))
+        self.assertEqual(status_line(connection), b"HTTP/1.1 504 Gateway Time-out")
+
+    def test_client_gone_drops_the_held_body(self) -> None:
+        handler, connection = routed_handler(buffer=True)
+        handler.write(b"x")
+        connection.lose()
+        self.successResultOf(handler.write(b"y"))
+        handler.finish()
+        self.assertEqual(connection.transport.value(), b"")
+
+
+class FailTests(SynchronousTestCase):
+    def test_buffered_failure_keeps_the_body(self) -> None:
+        handler, connection = routed_handler(buffer=True, error_status=500)
+        handler.write(b"what went wrong\n")
+        handler.set_reason(b"All Fine")
+        self.assertTrue(handler.fail(500))
+        handler.finish()
+        self.assertEqual(status_line(connection), b"HTTP/1.1 500 Internal Server Error")
+        self.assertEqual(connection.response()[2], b"what went wrong\n")
+
+    def test_own_error_status_kept(self) -> None:
+        handler, connection = make_handler()
+        handler.set_status(b"418")
+        handler.set_reason(b"Teapot Here")
+        self.assertTrue(handler.fail(500))
+        handler.finish()
+        self.assertEqual(status_line(connection), b"HTTP/1.1 418 Teapot Here")
+
+    def test_late_status_under_buffer(self) -> None:
+        handler, connection = routed_handler(buffer=True)
+        handler.write(b"x")
+        handler.set_status(b"503")
+        self.assertTrue(handler.fail(500))
+        handler.finish()
+        self.assertEqual(connection.response()[0], 503)
+
+    def test_after_the_response_started(self) -> None:
+        handler, connection = make_handler()
+        handler.write(b"streamed")
+        self.assertFalse(handler.fail(500))
+        handler.finish()
+        self.assertEqual(connection.response()[::2], (200, b"streamed"))
+
+    def test_after_end(self) -> None:
+        handler, connection = make_handler()
+        handler.end()
+        self.assertFalse(handler.fail(500))
+        self.assertEqual(connection.response()[0], 200)

@@ -294,6 +294,35 @@ def test_from_json_nulls_mean_defaults():
     assert route == make("r")
 
 
+def test_handler_options_round_trip():
+    data = {"method": "POST", "url_pattern": "/", "stdin": "body", "buffer": True, "error_status": 502}
+    route = route_from_json(data, "r")
+    assert (route.stdin, route.buffer, route.error_status) == ("body", True, 502)
+    shown = route.to_json(0)
+    assert {key: shown[key] for key in ("stdin", "buffer", "error_status")} == {
+        "stdin": "body",
+        "buffer": True,
+        "error_status": 502,
+    }
+    assert route_from_json(shown, "r") == route
+
+
+def test_handler_options_absent_unless_set():
+    shown = route_from_json({"method": "GET", "url_pattern": "/", "buffer": None}, "r").to_json(0)
+    assert not {"stdin", "buffer", "error_status"} & set(shown)
+    assert (
+        route_from_json({"method": "GET", "url_pattern": "/", "buffer": False}, "r").to_json(0)["buffer"]
+        is False
+    )
+
+
+@pytest.mark.parametrize("code", [400, 500, 599])
+def test_error_status_bounds(code):
+    assert (
+        route_from_json({"method": "GET", "url_pattern": "/", "error_status": code}, "r").error_status == code
+    )
+
+
 def test_from_json_keeps_empty_entrypoint():
     route = route_from_json({"method": "GET", "url_pattern": "/", "entrypoint": ""}, "r")
     assert route.entrypoint == ""
@@ -377,6 +406,24 @@ GOOD = {"method": "GET", "url_pattern": "/"}
         {"max_concurrency": 2.0},
         {"max_concurrency": "2"},
         {"max_concurrency": [2]},
+        # stdin
+        {"stdin": "null"},
+        {"stdin": "Body"},
+        {"stdin": ""},
+        {"stdin": True},
+        {"stdin": ["body"]},
+        # buffer
+        {"buffer": 1},
+        {"buffer": "true"},
+        {"buffer": [True]},
+        # error_status
+        {"error_status": 399},
+        {"error_status": 600},
+        {"error_status": 200},
+        {"error_status": True},
+        {"error_status": 500.0},
+        {"error_status": "500"},
+        {"error_status": [500]},
     ],
 )
 def test_from_json_refused(changes):

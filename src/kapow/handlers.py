@@ -27,7 +27,6 @@ from urllib.parse import unquote_to_bytes
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
-from twisted.protocols.basic import FileSender
 from twisted.web.server import Request
 from zope.interface import implementer
 
@@ -51,6 +50,8 @@ ALREADY_ENDED = (409, "Response Already Ended")
 MAX_REASON = 256
 #: Bytes of a ``buffer`` route's response held in memory before a temporary file.
 BUFFER_IN_MEMORY = 1024 * 1024
+#: Size of the pieces a held body is sent in.
+HELD_CHUNK = 64 * 1024
 
 
 class State(enum.Enum):
@@ -76,6 +77,14 @@ class Handler:
     :param request: the live user request.
     """
 
+    # what only some handlers use, as class defaults: nothing to set per request
+    #: the reason phrase the handler set, if any
+    reason: bytes | None = None
+    #: the body a ``buffer`` route holds until the response is complete
+    _held: Any = None
+    #: the held body while it is being sent
+    _sending: Any = None
+
     def __init__(self, handler_id: str, route: Route, matches: dict[str, str], request: Request) -> None:
         self.id = handler_id
         self.route = route
@@ -83,8 +92,6 @@ class Handler:
         self.request = request
         self.state = State.PENDING
         self.status = 200
-        #: the reason phrase the handler set, if any
-        self.reason: bytes | None = None
         self.headers: list[tuple[bytes, bytes]] = []
         self.client_gone = False
         #: called once if the user's connection is lost before the response is complete
@@ -94,8 +101,8 @@ class Handler:
         self._body = BodySnapshot(request.content)
         self._paused = False
         self._waiting: list[Deferred[None]] = []
-        #: the held body of a ``buffer`` route
-        self._held: Any = tempfile.SpooledTemporaryFile(BUFFER_IN_MEMORY) if route.buffer else None  # noqa: SIM115 (closed when sent or dropped)
+        if route.buffer:
+            self._held = tempfile.SpooledTemporaryFile(BUFFER_IN_MEMORY)  # noqa: SIM115 (closed once sent or dropped)
         request.registerProducer(self, True)
         request.notifyFinish().addErrback(self._lost)
 
@@ -329,28 +336,34 @@ class Handler:
             if held is not None:
                 held.close()
             return
+        if held is not None and self.state is State.PENDING:
+            size = held.tell()
+            held.seek(0)
+            self._commit(held.read(512), size)
+            held.seek(0)
+            if size and self.request.method != b"HEAD":
+                self._sending = held
+                self._send_held()
+                return
+            held.close()
+        elif self.state is State.PENDING:
+            self._commit(b"")
         self.request.unregisterProducer()
-        if held is None or self.state is not State.PENDING:
-            if self.state is State.PENDING:
-                self._commit(b"")
+        self.request.finish()
+
+    def _send_held(self) -> None:
+        """Send the held body while the user's connection takes it, then complete."""
+        held = self._sending
+        while held is not None and not self._paused:
+            chunk = held.read(HELD_CHUNK)
+            if chunk:
+                self.request.write(chunk)
+                continue
+            self._sending = None
+            held.close()
+            self.request.unregisterProducer()
             self.request.finish()
             return
-        size = held.tell()
-        held.seek(0)
-        self._commit(held.read(512), size)
-        if not size or self.request.method == b"HEAD":
-            held.close()
-            self.request.finish()
-            return
-        held.seek(0)
-        request = self.request
-
-        def sent(result: Any) -> None:
-            held.close()
-            if not request._disconnected and not request.finished:  # type: ignore[attr-defined]
-                request.finish()
-
-        FileSender().beginFileTransfer(held, request).addBoth(sent)
 
     def abandon(self) -> None:
         """
@@ -419,6 +432,8 @@ class Handler:
     def resumeProducing(self) -> None:
         self._paused = False
         self._release()
+        if self._sending is not None:
+            self._send_held()
 
     def stopProducing(self) -> None:
         self._lost(None)
@@ -428,6 +443,9 @@ class Handler:
             return
         self.client_gone = True
         self._release()
+        if self._sending is not None:
+            self._sending.close()
+            self._sending = None
         if self.state is not State.FINISHED and self.on_client_lost is not None:
             self.on_client_lost()
 
