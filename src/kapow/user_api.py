@@ -92,12 +92,14 @@ class UserAPI(Resource):
             return _plain(request, 503, b"Service Unavailable\n")
         handler = self.handlers.create(found.route, found.matches, request)
         request.kapow_handler_id = handler.id  # type: ignore[attr-defined]
-        stdin = handler.stdin() if found.route.stdin else None
+        stdin = None
         try:
+            if found.route.stdin:
+                stdin = handler.stdin()
             pgid = self.spawner.start(
                 handler.id, found.route.argv(), lambda status, sig: self._exited(handler, status, sig), stdin
             )
-        except SpawnError as e:
+        except (SpawnError, OSError) as e:
             log.error(
                 "handler {id}: route {route} cannot start: {why}",
                 id=handler.id, route=found.route.id, why=str(e),
