@@ -53,6 +53,7 @@ kapow set /response/body too-late 2> "$STATE/later.err" || true
 mv "$STATE/later.body" "$STATE/later.done"
 EOF
 kapow route add -X POST --stdin body /sum -c 'sha256sum | cut -d" " -f1 | kapow set /response/body'
+kapow route add -X POST --stdin body /first -c 'head -c 5 | kapow set /response/body'
 kapow route add --buffer --error-status 500 /fail -c 'echo "disk full" | kapow set /response/body; kapow set /response/headers/X-Step 3; exit 3'
 kapow route add --error-status 503 /killed -c 'kill -9 $$'
 kapow route add --error-status 500 /own -c 'kapow set /response/status 404; exit 1'
@@ -80,7 +81,7 @@ def served(
     env = dict(os.environ, STATE=str(state))
     server = KapowServer(tmp / "server", [init], ["--data-client", client, *extra], env=env)
     try:
-        wait_for(lambda: len(routes(server)) == 10, 20, "the routes")
+        wait_for(lambda: len(routes(server)) == 11, 20, "the routes")
         if extra:
             wait_for(
                 lambda: len(re.findall(r"worker \d+ serves \(", server.output())) >= 2, 20, "the workers"
@@ -168,6 +169,15 @@ def test_the_body_on_stdin_of_a_50_mb_upload(served: tuple[KapowServer, Path], t
     result = curl("--data-binary", f"@{upload}", server.user + "/sum")
     assert result.returncode == 0, result.stderr
     assert result.stdout == hashlib.sha256(data).hexdigest() + "\n"
+
+
+def test_a_handler_that_reads_little_of_its_stdin(served: tuple[KapowServer, Path], tmp_path: Path) -> None:
+    server, _ = served
+    upload = tmp_path / "upload"
+    upload.write_bytes(b"first" + os.urandom(5 * 1024 * 1024))
+    for _ in range(3):
+        result = curl("--data-binary", f"@{upload}", server.user + "/first", input=b"")
+        assert (result.returncode, result.stdout) == (0, b"first"), result.stderr
 
 
 def test_exit_status_to_http_status_with_the_body_kept(served: tuple[KapowServer, Path]) -> None:

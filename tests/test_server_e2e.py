@@ -245,6 +245,7 @@ def test_version_and_help() -> None:
     version = subprocess.run([KAPOW, "--version"], capture_output=True, text=True)
     assert version.returncode == 0 and version.stdout.startswith("kapow ")
     every = [["--help"], ["server", "--help"], ["route", "--help"], ["get", "--help"], ["set", "--help"]]
+    every += [["unset", "--help"]]
     every += [["route", action, "--help"] for action in ("add", "list", "get", "remove")]
     every += [["control-credentials", "--help"]]
     for args in every:
@@ -256,10 +257,12 @@ def test_oversized_control_bodies_are_refused(server: KapowServer) -> None:
     big = b'{"method": "GET", "url_pattern": "/' + b"a" * (2 * 1024 * 1024) + b'"}'
     for framing in ((), ("-H", "Transfer-Encoding: chunked")):
         result = server.curl_control(
-            "-X", "POST", "--data-binary", "@-", *framing, "-w", "%{http_code}", server.control + "/routes",
+            "-X", "POST", "--data-binary", "@-", *framing, "-D", "-", "-w", "%{http_code}",
+            server.control + "/routes",
             input=big,
         )  # fmt: skip
-        assert result.stdout == b'{"reason": "Request Entity Too Large"}413', result
+        assert b"\r\n\r\nHTTP/1.1 413 Request Entity Too Large\r\n" in b"\r\n\r\n" + result.stdout, result
+        assert result.stdout.endswith(b'\r\n\r\n{"reason": "Request Entity Too Large"}413'), result
     assert server.curl_control(server.control + "/routes").stdout == "[]"
 
 
