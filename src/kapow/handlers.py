@@ -14,9 +14,7 @@ refused. On a ``buffer`` route body writes are held and the response stays
 from __future__ import annotations
 
 import enum
-import io
 import json
-import os
 import re
 import secrets
 import tempfile
@@ -31,6 +29,7 @@ from twisted.web.server import Request
 from zope.interface import implementer
 
 from kapow.forms import FormError, ParsedForm, parse_form
+from kapow.request_parts import BodySnapshot, cookie_pairs, first_cookie, query_pairs
 from kapow.routes import Route
 from kapow.sniff import sniff_content_type
 from kapow.web import JSONError
@@ -139,7 +138,7 @@ class Handler:
             values = request.requestHeaders.getRawHeaders(key)
             return values[0] if values else None
         if kind == "cookies":
-            return _first_cookie(request.requestHeaders.getRawHeaders(b"cookie", []), key)
+            return first_cookie(request.requestHeaders.getRawHeaders(b"cookie", []), key)
         if kind == "form":
             value = self.form().field(name)
             return None if value is None else value.encode()
@@ -167,7 +166,7 @@ class Handler:
             for name, items in self.request.requestHeaders.getAllRawHeaders():
                 value.setdefault(_json_text(name).lower(), []).extend(_json_text(item) for item in items)
         elif kind == "cookies":
-            for name, item in _cookies(self.request.requestHeaders.getRawHeaders(b"cookie", [])):
+            for name, item in cookie_pairs(self.request.requestHeaders.getRawHeaders(b"cookie", [])):
                 value.setdefault(_json_text(name), []).append(_json_text(item))
         elif kind == "form":
             value = self.form().fields
@@ -455,42 +454,6 @@ class Handler:
             d.callback(None)
 
 
-def _first_cookie(headers: list[bytes], name: bytes) -> bytes | None:
-    """The first cookie called ``name`` (browsers send the most specific first)."""
-    for key, value in _cookies(headers):
-        if key == name:
-            return value
-    return None
-
-
-def _cookies(headers: list[bytes]) -> Any:
-    """Every (name, value) of ``Cookie`` headers, in order."""
-    for header in headers:
-        for pair in header.split(b";"):
-            key, eq, value = pair.strip().partition(b"=")
-            if eq:
-                yield key, value
-
-
-def query_pairs(uri: bytes) -> list[tuple[bytes, bytes]]:
-    """
-    The (name, value) pairs of the query of ``uri``, percent-decoded, as
-    bytes: ``&`` separates them, ``;`` does not (as Go's
-    ``url.ParseQuery``; twisted.web's ``request.args`` splits on both), a
-    ``+`` is a space and a pair without ``=`` has an empty value.
-    """
-    query = uri.partition(b"?")[2]
-    pairs = []
-    for pair in query.split(b"&"):
-        if not pair:
-            continue
-        name, _, value = pair.partition(b"=")
-        pairs.append(
-            (unquote_to_bytes(name.replace(b"+", b" ")), unquote_to_bytes(value.replace(b"+", b" ")))
-        )
-    return pairs
-
-
 def _json_text(raw: bytes) -> str:
     return raw.decode("utf-8", "replace")
 
@@ -507,58 +470,6 @@ def _field_value(raw: bytes) -> bytes:
     if _CONTROL.search(value):
         raise JSONError(400, "Invalid Header Value")
     return value
-
-
-class BodySnapshot:
-    """
-    The buffered request body, kept by the handler: twisted.web closes the
-    request's own copy when the client goes away, and a handler that keeps
-    running may still read it. Every reader gets a position of its own.
-
-    :param content: ``request.content``: a ``BytesIO`` for small bodies, an
-        unlinked temporary file otherwise.
-    """
-
-    def __init__(self, content: BinaryIO) -> None:
-        self._data: bytes | None = None
-        self._fd: int | None = None
-        try:
-            fd = content.fileno()
-        except (AttributeError, OSError, ValueError):
-            self._data = content.getvalue()  # type: ignore[attr-defined]
-        else:
-            self._fd = os.dup(fd)
-
-    def open(self) -> BinaryIO:
-        """A new reader from the start of the body."""
-        if self._fd is None:
-            return io.BytesIO(self._data or b"")
-        return open(f"/proc/self/fd/{self._fd}", "rb")
-
-    def descriptor(self) -> int:
-        """
-        A new read-only descriptor at the start of the body, with a file
-        position of its own; the caller closes it.
-        """
-        if self._fd is not None:
-            return os.open(f"/proc/self/fd/{self._fd}", os.O_RDONLY | os.O_CLOEXEC)
-        fd = os.memfd_create("kapow-body", os.MFD_CLOEXEC)
-        try:
-            view = memoryview(self._data or b"")
-            while view:
-                view = view[os.write(fd, view) :]
-            os.lseek(fd, 0, os.SEEK_SET)
-        except BaseException:
-            os.close(fd)
-            raise
-        return fd
-
-    def close(self) -> None:
-        """Release the body; readers already open keep working."""
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-        self._data = None
 
 
 class HandlerRegistry:

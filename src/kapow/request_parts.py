@@ -1,0 +1,100 @@
+"""
+The parts of a user request a handler reads, as bytes: query parameters,
+cookies, and the buffered body, which outlives the request.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Iterator
+from typing import BinaryIO
+from urllib.parse import unquote_to_bytes
+
+
+def first_cookie(headers: list[bytes], name: bytes) -> bytes | None:
+    """The first cookie called ``name`` (browsers send the most specific first)."""
+    for key, value in cookie_pairs(headers):
+        if key == name:
+            return value
+    return None
+
+
+def cookie_pairs(headers: list[bytes]) -> Iterator[tuple[bytes, bytes]]:
+    """Every (name, value) of ``Cookie`` headers, in order."""
+    for header in headers:
+        for pair in header.split(b";"):
+            key, eq, value = pair.strip().partition(b"=")
+            if eq:
+                yield key, value
+
+
+def query_pairs(uri: bytes) -> list[tuple[bytes, bytes]]:
+    """
+    The (name, value) pairs of the query of ``uri``, percent-decoded, as
+    bytes: ``&`` separates them, ``;`` does not (as Go's
+    ``url.ParseQuery``; twisted.web's ``request.args`` splits on both), a
+    ``+`` is a space and a pair without ``=`` has an empty value.
+    """
+    query = uri.partition(b"?")[2]
+    pairs = []
+    for pair in query.split(b"&"):
+        if not pair:
+            continue
+        name, _, value = pair.partition(b"=")
+        pairs.append(
+            (unquote_to_bytes(name.replace(b"+", b" ")), unquote_to_bytes(value.replace(b"+", b" ")))
+        )
+    return pairs
+
+
+class BodySnapshot:
+    """
+    The buffered request body, kept by the handler: twisted.web closes the
+    request's own copy when the client goes away, and a handler that keeps
+    running may still read it. Every reader gets a position of its own.
+
+    :param content: ``request.content``: a ``BytesIO`` for small bodies, an
+        unlinked temporary file otherwise.
+    """
+
+    def __init__(self, content: BinaryIO) -> None:
+        self._data: bytes | None = None
+        self._fd: int | None = None
+        try:
+            fd = content.fileno()
+        except (AttributeError, OSError, ValueError):
+            self._data = content.getvalue()  # type: ignore[attr-defined]
+        else:
+            self._fd = os.dup(fd)
+
+    def open(self) -> BinaryIO:
+        """A new reader from the start of the body."""
+        if self._fd is None:
+            return io.BytesIO(self._data or b"")
+        return open(f"/proc/self/fd/{self._fd}", "rb")
+
+    def descriptor(self) -> int:
+        """
+        A new read-only descriptor at the start of the body, with a file
+        position of its own; the caller closes it.
+        """
+        if self._fd is not None:
+            return os.open(f"/proc/self/fd/{self._fd}", os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.memfd_create("kapow-body", os.MFD_CLOEXEC)
+        try:
+            view = memoryview(self._data or b"")
+            while view:
+                view = view[os.write(fd, view) :]
+            os.lseek(fd, 0, os.SEEK_SET)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def close(self) -> None:
+        """Release the body; readers already open keep working."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        self._data = None
