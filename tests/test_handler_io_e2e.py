@@ -16,6 +16,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -285,3 +286,13 @@ def test_route_json_shows_the_options(served: tuple[KapowServer, Path]) -> None:
     assert by_pattern["/sum"]["stdin"] == "body"
     assert (by_pattern["/fail"]["buffer"], by_pattern["/fail"]["error_status"]) == (True, 500)
     assert not {"stdin", "buffer", "error_status"} & set(by_pattern["/reason"])
+
+
+def test_the_body_on_stdin_with_debug(start_server: Any) -> None:
+    server = start_server(extra=("--debug",))
+    server.add_route(
+        "/sum", 'sha256sum | cut -d" " -f1 | kapow set /response/body', "-X", "POST", "--stdin", "body"
+    )
+    for data in (b"small", os.urandom(2 * 1024 * 1024)):
+        result = curl("--data-binary", "@-", server.user + "/sum", input=data)
+        assert (result.returncode, result.stdout) == (0, hashlib.sha256(data).hexdigest().encode() + b"\n")

@@ -10,6 +10,7 @@ import os
 import signal
 import stat
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from typing import Any
@@ -348,6 +349,23 @@ class SpawnerTests(TestCase):
             self.assertEqual(how, (0, None))
             self.assertEqual(sorted(lines), [f"{handler_id}: {fd}" for fd in (0, 1, 2)])
         self.assertFalse(os.get_inheritable(inherited))
+
+    async def test_stdin_is_the_given_descriptor_else_empty(self) -> None:
+        for debug in (False, True):
+            spawner = self.spawner({"PATH": os.environ["PATH"]}, debug=debug)
+            with tempfile.TemporaryFile() as body:
+                body.write(b"the body\n")
+                body.seek(0)
+                results = []
+                for stdin in (body.fileno(), None):
+                    exited: Deferred[tuple[Any, Any]] = Deferred()
+                    script = '[ "$(cat)" = "the body" ] && exit 3; exit 4'
+                    pgid = spawner.start(
+                        "h7", [SH, "-c", script], lambda *how, d=exited: d.callback(how), stdin
+                    )
+                    self.addCleanup(signal_group, pgid, signal.SIGKILL)
+                    results.append(await exited)
+            self.assertEqual(results, [(3, None), (4, None)], f"debug={debug}")
 
     async def test_killed_handler_reports_the_signal(self) -> None:
         spawner = self.spawner({"PATH": os.environ["PATH"]})
