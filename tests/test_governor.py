@@ -54,7 +54,7 @@ class GovernorTestCase(SynchronousTestCase):
             signal_group=self.groups.signal_group,
         )
 
-    def start(self, governor: Governor, handler_id: str, r: Route, pgid: int) -> None:
+    def start(self, governor: Governor, handler_id: str, r: Route, pgid: int | None) -> None:
         governor.started(
             handler_id,
             r,
@@ -398,6 +398,51 @@ class EndAllTests(GovernorTestCase):
         governor = self.make()
         self.successResultOf(governor.end_all())
         self.assertEqual(self.groups.signals, [])
+
+
+class BeingSpawnedTests(GovernorTestCase):
+    """A handler whose process is still being spawned (no group yet)."""
+
+    def test_its_slot_is_taken_from_the_start(self) -> None:
+        governor = self.make()
+        limited = route(max_concurrency=1)
+        self.start(governor, "a", limited, None)
+        self.assertIsNotNone(governor.admit(limited))
+        self.assertEqual(governor.running(), 1)
+        governor.spawned("a", 10)
+        self.assertIsNotNone(governor.admit(limited))
+        governor.exited("a")
+        self.assertIsNone(governor.admit(limited))
+
+    def test_terminated_before_its_group_is_known(self) -> None:
+        governor = self.make(10, kill_grace=1.0)
+        self.start(governor, "a", route(), None)
+        self.successResultOf(governor.terminate("a"))
+        self.assertEqual(self.groups.signals, [])
+        governor.spawned("a", 10)
+        self.assertEqual(self.groups.signals, [(10, TERM)])
+
+    def test_a_spawn_that_failed_gives_its_slot_back(self) -> None:
+        governor = self.make(max_handlers=1)
+        self.start(governor, "a", route(), None)
+        self.assertIsNotNone(governor.admit(route("r2")))
+        governor.exited("a")
+        self.assertIsNone(governor.admit(route("r2")))
+        governor.spawned("a", 10)  # too late: nothing to track
+        self.assertEqual(governor.running(), 0)
+
+    def test_end_all_waits_for_the_group(self) -> None:
+        governor = self.make(10, kill_grace=1.0)
+        self.start(governor, "a", route(), None)
+        done = governor.end_all()
+        self.poll()
+        self.assertEqual(self.groups.signals, [])
+        governor.spawned("a", 10)
+        self.poll()
+        self.assertEqual(self.groups.signals, [(10, TERM)])
+        self.groups.alive.discard(10)
+        self.poll()
+        self.successResultOf(done)
 
 
 class RealGroupAliveTests(SynchronousTestCase):

@@ -286,7 +286,7 @@ class SpawnerTests(TestCase):
         globalLogPublisher.addObserver(events.append)
         self.addCleanup(globalLogPublisher.removeObserver, events.append)
         exited: Deferred[tuple[Any, Any]] = Deferred()
-        pgid = spawner.start(handler_id, [SH, "-c", script], lambda *how: exited.callback(how))
+        pgid = await spawner.start(handler_id, [SH, "-c", script], lambda *how: exited.callback(how))
         self.addCleanup(signal_group, pgid, signal.SIGKILL)
         how = await exited
 
@@ -370,7 +370,7 @@ class SpawnerTests(TestCase):
     async def test_killed_handler_reports_the_signal(self) -> None:
         spawner = self.spawner({"PATH": os.environ["PATH"]})
         exited: Deferred[tuple[Any, Any]] = Deferred()
-        pgid = spawner.start("h3", [SH, "-c", "sleep 30"], lambda *how: exited.callback(how))
+        pgid = await spawner.start("h3", [SH, "-c", "sleep 30"], lambda *how: exited.callback(how))
         self.addCleanup(signal_group, pgid, signal.SIGKILL)
         self.assertTrue(signal_group(pgid, signal.SIGTERM))
         self.assertEqual(await exited, (None, signal.SIGTERM))
@@ -385,8 +385,8 @@ class SpawnerTests(TestCase):
         self.patch(_process, "registerReapProcessHandler", register_after_exit)
         spawner = self.spawner({}, debug=True)  # the way through Twisted's Process
         exits: list[Any] = []
-        pgid = spawner.start("h5", [SH, "-c", "exit 0"], lambda *how: exits.append(how))
-        self.assertIsInstance(pgid, int)
+        started = spawner.start("h5", [SH, "-c", "exit 0"], lambda *how: exits.append(how))
+        self.assertIsInstance(self.successResultOf(started), int)
         self.assertEqual(exits, [])
         await deferLater(reactor, 0.01, lambda: None)
         self.assertEqual(exits, [(0, None)])
@@ -395,8 +395,14 @@ class SpawnerTests(TestCase):
         for debug in (False, True):
             spawner = self.spawner({}, debug=debug)
             exited: Deferred[tuple[Any, Any]] = Deferred()
-            pgid = spawner.start("h7", [SH, "-c", "exit 7"], lambda *how, d=exited: d.callback(how))
-            time.sleep(0.05)  # gone before the reactor turns
+            started = spawner.start("h7", [SH, "-c", "exit 7"], lambda *how, d=exited: d.callback(how))
+
+            def gone(pgid: int, exited: Deferred[Any] = exited) -> int:
+                time.sleep(0.05)  # gone before the reactor turns again
+                self.assertFalse(exited.called)
+                return pgid
+
+            pgid = await started.addCallback(gone)
             self.assertFalse(exited.called)
             self.assertEqual(await exited, (7, None))
             self.assertFalse(os.path.exists(f"/proc/{pgid}"), "reaped, no zombie left")
@@ -406,11 +412,54 @@ class SpawnerTests(TestCase):
             raise SkipTest("no pidfds here")
         spawner = self.spawner({})
         exited: Deferred[tuple[Any, Any]] = Deferred()
-        pgid = spawner.start("h8", [SH, "-c", "sleep 5"], lambda *how: exited.callback(how))
+        pgid = await spawner.start("h8", [SH, "-c", "sleep 5"], lambda *how: exited.callback(how))
         self.assertNotIn(pgid, _process.reapProcessHandlers)  # no Process object, no SIGCHLD scan
         signal_group(pgid, signal.SIGKILL)
         self.assertEqual(await exited, (None, signal.SIGKILL))
 
-    def test_start_failure(self) -> None:
+    async def test_start_failure(self) -> None:
+        for debug in (False, True):
+            spawner = self.spawner({}, debug=debug)
+            with self.assertRaises(SpawnError) as caught:
+                await spawner.start("h4", ["/nonexistent/prog"], lambda *how: None)
+            self.assertIn("cannot run /nonexistent/prog", str(caught.exception))
+            with self.assertRaises(SpawnError):
+                await spawner.start("h4", [], lambda *how: None)
+
+    async def test_a_spawn_beside_live_handlers_leaves_the_reactor_free(self) -> None:
+        """Alone, a handler is spawned at once; beside a live one, the spawn
+        waits in a thread of the reactor's pool, not in the reactor."""
+        if not pidfds_work():
+            raise SkipTest("no pidfds here")
         spawner = self.spawner({})
-        self.assertRaises(SpawnError, spawner.start, "h4", ["/nonexistent/prog"], lambda *how: None)
+        first_exit: Deferred[tuple[Any, Any]] = Deferred()
+        first = spawner.start("h10", [SH, "-c", "sleep 30"], lambda *how: first_exit.callback(how))
+        pgid = self.successResultOf(first)
+        self.addCleanup(signal_group, pgid, signal.SIGKILL)
+        second_exit: Deferred[tuple[Any, Any]] = Deferred()
+        second = spawner.start("h11", [SH, "-c", "exit 4"], lambda *how: second_exit.callback(how))
+        self.assertFalse(second.called)
+        self.assertIsInstance(await second, int)
+        self.assertEqual(await second_exit, (4, None))
+        signal_group(pgid, signal.SIGKILL)
+        self.assertEqual(await first_exit, (None, signal.SIGKILL))
+        # alone again: at once
+        third_exit: Deferred[tuple[Any, Any]] = Deferred()
+        third = spawner.start("h12", [SH, "-c", "exit 0"], lambda *how: third_exit.callback(how))
+        self.assertIsInstance(self.successResultOf(third), int)
+        self.assertEqual(await third_exit, (0, None))
+
+    async def test_a_spawn_in_a_thread_that_fails(self) -> None:
+        if not pidfds_work():
+            raise SkipTest("no pidfds here")
+        spawner = self.spawner({})
+        live_exit: Deferred[tuple[Any, Any]] = Deferred()
+        pgid = await spawner.start("h13", [SH, "-c", "sleep 30"], lambda *how: live_exit.callback(how))
+        self.addCleanup(signal_group, pgid, signal.SIGKILL)
+        failed = spawner.start("h14", ["/nonexistent/prog"], lambda *how: None)
+        self.assertFalse(failed.called)
+        with self.assertRaises(SpawnError) as caught:
+            await failed
+        self.assertIn("cannot run /nonexistent/prog", str(caught.exception))
+        signal_group(pgid, signal.SIGKILL)
+        await live_exit

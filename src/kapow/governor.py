@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
 from kapow.routes import Route
@@ -52,10 +53,12 @@ class Limits:
 
 @dataclass
 class _Run:
-    pgid: int
+    pgid: int | None  # None while its process is being spawned
     route: Route
     started: float
     timer: Any = None
+    #: ended as soon as its process group is known
+    doomed: bool = False
 
 
 @dataclass
@@ -104,9 +107,13 @@ class Governor:
 
     # -- one handler's life -------------------------------------------------
 
-    def started(self, handler_id: str, route: Route, pgid: int, on_timeout: Callable[[float], None]) -> None:
+    def started(
+        self, handler_id: str, route: Route, pgid: int | None, on_timeout: Callable[[float], None]
+    ) -> None:
         """
-        Track a handler process that has just started.
+        Track a handler from the start of its process: its slot is taken
+        from here on. ``pgid`` is ``None`` while the process is being
+        spawned; :meth:`spawned` gives it then.
 
         :param on_timeout: called with the elapsed seconds if the handler
             outlives its route's timeout (or the server default).
@@ -119,7 +126,19 @@ class Governor:
             )
         self._runs[handler_id] = run
         self._per_route[route.id] = self._per_route.get(route.id, 0) + 1
+        if pgid is not None:
+            self._groups.add(pgid)
+
+    def spawned(self, handler_id: str, pgid: int) -> None:
+        """The process of a handler :meth:`started` without one is there:
+        its group is ``pgid``. A handler ended meanwhile is ended now."""
+        run = self._runs.get(handler_id)
+        if run is None:
+            return
+        run.pgid = pgid
         self._groups.add(pgid)
+        if run.doomed:
+            self.end_groups({pgid})
 
     def exited(self, handler_id: str) -> float:
         """
@@ -135,7 +154,7 @@ class Governor:
             self._per_route[run.route.id] = left
         else:
             del self._per_route[run.route.id]
-        if not self.group_alive(run.pgid):
+        if run.pgid is not None and not self.group_alive(run.pgid):
             self._groups.discard(run.pgid)
         if not self._runs:
             idle, self._idle = self._idle, []
@@ -157,6 +176,9 @@ class Governor:
             return succeed(None)
         if run.timer is not None and run.timer.active():
             run.timer.cancel()
+        if run.pgid is None:
+            run.doomed = True
+            return succeed(None)
         return self.end_groups({run.pgid})
 
     # -- ending groups ------------------------------------------------------
@@ -204,8 +226,11 @@ class Governor:
         return d.addBoth(lambda r: (call.active() and call.cancel(), r)[1])
 
     def end_all(self, grace: float | None = None) -> Deferred[None]:
-        """End every handler group still alive, running or left behind."""
-        groups = {run.pgid for run in self._runs.values()} | self._groups
+        """End every handler group still alive, running or left behind
+        (once every process being spawned is there)."""
+        if any(run.pgid is None for run in self._runs.values()):
+            return deferLater(self.reactor, POLL_INTERVAL, self.end_all, grace)
+        groups = {run.pgid for run in self._runs.values() if run.pgid is not None} | self._groups
         return self.end_groups(groups, grace)
 
 

@@ -23,6 +23,12 @@ directly and watches its exit through a pidfd in the reactor (Linux 5.3+),
 which spares the SIGCHLD round trip and Twisted's scan of every child at each
 exit. Where pidfds are missing, and with ``--debug``, handlers go the
 Process way.
+
+``posix_spawn`` returns once the child has executed its program; while
+other handlers live, :class:`Spawner` waits for that in a thread
+(:mod:`kapow.libc_spawn` calls the C library without the interpreter lock),
+so the reactor serves their requests meanwhile. :meth:`Spawner.start`
+therefore answers with a Deferred.
 """
 
 from __future__ import annotations
@@ -34,11 +40,15 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from twisted.internet import process as _process
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReadDescriptor
 from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
+
+from kapow.libc_spawn import Spawn
 
 log = Logger()
 
@@ -235,6 +245,14 @@ def spawn_watched(
     return pid
 
 
+def _spawn_failed(argv: Sequence[str], failure: Failure) -> Failure:
+    """A failed spawn as :class:`SpawnError`, as :func:`spawn_watched` raises it."""
+    error = failure.value
+    if isinstance(error, OSError):
+        return Failure(SpawnError(f"cannot run {argv[0]}: {error.strerror or error}"))
+    return failure
+
+
 def signal_group(pgid: int, sig: int) -> bool:
     """
     Send ``sig`` to process group ``pgid``.
@@ -352,6 +370,9 @@ class Spawner:
         self._devnull: int | None = None
         self._reset_signals: tuple[int, ...] = ()
         self._watch = False
+        self._libc: Spawn | None = None
+        self._live = 0  # handlers spawned through _libc that have not exited
+        self._spawning = 0  # spawns waiting in a thread
 
     def handler_environ(self, handler_id: str) -> dict[str, str]:
         """The environment of the handler ``handler_id``."""
@@ -366,40 +387,98 @@ class Spawner:
 
     def start(
         self, handler_id: str, argv: Sequence[str], on_exit: ExitCallback, stdin: int | None = None
-    ) -> int:
+    ) -> Deferred[int]:
         """
         Start ``argv`` for handler ``handler_id`` in a session of its own.
-        ``on_exit`` is never called before this returns.
+        ``on_exit`` is never called before the result fires.
 
         :param stdin: a descriptor for the handler's stdin (the caller keeps
-            and closes it); ``/dev/null`` by default.
+            it, and closes it once the result fired); ``/dev/null`` by default.
 
-        :return: the process group id (the process's pid).
-        :raises SpawnError: if it cannot be started.
+        :return: fires with the process group id (the process's pid), or
+            fails with :class:`SpawnError` if it cannot be started. Without
+            ``--debug`` the spawn may happen in a thread of the reactor's pool
+            (see :meth:`_spawn_libc`), so the reactor goes on meanwhile.
         """
         if self._devnull is None:
-            close_on_exec_from(3)
-            self._reset_signals = ignored_signals()
-            self._watch = not self.debug and pidfds_work()
-            self._devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+            self._prepare()
         env = self.handler_environ(handler_id)
-        if self._watch:
-            return spawn_watched(self.reactor, argv, env, self._devnull, self._reset_signals, on_exit, stdin)
-        out: Any = "r" if self.debug else self._devnull
-        protocol = HandlerProcess(handler_id, log, on_exit)
-        process = spawn_in_session(
-            self.reactor,
-            protocol,
-            argv,
-            env,
-            {0: self._devnull if stdin is None else stdin, 1: out, 2: out},
-            self._reset_signals,
-        )
+        if self._libc is not None:
+            return self._spawn_libc(argv, env, on_exit, stdin)
+        try:
+            if self._watch:
+                return succeed(
+                    spawn_watched(self.reactor, argv, env, self._devnull, self._reset_signals, on_exit, stdin)
+                )
+            out: Any = "r" if self.debug else self._devnull
+            protocol = HandlerProcess(handler_id, log, on_exit)
+            process = spawn_in_session(
+                self.reactor,
+                protocol,
+                argv,
+                env,
+                {0: self._devnull if stdin is None else stdin, 1: out, 2: out},
+                self._reset_signals,
+            )
+        except SpawnError:
+            return fail()
         protocol.release(self.reactor)
-        return process.pgid
+        return succeed(process.pgid)
+
+    def _spawn_libc(
+        self, argv: Sequence[str], env: Mapping[str, str], on_exit: ExitCallback, stdin: int | None
+    ) -> Deferred[int]:
+        """
+        Spawn through :mod:`kapow.libc_spawn`: in a thread while other
+        handlers of this spawner live (their requests are served meanwhile),
+        else at once, which spares the two thread switches when nothing
+        else would run.
+        """
+        if not argv or not argv[0]:
+            return fail(SpawnError("empty entrypoint"))
+
+        def exited(status: int | None, sig: int | None) -> None:
+            self._live -= 1
+            on_exit(status, sig)
+
+        def watch(pid: int) -> int:
+            self._live += 1
+            return _ExitWatcher(self.reactor, pid, exited).pid
+
+        if self._live or self._spawning:
+            self._spawning += 1
+            spawned = deferToThreadPool(
+                self.reactor, self.reactor.getThreadPool(), self._libc, argv, env, stdin
+            )
+
+            def done(result: Any) -> Any:
+                self._spawning -= 1
+                return result
+
+            return spawned.addBoth(done).addCallbacks(watch, lambda failure: _spawn_failed(argv, failure))
+        try:
+            pid = self._libc(argv, env, stdin)
+        except OSError:
+            return fail(_spawn_failed(argv, Failure()))
+        return succeed(watch(pid))
+
+    def _prepare(self) -> None:
+        """What every spawn needs, found once, at the first."""
+        close_on_exec_from(3)
+        self._reset_signals = ignored_signals()
+        self._watch = not self.debug and pidfds_work()
+        self._devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+        if self._watch:
+            try:
+                self._libc = Spawn(self._devnull, self._reset_signals)
+            except (OSError, AttributeError) as e:  # AttributeError: a C library without posix_spawn
+                log.info("handlers are spawned from the reactor's thread: {why}", why=str(e))
 
     def close(self) -> None:
         """Release the descriptor kept for ``/dev/null``."""
+        if self._libc is not None:
+            self._libc.close()
+            self._libc = None
         if self._devnull is not None:
             os.close(self._devnull)
             self._devnull = None

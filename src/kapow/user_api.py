@@ -22,7 +22,7 @@ from twisted.web.server import NOT_DONE_YET, Request, Site
 from kapow.governor import Governor
 from kapow.handlers import Handler, HandlerRegistry
 from kapow.routes import METHOD_NOT_ALLOWED, Match, RouteTable
-from kapow.spawn import Spawner, SpawnError
+from kapow.spawn import Spawner
 
 log = Logger()
 access_log = Logger(namespace="kapow.access")
@@ -92,31 +92,46 @@ class UserAPI(Resource):
             return _plain(request, 503, b"Service Unavailable\n")
         handler = self.handlers.create(found.route, found.matches, request)
         request.kapow_handler_id = handler.id  # type: ignore[attr-defined]
-        stdin = None
         try:
-            if found.route.stdin:
-                stdin = handler.stdin()
-            pgid = self.spawner.start(
-                handler.id, found.route.argv(), lambda status, sig: self._exited(handler, status, sig), stdin
-            )
-        except (SpawnError, OSError) as e:
-            log.error(
-                "handler {id}: route {route} cannot start: {why}",
-                id=handler.id, route=found.route.id, why=str(e),
-            )  # fmt: skip
-            self.handlers.forget(handler)
-            handler.abandon()
-            self.admission.release(found.route)
+            stdin = handler.stdin() if found.route.stdin else None
+        except OSError as e:
+            self._not_started(handler, str(e))
             return _plain(request, 500, b"Internal Server Error\n")
-        finally:
-            if stdin is not None:
-                os.close(stdin)
-        log.debug("handler {id} started: pid {pid}", id=handler.id, pid=pgid)
         self.governor.started(
-            handler.id, found.route, pgid, lambda elapsed: self._timed_out(handler, elapsed)
+            handler.id, found.route, None, lambda elapsed: self._timed_out(handler, elapsed)
         )
         handler.on_client_lost = lambda: self._client_lost(handler)
+        spawned = self.spawner.start(
+            handler.id, found.route.argv(), lambda status, sig: self._exited(handler, status, sig), stdin
+        )
+        if stdin is not None:  # the child has its own once the spawn is over
+            spawned.addBoth(_closing, stdin)
+        spawned.addCallbacks(
+            lambda pgid: self._spawned(handler, pgid),
+            lambda failure: self._spawn_failed(request, handler, failure),
+        )
         return NOT_DONE_YET
+
+    def _spawned(self, handler: Handler, pgid: int) -> None:
+        log.debug("handler {id} started: pid {pid}", id=handler.id, pid=pgid)
+        self.governor.spawned(handler.id, pgid)
+
+    def _spawn_failed(self, request: Request, handler: Handler, failure: Any) -> None:
+        self.governor.exited(handler.id)
+        self._not_started(handler, failure.getErrorMessage())
+        if not request._disconnected and not request.finished:
+            request.write(_plain(request, 500, b"Internal Server Error\n"))
+            request.finish()
+
+    def _not_started(self, handler: Handler, why: str) -> None:
+        """Give up a handler whose process could not start."""
+        log.error(
+            "handler {id}: route {route} cannot start: {why}",
+            id=handler.id, route=handler.route.id, why=why,
+        )  # fmt: skip
+        self.handlers.forget(handler)
+        handler.abandon()
+        self.admission.release(handler.route)
 
     def _exited(self, handler: Handler, status: int | None, signal: int | None) -> None:
         elapsed = self.governor.exited(handler.id)
@@ -156,6 +171,12 @@ class UserAPI(Resource):
         )  # fmt: skip
         self.handlers.forget(handler)
         self.governor.terminate(handler.id)
+
+
+def _closing(result: Any, fd: int) -> Any:
+    """Close ``fd`` and pass ``result`` on."""
+    os.close(fd)
+    return result
 
 
 def _plain(request: Request, code: int, body: bytes) -> bytes:
