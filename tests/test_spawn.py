@@ -351,8 +351,12 @@ class SpawnerTests(TestCase):
         self.assertFalse(os.get_inheritable(inherited))
 
     async def test_stdin_is_the_given_descriptor_else_empty(self) -> None:
-        for debug in (False, True):
+        for debug, beside in ((False, False), (False, True), (True, False)):
             spawner = self.spawner({"PATH": os.environ["PATH"]}, debug=debug)
+            if beside:  # a live handler: the spawns go through a thread
+                live_exit: Deferred[tuple[Any, Any]] = Deferred()
+                live = await spawner.start("h6", [SH, "-c", "sleep 30"], lambda *how: live_exit.callback(how))
+                self.addCleanup(signal_group, live, signal.SIGKILL)
             with tempfile.TemporaryFile() as body:
                 body.write(b"the body\n")
                 body.seek(0)
@@ -360,12 +364,15 @@ class SpawnerTests(TestCase):
                 for stdin in (body.fileno(), None):
                     exited: Deferred[tuple[Any, Any]] = Deferred()
                     script = '[ "$(cat)" = "the body" ] && exit 3; exit 4'
-                    pgid = spawner.start(
+                    pgid = await spawner.start(
                         "h7", [SH, "-c", script], lambda *how, d=exited: d.callback(how), stdin
                     )
                     self.addCleanup(signal_group, pgid, signal.SIGKILL)
                     results.append(await exited)
-            self.assertEqual(results, [(3, None), (4, None)], f"debug={debug}")
+            self.assertEqual(results, [(3, None), (4, None)], f"debug={debug} beside={beside}")
+            if beside:
+                signal_group(live, signal.SIGKILL)
+                await live_exit
 
     async def test_killed_handler_reports_the_signal(self) -> None:
         spawner = self.spawner({"PATH": os.environ["PATH"]})
