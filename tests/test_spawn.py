@@ -355,7 +355,9 @@ class SpawnerTests(TestCase):
             spawner = self.spawner({"PATH": os.environ["PATH"]}, debug=debug)
             if beside:  # a live handler: the spawns go through a thread
                 live_exit: Deferred[tuple[Any, Any]] = Deferred()
-                live = await spawner.start("h6", [SH, "-c", "sleep 30"], lambda *how: live_exit.callback(how))
+                live = await spawner.start(
+                    "h6", [SH, "-c", "sleep 30"], lambda *how, d=live_exit: d.callback(how)
+                )
                 self.addCleanup(signal_group, live, signal.SIGKILL)
             with tempfile.TemporaryFile() as body:
                 body.write(b"the body\n")
@@ -461,7 +463,7 @@ class SpawnerTests(TestCase):
             raise SkipTest("no pidfds here")
         spawner = self.spawner({})
         live_exit: Deferred[tuple[Any, Any]] = Deferred()
-        pgid = await spawner.start("h13", [SH, "-c", "sleep 30"], lambda *how: live_exit.callback(how))
+        pgid = await spawner.start("h13", [SH, "-c", "sleep 30"], lambda *how, d=live_exit: d.callback(how))
         self.addCleanup(signal_group, pgid, signal.SIGKILL)
         failed = spawner.start("h14", ["/nonexistent/prog"], lambda *how: None)
         self.assertFalse(failed.called)
