@@ -23,6 +23,7 @@ from twisted.python import usage
 from twisted.web.server import Site
 
 from kapow import credentials, systemd, tls
+from kapow.containment import Containment
 from kapow.control_api import ControlAPI
 from kapow.data_api import DataAPI
 from kapow.data_proxy import DataProxy
@@ -325,6 +326,10 @@ def build_service(options: Options, reactor: Any) -> KapowService:
         ),
     )
     service = KapowService(reactor, governor, options["shutdown-timeout"], worker=worker)
+    containment = None
+    if worker is None:  # first: everything started from here on is born inside
+        containment = Containment(reactor)
+        containment.setServiceParent(service)
 
     def endpoint(flag: str) -> tuple[Any, str | None]:
         description, host = parse_listen_address(options[flag])
@@ -423,6 +428,7 @@ def build_service(options: Options, reactor: Any) -> KapowService:
         endpoint("control-bind"), control_site, "control", "https", tls.control_server_options(creds)
     )
     data = listen(endpoint("data-bind"), data_site, "data", "http")
+    reactor.callWhenRunning(lambda: containment.watch(data.url()))
 
     explicit_reachable = options["control-reachable-addr"] is not None
 
@@ -443,6 +449,7 @@ def build_service(options: Options, reactor: Any) -> KapowService:
             options["max-handlers"],
             options["shutdown-timeout"] + options["kill-grace"] + STOP_MARGIN,
             governor.end_groups,
+            containment,
         )
         pool.setServiceParent(service)
         service.serving = pool.serving

@@ -181,6 +181,8 @@ class WorkerPool(Service):
     :param stop_timeout: seconds a worker may take to stop before SIGKILL.
     :param end_groups: ends process groups (SIGTERM, a grace period, SIGKILL),
         for the handlers a dead worker left behind.
+    :param containment: gives each worker a cgroup of its own and ends what
+        a dead worker left in it (:class:`kapow.containment.Containment`).
     """
 
     name = "workers"
@@ -197,8 +199,10 @@ class WorkerPool(Service):
         max_handlers: int | None,
         stop_timeout: float,
         end_groups: Callable[[set[int]], Any],
+        containment: Any = None,
     ) -> None:
         self.reactor = reactor
+        self.containment = containment
         self.end_groups = end_groups
         self.count = count
         self.command = command
@@ -245,6 +249,9 @@ class WorkerPool(Service):
             os.close(stdin)
         self.workers[number] = worker
         worker.pid = worker.process.pid
+        if self.containment is not None:
+            # before it has the routes, hence before it can start any handler
+            self.containment.enter_worker(number, worker.pid)
         log.info("worker {n} started (pid {pid})", n=number, pid=worker.pid)
         link.push_routes(self._table())
         link.callRemote(Serve, control_url=self.control_url()).addCallbacks(
@@ -259,11 +266,14 @@ class WorkerPool(Service):
         worker.link.data_url = data_url
         parts = urlsplit(data_url)
         worker.data_address = (parts.hostname or "127.0.0.1", parts.port or 80)
+        if self.containment is not None:
+            self.containment.watch(data_url)
         log.info("worker {n} serves (data API for its handlers: {url})", n=worker.number, url=data_url)
         worker.serving.callback(None)
 
     def _ended(self, worker: _Worker, reason: Failure) -> None:
         worker.link.release_all()
+        ended: Any = None
         if worker.link.data_url is not None:
             orphans = handler_groups(worker.link.data_url)
             if orphans:
@@ -271,7 +281,13 @@ class WorkerPool(Service):
                     "worker {n} left {count} handlers running: ending their process groups",
                     n=worker.number, count=len(orphans),
                 )  # fmt: skip
-                self.end_groups(orphans)
+                ended = self.end_groups(orphans)
+        if self.containment is not None:
+            # whatever escaped its process group, once the groups had their grace period
+            if ended is None:
+                self._end_cgroup(worker)
+            else:
+                ended.addBoth(lambda _: self._end_cgroup(worker))
         if worker.link.transport is not None:
             worker.link.transport.loseConnection()
         if self.workers.get(worker.number) is worker:
@@ -287,6 +303,11 @@ class WorkerPool(Service):
             quick = self.reactor.seconds() - worker.started < QUICK_DEATH
             self.reactor.callLater(RESTART_DELAY if quick else 0, self._restart, worker)
         worker.ended.callback(None)
+
+    def _end_cgroup(self, worker: _Worker) -> None:
+        left = self.containment.end_worker(worker.pid)
+        if left:
+            log.warn("worker {n}: killed {count} processes left in its cgroup", n=worker.number, count=left)
 
     def _restart(self, worker: _Worker) -> None:
         if self._stopping or worker.number in self.workers:

@@ -1,0 +1,94 @@
+#!/usr/bin/env python3
+"""
+The cost of starting one handler: the server's own CPU time and the wall
+time per handler, for N handlers running /bin/true through
+:class:`kapow.spawn.Spawner` on a real reactor, C at a time (the lean path:
+posix_spawn with setsid and a pidfd exit watcher; ``--debug`` for the
+Process path).
+
+``--contained`` first moves this process into a cgroup of its own, as the
+server does when it can, to show what a handler's start costs there.
+
+Usage: python bench/bench_spawn.py [-n 3000] [-c 1] [--contained] [--debug]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "src"))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("-n", type=int, default=3000, help="handlers to start")
+    parser.add_argument("-c", type=int, default=1, help="handlers running at once")
+    parser.add_argument("--contained", action="store_true", help="run inside a cgroup of our own")
+    parser.add_argument("--debug", action="store_true", help="the Process path (pipes, SIGCHLD)")
+    args = parser.parse_args()
+
+    from twisted.internet import reactor
+
+    from kapow.spawn import Spawner
+
+    containment = None
+    if args.contained:
+        from kapow.containment import Containment
+
+        containment = Containment(reactor)
+        containment.privilegedStartService()
+        if containment.group is None:
+            sys.exit("no writable cgroup here")
+    spawner = Spawner(
+        reactor, lambda: {"PATH": "/usr/bin:/bin"}, lambda: ("http://x", "https://y"), args.debug
+    )
+    started = ended = 0
+    t0 = c0 = 0.0
+
+    def start_one() -> None:
+        nonlocal started
+        started += 1
+        spawner.start("h", ["/bin/true"], exited)
+
+    def exited(status: int | None, sig: int | None) -> None:
+        nonlocal ended
+        ended += 1
+        if started < args.n:
+            start_one()
+        elif ended == args.n:
+            reactor.stop()
+
+    def go() -> None:
+        nonlocal t0, c0
+        t0, c0 = time.perf_counter(), _cpu()
+        for _ in range(min(args.c, args.n)):
+            start_one()
+
+    reactor.callWhenRunning(go)
+    reactor.run()
+    wall, cpu = time.perf_counter() - t0, _cpu() - c0
+    if containment is not None:
+        containment.stopService()
+    where = "in a cgroup of its own" if args.contained else "where it was started"
+    path = "Process path" if args.debug else "lean path"
+    print(
+        f"{args.n} handlers, {args.c} at a time, {path}, {where}: "
+        f"{wall / args.n * 1e6:.0f} us wall and {cpu / args.n * 1e6:.0f} us server CPU per handler "
+        f"({args.n / wall:.0f} handlers/s)"
+    )
+
+
+def _cpu() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
+if __name__ == "__main__":
+    main()
