@@ -39,8 +39,28 @@ def test_defaults_are_the_reference_ones() -> None:
         "shutdown-timeout": 30.0,
         "workers": 1,
         "worker": None,
+        "header-timeout": 30.0,
+        "idle-timeout": 60.0,
+        "body-min-rate": 500.0,
+        "backlog": None,
+        "max-connections": None,
         "init_programs": [],
     }
+
+
+def test_abuse_limits_flags() -> None:
+    options = parsed(
+        "--header-timeout", "1.5", "--idle-timeout", "2", "--body-min-rate", "64",
+        "--backlog", "128", "--max-connections", "10",
+    )  # fmt: skip
+    assert (
+        options["header-timeout"], options["idle-timeout"], options["body-min-rate"],
+        options["backlog"], options["max-connections"],
+    ) == (1.5, 2.0, 64.0, 128, 10)  # fmt: skip
+    with pytest.raises(UsageError, match=r"--backlog must be a positive number, not '1\.5'"):
+        parsed("--backlog", "1.5")
+    with pytest.raises(UsageError, match="--idle-timeout must be a positive number, not 'inf'"):
+        parsed("--idle-timeout", "inf")
 
 
 def test_governance_flags() -> None:

@@ -106,6 +106,7 @@ class Containment(Service):
         self.group: str | None = None
         self.outside: str | None = None
         self._reaper: Any = None
+        self._pipe: int | None = None
         self._urls: list[str] = []
         self._workers: dict[int, str] = {}
 
@@ -136,6 +137,7 @@ class Containment(Service):
 
     def _start_reaper(self) -> None:
         protocol = _Reaper(self)
+        read, self._pipe = os.pipe()  # both close-on-exec: the reaper gets only its copy of the read end
         devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
         try:
             self._reaper = self.reactor.spawnProcess(
@@ -143,19 +145,34 @@ class Containment(Service):
                 sys.executable,
                 [sys.executable, "-m", "kapow.reaper", self.group or "-", str(os.getpid())],
                 env=os.environ,
-                childFDs={0: "w", 1: devnull, 2: 2},
+                childFDs={0: read, 1: devnull, 2: 2},
             )
         finally:
             os.close(devnull)
+            os.close(read)
         if self.group is not None and self.outside is not None:
             try:  # born inside, like everything started from here: it must not kill itself
                 enter_cgroup(self.outside, self._reaper.pid)
             except OSError as e:
                 log.warn("the reaper could not leave {path}: {why}", path=self.group, why=e.strerror)
         for url in self._urls:
-            self._tell(url)
+            self._tell(f"url {url}")
+
+    def _tell(self, line: str) -> None:
+        if self._pipe is not None:
+            try:
+                os.write(self._pipe, line.encode() + b"\n")
+            except OSError:
+                pass  # the reaper is gone: another one gets told everything
+
+    def failing(self) -> None:
+        """The server ends before it served: the reaper cleans up without a word."""
+        self._tell("quiet")
 
     def reaper_ended(self, protocol: _Reaper) -> None:
+        if self._pipe is not None:
+            os.close(self._pipe)
+            self._pipe = None
         if self.running:
             log.warn("the reaper ended: starting another")
             self._start_reaper()
@@ -166,11 +183,7 @@ class Containment(Service):
         server's (used where there is no cgroup).
         """
         self._urls.append(data_url)
-        self._tell(data_url)
-
-    def _tell(self, url: str) -> None:
-        if self.group is None and self._reaper is not None:
-            self._reaper.writeToChild(0, f"url {url}\n".encode())
+        self._tell(f"url {data_url}")
 
     def enter_worker(self, number: int, pid: int) -> None:
         """Move the new worker ``pid`` into a cgroup of its own, if the server has one."""

@@ -19,6 +19,9 @@ without a cgroup, its workers) the reaper reads end-of-file. Then:
   handler and everything it started) or ``KAPOW_CONTROL_CLIENT_CERT`` (an
   init program) gets SIGKILL, until a scan finds none.
 
+A line ``quiet`` says the server failed to start and said why itself:
+the reaper then reaps without a word.
+
 No Twisted here: this starts in a few milliseconds and imports nothing heavy.
 """
 
@@ -156,11 +159,14 @@ def main(argv: list[str]) -> int:
         os.close(exited)
         exited = None
     urls: set[bytes] = set()
+    quiet = False
     stdin = sys.stdin.buffer
     for line in iter(stdin.readline, b""):
         kind, _, value = line.rstrip(b"\n").partition(b" ")
         if kind == b"url" and value:
             urls.add(value)
+        elif kind == b"quiet":  # the server failed to start and said why itself
+            quiet = True
     if exited is not None:
         # end-of-file comes as the server closes its files, before it has
         # left its cgroup: wait until it is gone
@@ -170,7 +176,7 @@ def main(argv: list[str]) -> int:
         remove_cgroup(cgroup)
     else:
         count = kill_marked(urls) if urls else 0
-    if count:
+    if count and not quiet:
         sys.stderr.write(
             f"kapow reaper: the server (pid {server}) is gone: killed {count} processes it left\n"
         )

@@ -154,9 +154,17 @@ class KapowService(MultiService):
         try:
             start()
         except SystemExit:
+            self._failing()
             raise
         except Exception as e:
+            self._failing()
             fatal(_listen_error(e))
+
+    def _failing(self) -> None:
+        for child in self:
+            failing = getattr(child, "failing", None)
+            if failing is not None:
+                failing()
 
 
 def _listen_error(e: Exception) -> str:

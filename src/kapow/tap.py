@@ -19,10 +19,20 @@ from typing import Any
 
 from twisted.internet.endpoints import AdoptedStreamServerEndpoint, serverFromString
 from twisted.internet.protocol import Factory
+from twisted.logger import Logger
 from twisted.python import usage
 from twisted.web.server import Site
 
 from kapow import credentials, systemd, tls
+from kapow.connections import (
+    ConnectionLimit,
+    Timeouts,
+    default_max_connections,
+    guarded_protocol,
+    raise_open_files_limit,
+    system_backlog,
+    with_backlog,
+)
 from kapow.containment import Containment
 from kapow.control_api import ControlAPI
 from kapow.data_api import DataAPI
@@ -39,6 +49,8 @@ from kapow.web import QuietSite, bounded_request_factory
 from kapow.worker import GatedEndpoint, MainAdmission, WorkerLink
 from kapow.worker_pool import STOP_MARGIN, HeldListener, WorkerPool
 from kapow.workers import MAIN_FD, USER_FD, worker_handler_id
+
+log = Logger()
 
 #: Largest request body the control API buffers (a route is a few hundred bytes).
 CONTROL_MAX_BODY = 1024 * 1024
@@ -183,6 +195,35 @@ class Options(usage.Options):
         """At most this many handler processes at once; more requests get 503 [default: no limit]."""
         self["max-handlers"] = self._positive("max-handlers", int, value, 1)
 
+    def opt_header_timeout(self, value: str) -> None:
+        """Seconds a client has to send a request's headers, from its first byte [default: 30]."""
+        self["header-timeout"] = self._above_zero("header-timeout", float, value)
+
+    def opt_idle_timeout(self, value: str) -> None:
+        """Seconds a keep-alive connection may wait for its next request [default: 60]."""
+        self["idle-timeout"] = self._above_zero("idle-timeout", float, value)
+
+    def opt_body_min_rate(self, value: str) -> None:
+        """Bytes per second a request body must average, after --header-timeout seconds [default: 500]."""
+        self["body-min-rate"] = self._above_zero("body-min-rate", float, value)
+
+    def opt_backlog(self, value: str) -> None:
+        """Listen backlog of every listener [default: the system's, net.core.somaxconn]."""
+        self["backlog"] = self._above_zero("backlog", int, value)
+
+    def opt_max_connections(self, value: str) -> None:
+        """Connections each listener holds at once; more are closed at once [default: from the open files limit]."""
+        self["max-connections"] = self._above_zero("max-connections", int, value)
+
+    def _above_zero(self, flag: str, kind: type, value: str) -> float | int:
+        try:
+            number = kind(value)
+        except ValueError:
+            raise usage.UsageError(f"--{flag} must be a positive number, not {value!r}") from None
+        if not math.isfinite(number) or number <= 0:
+            raise usage.UsageError(f"--{flag} must be a positive number, not {value!r}")
+        return number
+
     def opt_workers(self, value: str) -> None:
         """Worker processes serving the user interface, or auto: one per CPU this process may use [default: 1]."""
         if value == "auto":
@@ -225,6 +266,11 @@ class Options(usage.Options):
         self["shutdown-timeout"] = 30.0
         self["workers"] = 1
         self["worker"] = None
+        self["header-timeout"] = 30.0
+        self["idle-timeout"] = 60.0
+        self["body-min-rate"] = 500.0
+        self["backlog"] = None
+        self["max-connections"] = None
 
     def opt_version(self) -> None:
         """Print the version and exit."""
@@ -313,6 +359,20 @@ def build_service(options: Options, reactor: Any) -> KapowService:
     """
     worker = options["worker"]
     workers = options["workers"] if worker is None else 1
+    open_files, before = raise_open_files_limit()
+    max_connections = options["max-connections"] or default_max_connections(open_files)
+    backlog = options["backlog"] or system_backlog()
+    if worker is None:
+        log.info(
+            "open files limit: {limit}{raised}; each listener holds up to {n} connections",
+            limit=open_files, raised=f" (raised from {before})" if before != open_files else "",
+            n=max_connections,
+        )  # fmt: skip
+    timeouts = Timeouts(options["header-timeout"], options["idle-timeout"], options["body-min-rate"])
+    # handlers on this machine keep their data API connection between appends
+    data_timeouts = Timeouts(
+        options["header-timeout"], options["idle-timeout"], options["body-min-rate"], idle_on_loopback=False
+    )
     routes = RouteTable()
     governor = Governor(
         reactor,
@@ -333,6 +393,7 @@ def build_service(options: Options, reactor: Any) -> KapowService:
 
     def endpoint(flag: str) -> tuple[Any, str | None]:
         description, host = parse_listen_address(options[flag])
+        description = with_backlog(description, backlog)
         try:
             return serverFromString(reactor, description), host
         except LookupError as e:
@@ -354,6 +415,9 @@ def build_service(options: Options, reactor: Any) -> KapowService:
         found, host = where
         if wrap is not None:
             found = tls.tls_server_endpoint(found, wrap)
+        if kind is Listener:  # (a HeldListener never accepts)
+            site.protocol = guarded_protocol(data_timeouts if label == "data" else timeouts, reactor)
+            found = ConnectionLimit(found, max_connections, label, reactor)
         svc = kind(found, site, label, scheme, host, worker)
         svc.setServiceParent(service)
         return svc
@@ -393,7 +457,10 @@ def build_service(options: Options, reactor: Any) -> KapowService:
         link = WorkerLink(worker, routes, governor, service, gate, lambda: data.url())
         serve_users((gate, None), MainAdmission(governor, options["max-handlers"], link))
         data = listen(
-            (serverFromString(reactor, "tcp:0:interface=127.0.0.1"), None), data_site, "data", "http"
+            (serverFromString(reactor, with_backlog("tcp:0:interface=127.0.0.1", backlog)), None),
+            data_site,
+            "data",
+            "http",
         )
 
         def control_url() -> str:
