@@ -244,12 +244,17 @@ def test_the_open_files_limit_is_raised_and_logged(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "flag", ["--header-timeout", "--idle-timeout", "--body-min-rate", "--backlog", "--max-connections"]
+    ("flag", "value"),
+    [
+        ("--header-timeout", "0"),
+        ("--idle-timeout", "-1"),
+        ("--body-min-rate", "abc"),
+        ("--backlog", "nan"),
+        ("--max-connections", "1.5"),
+    ],
 )
-@pytest.mark.parametrize("value", ["0", "-1", "abc", "nan"])
 def test_bad_values_are_one_line_errors(flag: str, value: str) -> None:
     result = subprocess.run([KAPOW, "server", flag, value], capture_output=True, text=True, timeout=30)
     assert result.returncode == 1
     assert result.stdout == ""
-    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
-    assert flag in result.stderr
+    assert result.stderr == f"kapow server: error: {flag} must be a positive number, not {value!r}\n"

@@ -57,10 +57,22 @@ def test_abuse_limits_flags() -> None:
         options["header-timeout"], options["idle-timeout"], options["body-min-rate"],
         options["backlog"], options["max-connections"],
     ) == (1.5, 2.0, 64.0, 128, 10)  # fmt: skip
-    with pytest.raises(UsageError, match=r"--backlog must be a positive number, not '1\.5'"):
-        parsed("--backlog", "1.5")
-    with pytest.raises(UsageError, match="--idle-timeout must be a positive number, not 'inf'"):
-        parsed("--idle-timeout", "inf")
+
+
+@pytest.mark.parametrize(
+    "flag", ["--header-timeout", "--idle-timeout", "--body-min-rate", "--backlog", "--max-connections"]
+)
+@pytest.mark.parametrize("value", ["0", "-1", "-0.5", "abc", "nan", "inf", ""])
+def test_abuse_limits_must_be_positive_numbers(flag: str, value: str) -> None:
+    with pytest.raises(UsageError) as caught:
+        parsed(flag, value)
+    assert str(caught.value) == f"{flag} must be a positive number, not {value!r}"
+
+
+def test_counts_must_be_integers() -> None:
+    for flag in ("--backlog", "--max-connections"):
+        with pytest.raises(UsageError, match=r"must be a positive number, not '1\.5'"):
+            parsed(flag, "1.5")
 
 
 def test_governance_flags() -> None:
