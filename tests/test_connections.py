@@ -59,7 +59,7 @@ def test_headers_trickling_past_the_header_timeout_get_408_and_a_close() -> None
         clock.advance(0.3)
         protocol.dataReceived(b"X")  # bytes keep coming, too slowly to matter
     assert not transport.disconnecting
-    clock.advance(0.2)
+    clock.advance(0.35)  # past the limit by at most one check (a quarter of it)
     assert transport.value().startswith(b"HTTP/1.1 408 Request Timeout\r\n")
     assert b'{"reason": "Request Timeout"}' in transport.value()
     assert transport.disconnecting
@@ -72,7 +72,7 @@ def test_an_idle_keep_alive_connection_closes_without_an_answer() -> None:
     transport.clear()
     clock.advance(4.9)
     assert not transport.disconnecting  # the header timeout is not the idle one
-    clock.advance(0.2)
+    clock.advance(0.35)
     assert transport.disconnecting and transport.value() == b""
 
 
@@ -84,7 +84,7 @@ def test_a_request_being_handled_is_never_timed_out() -> None:
     request = resource.held[0]
     request.write(b"late")
     request.finish()
-    clock.advance(1.1)  # idle again once answered
+    clock.advance(1.3)  # idle again once answered
     assert transport.disconnecting
 
 
@@ -95,10 +95,10 @@ def test_loopback_peers_of_the_data_api_keep_idle_connections() -> None:
     clock.advance(3600)
     assert not transport.disconnecting
     protocol.dataReceived(b"GET / HTTP/1.1\r\n")  # but a request must still come in time
-    clock.advance(1.1)
+    clock.advance(1.3)
     assert transport.disconnecting
     clock, transport, protocol, _ = connect(timeouts, peer="10.0.0.2")
-    clock.advance(1.1)
+    clock.advance(1.3)
     assert transport.disconnecting
 
 
@@ -158,6 +158,15 @@ def test_past_the_connection_limit_connections_are_refused_and_logged_once_a_sec
     assert factory.buildProtocol(None) is not None
     assert factory.buildProtocol(None) is None
     assert second.lost == 0
+
+
+def test_the_check_runs_only_while_connections_are_open() -> None:
+    clock, _, protocol, _ = connect(Timeouts(header=1, idle=5, body_rate=100))
+    assert len(clock.getDelayedCalls()) == 1  # the guard's check; no timer of twisted.web's
+    protocol.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert len(clock.getDelayedCalls()) == 1
+    protocol.connectionLost(Failure(Exception("gone")))
+    assert clock.getDelayedCalls() == []
 
 
 def test_helpers() -> None:

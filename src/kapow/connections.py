@@ -18,6 +18,7 @@ import socket
 from collections.abc import Callable
 from typing import Any
 
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.protocols.basic import LineReceiver
 from twisted.web import http
@@ -118,91 +119,135 @@ _TIMEOUT_RESPONSE = (
 )
 
 
+class Guard:
+    """
+    Keeps one listener's connections within its :class:`Timeouts`.
+
+    No timer per request or per read: each connection notes when its
+    current phase began (idle, receiving headers, receiving a body, being
+    handled), and one periodic check for the whole listener — every quarter
+    of the shortest limit, at most every second, and only while connections
+    are open — closes those past their limit.
+
+    :param timeouts: the limits.
+    :param clock: the reactor's time.
+    """
+
+    def __init__(self, timeouts: Timeouts, clock: Any) -> None:
+        self.timeouts = timeouts
+        self.clock = clock
+        self.channels: set[GuardedChannel] = set()
+        self.interval = max(0.05, min(1.0, timeouts.header / 4, timeouts.idle / 4))
+        self._check: LoopingCall | None = None
+
+    def opened(self, channel: GuardedChannel) -> None:
+        self.channels.add(channel)
+        if self._check is None:
+            self._check = LoopingCall(self.check)
+            self._check.clock = self.clock
+            self._check.start(self.interval, now=False)
+
+    def closed(self, channel: GuardedChannel) -> None:
+        self.channels.discard(channel)
+        if not self.channels and self._check is not None:
+            self._check.stop()
+            self._check = None
+
+    def check(self) -> None:
+        """Close every connection past its limit."""
+        now = self.clock.seconds()
+        header, idle, rate = self.timeouts.header, self.timeouts.idle, self.timeouts.body_rate
+        for channel in list(self.channels):
+            phase, waited = channel.phase, now - channel.since
+            if phase == _IDLE:
+                if waited > idle and channel.idle_applies:
+                    channel.timed_out(answer=False)
+            elif phase == _HEADERS:
+                if waited > header:
+                    channel.timed_out(answer=True)
+            elif phase == _BODY and waited > header + channel.body_received / rate:
+                log.info("closing a connection whose request body came too slowly")
+                channel.timed_out(answer=True)
+
+
 class GuardedChannel(http.HTTPChannel):
     """
-    An HTTP/1.1 channel with the time limits of :class:`Timeouts`, kept with
-    the one timer twisted.web's channel already has (``TimeoutMixin``): it
-    measures idle time between requests, header time from a request's first
-    byte, body time while a body arrives, and nothing while a request is
-    handled. A request too slow to arrive gets 408 and the connection closes.
+    An HTTP/1.1 channel kept within its listener's :class:`Guard`: idle
+    time between requests, header time from a request's first byte, body
+    time while a body arrives, and nothing while a request is handled. A
+    request too slow to arrive gets 408 and the connection closes.
+    twisted.web's own timer (reset at every read, so a trickle never
+    expires) is not used.
 
-    :ivar timeouts: the listener's :class:`Timeouts`.
-    :ivar clock: the reactor's time.
+    :ivar guard: the listener's :class:`Guard`.
     """
 
-    timeouts: Timeouts
-    clock: Any
-    _phase = _IDLE
-    _body_start = 0.0
-    _body_received = 0
+    guard: Guard
+    phase = _IDLE
+    since = 0.0
+    body_received = 0
+    idle_applies = True
+    _guarded = False
 
     def connectionMade(self) -> None:
-        if not self.timeouts.idle_on_loopback and is_loopback(self.transport.getPeer()):
-            self.timeOut = None
-        else:
-            self.timeOut = self.timeouts.idle
+        self.timeOut = None  # no twisted.web timer: the guard's check does it
+        timeouts = self.guard.timeouts
+        self.idle_applies = timeouts.idle_on_loopback or not is_loopback(self.transport.getPeer())
+        self.since = self.guard.clock.seconds()
+        self.guard.opened(self)
+        self._guarded = True
         super().connectionMade()
 
-    def _arm(self, period: float | None) -> None:
-        # the timer for ``period``; ``timeOut`` stays the idle time, which
-        # twisted.web pauses and restores around each request
-        idle = self.timeOut
-        self.setTimeout(period)
-        self.timeOut = idle
-
     def dataReceived(self, data: bytes) -> None:
-        # unlike twisted.web, no resetTimeout per read: a trickle is not progress
-        if self._phase == _IDLE:
-            self._phase = _HEADERS
-            self._arm(self.timeouts.header)
-        elif self._phase == _BODY:
-            self._body_received += len(data)
+        if self.phase == _IDLE:
+            self.phase = _HEADERS
+            self.since = self.guard.clock.seconds()
+        elif self.phase == _BODY:
+            self.body_received += len(data)
         LineReceiver.dataReceived(self, data)
 
     def allHeadersReceived(self) -> None:
         super().allHeadersReceived()
-        if self.length != 0 and self._phase == _HEADERS:
-            self._phase = _BODY
-            self._body_start = self.clock.seconds()
-            self._body_received = 0
-            self._arm(self.timeouts.header)
+        if self.length != 0 and self.phase == _HEADERS:
+            self.phase = _BODY
+            self.since = self.guard.clock.seconds()
+            self.body_received = 0
 
     def allContentReceived(self) -> None:
-        self._phase = _HANDLING
-        self._arm(None)  # a request being handled is never timed out
+        self.phase = _HANDLING  # a request being handled is never timed out
         super().allContentReceived()
 
     def requestDone(self, request: Any) -> None:
-        self._phase = _IDLE
+        self.phase = _IDLE
+        self.since = self.guard.clock.seconds()
         super().requestDone(request)
 
-    def timeoutConnection(self) -> None:
-        if self._phase == _HANDLING:
-            return
-        if self._phase == _BODY:
-            due = self._body_start + self.timeouts.header + self._body_received / self.timeouts.body_rate
-            left = due - self.clock.seconds()
-            if left > 0:  # slow, but not below the rate: look again when it would be
-                self._arm(left)
-                return
-            log.info("closing a connection whose request body came too slowly")
-        if self._phase in (_HEADERS, _BODY):
+    def timed_out(self, answer: bool) -> None:
+        """Past its limit: 408 if a request was arriving, then close."""
+        self.phase = _HANDLING  # closing: no second verdict
+        if answer:
             self.transport.write(_TIMEOUT_RESPONSE)
-        super().timeoutConnection()
+        self.timeoutConnection()
+
+    def connectionLost(self, reason: Any) -> None:
+        if self._guarded:
+            self._guarded = False
+            self.guard.closed(self)
+        super().connectionLost(reason)
 
 
-def guarded_protocol(timeouts: Timeouts, clock: Any) -> Callable[[Any], Any]:
+def guarded_protocol(timeouts: Timeouts, clock: Any) -> Callable[..., Any]:
     """
     A ``protocol`` for a :class:`twisted.web.server.Site`: its connections
     get a :class:`GuardedChannel`, in the wrapper twisted.web itself uses
     (which also negotiates HTTP/2 where it is available).
     """
+    guard = Guard(timeouts, clock)
 
     def build(*_factory: Any) -> Any:
         # set on the instance, so not bound: called without the factory
         channel = GuardedChannel()
-        channel.timeouts = timeouts
-        channel.clock = clock
+        channel.guard = guard
         return http._GenericHTTPChannelProtocol(channel)
 
     return build
