@@ -168,3 +168,42 @@ def test_no_cgroup_where_the_hierarchy_is_not_one(tmp_path: Path) -> None:
     with pytest.raises(OSError):
         make_cgroup(str(tmp_path), "kapow-1", os.getpid())
     assert not (tmp_path / "kapow-1").exists()
+
+
+def reaper_of(server_pid: int) -> int:
+    """The pid of the reaper beside the server ``server_pid``."""
+
+    def find() -> int | None:
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+                except OSError:
+                    continue
+                if b"kapow.reaper" in cmdline and cmdline[-2] == str(server_pid).encode():
+                    return int(entry)
+        return None
+
+    return int(wait_for(find, what="the reaper"))  # type: ignore[arg-type]
+
+
+def test_init_programs_die_with_the_server_and_a_lost_reaper_is_replaced(tmp_path: Path) -> None:
+    program = tmp_path / "init.pow"
+    program.write_text(
+        f"#!/bin/sh\nsleep 300 & echo $! > {tmp_path}/child\necho $$ > {tmp_path}/leader\nwait\n"
+    )
+    program.chmod(0o755)
+    server = KapowServer(tmp_path, init_programs=[str(program)])
+    try:
+        pids = [
+            int(wait_for(lambda p=tmp_path / name: p.exists() and p.read_text().strip(), what=name))  # type: ignore[arg-type]
+            for name in ("leader", "child")
+        ]
+        first = reaper_of(server.process.pid)
+        os.kill(first, signal.SIGKILL)
+        server.wait_log("the reaper ended: starting another")
+        assert reaper_of(server.process.pid) != first
+        kill_server(server)
+        assert gone(pids), f"left running: {[p for p in pids if alive(p)]}"
+    finally:
+        server.stop()
