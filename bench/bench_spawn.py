@@ -9,7 +9,7 @@ Process path).
 ``--contained`` first moves this process into a cgroup of its own, as the
 server does when it can, to show what a handler's start costs there.
 
-Usage: python bench/bench_spawn.py [-n 3000] [-c 1] [--contained] [--debug]
+Usage: python bench/bench_spawn.py [-n 3000] [-c 1] [--contained] [--debug] [--wrap PROGRAM]
 """
 
 from __future__ import annotations
@@ -32,6 +32,11 @@ def main() -> None:
     parser.add_argument("-c", type=int, default=1, help="handlers running at once")
     parser.add_argument("--contained", action="store_true", help="run inside a cgroup of our own")
     parser.add_argument("--debug", action="store_true", help="the Process path (pipes, SIGCHLD)")
+    parser.add_argument(
+        "--wrap",
+        default="",
+        help="a program in front of /bin/true, e.g. 'setpriv --pdeathsig KILL' (a parent-death signal)",
+    )
     args = parser.parse_args()
 
     from twisted.internet import reactor
@@ -49,13 +54,14 @@ def main() -> None:
     spawner = Spawner(
         reactor, lambda: {"PATH": "/usr/bin:/bin"}, lambda: ("http://x", "https://y"), args.debug
     )
+    argv = [*args.wrap.split(), "/bin/true"]
     started = ended = 0
     t0 = c0 = 0.0
 
     def start_one() -> None:
         nonlocal started
         started += 1
-        spawner.start("h", ["/bin/true"], exited)
+        spawner.start("h", argv, exited)
 
     def exited(status: int | None, sig: int | None) -> None:
         nonlocal ended
@@ -78,6 +84,8 @@ def main() -> None:
         containment.stopService()
     where = "in a cgroup of its own" if args.contained else "where it was started"
     path = "Process path" if args.debug else "lean path"
+    if args.wrap:
+        path += f", through {args.wrap}"
     print(
         f"{args.n} handlers, {args.c} at a time, {path}, {where}: "
         f"{wall / args.n * 1e6:.0f} us wall and {cpu / args.n * 1e6:.0f} us server CPU per handler "
