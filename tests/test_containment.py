@@ -96,6 +96,23 @@ def test_sigkill_of_the_server_leaves_no_handler_process(tmp_path: Path, workers
                     pass
 
 
+def test_killing_the_servers_whole_process_group_leaves_no_handler_process(tmp_path: Path) -> None:
+    server = KapowServer(tmp_path)
+    client = None
+    try:
+        is_contained = contained(server)
+        client, pids = start_handler(server, tmp_path)
+        os.killpg(server.process.pid, signal.SIGKILL)  # the server leads the group the test started
+        server.process.wait(10)
+        mine = list(pids.values()) if is_contained else [pids["leader"], pids["child"]]
+        assert gone(mine), f"left running: {[p for p in mine if alive(p)]}"
+    finally:
+        if client is not None:
+            client.kill()
+            client.wait()
+        server.stop()
+
+
 def test_a_killed_workers_handlers_die_with_it(tmp_path: Path) -> None:
     server = KapowServer(tmp_path, extra=["--workers", "2", "--kill-grace", "0.5"])
     client = None

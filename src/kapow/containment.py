@@ -33,6 +33,7 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 
 from kapow import reaper
+from kapow.spawn import close_on_exec_from, spawn_in_session
 
 log = Logger()
 
@@ -140,12 +141,15 @@ class Containment(Service):
         read, self._pipe = os.pipe()  # both close-on-exec: the reaper gets only its copy of the read end
         devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
         try:
-            self._reaper = self.reactor.spawnProcess(
+            close_on_exec_from(3)  # as for handlers: it gets 0, 1 and 2 only
+            # a session of its own: what kills the server's process group
+            # (kill -9 -PGID, a terminal's signals) does not reach it
+            self._reaper = spawn_in_session(
+                self.reactor,
                 protocol,
-                sys.executable,
                 [sys.executable, "-m", "kapow.reaper", self.group or "-", str(os.getpid())],
-                env=os.environ,
-                childFDs={0: read, 1: devnull, 2: 2},
+                os.environ,
+                {0: read, 1: devnull, 2: 2},
             )
         finally:
             os.close(devnull)
