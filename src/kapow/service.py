@@ -82,7 +82,13 @@ class KapowService(MultiService):
 
     def startService(self) -> None:
         self._guard(super().startService)
-        self.reactor.callWhenRunning(self._running)
+        if self.reactor.running:
+            self._running()
+        else:
+            # during startup, right after the reactor's own signal handlers and
+            # before anything waiting for it runs (init programs): a SIGTERM
+            # from then on is a graceful stop of ours
+            self.reactor.addSystemEventTrigger("during", "startup", self._running)
 
     def _running(self) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
