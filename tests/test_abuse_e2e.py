@@ -76,7 +76,8 @@ def test_a_trickling_client_is_closed_while_normal_requests_work(tmp_path: Path,
             closed, answer, when = trickle_headers(url, 0.2, 6)
             assert closed, f"{url}: a trickling client was not closed"
             assert when < 2.5, f"{url}: closed after {when:.1f}s"
-            assert answer.startswith(b"HTTP/1.1 408 "), answer
+            # 408, unless a byte sent as the server closed drew a reset that discarded it
+            assert answer == b"" or answer.startswith(b"HTTP/1.1 408 "), answer
         assert curl(server.user + "/hello").stdout == "hello"
         assert server.wait_log("user interface listening")
     finally:
