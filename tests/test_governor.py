@@ -1,5 +1,5 @@
 """
-Tests for kapow.governor: admission, deadlines, ending process groups and
+Tests for kapow.governor: refusing while stopping, deadlines, ending process groups and
 draining, on a fake clock with fake process groups (no real signals), plus
 the real group_alive() on a real child process.
 """
@@ -68,54 +68,6 @@ class GovernorTestCase(SynchronousTestCase):
 
 
 class AdmissionTests(GovernorTestCase):
-    def test_no_limits(self) -> None:
-        governor = self.make()
-        r = route()
-        for n in range(50):
-            self.assertIsNone(governor.admit(r))
-            self.start(governor, f"h{n}", r, 100 + n)
-        self.assertIsNone(governor.admit(r))
-        self.assertEqual(governor.running(), 50)
-
-    def test_route_max_concurrency(self) -> None:
-        governor = self.make()
-        limited = route(max_concurrency=2)
-        other = route("r2")
-        self.assertIsNone(governor.admit(limited))
-        self.start(governor, "a", limited, 10)
-        self.assertIsNone(governor.admit(limited))
-        self.start(governor, "b", limited, 11)
-        why = governor.admit(limited)
-        assert why is not None
-        self.assertIn("route limit", why)
-        self.assertIn("2", why)
-        self.assertIsNone(governor.admit(other))
-        governor.exited("a")
-        self.assertIsNone(governor.admit(limited))
-        self.start(governor, "c", limited, 12)
-        self.assertIsNotNone(governor.admit(limited))
-
-    def test_route_limit_counts_only_its_own_runs(self) -> None:
-        governor = self.make()
-        limited = route(max_concurrency=1)
-        for n in range(3):
-            self.start(governor, f"o{n}", route("other"), 20 + n)
-        self.assertIsNone(governor.admit(limited))
-
-    def test_server_max_handlers(self) -> None:
-        governor = self.make(max_handlers=3)
-        routes = [route("r1"), route("r2"), route("r3", max_concurrency=5)]
-        for n, r in enumerate(routes):
-            self.assertIsNone(governor.admit(r))
-            self.start(governor, f"h{n}", r, 10 + n)
-        for r in [*routes, route("fresh")]:
-            why = governor.admit(r)
-            assert why is not None
-            self.assertIn("server limit", why)
-            self.assertIn("3", why)
-        governor.exited("h1")
-        self.assertIsNone(governor.admit(route("fresh")))
-
     def test_stopping_refuses_everything(self) -> None:
         governor = self.make()
         governor.stopping = True
@@ -123,6 +75,29 @@ class AdmissionTests(GovernorTestCase):
             why = governor.admit(r)
             assert why is not None
             self.assertIn("stopping", why)
+
+    def test_limits_are_not_the_governors(self) -> None:
+        governor = self.make()
+        limited = route(max_concurrency=1)
+        self.start(governor, "a", limited, 10)
+        self.assertIsNone(governor.admit(limited))  # kapow.admission applies max_concurrency
+
+    def test_stop_admitting_tells_once(self) -> None:
+        governor = self.make()
+        told: list[bool] = []
+        governor.on_stopping.append(lambda: told.append(governor.stopping))
+        governor.stop_admitting()
+        governor.stop_admitting()
+        self.assertEqual(told, [True])
+        self.assertIsNotNone(governor.admit(route()))
+
+    def test_pid_and_start_of_a_running_handler(self) -> None:
+        governor = self.make()
+        self.clock.advance(12.5)
+        self.start(governor, "a", route(), 4242)
+        self.assertEqual((governor.pid("a"), governor.started_at("a")), (4242, 12.5))
+        governor.exited("a")
+        self.assertEqual((governor.pid("a"), governor.started_at("a")), (None, None))
 
     def test_running_counts(self) -> None:
         governor = self.make()
@@ -200,10 +175,9 @@ class DeadlineTests(GovernorTestCase):
         self.start(governor, "a", route(max_concurrency=1), 10)
         self.assertEqual(governor.exited("nobody"), 0.0)
         self.assertEqual(governor.running(), 1)
-        self.assertIsNotNone(governor.admit(route(max_concurrency=1)))
         governor.exited("a")
         self.assertEqual(governor.exited("a"), 0.0)
-        self.assertIsNone(governor.admit(route(max_concurrency=1)))
+        self.assertEqual(governor.running(), 0)
 
 
 class DisconnectPolicyTests(GovernorTestCase):
@@ -403,16 +377,14 @@ class EndAllTests(GovernorTestCase):
 class BeingSpawnedTests(GovernorTestCase):
     """A handler whose process is still being spawned (no group yet)."""
 
-    def test_its_slot_is_taken_from_the_start(self) -> None:
+    def test_it_runs_from_the_start(self) -> None:
         governor = self.make()
-        limited = route(max_concurrency=1)
-        self.start(governor, "a", limited, None)
-        self.assertIsNotNone(governor.admit(limited))
-        self.assertEqual(governor.running(), 1)
+        self.start(governor, "a", route(max_concurrency=1), None)
+        self.assertEqual((governor.running(), governor.pid("a")), (1, None))
         governor.spawned("a", 10)
-        self.assertIsNotNone(governor.admit(limited))
+        self.assertEqual((governor.running(), governor.pid("a")), (1, 10))
         governor.exited("a")
-        self.assertIsNone(governor.admit(limited))
+        self.assertEqual(governor.running(), 0)
 
     def test_terminated_before_its_group_is_known(self) -> None:
         governor = self.make(10, kill_grace=1.0)
@@ -422,12 +394,10 @@ class BeingSpawnedTests(GovernorTestCase):
         governor.spawned("a", 10)
         self.assertEqual(self.groups.signals, [(10, TERM)])
 
-    def test_a_spawn_that_failed_gives_its_slot_back(self) -> None:
-        governor = self.make(max_handlers=1)
+    def test_a_spawn_that_failed_is_forgotten(self) -> None:
+        governor = self.make()
         self.start(governor, "a", route(), None)
-        self.assertIsNotNone(governor.admit(route("r2")))
         governor.exited("a")
-        self.assertIsNone(governor.admit(route("r2")))
         governor.spawned("a", 10)  # too late: nothing to track
         self.assertEqual(governor.running(), 0)
 

@@ -36,6 +36,9 @@ def test_defaults_are_the_reference_ones() -> None:
         "handler-timeout": None,
         "kill-grace": 3.0,
         "max-handlers": None,
+        "queue": 0,
+        "queue-timeout": 30.0,
+        "limits": {},
         "shutdown-timeout": 30.0,
         "workers": 1,
         "worker": None,
@@ -84,6 +87,40 @@ def test_governance_flags() -> None:
         options["handler-timeout"], options["kill-grace"], options["max-handlers"],
         options["shutdown-timeout"], options["keep-running-on-disconnect"],
     ) == (2.5, 0.0, 8, 10.0, 1)  # fmt: skip
+
+
+def test_queue_and_limit_flags() -> None:
+    options = parsed(
+        "--max-handlers", "2", "--queue", "7", "--queue-timeout", "1.5",
+        "--limit", "memory=256M", "--limit", "cpu=10", "--limit", "file_size=2k", "--limit", "cpu=3",
+    )  # fmt: skip
+    assert (options["queue"], options["queue-timeout"]) == (7, 1.5)
+    assert options["limits"] == {"memory": 256 << 20, "cpu": 3, "file_size": 2048}
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--queue", "-1"], "--queue must be at least 0"),
+        (["--queue", "1.5"], "--queue must be a number, not '1.5'"),
+        (["--queue", "99999999"], "--queue must be at most 1000000"),
+        (["--queue-timeout", "0"], "--queue-timeout must be at least 0.001"),
+        (["--queue-timeout", "inf"], "--queue-timeout must be at least 0.001"),
+        (["--limit", "memory=lots"], "memory must be a whole number"),
+        (["--limit", "memory=-1"], "memory must be a whole number"),
+        (["--limit", "cpu=1.5"], "cpu must be a whole number"),
+        (["--limit", "cpu=1K"], "cpu must be a whole number"),
+        (["--limit", "cpu=0"], "cpu must be from 1 to"),
+        (["--limit", "memory=99999999999G"], "memory must be from 1 to"),
+        (["--limit", "stack=1"], "unknown limit 'stack'"),
+        (["--limit", "memory"], "expected NAME=VALUE"),
+    ],
+)
+def test_bad_queue_and_limit_flags_are_one_line_and_status_1(args: list[str], message: str) -> None:
+    result = subprocess.run([KAPOW, "server", *args], capture_output=True, text=True, timeout=30)
+    assert (result.returncode, result.stdout) == (1, "")
+    assert result.stderr.startswith("kapow server: error: ") and result.stderr.count("\n") == 1
+    assert message in result.stderr
 
 
 def test_data_client_choice(monkeypatch: pytest.MonkeyPatch) -> None:

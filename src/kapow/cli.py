@@ -17,6 +17,7 @@ Turn shell commands into HTTP APIs.
 commands:
   server                 run the server and its init programs
   route                  add, list, get and remove routes (control API)
+  handler                list, show and kill live handlers (control API)
   get                    read a request resource inside a handler
   set                    write a response resource inside a handler
   unset                  remove a response header or cookie inside a handler
@@ -46,6 +47,10 @@ def main(argv: list[str] | None = None) -> int:
         from kapow.route_cli import main as route_main
 
         return route_main(argv[2:])
+    if command == "handler":
+        from kapow.route_cli import handler_main
+
+        return handler_main(argv[2:])
     if command == "control-credentials":
         from kapow.route_cli import credentials_main
 

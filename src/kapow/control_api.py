@@ -1,5 +1,6 @@
 """
-The control API (SPEC.md §2): list, add, insert, get and remove routes.
+The control API (SPEC.md §2, §8): list, add, insert, get and remove routes;
+list, show and kill the live handlers.
 
 It is served only behind pinned mutual TLS (see :mod:`kapow.tls`); nothing in
 this module knows about TLS.
@@ -14,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from klein import Klein
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.logger import Logger
 from twisted.web.iweb import IRequest
 
@@ -35,12 +36,17 @@ class ControlAPI:
         (or a Deferred of them).
     :param publish: called after every change of the table; the change is
         answered once what it returns (``None`` or a Deferred) is done.
+    :param handlers: the live handlers: ``listing()`` (a list of handlers
+        as SPEC §8 shows them), ``handler_info(id)`` (one, or ``None``) and
+        ``kill(id)`` (whether there was one), each answering directly or
+        with a Deferred.
     """
 
     routes: RouteTable
     new_id: Callable[[], str] = field(default=lambda: str(uuid.uuid4()))
     stats: Callable[[], Any] = field(default=dict)
     publish: Callable[[], Any] = field(default=lambda: None)
+    handlers: Any = field(default_factory=lambda: NoHandlers())
 
     app = Klein()
 
@@ -90,6 +96,29 @@ class ControlAPI:
         request.setResponseCode(204)
         return self._published(lambda: b"")
 
+    @app.route("/handlers", methods=["GET"])
+    def list_handlers(self, request: IRequest) -> Deferred[bytes]:
+        return maybeDeferred(self.handlers.listing).addCallback(lambda found: json_body(request, 200, found))
+
+    @app.route("/handlers/<string:handler_id>", methods=["GET"])
+    def get_handler(self, request: IRequest, handler_id: str) -> Deferred[bytes]:
+        def answer(info: dict | None) -> bytes:
+            if info is None:
+                raise JSONError(404, "Handler Not Found")
+            return json_body(request, 200, info)
+
+        return maybeDeferred(self.handlers.handler_info, handler_id).addCallback(answer)
+
+    @app.route("/handlers/<string:handler_id>", methods=["DELETE"])
+    def kill_handler(self, request: IRequest, handler_id: str) -> Deferred[bytes]:
+        def answer(killed: bool) -> bytes:
+            if not killed:
+                raise JSONError(404, "Handler Not Found")
+            request.setResponseCode(204)
+            return b""
+
+        return maybeDeferred(self.handlers.kill, handler_id).addCallback(answer)
+
     @app.route("/health", methods=["GET"])
     def health(self, request: IRequest) -> Any:
         routes = len(self.routes)
@@ -118,6 +147,19 @@ class ControlAPI:
             raise JSONError(422, "Invalid Route") from None
 
     install_json_errors(app)
+
+
+class NoHandlers:
+    """The handlers of a control API that has none to show."""
+
+    def listing(self) -> list[dict]:
+        return []
+
+    def handler_info(self, handler_id: str) -> dict | None:
+        return None
+
+    def kill(self, handler_id: str) -> bool:
+        return False
 
 
 def _read_json(request: IRequest) -> Any:

@@ -1,7 +1,7 @@
 """
-Governing handler processes: admission (concurrency limits), deadlines,
-ending whole process groups (SIGTERM, a grace period, SIGKILL), and draining
-everything on a graceful stop.
+Governing handler processes: deadlines, ending whole process groups
+(SIGTERM, a grace period, SIGKILL), and draining everything on a graceful
+stop. The concurrency limits and their queues are :mod:`kapow.admission`'s.
 
 Every handler leads a process group of its own (:mod:`kapow.spawn`), so
 ending the group ends whatever the handler started, background children
@@ -39,7 +39,6 @@ class Limits:
     :param kill_grace: seconds between SIGTERM and SIGKILL.
     :param keep_running_on_disconnect: leave handlers running when their
         client hangs up, unless their route says otherwise.
-    :param max_handlers: at most this many handler processes at once.
     :param shutdown_timeout: seconds a graceful stop waits for running
         handlers before ending them.
     """
@@ -47,7 +46,6 @@ class Limits:
     handler_timeout: float | None = None
     kill_grace: float = 3.0
     keep_running_on_disconnect: bool = False
-    max_handlers: int | None = None
     shutdown_timeout: float = 30.0
 
 
@@ -77,29 +75,33 @@ class Governor:
     group_alive: Callable[[int], bool] = field(default=lambda pgid: group_alive(pgid))
     signal_group: Callable[[int, int], bool] = field(default=signal_group)
     _runs: dict[str, _Run] = field(default_factory=dict)
-    _per_route: dict[str, int] = field(default_factory=dict)
     _groups: set[int] = field(default_factory=set)
     _idle: list[Deferred[None]] = field(default_factory=list)
     #: set when a graceful stop begins: no new handler may start
     stopping: bool = False
+    #: called once when a graceful stop begins (:meth:`stop_admitting`)
+    on_stopping: list[Callable[[], None]] = field(default_factory=list)
 
     # -- admission ----------------------------------------------------------
 
     def admit(self, route: Route) -> str | None:
         """
-        ``None`` if a handler for ``route`` may start now, else why not.
+        ``None`` if a handler for ``route`` may start now, else why not:
+        only a stopping server refuses here (limits: :mod:`kapow.admission`).
         """
         if self.stopping:
             return "the server is stopping"
-        cap = self.limits.max_handlers
-        if cap is not None and len(self._runs) >= cap:
-            return f"server limit of {cap} handlers reached"
-        if route.max_concurrency is not None and self._per_route.get(route.id, 0) >= route.max_concurrency:
-            return f"route limit of {route.max_concurrency} handlers reached"
         return None
 
     def release(self, route: Route) -> None:
         """Nothing to give back: :meth:`exited` already counted the handler out."""
+
+    def stop_admitting(self) -> None:
+        """A graceful stop begins: no handler may start from now on."""
+        if not self.stopping:
+            self.stopping = True
+            for call in self.on_stopping:
+                call()
 
     def running(self) -> int:
         """Handler processes that have not exited yet."""
@@ -125,7 +127,6 @@ class Governor:
                 timeout, lambda: on_timeout(self.reactor.seconds() - run.started)
             )
         self._runs[handler_id] = run
-        self._per_route[route.id] = self._per_route.get(route.id, 0) + 1
         if pgid is not None:
             self._groups.add(pgid)
 
@@ -149,11 +150,6 @@ class Governor:
             return 0.0
         if run.timer is not None and run.timer.active():
             run.timer.cancel()
-        left = self._per_route[run.route.id] - 1
-        if left:
-            self._per_route[run.route.id] = left
-        else:
-            del self._per_route[run.route.id]
         if run.pgid is not None and not self.group_alive(run.pgid):
             self._groups.discard(run.pgid)
         if not self._runs:
@@ -162,6 +158,16 @@ class Governor:
                 if not d.called:
                     d.callback(None)
         return self.reactor.seconds() - run.started
+
+    def pid(self, handler_id: str) -> int | None:
+        """The pid (and process group) of a running handler, if it runs."""
+        run = self._runs.get(handler_id)
+        return None if run is None else run.pgid
+
+    def started_at(self, handler_id: str) -> float | None:
+        """When a running handler's process started (``reactor.seconds()``)."""
+        run = self._runs.get(handler_id)
+        return None if run is None else run.started
 
     def keeps_running_on_disconnect(self, route: Route) -> bool:
         """Whether ``route``'s handlers survive their client hanging up."""

@@ -483,10 +483,21 @@ class HandlerRegistry:
         self._handlers: dict[str, Handler] = {}
         self._new_id = new_id
 
-    def create(self, route: Route, matches: dict[str, str], request: Request) -> Handler:
-        handler = Handler(self._new_id(), route, matches, request)
+    def new_id(self) -> str:
+        """A fresh handler id, for a request that waits before its handler is created."""
+        return self._new_id()
+
+    def create(
+        self, route: Route, matches: dict[str, str], request: Request, handler_id: str | None = None
+    ) -> Handler:
+        """Register the handler of ``request``, with ``handler_id`` or a fresh id."""
+        handler = Handler(handler_id or self._new_id(), route, matches, request)
         self._handlers[handler.id] = handler
         return handler
+
+    def live(self) -> list[Handler]:
+        """Every live handler."""
+        return list(self._handlers.values())
 
     def get(self, handler_id: str) -> Handler | None:
         return self._handlers.get(handler_id)

@@ -1,5 +1,6 @@
 """
-``kapow route ...`` and ``kapow control-credentials``: the control API client.
+``kapow route ...``, ``kapow handler ...`` and ``kapow control-credentials``:
+the control API client.
 
 Requests go over pinned mutual TLS: the client trusts exactly the control
 server certificate and presents the control client certificate, both taken
@@ -21,6 +22,7 @@ import sys
 
 from kapow import control_https
 from kapow.credentials import CredentialsError
+from kapow.resource_limits import InvalidLimit, parse_limits
 
 # typing.TYPE_CHECKING without importing typing, which this command needs
 # only for annotations; type checkers know the name.
@@ -80,16 +82,8 @@ def _terminal_columns() -> int:
         return 80
 
 
-def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
-    parser = _Parser(
-        prog="kapow route",
-        description="Manage the routes of a running server over its control API (mutual TLS).",
-        epilog="examples:\n  kapow route list\n  kapow route add /hello -c 'echo hi | kapow set /response/body'\n"
-        "  kapow route remove 3f1c9a52-...\n\n"
-        "From an operator shell, point KAPOW_CONTROL_CREDENTIALS at the directory written by\n"
-        "`kapow server --write-control-credentials DIR`.",
-        formatter_class=_Formatter,
-    )
+def _common() -> argparse.ArgumentParser:
+    """The options of every ``kapow route`` and ``kapow handler`` command."""
     common = argparse.ArgumentParser(add_help=False, formatter_class=_Formatter)
     common.add_argument(
         "--control-url",
@@ -103,6 +97,20 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
         help="directory with server.crt, client.crt, client.key "
         "[$KAPOW_CONTROL_CREDENTIALS; else the $KAPOW_CONTROL_* certificates]",
     )
+    return common
+
+
+def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
+    parser = _Parser(
+        prog="kapow route",
+        description="Manage the routes of a running server over its control API (mutual TLS).",
+        epilog="examples:\n  kapow route list\n  kapow route add /hello -c 'echo hi | kapow set /response/body'\n"
+        "  kapow route remove 3f1c9a52-...\n\n"
+        "From an operator shell, point KAPOW_CONTROL_CREDENTIALS at the directory written by\n"
+        "`kapow server --write-control-credentials DIR`.",
+        formatter_class=_Formatter,
+    )
+    common = _common()
     sub = parser.add_subparsers(dest="action", required=True, parser_class=_Parser)
 
     add = sub.add_parser(
@@ -118,6 +126,23 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     add.add_argument("--index", type=int, help="insert at this position instead of appending")
     add.add_argument("--timeout", type=float, help="kill the handler after this many seconds")
     add.add_argument("--max-concurrency", type=int, help="at most this many handlers at once")
+    add.add_argument(
+        "--queue",
+        type=int,
+        metavar="N",
+        help="with --max-concurrency: up to N requests wait instead of a 503",
+    )
+    add.add_argument(
+        "--queue-timeout", type=float, metavar="S", help="seconds a request may wait in the queue [30]"
+    )
+    add.add_argument(
+        "--limit",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a resource limit of the handler (memory, cpu, open_files, file_size, processes; "
+        "sizes take K, M, G), repeatable: --limit memory=256M --limit cpu=10",
+    )
     on_disconnect = add.add_mutually_exclusive_group()
     on_disconnect.add_argument(
         "--keep-running-on-disconnect",
@@ -214,6 +239,15 @@ def _request(args: argparse.Namespace) -> tuple[str, str, dict[str, Any] | None,
         for name in ("stdin", "buffer", "error_status"):
             if getattr(args, name) is not None:
                 body[name] = getattr(args, name)
+        if args.queue is not None:
+            body["queue"] = args.queue
+        if args.queue_timeout is not None:
+            body["queue_timeout"] = args.queue_timeout
+        if args.limit:
+            try:
+                body["limits"] = parse_limits(args.limit)
+            except InvalidLimit as e:
+                raise CommandError(str(e)) from None
         if args.index is None:
             return "POST", "/routes", body, 201
         body["index"] = args.index
@@ -256,6 +290,58 @@ def main(argv: Sequence[str]) -> int:
         method, path, body, expected = _request(args)
         text = control_https.call(
             context(args.control_credentials, os.environ), args.control_url, method, path, body, expected
+        )
+    except (CommandError, control_https.ControlError) as e:
+        sys.stderr.write(f"kapow: {_one_line(e)}\n")
+        return 1
+    if text:
+        sys.stdout.write(text if text.endswith("\n") else text + "\n")
+    return 0
+
+
+def _handler_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="kapow handler",
+        description="See and end the live handlers of a running server over its control API (mutual TLS).",
+        epilog="examples:\n  kapow handler list\n  kapow handler kill $(kapow handler list | jq -r '.[0].id')",
+        formatter_class=_Formatter,
+    )
+    common = _common()
+    sub = parser.add_subparsers(dest="action", required=True, parser_class=_Parser)
+    sub.add_parser(
+        "list",
+        parents=[common],
+        help="print the live handlers as JSON",
+        epilog="example:\n  kapow handler list | jq -r '.[] | \"\\(.id) \\(.state) \\(.pid) \\(.path)\"'",
+        formatter_class=_Formatter,
+    )
+    for name, what in (
+        ("get", "print one handler as JSON"),
+        ("kill", "end a handler: its whole process group gets SIGTERM (SIGKILL after the grace period)"),
+    ):
+        one = sub.add_parser(
+            name,
+            parents=[common],
+            help=what,
+            description=what[0].upper() + what[1:] + ", by its id.",
+            epilog=f"example:\n  kapow handler {name} $(kapow handler list | jq -r '.[0].id')",
+            formatter_class=_Formatter,
+        )
+        one.add_argument("handler_id", metavar="ID")
+    return parser
+
+
+def handler_main(argv: Sequence[str]) -> int:
+    """Run ``kapow handler`` with ``argv`` (without the leading words)."""
+    try:
+        args = _handler_parser().parse_args(argv)
+        if args.action == "list":
+            method, path, expected = "GET", "/handlers", 200
+        else:
+            path = "/handlers/" + _quote(args.handler_id)
+            method, expected = ("GET", 200) if args.action == "get" else ("DELETE", 204)
+        text = control_https.call(
+            context(args.control_credentials, os.environ), args.control_url, method, path, None, expected
         )
     except (CommandError, control_https.ControlError) as e:
         sys.stderr.write(f"kapow: {_one_line(e)}\n")

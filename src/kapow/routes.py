@@ -23,7 +23,7 @@ import enum
 import math
 import re
 import shlex
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -48,7 +48,30 @@ _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _DEFAULT_PLACEHOLDER = "[^/]+"
 
 #: The optional fields of a route, shown by :meth:`Route.to_json` when set.
-OPTIONS = ("timeout", "max_concurrency", "keep_running_on_disconnect", "stdin", "buffer", "error_status")
+OPTIONS = (
+    "timeout",
+    "max_concurrency",
+    "keep_running_on_disconnect",
+    "stdin",
+    "buffer",
+    "error_status",
+    "queue",
+    "queue_timeout",
+    "limits",
+)
+
+#: Seconds a queued request waits for a slot when its route sets no ``queue_timeout``.
+DEFAULT_QUEUE_TIMEOUT = 30.0
+
+#: The longest queue a route may have: a longer one is taken for a mistake.
+MAX_QUEUE = 1_000_000
+
+#: The resource limits a route may set (:mod:`kapow.resource_limits` applies them).
+LIMIT_NAMES = ("memory", "cpu", "open_files", "file_size", "processes")
+
+#: The largest value of a limit: anything above is taken for a mistake (the
+#: kernel's "unlimited" is 2**64 - 1).
+MAX_LIMIT = 2**62
 
 
 class InvalidRoute(ValueError):
@@ -169,15 +192,32 @@ def compile_pattern(url_pattern: str) -> Pattern:
     return Pattern(url_pattern, tuple(names), regex)
 
 
-def _check_positive_number(value: object) -> None:
+def _check_positive_number(value: object, name: str = "timeout") -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise InvalidRoute("timeout must be a number")
+        raise InvalidRoute(f"{name} must be a number")
     try:
         as_float = float(value)
     except OverflowError:
-        raise InvalidRoute("timeout is too large") from None
+        raise InvalidRoute(f"{name} is too large") from None
     if not math.isfinite(as_float) or as_float <= 0:
-        raise InvalidRoute("timeout must be a finite number of seconds > 0")
+        raise InvalidRoute(f"{name} must be a finite number of seconds > 0")
+
+
+def _checked_limits(limits: object) -> dict[str, int]:
+    """``limits`` checked: some of :data:`LIMIT_NAMES`, each a whole number from 1 to :data:`MAX_LIMIT`."""
+    if not isinstance(limits, Mapping):
+        raise InvalidRoute("limits must be a JSON object")
+    for name in limits:
+        if name not in LIMIT_NAMES:
+            raise InvalidRoute(f"unknown limit {name!r}")
+    checked = {}
+    for name in LIMIT_NAMES:
+        if name in limits:
+            value = limits[name]
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_LIMIT:
+                raise InvalidRoute(f"limit {name} must be a whole number from 1 to {MAX_LIMIT}")
+            checked[name] = value
+    return checked
 
 
 @dataclass(frozen=True)
@@ -206,6 +246,13 @@ class Route:
         with ``Content-Length`` (``None`` or ``False``: it streams).
     :ivar error_status: the status (400-599) a handler that fails gets when
         it set none of its own >= 400 and its response has not started.
+    :ivar queue: with ``max_concurrency``, how many requests may wait for
+        a free slot, first come first served, instead of getting 503
+        (``None``: none).
+    :ivar queue_timeout: seconds a request may wait in that queue (> 0;
+        ``None``: :data:`DEFAULT_QUEUE_TIMEOUT`).
+    :ivar limits: resource limits of the handler and everything it starts
+        (:mod:`kapow.resource_limits`); ``None`` or empty: the server's.
     :raises InvalidRoute: if a field is invalid.
     """
 
@@ -220,6 +267,9 @@ class Route:
     stdin: str | None = None
     buffer: bool | None = None
     error_status: int | None = None
+    queue: int | None = None
+    queue_timeout: float | None = None
+    limits: Mapping[str, int] | None = field(default=None, hash=False)
     _pattern: Pattern = field(init=False, repr=False, compare=False)
     _argv: tuple[str, ...] = field(init=False, repr=False, compare=False)
 
@@ -268,6 +318,16 @@ class Route:
             or not 400 <= self.error_status <= 599
         ):
             raise InvalidRoute("error_status must be an integer from 400 to 599")
+        if self.queue is not None and (
+            isinstance(self.queue, bool)
+            or not isinstance(self.queue, int)
+            or not 0 <= self.queue <= MAX_QUEUE
+        ):
+            raise InvalidRoute(f"queue must be an integer from 0 to {MAX_QUEUE}")
+        if self.queue_timeout is not None:
+            _check_positive_number(self.queue_timeout, "queue_timeout")
+        if self.limits is not None:
+            object.__setattr__(self, "limits", _checked_limits(self.limits) or None)
 
     @property
     def pattern(self) -> Pattern:
@@ -302,7 +362,7 @@ class Route:
         for name in OPTIONS:
             value = getattr(self, name)
             if value is not None:
-                data[name] = value
+                data[name] = dict(value) if isinstance(value, Mapping) else value
         return data
 
 
@@ -317,7 +377,10 @@ def route_from_json(data: object, route_id: str) -> Route:
     are not numbers), ``max_concurrency`` (integer >= 1; ``2.0`` is refused),
     ``keep_running_on_disconnect`` (``true`` or ``false``), ``stdin``
     (``"body"``), ``buffer`` (``true`` or ``false``), ``error_status``
-    (integer from 400 to 599). Any other key, including ``id`` and ``index``, is ignored.
+    (integer from 400 to 599), ``queue`` (integer from 0 to
+    :data:`MAX_QUEUE`), ``queue_timeout`` (seconds > 0), ``limits`` (an
+    object: some of :data:`LIMIT_NAMES`, each a whole number from 1 to
+    :data:`MAX_LIMIT`). Any other key, including ``id`` and ``index``, is ignored.
 
     :param data: what :func:`json.loads` returned.
     :param route_id: the id the new route gets.

@@ -136,7 +136,7 @@ class KapowService(MultiService):
     @inlineCallbacks
     def _stop(self) -> Any:
         notify("STOPPING=1")
-        self.governor.stopping = True
+        self.governor.stop_admitting()
         if self.user_listener is not None and self.user_listener.running:
             yield self.user_listener.stopService()
         running = self.governor.running()

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import shutil
 import signal
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -49,6 +50,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from kapow.libc_spawn import Spawn
+from kapow.resource_limits import LimitedCommand
 
 log = Logger()
 
@@ -350,6 +352,10 @@ class Spawner:
     :param urls: returns ``(data URL, control URL)``; called once, at the
         first spawn (the listeners are up by then).
     :param debug: log the handlers' stdout and stderr instead of discarding them.
+    :param limited: runs programs under resource limits; ``None`` if this
+        system has no way to (then a handler with limits cannot start).
+    :param default_limits: the server's limits, for every handler; a
+        route's own value of a limit wins.
     """
 
     #: Never given to handlers, even if the server's environment has them.
@@ -361,8 +367,12 @@ class Spawner:
         environ: Callable[[], Mapping[str, str]],
         urls: Callable[[], tuple[str, str]],
         debug: bool = False,
+        limited: LimitedCommand | None = None,
+        default_limits: Mapping[str, int] | None = None,
     ) -> None:
         self.reactor = reactor
+        self.limited = limited
+        self.default_limits = dict(default_limits or {})
         self._environ = environ
         self._base: dict[str, str] | None = None
         self.urls = urls
@@ -386,7 +396,12 @@ class Spawner:
         return env
 
     def start(
-        self, handler_id: str, argv: Sequence[str], on_exit: ExitCallback, stdin: int | None = None
+        self,
+        handler_id: str,
+        argv: Sequence[str],
+        on_exit: ExitCallback,
+        stdin: int | None = None,
+        limits: Mapping[str, int] | None = None,
     ) -> Deferred[int]:
         """
         Start ``argv`` for handler ``handler_id`` in a session of its own.
@@ -394,6 +409,7 @@ class Spawner:
 
         :param stdin: a descriptor for the handler's stdin (the caller keeps
             it, and closes it once the result fired); ``/dev/null`` by default.
+        :param limits: its resource limits (over the server's defaults).
 
         :return: fires with the process group id (the process's pid), or
             fails with :class:`SpawnError` if it cannot be started. Without
@@ -403,6 +419,11 @@ class Spawner:
         if self._devnull is None:
             self._prepare()
         env = self.handler_environ(handler_id)
+        if limits or self.default_limits:
+            try:
+                argv = self._limited(argv, {**self.default_limits, **(limits or {})})
+            except SpawnError:
+                return fail()
         if self._libc is not None:
             return self._spawn_libc(argv, env, on_exit, stdin)
         try:
@@ -473,6 +494,17 @@ class Spawner:
                 self._libc = Spawn(self._devnull, self._reset_signals)
             except (OSError, AttributeError) as e:  # AttributeError: a C library without posix_spawn
                 log.info("handlers are spawned from the reactor's thread: {why}", why=str(e))
+
+    def _limited(self, argv: Sequence[str], limits: Mapping[str, int]) -> list[str]:
+        if not argv or not argv[0]:
+            raise SpawnError("empty entrypoint")
+        if self.limited is None:
+            raise SpawnError("resource limits need the native kapow client or prlimit(1); neither is here")
+        # found on the server's PATH, as posix_spawnp finds a program without limits
+        program = shutil.which(argv[0], path=os.environ.get("PATH", os.defpath))
+        if program is None:
+            raise SpawnError(f"cannot run {argv[0]}: no such executable")
+        return self.limited.argv(limits, program, argv)
 
     def close(self) -> None:
         """Release the descriptor kept for ``/dev/null``."""

@@ -24,6 +24,7 @@ from twisted.python import usage
 from twisted.web.server import Site
 
 from kapow import credentials, systemd, tls
+from kapow.admission import LocalAdmission, ServerQueue, Slots
 from kapow.connections import (
     ConnectionLimit,
     Timeouts,
@@ -41,13 +42,14 @@ from kapow.governor import Governor, Limits
 from kapow.handlers import HandlerRegistry
 from kapow.init_programs import InitProgramsService
 from kapow.launcher import native_client
-from kapow.routes import RouteTable
+from kapow.resource_limits import InvalidLimit, LimitedCommand, parse_limit
+from kapow.routes import DEFAULT_QUEUE_TIMEOUT, MAX_QUEUE, RouteTable
 from kapow.service import KapowService, LauncherDirectory, Listener, StartupError, fatal
 from kapow.spawn import Spawner
 from kapow.user_api import UserAPI, UserSite
 from kapow.web import QuietSite, bounded_request_factory
 from kapow.worker import GatedEndpoint, MainAdmission, WorkerLink
-from kapow.worker_pool import STOP_MARGIN, HeldListener, WorkerPool
+from kapow.worker_pool import STOP_MARGIN, HandlersOfWorkers, HeldListener, WorkerPool
 from kapow.workers import MAIN_FD, USER_FD, worker_handler_id
 
 log = Logger()
@@ -224,6 +226,24 @@ class Options(usage.Options):
             raise usage.UsageError(f"--{flag} must be a positive number, not {value!r}")
         return number
 
+    def opt_queue(self, value: str) -> None:
+        """With --max-handlers: up to this many requests wait for a free slot instead of a 503 [default: 0]."""
+        self["queue"] = int(self._positive("queue", int, value, 0))
+        if self["queue"] > MAX_QUEUE:
+            raise usage.UsageError(f"--queue must be at most {MAX_QUEUE}")
+
+    def opt_queue_timeout(self, value: str) -> None:
+        """Seconds a request may wait in the --queue before a 503 [default: 30]."""
+        self["queue-timeout"] = self._positive("queue-timeout", float, value, 0.001)
+
+    def opt_limit(self, value: str) -> None:
+        """A resource limit of every handler, NAME=VALUE (memory, cpu, open_files, file_size, processes; sizes take K, M, G), repeatable; a route's own value wins."""
+        try:
+            name, number = parse_limit(value)
+        except InvalidLimit as e:
+            raise usage.UsageError(str(e)) from None
+        self["limits"][name] = number
+
     def opt_workers(self, value: str) -> None:
         """Worker processes serving the user interface, or auto: one per CPU this process may use [default: 1]."""
         if value == "auto":
@@ -263,6 +283,9 @@ class Options(usage.Options):
         self["handler-timeout"] = None
         self["kill-grace"] = 3.0
         self["max-handlers"] = None
+        self["queue"] = 0
+        self["queue-timeout"] = DEFAULT_QUEUE_TIMEOUT
+        self["limits"] = {}
         self["shutdown-timeout"] = 30.0
         self["workers"] = 1
         self["worker"] = None
@@ -297,6 +320,8 @@ class Options(usage.Options):
             raise usage.UsageError(
                 "--data-client native: the native client was not built (no C compiler at install?)"
             )
+        if self["limits"] and LimitedCommand.find(native_client()) is None:
+            raise usage.UsageError("--limit needs the native kapow client or prlimit(1); neither is here")
         if self["control-bind"].startswith("unix:"):
             raise usage.UsageError("--control-bind must be a TCP address: kapow route reaches it over TCP")
         try:
@@ -380,8 +405,6 @@ def build_service(options: Options, reactor: Any) -> KapowService:
             handler_timeout=options["handler-timeout"],
             kill_grace=options["kill-grace"],
             keep_running_on_disconnect=bool(options["keep-running-on-disconnect"]),
-            # with workers, the main process applies --max-handlers across them
-            max_handlers=options["max-handlers"] if worker is None and workers == 1 else None,
             shutdown_timeout=options["shutdown-timeout"],
         ),
     )
@@ -390,6 +413,8 @@ def build_service(options: Options, reactor: Any) -> KapowService:
     if worker is None:  # first: everything started from here on is born inside
         containment = Containment(reactor)
         containment.setServiceParent(service)
+    # the limits that hold across workers are decided here, in the main process (or the only one)
+    server_queue = ServerQueue(options["max-handlers"], options["queue"], options["queue-timeout"])
 
     def endpoint(flag: str) -> tuple[Any, str | None]:
         description, host = parse_listen_address(options[flag])
@@ -431,18 +456,20 @@ def build_service(options: Options, reactor: Any) -> KapowService:
     )
     launcher_dir.setServiceParent(service)
 
-    def serve_users(user_where: tuple[Any, str | None], admission: Any = None) -> Spawner:
+    def serve_users(user_where: tuple[Any, str | None], admission: Any) -> UserAPI:
         """The user interface with its handlers: the same in a worker as in the whole server."""
         spawner = Spawner(
             reactor,
             lambda: launcher_dir.environ(os.environ),
             lambda: (data.url(), control_url()),
             debug=options["debug"],
+            limited=LimitedCommand.find(native_client()),
+            default_limits=options["limits"],
         )
         user_api = UserAPI(routes, handlers, spawner, governor, admission)
         site = UserSite(user_api, worker=worker)
         service.user_listener = listen(user_where, site, "user", user_scheme, user_tls)
-        return spawner
+        return user_api
 
     handlers = HandlerRegistry() if worker is None else HandlerRegistry(lambda: worker_handler_id(worker))
     if workers == 1:
@@ -455,7 +482,7 @@ def build_service(options: Options, reactor: Any) -> KapowService:
     if worker is not None:
         gate = GatedEndpoint(AdoptedStreamServerEndpoint(reactor, USER_FD, _socket_family(USER_FD)))
         link = WorkerLink(worker, routes, governor, service, gate, lambda: data.url())
-        serve_users((gate, None), MainAdmission(governor, options["max-handlers"], link))
+        link.user_api = serve_users((gate, None), MainAdmission(governor, options["max-handlers"], link))
         data = listen(
             (serverFromString(reactor, with_backlog("tcp:0:interface=127.0.0.1", backlog)), None),
             data_site,
@@ -473,8 +500,9 @@ def build_service(options: Options, reactor: Any) -> KapowService:
         return service
 
     pool: WorkerPool | None = None
+    user_api: UserAPI | None = None
     if workers == 1:
-        serve_users(endpoint("bind"))
+        user_api = serve_users(endpoint("bind"), LocalAdmission(governor, Slots(reactor, server_queue)))
     else:
         never_accepting = Factory()
         never_accepting.noisy = False
@@ -488,6 +516,7 @@ def build_service(options: Options, reactor: Any) -> KapowService:
             routes=routes,
             stats=lambda: pool.stats() if pool is not None else {"handlers": governor.running()},
             publish=lambda: pool.publish() if pool is not None else None,
+            handlers=user_api if user_api is not None else HandlersOfWorkers(lambda: pool),
         ).resource()
     )
     control_site.requestFactory = bounded_request_factory(CONTROL_MAX_BODY)
@@ -513,7 +542,7 @@ def build_service(options: Options, reactor: Any) -> KapowService:
             routes,
             held.fileno,
             control_url,
-            options["max-handlers"],
+            server_queue,
             options["shutdown-timeout"] + options["kill-grace"] + STOP_MARGIN,
             governor.end_groups,
             containment,

@@ -10,22 +10,39 @@ redirect, changing the paths operators match on).
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
-from urllib.parse import unquote
+from urllib.parse import unquote, unquote_to_bytes
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import Logger
 from twisted.web import http
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from kapow.governor import Governor
-from kapow.handlers import Handler, HandlerRegistry
+from kapow.handlers import Handler, HandlerRegistry, State
 from kapow.routes import METHOD_NOT_ALLOWED, Match, RouteTable
 from kapow.spawn import Spawner
 
 log = Logger()
 access_log = Logger(namespace="kapow.access")
+
+
+@dataclass(eq=False)
+class _Waiting:
+    """A request waiting for admission (in a queue), under the handler id it will have."""
+
+    id: str
+    found: Match
+    request: Request
+    verdict: Deferred[str | None]
+    since: float
+
+
+#: The ``state`` the control API shows for each state of a handler's response.
+STATES = {State.PENDING.value: "running", State.STREAMING.value: "streaming"}
 
 
 class UserAPI(Resource):
@@ -35,8 +52,9 @@ class UserAPI(Resource):
     :param spawner: starts the routes' processes.
     :param governor: times and ends them.
     :param admission: admits them (``admit(route)`` answers ``None``, a
-        reason to refuse, or a Deferred of either; ``release(route)`` when an
-        admitted handler exited); the governor by default.
+        reason to refuse, or a Deferred of either, which may be cancelled to
+        withdraw the request; ``release(route)`` when an admitted handler
+        exited); the governor by default.
     """
 
     isLeaf = True
@@ -55,6 +73,7 @@ class UserAPI(Resource):
         self.spawner = spawner
         self.governor = governor
         self.admission = governor if admission is None else admission
+        self._waiting: dict[str, _Waiting] = {}
 
     def render(self, request: Request) -> Any:
         path = unquote(request.path.decode("latin-1"), errors="surrogateescape")
@@ -66,21 +85,98 @@ class UserAPI(Resource):
             return _plain(request, 405, b"Method Not Allowed\n")
         verdict = self.admission.admit(found.route)
         if isinstance(verdict, Deferred):
-            verdict.addCallback(self._admitted_later, request, found)
+            self._wait(request, found, verdict)
             return NOT_DONE_YET
         return self._start(request, found, verdict)
 
-    def _admitted_later(self, refusal: str | None, request: Request, found: Match) -> None:
-        if request._disconnected:  # type: ignore[attr-defined]
+    # -- waiting for admission ----------------------------------------------
+
+    def _wait(self, request: Request, found: Match, verdict: Deferred[str | None]) -> None:
+        waiting = _Waiting(self.handlers.new_id(), found, request, verdict, self.governor.reactor.seconds())
+        self._waiting[waiting.id] = waiting
+        request.kapow_handler_id = waiting.id  # type: ignore[attr-defined]
+        request.notifyFinish().addErrback(lambda _: self._withdraw(waiting, "its client left"))
+        verdict.addCallbacks(self._admitted_later, lambda f: f.trap(CancelledError), (waiting,))
+
+    def _withdraw(self, waiting: _Waiting, why: str) -> bool:
+        """Take ``waiting`` out of its queue, if it still waits; no process starts for it."""
+        if self._waiting.pop(waiting.id, None) is None:
+            return False
+        log.info(
+            "handler {id} of route {route} left the queue: {why}",
+            id=waiting.id, route=waiting.found.route.id, why=why,
+        )  # fmt: skip
+        waiting.verdict.cancel()
+        return True
+
+    def _admitted_later(self, refusal: str | None, waiting: _Waiting) -> None:
+        if self._waiting.pop(waiting.id, None) is None:  # withdrawn, but the slot came first
             if refusal is None:
-                self.admission.release(found.route)
+                self.admission.release(waiting.found.route)
             return
-        body = self._start(request, found, refusal)
+        request = waiting.request
+        body = self._start(request, waiting.found, refusal, waiting.id)
         if body is not NOT_DONE_YET:
             request.write(body)
             request.finish()
 
-    def _start(self, request: Request, found: Match, refusal: str | None) -> Any:
+    # -- handlers as the control API shows them ------------------------------
+
+    def listing(self) -> list[dict]:
+        """Every live handler, queued or running, oldest first (SPEC §8)."""
+        found = [self._waiting_info(w) for w in list(self._waiting.values())]
+        found += [info for h in self.handlers.live() if (info := self._handler_info(h)) is not None]
+        return sorted(found, key=lambda info: info["started"])
+
+    def handler_info(self, handler_id: str) -> dict | None:
+        """One live handler, or ``None``."""
+        waiting = self._waiting.get(handler_id)
+        if waiting is not None:
+            return self._waiting_info(waiting)
+        handler = self.handlers.get(handler_id)
+        return None if handler is None else self._handler_info(handler)
+
+    def kill(self, handler_id: str) -> bool:
+        """
+        End a live handler: a queued one leaves its queue (its client gets
+        503); a running one's process group gets SIGTERM now (SIGKILL after
+        the grace period), and its response completes when its process
+        exits. ``False`` if there is no such handler.
+        """
+        waiting = self._waiting.get(handler_id)
+        if waiting is not None:
+            self._withdraw(waiting, "killed over the control API")
+            body = self._start(waiting.request, waiting.found, "killed over the control API while queued")
+            waiting.request.write(body)
+            waiting.request.finish()
+            return True
+        handler = self.handlers.get(handler_id)
+        if handler is None or self.governor.started_at(handler_id) is None:
+            return False
+        log.info(
+            "handler {id} of route {route}: killed over the control API: ending its process group",
+            id=handler.id, route=handler.route.id,
+        )  # fmt: skip
+        self.governor.terminate(handler_id)
+        return True
+
+    def _waiting_info(self, waiting: _Waiting) -> dict:
+        return _info(waiting.id, waiting.found.route.id, waiting.request, None, waiting.since, "queued")
+
+    def _handler_info(self, handler: Handler) -> dict | None:
+        started = self.governor.started_at(handler.id)
+        if started is None:
+            return None
+        state = STATES.get(handler.state.value, handler.state.value)
+        return _info(
+            handler.id, handler.route.id, handler.request, self.governor.pid(handler.id), started, state
+        )
+
+    # -- one handler's life --------------------------------------------------
+
+    def _start(
+        self, request: Request, found: Match, refusal: str | None, handler_id: str | None = None
+    ) -> Any:
         if refusal is not None:
             log.info(
                 "refused {method} {path}: {why}",
@@ -90,7 +186,7 @@ class UserAPI(Resource):
             )
             request.setHeader(b"Retry-After", b"1")
             return _plain(request, 503, b"Service Unavailable\n")
-        handler = self.handlers.create(found.route, found.matches, request)
+        handler = self.handlers.create(found.route, found.matches, request, handler_id)
         request.kapow_handler_id = handler.id  # type: ignore[attr-defined]
         try:
             stdin = handler.stdin() if found.route.stdin else None
@@ -102,7 +198,11 @@ class UserAPI(Resource):
         )
         handler.on_client_lost = lambda: self._client_lost(handler)
         spawned = self.spawner.start(
-            handler.id, found.route.argv(), lambda status, sig: self._exited(handler, status, sig), stdin
+            handler.id,
+            found.route.argv(),
+            lambda status, sig: self._exited(handler, status, sig),
+            stdin,
+            limits=found.route.limits,
         )
         if stdin is not None:  # the child has its own once the spawn is over
             spawned.addBoth(_closing, stdin)
@@ -177,6 +277,27 @@ def _closing(result: Any, fd: int) -> Any:
     """Close ``fd`` and pass ``result`` on."""
     os.close(fd)
     return result
+
+
+def _info(
+    handler_id: str, route_id: str, request: Request, pid: int | None, started: float, state: str
+) -> dict:
+    return {
+        "id": handler_id,
+        "route_id": route_id,
+        "method": request.method.decode("latin-1"),
+        "path": unquote_to_bytes(request.path).decode("utf-8", "replace"),
+        "remote": getattr(request.getClientAddress(), "host", ""),
+        "pid": pid,
+        "started": rfc3339(started),
+        "state": state,
+    }
+
+
+def rfc3339(seconds: float) -> str:
+    """``seconds`` since the epoch as RFC 3339 UTC text, to the millisecond."""
+    moment = datetime.fromtimestamp(seconds, UTC)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def _plain(request: Request, code: int, body: bytes) -> bytes:

@@ -19,8 +19,20 @@ from twisted.protocols import amp
 from twisted.python.failure import Failure
 
 from kapow.governor import Governor
-from kapow.routes import Route, RouteTable, route_from_json
-from kapow.workers import Admit, Release, Routes, Running, Serve, Stop
+from kapow.routes import DEFAULT_QUEUE_TIMEOUT, Route, RouteTable, route_from_json
+from kapow.workers import (
+    Admit,
+    HandlerInfo,
+    Handlers,
+    Kill,
+    Release,
+    Routes,
+    Running,
+    Serve,
+    Stop,
+    Withdraw,
+    handlers_page,
+)
 
 log = Logger()
 
@@ -59,6 +71,9 @@ class MainAdmission:
     Admission of a worker's handlers: the worker's own governor first (is it
     stopping?), then the main process, but only when a limit that must hold
     across workers applies (the route's ``max_concurrency``, ``--max-handlers``).
+    A request the main process keeps in a queue can be withdrawn by
+    cancelling the Deferred :meth:`admit` gave; a graceful stop refuses
+    every request still waiting.
 
     :param governor: the worker's governor.
     :param max_handlers: the server's ``--max-handlers``.
@@ -69,6 +84,9 @@ class MainAdmission:
         self.governor = governor
         self.max_handlers = max_handlers
         self.link = link
+        self._tickets = 0
+        self._waiting: dict[int, Deferred[str | None]] = {}
+        governor.on_stopping.append(self._refuse_waiting)
 
     def _limited(self, route: Route) -> bool:
         return route.max_concurrency is not None or self.max_handlers is not None
@@ -78,13 +96,41 @@ class MainAdmission:
         refusal = self.governor.admit(route)
         if refusal is not None or not self._limited(route):
             return refusal
-        d = self.link.callRemote(Admit, route_id=route.id, limit=route.max_concurrency)
+        self._tickets += 1
+        ticket = self._tickets
+        answer: Deferred[str | None] = Deferred(lambda d: self._withdraw(ticket))
+        self._waiting[ticket] = answer
+        arguments: dict[str, Any] = {"route_id": route.id, "limit": route.max_concurrency, "ticket": ticket}
+        if route.queue:
+            arguments["queue"] = route.queue
+            arguments["queue_timeout"] = (
+                route.queue_timeout if route.queue_timeout is not None else DEFAULT_QUEUE_TIMEOUT
+            )
 
         def lost(failure: Failure) -> str:
             log.warn("admission by the main process failed: {why}", why=failure.getErrorMessage())
             return "the main process does not answer"
 
-        return d.addCallbacks(lambda answer: answer.get("refusal"), lost)
+        def answered(refusal: str | None) -> None:
+            if self._waiting.pop(ticket, None) is not None:
+                answer.callback(refusal)
+            elif refusal is None:  # withdrawn, but the slot came first
+                self.release(route)
+
+        self.link.callRemote(Admit, **arguments).addCallbacks(
+            lambda found: found.get("refusal"), lost
+        ).addCallback(answered)
+        return answer
+
+    def _withdraw(self, ticket: int) -> None:
+        if self._waiting.pop(ticket, None) is not None:
+            self.link.callRemote(Withdraw, ticket=ticket)
+
+    def _refuse_waiting(self) -> None:
+        waiting, self._waiting = self._waiting, {}
+        for ticket, answer in waiting.items():
+            self.link.callRemote(Withdraw, ticket=ticket)
+            answer.callback("the server is stopping")
 
     def release(self, route: Route) -> None:
         """A handler that :meth:`admit` let start has exited."""
@@ -121,6 +167,8 @@ class WorkerLink(amp.AMP):
         self.user_endpoint = user_endpoint
         self.data_url = data_url
         self.control_url = ""
+        #: the worker's user interface (:class:`kapow.user_api.UserAPI`), for the control API
+        self.user_api: Any = None
         self._parts: list[bytes] = []
 
     @Routes.responder
@@ -139,6 +187,20 @@ class WorkerLink(amp.AMP):
     @Running.responder
     def running(self) -> dict:
         return {"handlers": self.governor.running()}
+
+    @Handlers.responder
+    def handlers(self, after: str) -> dict:
+        page, more = handlers_page(self.user_api.listing(), after)
+        return {"handlers": page, "more": more}
+
+    @HandlerInfo.responder
+    def handler_info(self, handler_id: str) -> dict:
+        info = self.user_api.handler_info(handler_id)
+        return {} if info is None else {"handler": json.dumps(info).encode()}
+
+    @Kill.responder
+    def kill(self, handler_id: str) -> dict:
+        return {"killed": self.user_api.kill(handler_id)}
 
     @Stop.responder
     def stop(self, now: bool) -> dict:

@@ -19,24 +19,29 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, gatherResults, succeed
+from twisted.internet.defer import CancelledError, Deferred, gatherResults, succeed
 from twisted.internet.error import ProcessExitedAlready
 from twisted.internet.protocol import Factory, ProcessProtocol
 from twisted.logger import Logger
 from twisted.protocols import amp
 from twisted.python.failure import Failure
 
-from kapow.routes import RouteTable
+from kapow.admission import ServerQueue, Slots, Want
+from kapow.routes import DEFAULT_QUEUE_TIMEOUT, RouteTable
 from kapow.service import Listener
 from kapow.workers import (
     MAIN_FD,
     USER_FD,
     Admit,
+    HandlerInfo,
+    Handlers,
+    Kill,
     Release,
     Routes,
     Running,
     Serve,
     Stop,
+    Withdraw,
     handler_worker,
     table_parts,
 )
@@ -67,46 +72,12 @@ class HeldListener(Listener):
         return self.port.fileno()  # type: ignore[attr-defined]
 
 
-class Slots:
-    """
-    The handlers running under a limit, across workers: per route for routes
-    with ``max_concurrency``, and in all under ``--max-handlers``.
-
-    :param max_handlers: the server's ``--max-handlers``.
-    """
-
-    def __init__(self, max_handlers: int | None) -> None:
-        self.max_handlers = max_handlers
-        self.total = 0
-        self.per_route: Counter[str] = Counter()
-
-    def admit(self, route_id: str, limit: int | None) -> str | None:
-        """Take a slot and return ``None``, or say why there is none."""
-        cap = self.max_handlers
-        if cap is not None and self.total >= cap:
-            return f"server limit of {cap} handlers reached"
-        if limit is not None and self.per_route[route_id] >= limit:
-            return f"route limit of {limit} handlers reached"
-        self.total += 1
-        if limit is not None:
-            self.per_route[route_id] += 1
-        return None
-
-    def release(self, route_id: str, limited: bool) -> None:
-        """Give back a slot :meth:`admit` took."""
-        self.total -= 1
-        if limited:
-            self.per_route[route_id] -= 1
-            if not self.per_route[route_id]:
-                del self.per_route[route_id]
-
-
 class MainLink(amp.AMP):
     """
     The main process's end of the connection to one worker.
 
     :param number: the worker's number.
-    :param slots: the limits shared by every worker.
+    :param slots: the limits and queues shared by every worker.
     """
 
     def __init__(self, number: int, slots: Slots) -> None:
@@ -115,13 +86,46 @@ class MainLink(amp.AMP):
         self.slots = slots
         self.data_url: str | None = None
         self._held: Counter[tuple[str, bool]] = Counter()
+        self._waiting: dict[int, Deferred[str | None]] = {}
 
     @Admit.responder
-    def admit(self, route_id: str, limit: int | None = None) -> dict:
-        refusal = self.slots.admit(route_id, limit)
+    def admit(
+        self,
+        route_id: str,
+        limit: int | None = None,
+        queue: int | None = None,
+        queue_timeout: float | None = None,
+        ticket: int | None = None,
+    ) -> dict | Deferred[dict]:
+        timeout = DEFAULT_QUEUE_TIMEOUT if queue_timeout is None else queue_timeout
+        want = Want(route_id, limit, queue or 0, timeout)
+        verdict = self.slots.admit(want)
+        if not isinstance(verdict, Deferred):
+            return self._answer(verdict, want)
+        if ticket is not None:
+            self._waiting[ticket] = verdict
+
+        def answered(refusal: str | None) -> dict:
+            self._waiting.pop(ticket, None)  # type: ignore[arg-type]
+            return self._answer(refusal, want)
+
+        def withdrawn(failure: Failure) -> dict:
+            failure.trap(CancelledError)
+            return {"refusal": "withdrawn"}
+
+        return verdict.addCallbacks(answered, withdrawn)
+
+    def _answer(self, refusal: str | None, want: Want) -> dict:
         if refusal is not None:
             return {"refusal": refusal}
-        self._held[(route_id, limit is not None)] += 1
+        self._held[(want.key, want.limit is not None)] += 1
+        return {}
+
+    @Withdraw.responder
+    def withdraw(self, ticket: int) -> dict:
+        waiting = self._waiting.pop(ticket, None)
+        if waiting is not None:
+            waiting.cancel()
         return {}
 
     @Release.responder
@@ -129,15 +133,18 @@ class MainLink(amp.AMP):
         key = (route_id, limited)
         if self._held[key] > 0:
             self._held[key] -= 1
-            self.slots.release(route_id, limited)
+            self.slots.release(Want(route_id, 1 if limited else None))
         return {}
 
     def release_all(self) -> None:
-        """Give back every slot this worker held (it is gone)."""
-        for (route_id, limited), count in self._held.items():
+        """Withdraw every request of this worker still queued, give back every slot it held (it is gone)."""
+        waiting, self._waiting = self._waiting, {}
+        for verdict in waiting.values():
+            verdict.cancel()
+        held, self._held = self._held, Counter()
+        for (route_id, limited), count in held.items():
             for _ in range(count):
-                self.slots.release(route_id, limited)
-        self._held.clear()
+                self.slots.release(Want(route_id, 1 if limited else None))
 
     def push_routes(self, text: bytes) -> Deferred[Any]:
         """Send the whole route table; fires once the worker has it."""
@@ -177,7 +184,7 @@ class WorkerPool(Service):
     :param routes: the route table, which lives here.
     :param user_socket: returns the listening socket's descriptor.
     :param control_url: returns the control API's URL, for the handlers.
-    :param max_handlers: ``--max-handlers``.
+    :param server_queue: ``--max-handlers`` and its queue.
     :param stop_timeout: seconds a worker may take to stop before SIGKILL.
     :param end_groups: ends process groups (SIGTERM, a grace period, SIGKILL),
         for the handlers a dead worker left behind.
@@ -196,7 +203,7 @@ class WorkerPool(Service):
         routes: RouteTable,
         user_socket: Callable[[], int],
         control_url: Callable[[], str],
-        max_handlers: int | None,
+        server_queue: ServerQueue,
         stop_timeout: float,
         end_groups: Callable[[set[int]], Any],
         containment: Any = None,
@@ -210,7 +217,7 @@ class WorkerPool(Service):
         self.routes = routes
         self.user_socket = user_socket
         self.control_url = control_url
-        self.slots = Slots(max_handlers)
+        self.slots = Slots(reactor, server_queue)
         self.stop_timeout = stop_timeout
         self.workers: dict[int, _Worker] = {}
         self._first: list[Deferred[None]] = []
@@ -355,6 +362,56 @@ class WorkerPool(Service):
                 return worker.data_address
         return None
 
+    # -- handlers on the control API -------------------------------------------
+
+    def listing(self) -> Deferred[list[dict]]:
+        """The live handlers of every worker, oldest first."""
+        serving = [w for w in self.workers.values() if w.serving.called]
+        return gatherResults([self._handlers_of(w) for w in serving]).addCallback(
+            lambda found: sorted((h for part in found for h in part), key=lambda h: h["started"])
+        )
+
+    def _handlers_of(self, worker: _Worker) -> Deferred[list[dict]]:
+        found: list[dict] = []
+
+        def page(answer: dict) -> Any:
+            part = json.loads(answer["handlers"])
+            found.extend(part)
+            if answer["more"] and part:
+                return worker.link.callRemote(Handlers, after=part[-1]["id"]).addCallback(page)
+            return found
+
+        def failed(failure: Failure) -> list[dict]:
+            log.warn(
+                "worker {n} did not list its handlers: {why}", n=worker.number, why=failure.getErrorMessage()
+            )
+            return found
+
+        return worker.link.callRemote(Handlers, after="").addCallback(page).addErrback(failed)
+
+    def handler_info(self, handler_id: str) -> Deferred[dict | None] | None:
+        """One live handler, asked of the worker that runs it."""
+        worker = self._worker_of(handler_id)
+        if worker is None:
+            return None
+        return worker.link.callRemote(HandlerInfo, handler_id=handler_id).addCallback(
+            lambda answer: json.loads(answer["handler"]) if answer.get("handler") is not None else None
+        )
+
+    def kill(self, handler_id: str) -> Deferred[bool] | bool:
+        """End a live handler, in the worker that runs it."""
+        worker = self._worker_of(handler_id)
+        if worker is None:
+            return False
+        return worker.link.callRemote(Kill, handler_id=handler_id).addCallback(
+            lambda answer: answer["killed"]
+        )
+
+    def _worker_of(self, handler_id: str) -> _Worker | None:
+        number = handler_worker(handler_id)
+        worker = None if number is None else self.workers.get(number)
+        return worker if worker is not None and worker.serving.called else None
+
     # -- stopping -------------------------------------------------------------
 
     def stopService(self) -> Deferred[Any]:
@@ -383,6 +440,29 @@ class WorkerPool(Service):
                     worker.process.signalProcess(signal.SIGKILL)
                 except ProcessExitedAlready:
                     pass
+
+
+class HandlersOfWorkers:
+    """
+    The control API's view of the handlers when workers run them.
+
+    :param pool: returns the :class:`WorkerPool` (made after the control API).
+    """
+
+    def __init__(self, pool: Callable[[], WorkerPool | None]) -> None:
+        self.pool = pool
+
+    def listing(self) -> Any:
+        pool = self.pool()
+        return [] if pool is None else pool.listing()
+
+    def handler_info(self, handler_id: str) -> Any:
+        pool = self.pool()
+        return None if pool is None else pool.handler_info(handler_id)
+
+    def kill(self, handler_id: str) -> Any:
+        pool = self.pool()
+        return False if pool is None else pool.kill(handler_id)
 
 
 def handler_groups(data_url: str) -> set[int]:

@@ -8,12 +8,15 @@ process hands to each worker as descriptor :data:`MAIN_FD`, next to the
 listening socket of the user interface as :data:`USER_FD`.
 
 Main to worker: :class:`Routes` (the whole table), :class:`Serve` (start
-accepting), :class:`Running`, :class:`Stop`. Worker to main: :class:`Admit`
-and :class:`Release`, for the limits that must hold across workers.
+accepting), :class:`Running`, :class:`Stop`, and :class:`Handlers`,
+:class:`HandlerInfo`, :class:`Kill` for the control API. Worker to main:
+:class:`Admit`, :class:`Withdraw` and :class:`Release`, for the limits and
+queues that must hold across workers.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import secrets
 
@@ -63,15 +66,37 @@ class Stop(amp.Command):
     requiresAnswer = False
 
 
+#: Largest JSON text of handlers in one answer of :class:`Handlers`.
+HANDLERS_PART = 60_000
+
+
 class Admit(amp.Command):
     """
     May a handler of route ``route_id`` start? ``limit`` is the route's
-    ``max_concurrency`` (absent: none); the main process also applies
-    ``--max-handlers``. ``refusal`` is absent when it may.
+    ``max_concurrency`` (absent: none), with a queue of ``queue`` waiting up
+    to ``queue_timeout`` seconds; the main process also applies
+    ``--max-handlers`` and its queue. Answered when the handler may start
+    (``refusal`` absent) or is refused, which may be after it waited in a
+    queue; ``ticket``, unique on the worker's connection, names it for
+    :class:`Withdraw` meanwhile.
     """
 
-    arguments = [(b"route_id", amp.Unicode()), (b"limit", amp.Integer(optional=True))]
+    arguments = [
+        (b"route_id", amp.Unicode()),
+        (b"limit", amp.Integer(optional=True)),
+        (b"queue", amp.Integer(optional=True)),
+        (b"queue_timeout", amp.Float(optional=True)),
+        (b"ticket", amp.Integer(optional=True)),
+    ]
     response = [(b"refusal", amp.Unicode(optional=True))]
+
+
+class Withdraw(amp.Command):
+    """The request of an :class:`Admit` still waiting in a queue no longer wants a slot."""
+
+    arguments = [(b"ticket", amp.Integer())]
+    response: list = []
+    requiresAnswer = False
 
 
 class Release(amp.Command):
@@ -80,6 +105,45 @@ class Release(amp.Command):
     arguments = [(b"route_id", amp.Unicode()), (b"limited", amp.Boolean())]
     response: list = []
     requiresAnswer = False
+
+
+class Handlers(amp.Command):
+    """
+    The worker's live handlers with an id after ``after`` (in id order), as
+    a JSON list of at most :data:`HANDLERS_PART` bytes (at least one
+    handler, if there is one); ``more``: ask again after the last of them.
+    """
+
+    arguments = [(b"after", amp.Unicode())]
+    response = [(b"handlers", amp.String()), (b"more", amp.Boolean())]
+
+
+class HandlerInfo(amp.Command):
+    """One live handler of the worker as JSON, absent if there is none."""
+
+    arguments = [(b"handler_id", amp.Unicode())]
+    response = [(b"handler", amp.String(optional=True))]
+
+
+class Kill(amp.Command):
+    """End a live handler of the worker (as ``DELETE /handlers/{id}``); whether there was one."""
+
+    arguments = [(b"handler_id", amp.Unicode())]
+    response = [(b"killed", amp.Boolean())]
+
+
+def handlers_page(handlers: list[dict], after: str) -> tuple[bytes, bool]:
+    """The answer of :class:`Handlers` from every live handler of a worker."""
+    rest = sorted((h for h in handlers if h["id"] > after), key=lambda h: h["id"])
+    parts: list[bytes] = []
+    size = 2
+    for n, handler in enumerate(rest):
+        text = json.dumps(handler).encode()
+        if parts and size + len(text) + 1 > HANDLERS_PART:
+            return b"[" + b",".join(parts) + b"]", n < len(rest)
+        parts.append(text)
+        size += len(text) + 1
+    return b"[" + b",".join(parts) + b"]", False
 
 
 def table_parts(text: bytes) -> list[bytes]:

@@ -16,6 +16,12 @@
  * when its socket is there beside this executable (src/kapow/forkserver.py
  * describes it and the request written here).
  *
+ * One more mode, for the server only: `kapow --with-limits NAME=VALUE ... --
+ * PROGRAM ARGS` sets resource limits on itself and executes PROGRAM in its
+ * place, so the limits hold from the program's first instruction
+ * (src/kapow/resource_limits.py makes these command lines; prlimit(1) does
+ * the same where this client was not built).
+ *
  * C11 + POSIX, libc only.
  */
 
@@ -31,6 +37,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/types.h>
 #include <sys/uio.h>
@@ -1421,6 +1428,69 @@ static int forked(const char *path, int argc, char **argv)
 	return status;
 }
 
+/* The limits of --with-limits, by the names of src/kapow/resource_limits.py. */
+static const struct {
+	const char *name;
+	int resource;
+} LIMITS[] = {
+	{"memory", RLIMIT_AS},	       {"cpu", RLIMIT_CPU},	    {"open_files", RLIMIT_NOFILE},
+	{"file_size", RLIMIT_FSIZE}, {"processes", RLIMIT_NPROC},
+};
+
+/* One NAME=VALUE of --with-limits applied to this process; 0, or -1 with a
+ * message in `m`. cpu gets its hard limit one second after its soft one, so
+ * SIGXCPU comes before SIGKILL. */
+static int apply_limit(const char *word, struct buf *m)
+{
+	const char *eq = strchr(word, '=');
+	for (size_t i = 0; eq != NULL && i < sizeof LIMITS / sizeof LIMITS[0]; i++) {
+		size_t n = strlen(LIMITS[i].name);
+		if ((size_t)(eq - word) != n || strncmp(word, LIMITS[i].name, n) != 0)
+			continue;
+		struct bytes digits = cview(eq + 1);
+		if (digits.n == 0 || digits.n > 19 || !all_digits(digits))
+			break;
+		unsigned long long value = strtoull(eq + 1, NULL, 10);
+		struct rlimit r = {.rlim_cur = (rlim_t)value, .rlim_max = (rlim_t)value};
+		if (LIMITS[i].resource == RLIMIT_CPU)
+			r.rlim_max = (rlim_t)value + 1;
+		if (setrlimit(LIMITS[i].resource, &r) == 0)
+			return 0;
+		buf_adds(m, "cannot set limit ");
+		buf_adds(m, word);
+		buf_adds(m, ": ");
+		buf_adds(m, strerror(errno));
+		return -1;
+	}
+	buf_adds(m, "--with-limits: not a limit: ");
+	buf_adds(m, word);
+	return -1;
+}
+
+/* `kapow --with-limits NAME=VALUE ... -- PROGRAM ARGS`: PROGRAM under the
+ * limits, in this process; status 127 when it cannot be run. */
+static int with_limits(int argc, char **argv)
+{
+	struct buf m = {0};
+	int i = 2;
+	for (; i < argc && strcmp(argv[i], "--") != 0; i++)
+		if (apply_limit(argv[i], &m) < 0) {
+			error_line(bview(&m));
+			return 127;
+		}
+	if (i + 1 >= argc) {
+		error_line(cview("--with-limits: no program after --"));
+		return 127;
+	}
+	execv(argv[i + 1], argv + i + 1);
+	buf_adds(&m, "cannot run ");
+	buf_adds(&m, argv[i + 1]);
+	buf_adds(&m, ": ");
+	buf_adds(&m, strerror(errno));
+	error_line(bview(&m));
+	return 127;
+}
+
 /* Every command but get, set and unset: the Python command line beside this file. */
 static int hand_over(int argc, char **argv)
 {
@@ -1430,7 +1500,7 @@ static int hand_over(int argc, char **argv)
 		return error_line(cview("cannot find the kapow command line: /proc/self/exe is unreadable"));
 	while (n > 0 && self[n - 1] != '/')
 		n--;
-	if (argc > 1 && strcmp(argv[1], "route") == 0) {
+	if (argc > 1 && (strcmp(argv[1], "route") == 0 || strcmp(argv[1], "handler") == 0)) {
 		memcpy(self + n, FORKSERVER_SOCKET, sizeof FORKSERVER_SOCKET);
 		int status = forked(self, argc, argv);
 		if (status >= 0)
@@ -1471,6 +1541,8 @@ static void set_signals(void)
 
 int main(int argc, char **argv)
 {
+	if (argc > 1 && strcmp(argv[1], "--with-limits") == 0)
+		return with_limits(argc, argv);
 	if (argc < 2 || (strcmp(argv[1], "get") != 0 && strcmp(argv[1], "set") != 0 && strcmp(argv[1], "unset") != 0))
 		return hand_over(argc, argv);
 	set_signals();
