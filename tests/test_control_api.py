@@ -6,6 +6,7 @@ import json
 from typing import Any
 
 from treq.testing import StubTreq
+from twisted.internet.defer import succeed
 from twisted.trial.unittest import SynchronousTestCase
 
 from kapow.control_api import ControlAPI
@@ -144,3 +145,78 @@ class ControlAPITests(SynchronousTestCase):
     def test_health(self) -> None:
         self.call("POST", "/routes", {"method": "GET", "url_pattern": "/a"})
         self.assertEqual(self.call("GET", "/health")[2], {"status": "ok", "routes": 1})
+
+    def test_queue_and_limit_fields(self) -> None:
+        code, _, route = self.call(
+            "POST",
+            "/routes",
+            {
+                "method": "GET", "url_pattern": "/q", "max_concurrency": 1, "queue": 5, "queue_timeout": 2.5,
+                "limits": {"processes": 10, "memory": 268435456},
+            },
+        )  # fmt: skip
+        self.assertEqual(code, 201)
+        self.assertEqual(
+            (route["queue"], route["queue_timeout"], route["limits"]),
+            (5, 2.5, {"memory": 268435456, "processes": 10}),
+        )
+        self.assertEqual(self.call("GET", "/routes/" + route["id"])[2], route)
+
+    def test_bad_queues_and_limits_are_invalid_routes(self) -> None:
+        for bad in (
+            {"queue": -1}, {"queue": 1.5}, {"queue": "5"}, {"queue": True}, {"queue": 10**7},
+            {"queue_timeout": 0}, {"queue_timeout": -1}, {"queue_timeout": "1"}, {"queue_timeout": 1e400},
+            {"limits": {"memory": "lots"}}, {"limits": {"bogus": 1}}, {"limits": {"cpu": 1.5}},
+            {"limits": {"cpu": 0}}, {"limits": {"open_files": -5}}, {"limits": {"memory": 2**63}},
+            {"limits": {"memory": True}}, {"limits": "256M"}, {"limits": [1]}, {"limits": {"memory": None}},
+        ):  # fmt: skip
+            answer = self.call("POST", "/routes", {"method": "GET", "url_pattern": "/b", **bad})
+            self.assertEqual(answer, (422, "application/json", {"reason": "Invalid Route"}), bad)
+        self.assertEqual(self.call("GET", "/routes")[2], [])
+
+
+class FakeHandlers:
+    """Live handlers as the user interface (or the workers) would show them."""
+
+    def __init__(self) -> None:
+        self.shown = {"h1": {"id": "h1", "state": "running", "pid": 42}}
+        self.killed: list[str] = []
+
+    def listing(self) -> Any:
+        return succeed(list(self.shown.values()))
+
+    def handler_info(self, handler_id: str) -> Any:
+        return self.shown.get(handler_id)
+
+    def kill(self, handler_id: str) -> Any:
+        self.killed.append(handler_id)
+        return succeed(self.shown.pop(handler_id, None) is not None)
+
+
+class HandlersTests(SynchronousTestCase):
+    call = ControlAPITests.call
+
+    def setUp(self) -> None:
+        self.routes = RouteTable()
+        self.handlers = FakeHandlers()
+        self.api = ControlAPI(routes=self.routes, handlers=self.handlers)
+        self.treq = StubTreq(self.api.resource())
+
+    def test_list_get_kill(self) -> None:
+        self.assertEqual(
+            self.call("GET", "/handlers"), (200, "application/json", [self.handlers.shown["h1"]])
+        )
+        self.assertEqual(self.call("GET", "/handlers/h1")[:2], (200, "application/json"))
+        self.assertEqual(self.call("DELETE", "/handlers/h1"), (204, "", None))
+        self.assertEqual(self.handlers.killed, ["h1"])
+        for method in ("GET", "DELETE"):
+            self.assertEqual(
+                self.call(method, "/handlers/h1"), (404, "application/json", {"reason": "Handler Not Found"})
+            )
+        self.assertEqual(self.call("GET", "/handlers")[2], [])
+
+    def test_without_handlers_there_are_none(self) -> None:
+        api = StubTreq(ControlAPI(routes=self.routes).resource())
+        response = self.successResultOf(api.get(URL + "/handlers"))
+        self.assertEqual(self.successResultOf(response.json()), [])
+        self.assertEqual(self.successResultOf(api.delete(URL + "/handlers/x")).code, 404)

@@ -694,3 +694,57 @@ def test_only_https_control_urls_are_used(server: KapowServer) -> None:
     env = _operator_environ(server)
     env["KAPOW_CONTROL_URL"] = server.control.replace("https://", "http://")
     _assert_one_error_line(_route(env, "list"), "not an https://HOST:PORT URL")
+
+
+_HANDLER_THEN_MODULES = _ROUTE_THEN_MODULES.replace("import main", "import handler_main as main")
+
+
+def test_queue_and_limit_flags_and_the_handler_command_stay_lean(server: KapowServer) -> None:
+    env = _operator_environ(server)
+    lines, modules = _route_then_modules(
+        env, "add", "/q", "-c", "true", "--max-concurrency", "1", "--queue", "3", "--queue-timeout", "2",
+        "--limit", "memory=256M", "--limit", "cpu=10", "--limit", "file_size=1k",
+    )  # fmt: skip
+    added = json.loads(lines[0])
+    assert (added["queue"], added["queue_timeout"]) == (3, 2)
+    assert added["limits"] == {"memory": 256 << 20, "cpu": 10, "file_size": 1024}
+    imported = [modules]
+    for args in (("list",), ("get", "0" * 32), ("kill", "0" * 32)):
+        run = subprocess.run(
+            [sys.executable, "-c", _HANDLER_THEN_MODULES, *args],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=30,
+        )
+        *output, modules = run.stdout.splitlines()
+        if args == ("list",):
+            assert (run.returncode, output, run.stderr) == (0, ["[]"], "")
+        else:
+            assert (run.returncode, output, run.stderr) == (1, [], "kapow: Handler Not Found\n")
+        imported.append(json.loads(modules))
+    for modules in imported:
+        assert [m for m in modules if m.split(".")[0] in HEAVY] == []
+        assert [m for m in modules if m in LEFT_OUT or m.split(".")[0] in LEFT_OUT] == []
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (("--limit", "memory=lots"), "memory must be a whole number"),
+        (("--limit", "bogus=1"), "unknown limit 'bogus'"),
+        (("--limit", "cpu=2.5"), "cpu must be a whole number"),
+        (("--limit", "cpu"), "expected NAME=VALUE"),
+        (("--queue", "x"), "--queue: invalid int value"),
+    ],
+)
+def test_a_bad_limit_or_queue_flag_is_one_line_and_nothing_is_sent(
+    server: KapowServer, args: tuple[str, ...], fragment: str
+) -> None:
+    _assert_one_error_line(_route(_operator_environ(server), "add", "/x", "-c", "true", *args), fragment)
+    assert json.loads(_route(_operator_environ(server), "list").stdout) == []
+
+
+def test_a_queue_the_server_refuses_is_its_reason(server: KapowServer) -> None:
+    refused = _route(_operator_environ(server), "add", "/x", "-c", "true", "--queue", "-1")
+    _assert_one_error_line(refused, "Invalid Route")

@@ -7,6 +7,7 @@ handler environment.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import stat
 import sys
@@ -24,6 +25,8 @@ from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SkipTest, TestCase
 
+from kapow.launcher import native_client
+from kapow.resource_limits import LimitedCommand
 from kapow.spawn import (
     SessionProcess,
     Spawner,
@@ -472,3 +475,87 @@ class SpawnerTests(TestCase):
         self.assertIn("cannot run /nonexistent/prog", str(caught.exception))
         signal_group(pgid, signal.SIGKILL)
         await live_exit
+
+
+class LimitedSpawnTests(TestCase):
+    """Handlers with resource limits, through each way there is to set them, and both spawn paths."""
+
+    timeout = 20
+
+    def setUp(self) -> Deferred[None]:
+        return reactor_running()
+
+    def ways(self) -> list[tuple[str, LimitedCommand]]:
+        found = []
+        if native_client() is not None:
+            found.append(("native", LimitedCommand(native_client(), None)))
+        if shutil.which("prlimit") is not None:
+            found.append(("prlimit", LimitedCommand(None, shutil.which("prlimit"))))
+        if not found:
+            raise SkipTest("neither the native client nor prlimit is here")
+        return found
+
+    async def limits_seen(
+        self, limited: LimitedCommand, debug: bool, limits: dict[str, int]
+    ) -> dict[str, str]:
+        """The limits of a handler's child, read by a process the handler forks first."""
+        spawner = Spawner(
+            reactor, lambda: {"PATH": os.environ["PATH"]}, lambda: (DATA_URL, CONTROL_URL), debug=debug,
+            limited=limited, default_limits={"open_files": 50, "cpu": 30},
+        )  # fmt: skip
+        self.addCleanup(spawner.close)
+        out = self.mktemp()
+        exited: Deferred[tuple[Any, Any]] = Deferred()
+        spawner.start(
+            "h1",
+            ["sh", "-c", f"cat /proc/self/limits > {out}"],
+            lambda *how: exited.callback(how),
+            limits=limits,
+        )
+        self.assertEqual(await exited, (0, None))
+        with open(out) as f:
+            rows = [line.rsplit(None, 3) for line in f.read().splitlines()[1:]]
+        return {row[0]: f"{row[1]}:{row[2]}" for row in rows if len(row) == 4}
+
+    async def test_limits_hold_in_the_handlers_children(self) -> None:
+        limits = {"memory": 1 << 30, "cpu": 7, "file_size": 4096, "processes": 999}
+        for name, limited in self.ways():
+            for debug in (False, True):
+                seen = await self.limits_seen(limited, debug, limits)
+                self.assertEqual(
+                    (
+                        seen["Max address space"], seen["Max cpu time"], seen["Max file size"],
+                        seen["Max processes"], seen["Max open files"],
+                    ),
+                    (f"{1 << 30}:{1 << 30}", "7:8", "4096:4096", "999:999", "50:50"),
+                    f"{name}, debug={debug}",
+                )  # fmt: skip
+
+    async def test_without_limits_the_program_runs_as_it_is(self) -> None:
+        spawner = Spawner(
+            reactor, lambda: {}, lambda: (DATA_URL, CONTROL_URL), limited=LimitedCommand("/x", None)
+        )
+        self.addCleanup(spawner.close)
+        exited: Deferred[tuple[Any, Any]] = Deferred()
+        pid = await spawner.start("h2", [SH, "-c", "sleep 5"], lambda *how: exited.callback(how))
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            self.assertEqual(f.read(), b"/bin/sh\0-c\0sleep 5\0")  # no program in front, ever
+        signal_group(pid, signal.SIGKILL)
+        await exited
+
+    def test_a_program_that_cannot_run_is_refused_at_once(self) -> None:
+        for _, limited in self.ways():
+            spawner = Spawner(reactor, lambda: {}, lambda: (DATA_URL, CONTROL_URL), limited=limited)
+            self.addCleanup(spawner.close)
+            for argv in (["/nonexistent/prog"], ["no-such-program-anywhere"], [""], []):
+                self.failureResultOf(
+                    spawner.start("h3", argv, lambda *how: None, limits={"cpu": 1}), SpawnError
+                )
+
+    def test_limits_without_a_way_to_set_them(self) -> None:
+        spawner = Spawner(reactor, lambda: {}, lambda: (DATA_URL, CONTROL_URL), limited=None)
+        self.addCleanup(spawner.close)
+        failed = self.failureResultOf(
+            spawner.start("h4", [SH, "-c", "true"], lambda *how: None, limits={"cpu": 1}), SpawnError
+        )
+        self.assertIn("native kapow client or prlimit", failed.getErrorMessage())
