@@ -405,3 +405,40 @@ def test_later_answers_202_and_works_on(start_server: Any, fetch: Fetch, tmp_pat
         assert time.monotonic() < deadline, "the job never finished"
         time.sleep(0.1)
     assert (done.status, done.text) == (200, "SOME WORK")
+
+
+def test_deploy_runs_one_at_a_time_in_arrival_order(start_server: Any, fetch: Fetch, tmp_path: Path) -> None:
+    deploys = tmp_path / "deploys"
+    deploys.mkdir()
+    server = start_example(
+        start_server, "deploy.pow", env={"DEPLOY_DIR": str(deploys), "DEPLOY_SECONDS": "0.3"}
+    )
+    refs = ["v1.2", "v1.3", "hotfix-7"]
+    pushes = []
+    for n, ref in enumerate(refs):
+        pushes.append(
+            subprocess.Popen(
+                ["curl", "-sS", "-X", "POST", "-w", "\n%{http_code}", f"{server.user}/deploy/{ref}"],
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+        )
+        # the next push once this one is in: running, or queued behind the others
+        deadline = time.monotonic() + 10
+        while len(json.loads(server.kapow("handler", "list").stdout)) + done(deploys) < n + 1:
+            assert time.monotonic() < deadline, "the push did not arrive"
+            time.sleep(0.02)
+    answers = [push.communicate(timeout=30)[0] for push in pushes]
+    assert answers == [f"deployed {ref}\n\n200" for ref in refs]
+    log = (deploys / "log").read_text().split("\n")
+    assert log == [f"{what} {ref}" for ref in refs for what in ("start", "done")] + [""]
+    listed = fetch(server.user + "/deploys")
+    assert (listed.status, listed.text) == (200, "".join(f"{ref}\n" for ref in refs))
+    assert fetch(server.user + "/deploy/v1;id", "-X", "POST").status == 404
+    route = next(r for r in json.loads(server.kapow("route", "list").stdout) if r["method"] == "POST")
+    assert (route["max_concurrency"], route["queue"], route["limits"]["memory"]) == (1, 10, 1 << 30)
+
+
+def done(deploys: Path) -> int:
+    log = deploys / "log"
+    return log.read_text().count("done ") if log.exists() else 0

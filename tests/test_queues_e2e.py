@@ -184,11 +184,16 @@ def test_handler_list_get_and_kill(server: KapowServer, tmp_path: Path) -> None:
         " sleep 1000 & sleep 1000 & wait",
     )
     streaming = server.add_route("/stream", "kapow set /response/stream partial; sleep 1000")
+    ended = server.add_route(
+        "/later", "kapow set /response/body early; kapow set /response/end 1; sleep 1000"
+    )
     client = Client(server.user + "/work?x=1")
     pgid = read_int(pidfile)
     other = Client(server.user + "/stream")
+    early = Client(server.user + "/later")
+    assert early.wait().stdout.endswith("early")  # answered, while its process runs on
     try:
-        wait_for(lambda: sorted(states(server)) == ["running", "streaming"], what="both handlers")
+        wait_for(lambda: sorted(states(server)) == ["ended", "running", "streaming"], what="the handlers")
         listed = {h["route_id"]: h for h in handlers(server)}
         work = listed[route["id"]]
         assert set(work) == {"id", "route_id", "method", "path", "remote", "pid", "started", "state"}
@@ -197,6 +202,7 @@ def test_handler_list_get_and_kill(server: KapowServer, tmp_path: Path) -> None:
         )  # fmt: skip
         assert work["started"].endswith("Z") and work["started"][:2] == "20"
         assert listed[streaming["id"]]["state"] == "streaming"
+        assert listed[ended["id"]]["state"] == "ended"
         shown = server.kapow("handler", "get", work["id"])
         assert shown.returncode == 0 and json.loads(shown.stdout) == work
         assert len(group_members(pgid)) == 3
@@ -211,7 +217,7 @@ def test_handler_list_get_and_kill(server: KapowServer, tmp_path: Path) -> None:
         assert (gone.returncode, gone.stdout, gone.stderr) == (1, "", "kapow: Handler Not Found\n")
         again = server.kapow("handler", "kill", work["id"])
         assert (again.returncode, again.stderr) == (1, "kapow: Handler Not Found\n")
-        assert [h["route_id"] for h in handlers(server)] == [streaming["id"]]
+        assert sorted(h["route_id"] for h in handlers(server)) == sorted([streaming["id"], ended["id"]])
     finally:
         for h in handlers(server):
             server.kapow("handler", "kill", h["id"])

@@ -1,16 +1,22 @@
-"""A worker's admission of its handlers, without processes: the link to the main process is faked."""
+"""
+Admission across workers, without processes: a worker's side with the link to
+the main process faked, and the main process's side without a connection.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred, fail, succeed
+from twisted.internet.error import ConnectionLost
 from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
+from kapow.admission import ServerQueue, Slots
 from kapow.governor import Governor, Limits
 from kapow.routes import Route
 from kapow.worker import MainAdmission
+from kapow.worker_pool import MainLink
 from kapow.workers import Admit, Release, Withdraw
 
 
@@ -99,3 +105,61 @@ class MainAdmissionTests(TestCase):
         self.assertEqual(link.calls[-1], (Withdraw, {"ticket": 1}))
         pending.callback({})
         self.assertEqual(link.calls[-1], (Release, {"route_id": "r1", "limited": True}))
+
+    def test_a_lost_main_process_refuses_and_is_told_nothing(self) -> None:
+        class Lost:
+            def callRemote(self, command: Any, **arguments: Any) -> Any:
+                raise ConnectionLost()
+
+        governor = Governor(Clock(), Limits())
+        lost = MainAdmission(governor, None, Lost())  # type: ignore[arg-type]
+        self.assertEqual(self.successResultOf(lost.admit(LIMITED)), "the main process does not answer")
+        lost.release(LIMITED)
+        governor.stop_admitting()
+
+
+class MainLinkTests(TestCase):
+    """The main process's side: one queue for every worker, kept in its Slots."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.slots = Slots(self.clock, ServerQueue())
+        self.one, self.two = MainLink(1, self.slots), MainLink(2, self.slots)
+
+    def admit(self, link: MainLink, ticket: int) -> Any:
+        return link.admit("r1", limit=1, queue=5, queue_timeout=10.0, ticket=ticket)
+
+    def test_requests_of_every_worker_wait_in_one_queue_in_arrival_order(self) -> None:
+        self.assertEqual(self.admit(self.one, 1), {})
+        order: list[int] = []
+        for link, ticket in ((self.two, 1), (self.one, 2), (self.two, 2)):
+            waiting = self.admit(link, ticket)
+            waiting.addCallback(lambda answer, n=link.number: order.append(n))
+        self.one.release("r1", limited=True)
+        self.assertEqual(order, [2])
+        self.two.release("r1", limited=True)
+        self.one.release("r1", limited=True)
+        self.assertEqual(order, [2, 1, 2])
+
+    def test_a_withdrawn_request_is_answered_and_takes_no_slot(self) -> None:
+        self.admit(self.one, 1)
+        waiting = self.admit(self.two, 7)
+        self.two.withdraw(7)
+        self.assertEqual(self.successResultOf(waiting), {"refusal": "withdrawn"})
+        self.one.release("r1", limited=True)
+        self.assertEqual(self.slots.total, 0)
+
+    def test_a_dead_worker_gives_back_its_slots_and_leaves_the_queue(self) -> None:
+        self.admit(self.one, 1)
+        gone = self.admit(self.one, 2)
+        later = self.admit(self.two, 1)
+        self.one.release_all()
+        self.assertEqual(self.successResultOf(gone), {"refusal": "withdrawn"})
+        self.assertEqual(self.successResultOf(later), {})  # the dead worker's slot went on
+        self.assertEqual((self.slots.total, self.slots.waiting()), (1, 0))
+
+    def test_the_queue_timeout_is_the_routes(self) -> None:
+        self.admit(self.one, 1)
+        waiting = self.admit(self.two, 1)
+        self.clock.advance(10)
+        self.assertEqual(self.successResultOf(waiting), {"refusal": "waited 10s in the queue"})

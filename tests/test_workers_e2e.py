@@ -241,3 +241,85 @@ def test_the_data_bind_reaches_the_handlers_of_every_worker(start_server, tmp_pa
         for request in requests.values():
             request.kill()
             request.wait()
+
+
+def listed(server: KapowServer) -> list[dict]:
+    result = server.kapow("handler", "list")
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def worker_of(handler: dict) -> int:
+    return int(handler["id"][:4], 16)
+
+
+def test_one_queue_for_the_whole_server_first_come_first_served(start_server, tmp_path: Path) -> None:
+    server = start_server(extra=WORKERS)
+    serving(server)
+    go, log = tmp_path / "go", tmp_path / "log"
+    server.add_route(
+        "/deploy",
+        f'n=$(kapow get /request/params/n); echo "start $n" >> {log};'
+        f' while [ ! -e {go} ]; do sleep 0.02; done; echo "end $n" >> {log}',
+        "--max-concurrency", "1", "--queue", "30",
+    )  # fmt: skip
+    requests: list[subprocess.Popen] = []
+    try:
+        for n in range(30):  # one at a time, each in before the next, until both workers hold some
+            requests.append(
+                subprocess.Popen(
+                    ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", f"{server.user}/deploy?n={n}"],
+                    stdout=subprocess.PIPE,
+                    text=True,
+                )
+            )
+            wait_for(lambda: len(listed(server)) == len(requests), what=f"request {n} to arrive")
+            handlers = listed(server)
+            if len(requests) >= 4 and {worker_of(h) for h in handlers} == {1, 2}:
+                break
+        assert {worker_of(h) for h in handlers} == {1, 2}
+        assert sorted(h["state"] for h in handlers) == ["queued"] * (len(requests) - 1) + ["running"]
+    finally:
+        go.touch()
+        codes = [request.communicate(timeout=30)[0] for request in requests]
+    assert codes == ["200"] * len(requests)
+    assert log.read_text().split("\n") == [
+        f"{what} {n}" for n in range(len(requests)) for what in ("start", "end")
+    ] + [""]
+
+
+def test_the_handler_list_covers_every_worker_and_kill_reaches_the_right_one(
+    start_server, tmp_path: Path
+) -> None:
+    server = start_server(extra=WORKERS)
+    serving(server)
+    started = tmp_path / "started"
+    started.mkdir()
+    server.add_route("/hold", f"echo $$ > {started}/$$; kapow set /response/body held; sleep 1000 & wait")
+    requests: list[subprocess.Popen] = []
+    try:
+        for _ in range(40):  # until both workers run one
+            requests.append(subprocess.Popen(["curl", "-s", server.user + "/hold"], stdout=subprocess.PIPE))
+            wait_for(lambda: len(listed(server)) == len(requests), what="the handler to start")
+            if {worker_of(h) for h in listed(server)} == {1, 2}:
+                break
+        handlers = listed(server)
+        assert {worker_of(h) for h in handlers} == {1, 2}
+        assert {h["pid"] for h in handlers} == {int(p.name) for p in started.iterdir()}
+        for number in (2, 1):
+            victim = next(h for h in handlers if worker_of(h) == number)
+            shown = server.kapow("handler", "get", victim["id"])
+            assert json.loads(shown.stdout)["pid"] == victim["pid"]
+            assert server.kapow("handler", "kill", victim["id"]).returncode == 0
+            wait_for(
+                lambda pid=victim["pid"]: not group_members(pid), what="the killed handler's group to end"
+            )
+            assert victim["id"] not in {h["id"] for h in listed(server)}
+            gone = server.kapow("handler", "kill", victim["id"])
+            assert (gone.returncode, gone.stderr) == (1, "kapow: Handler Not Found\n")
+        assert len(listed(server)) == len(requests) - 2
+    finally:
+        for h in listed(server):
+            server.kapow("handler", "kill", h["id"])
+        bodies = [request.communicate(timeout=30)[0] for request in requests]
+    assert bodies == [b"held"] * len(requests)  # each response completed as at exit

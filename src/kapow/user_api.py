@@ -42,7 +42,7 @@ class _Waiting:
 
 
 #: The ``state`` the control API shows for each state of a handler's response.
-STATES = {State.PENDING.value: "running", State.STREAMING.value: "streaming"}
+STATES = {State.PENDING: "running", State.STREAMING: "streaming", State.ENDED: "ended"}
 
 
 class UserAPI(Resource):
@@ -167,7 +167,7 @@ class UserAPI(Resource):
         started = self.governor.started_at(handler.id)
         if started is None:
             return None
-        state = STATES.get(handler.state.value, handler.state.value)
+        state = STATES.get(handler.state, handler.state.value)
         return _info(
             handler.id, handler.route.id, handler.request, self.governor.pid(handler.id), started, state
         )

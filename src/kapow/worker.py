@@ -13,7 +13,8 @@ import json
 from collections.abc import Callable
 from typing import Any
 
-from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
+from twisted.internet.error import ConnectionLost
 from twisted.logger import Logger
 from twisted.protocols import amp
 from twisted.python.failure import Failure
@@ -117,25 +118,31 @@ class MainAdmission:
             elif refusal is None:  # withdrawn, but the slot came first
                 self.release(route)
 
-        self.link.callRemote(Admit, **arguments).addCallbacks(
+        maybeDeferred(self.link.callRemote, Admit, **arguments).addCallbacks(
             lambda found: found.get("refusal"), lost
         ).addCallback(answered)
         return answer
 
     def _withdraw(self, ticket: int) -> None:
         if self._waiting.pop(ticket, None) is not None:
-            self.link.callRemote(Withdraw, ticket=ticket)
+            self._tell(Withdraw, ticket=ticket)
 
     def _refuse_waiting(self) -> None:
         waiting, self._waiting = self._waiting, {}
         for ticket, answer in waiting.items():
-            self.link.callRemote(Withdraw, ticket=ticket)
+            self._tell(Withdraw, ticket=ticket)
             answer.callback("the server is stopping")
 
     def release(self, route: Route) -> None:
         """A handler that :meth:`admit` let start has exited."""
         if self._limited(route):
-            self.link.callRemote(Release, route_id=route.id, limited=route.max_concurrency is not None)
+            self._tell(Release, route_id=route.id, limited=route.max_concurrency is not None)
+
+    def _tell(self, command: type[amp.Command], **arguments: Any) -> None:
+        try:
+            self.link.callRemote(command, **arguments)
+        except ConnectionLost:
+            pass  # the main process is gone, and with it what it counted
 
 
 class WorkerLink(amp.AMP):

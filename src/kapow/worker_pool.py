@@ -19,7 +19,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from twisted.application.service import Service
-from twisted.internet.defer import CancelledError, Deferred, gatherResults, succeed
+from twisted.internet.defer import CancelledError, Deferred, gatherResults, maybeDeferred, succeed
 from twisted.internet.error import ProcessExitedAlready
 from twisted.internet.protocol import Factory, ProcessProtocol
 from twisted.logger import Logger
@@ -378,7 +378,7 @@ class WorkerPool(Service):
             part = json.loads(answer["handlers"])
             found.extend(part)
             if answer["more"] and part:
-                return worker.link.callRemote(Handlers, after=part[-1]["id"]).addCallback(page)
+                return maybeDeferred(worker.link.callRemote, Handlers, after=part[-1]["id"]).addCallback(page)
             return found
 
         def failed(failure: Failure) -> list[dict]:
@@ -387,14 +387,14 @@ class WorkerPool(Service):
             )
             return found
 
-        return worker.link.callRemote(Handlers, after="").addCallback(page).addErrback(failed)
+        return maybeDeferred(worker.link.callRemote, Handlers, after="").addCallback(page).addErrback(failed)
 
     def handler_info(self, handler_id: str) -> Deferred[dict | None] | None:
         """One live handler, asked of the worker that runs it."""
         worker = self._worker_of(handler_id)
         if worker is None:
             return None
-        return worker.link.callRemote(HandlerInfo, handler_id=handler_id).addCallback(
+        return maybeDeferred(worker.link.callRemote, HandlerInfo, handler_id=handler_id).addCallback(
             lambda answer: json.loads(answer["handler"]) if answer.get("handler") is not None else None
         )
 
