@@ -533,13 +533,22 @@ class LimitedSpawnTests(TestCase):
 
     async def test_without_limits_the_program_runs_as_it_is(self) -> None:
         spawner = Spawner(
-            reactor, lambda: {}, lambda: (DATA_URL, CONTROL_URL), limited=LimitedCommand("/x", None)
-        )
+            reactor, lambda: {"PATH": os.environ["PATH"]}, lambda: (DATA_URL, CONTROL_URL),
+            limited=LimitedCommand("/nonexistent/limits", None),
+        )  # fmt: skip
         self.addCleanup(spawner.close)
         exited: Deferred[tuple[Any, Any]] = Deferred()
-        pid = await spawner.start("h2", [SH, "-c", "sleep 5"], lambda *how: exited.callback(how))
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            self.assertEqual(f.read(), b"/bin/sh\0-c\0sleep 5\0")  # no program in front, ever
+        pid = await spawner.start("h2", [SH, "-c", "sleep 5; true"], lambda *how: exited.callback(how))
+        self.addCleanup(signal_group, pid, signal.SIGKILL)
+
+        def cmdline() -> bytes:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                return f.read()
+
+        deadline = time.monotonic() + 5
+        while not cmdline() and time.monotonic() < deadline:  # empty until its exec is done
+            await deferLater(reactor, 0.01, lambda: None)
+        self.assertEqual(cmdline(), b"/bin/sh\0-c\0sleep 5; true\0")  # no program in front, ever
         signal_group(pid, signal.SIGKILL)
         await exited
 
