@@ -12,13 +12,15 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from kapow import reaper
 from kapow.containment import make_cgroup
 from kapow.reaper import marked_processes
-from tests.kapowserver import KapowServer, wait_for
+from tests.kapowserver import KAPOW, KapowServer, wait_for
 
 #: A handler that starts a background child in its own group, one that makes
 #: a session of its own (escaping its process group), and waits.
@@ -223,4 +225,44 @@ def test_init_programs_die_with_the_server_and_a_lost_reaper_is_replaced(tmp_pat
         kill_server(server)
         assert gone(pids), f"left running: {[p for p in pids if alive(p)]}"
     finally:
+        server.stop()
+
+
+@pytest.fixture
+def no_cgroup_below() -> Iterator[str]:
+    """A cgroup in which no cgroup can be made (``cgroup.max.descendants`` 0)."""
+    from kapow.containment import cgroup_v2_dir
+
+    base = cgroup_v2_dir()
+    if base is None:
+        pytest.skip("no cgroup v2 hierarchy")
+    path = os.path.join(base, f"kapow-test-{os.getpid()}")
+    try:
+        os.mkdir(path)
+    except OSError as e:
+        pytest.skip(f"cannot make a cgroup here: {e.strerror}")
+    try:
+        Path(path, "cgroup.max.descendants").write_text("0")
+        yield path
+    finally:
+        reaper.kill_cgroup(path)
+        reaper.remove_cgroup(path)
+
+
+def test_without_a_cgroup_the_handlers_are_found_by_their_environment(
+    tmp_path: Path, no_cgroup_below: str
+) -> None:
+    enter = f'echo $$ > {no_cgroup_below}/cgroup.procs && exec "$0" "$@"'
+    server = KapowServer(tmp_path, command=["/bin/sh", "-c", enter, KAPOW, "server"])
+    client = None
+    try:
+        assert not contained(server)
+        client, pids = start_handler(server, tmp_path)
+        kill_server(server)
+        assert gone(list(pids.values())), f"left running: {[p for p in pids.values() if alive(p)]}"
+        server.wait_log(r"kapow reaper: the server \(pid \d+\) is gone: killed \d+ processes")
+    finally:
+        if client is not None:
+            client.kill()
+            client.wait()
         server.stop()
