@@ -5,6 +5,7 @@ the main process faked, and the main process's side without a connection.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred, fail, succeed
@@ -17,7 +18,7 @@ from kapow.governor import Governor, Limits
 from kapow.routes import Route
 from kapow.worker import MainAdmission
 from kapow.worker_pool import MainLink
-from kapow.workers import Admit, Release, Withdraw
+from kapow.workers import HANDLERS_PART, Admit, Release, Withdraw, handlers_page
 
 
 class Link:
@@ -163,3 +164,19 @@ class MainLinkTests(TestCase):
         waiting = self.admit(self.two, 1)
         self.clock.advance(10)
         self.assertEqual(self.successResultOf(waiting), {"refusal": "waited 10s in the queue"})
+
+
+def test_the_handlers_of_a_worker_come_in_pages_that_fit_amp() -> None:
+    handlers = [{"id": f"{n:032x}", "path": "/" + "x" * 1000} for n in range(150)]
+    pages, after = [], ""
+    while True:
+        page, more = handlers_page(handlers, after)
+        assert len(page) <= HANDLERS_PART
+        found = json.loads(page)
+        pages.append(found)
+        if not more:
+            break
+        after = found[-1]["id"]
+    assert len(pages) > 1
+    assert [h for page in pages for h in page] == handlers
+    assert handlers_page([], "") == (b"[]", False)

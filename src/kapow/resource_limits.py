@@ -8,9 +8,12 @@ child that already runs, it is a race that a child forking at once wins. So
 the handler is started through a small program that sets the limits on
 itself and then executes the handler's program in its place (the same
 process, hence the same pid and process group): the native ``kapow`` client
-(``kapow --with-limits NAME=VALUE ... -- PROGRAM ARGS``, about 0.6 ms more
-per spawn here) or, where it was not built, util-linux's ``prlimit`` (about
-1 ms more). Routes without limits are started as before.
+(``kapow --with-limits NAME=VALUE ... -- PROGRAM ARGS``) or, where it was not
+built, util-linux's ``prlimit``. Measured here (``bench/bench_limits.py``):
+a start without limits 0.8 ms, through the native client 0.4 ms more,
+through ``prlimit`` 0.9 ms more; forking the server to set the limits in
+the child (``preexec_fn``) costs about 9 ms, the copy of a server-sized
+process. Routes without limits are started as before.
 
 Standard library only, and nothing but :mod:`os`: ``kapow route add
 --limit`` parses limits with it.
