@@ -90,6 +90,7 @@ def test_examples_are_posix_shell_scripts() -> None:
         "headers.pow",
         "checksum.pow",
         "later.pow",
+        "github-webhook.pow",
     }
     for program in programs:
         assert program.read_text().startswith("#!/bin/sh\n"), program
@@ -442,3 +443,29 @@ def test_deploy_runs_one_at_a_time_in_arrival_order(start_server: Any, fetch: Fe
 def done(deploys: Path) -> int:
     log = deploys / "log"
     return log.read_text().count("done ") if log.exists() else 0
+
+
+def test_github_webhook_serves_only_signed_deliveries(
+    start_server: Any, fetch: Fetch, tmp_path: Path
+) -> None:
+    import hmac
+
+    secret = tmp_path / "github.secret"
+    secret.write_text("the webhook secret")
+    server = start_example(start_server, "github-webhook.pow", env={"GITHUB_SECRET_FILE": str(secret)})
+    body = '{"zen":"Keep it logically awesome."}'
+    signature = "sha256=" + hmac.new(b"the webhook secret", body.encode(), hashlib.sha256).hexdigest()
+
+    def deliver(event: str, *headers: str, data: str = body) -> Reply:
+        return fetch(
+            server.user + "/github", "-H", f"X-GitHub-Event: {event}", "-H", "X-GitHub-Delivery: d-1",
+            *headers, "--data-binary", data,
+        )  # fmt: skip
+
+    pong = deliver("ping", "-H", f"X-Hub-Signature-256: {signature}")
+    assert (pong.status, pong.text) == (200, "pong\n")
+    push = deliver("push", "-H", f"X-Hub-Signature-256: {signature}")
+    assert (push.status, push.text) == (200, "accepted push d-1\n")
+    server.wait_log(r"github: delivery d-1: push event, 36 bytes")
+    assert deliver("push").status == 401
+    assert deliver("push", "-H", f"X-Hub-Signature-256: {signature}", data=body + " ").status == 401

@@ -73,6 +73,8 @@ def with_backlog(description: str, backlog: int) -> str:
     one itself; sockets handed over by systemd are already listening.
     """
     kind = description.split(":", 1)[0]
+    if kind == "haproxy":
+        return "haproxy:" + with_backlog(description[len("haproxy:") :], backlog)
     if kind not in ("tcp", "tcp6", "unix") or ":backlog=" in description:
         return description
     return f"{description}:backlog={backlog}"

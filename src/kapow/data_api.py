@@ -77,6 +77,8 @@ def parse_resource(segments: list[str]) -> Resource:
             return Resource(kind, False, name)
         case ["request", "files", name, ("filename" | "content") as part] if name:
             return Resource("file_" + part, False, name)
+        case ["request", "auth", "user"]:
+            return Resource("auth_user", False)
         case ["route", "id"]:
             return Resource("route_id", False)
         case ["ssl", "client", "i", "dn"]:
@@ -179,7 +181,7 @@ class DataAPI(resource.Resource):
         elif target.kind == "client_dn":
             from kapow.tls import peer_subject_dn
 
-            dn = peer_subject_dn(handler.request.transport)
+            dn = peer_subject_dn(handler.request.transport or handler.request.channel)
             value = None if dn is None else dn.encode()
         else:
             value = handler.request_value(target.kind, target.name)

@@ -127,6 +127,8 @@ class Handler:
             return unquote_to_bytes(request.path)
         if kind == "remote":
             return getattr(request.getClientAddress(), "host", "").encode()
+        if kind == "auth_user":
+            return getattr(request, "kapow_auth_user", None)
         assert name is not None
         if kind == "matches":
             value = self.matches.get(name)

@@ -171,6 +171,28 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
         metavar="CODE",
         help="status (400-599) of a handler that exits non-zero before its response started",
     )
+    add.add_argument(
+        "--auth-bearer",
+        metavar="FILE",
+        help="require Authorization: Bearer with one of the tokens in FILE (one per line)",
+    )
+    add.add_argument(
+        "--auth-basic",
+        metavar="FILE",
+        help="require Basic credentials of a user of the htpasswd FILE (bcrypt lines only)",
+    )
+    add.add_argument(
+        "--auth-hmac",
+        metavar="HEADER:FILE[:ALGORITHM[:PREFIX]]",
+        help="require HEADER to be PREFIX + the hex HMAC (sha256 by default) of the body, "
+        "keyed with the secret in FILE",
+    )
+    add.add_argument(
+        "--allow",
+        metavar="CIDR",
+        action="append",
+        help="accept only clients in this network (repeatable)",
+    )
     add.add_argument("url_pattern", metavar="URL_PATTERN", help="e.g. /greet/{name}")
     add.add_argument(
         "command_file", metavar="COMMAND_FILE", nargs="?", help="file with the command, or - for stdin"
@@ -248,6 +270,9 @@ def _request(args: argparse.Namespace) -> tuple[str, str, dict[str, Any] | None,
                 body["limits"] = parse_limits(args.limit)
             except InvalidLimit as e:
                 raise CommandError(str(e)) from None
+        auth = _auth(args)
+        if auth:
+            body["auth"] = auth
         if args.index is None:
             return "POST", "/routes", body, 201
         body["index"] = args.index
@@ -258,6 +283,42 @@ def _request(args: argparse.Namespace) -> tuple[str, str, dict[str, Any] | None,
     if args.action == "get":
         return "GET", path, None, 200
     return "DELETE", path, None, 204
+
+
+def _auth(args: argparse.Namespace) -> dict[str, Any]:
+    """The route's ``auth`` from the ``--auth-*`` and ``--allow`` flags; file names made absolute,
+    since the server reads them from its own working directory."""
+    auth: dict[str, Any] = {}
+    if args.auth_bearer is not None:
+        auth["bearer_tokens_file"] = _absolute(args.auth_bearer, "--auth-bearer")
+    if args.auth_basic is not None:
+        auth["basic_users_file"] = _absolute(args.auth_basic, "--auth-basic")
+    if args.auth_hmac is not None:
+        parts = args.auth_hmac.split(":", 3)
+        if len(parts) < 2 or not parts[0] or not parts[1]:
+            raise CommandError(f"--auth-hmac {args.auth_hmac!r}: expected HEADER:FILE[:ALGORITHM[:PREFIX]]")
+        rule = {"header": parts[0], "secret_file": _absolute(parts[1], "--auth-hmac")}
+        if len(parts) > 2 and parts[2]:
+            rule["algorithm"] = parts[2]
+        if len(parts) > 3:
+            rule["prefix"] = parts[3]
+        auth["hmac"] = rule
+    if args.allow:
+        import ipaddress  # only here: most routes have no --allow
+
+        for network in args.allow:
+            try:
+                ipaddress.ip_network(network.strip(), strict=False)
+            except ValueError as e:
+                raise CommandError(f"--allow {network!r}: {e}") from None
+        auth["allow"] = [network.strip() for network in args.allow]
+    return auth
+
+
+def _absolute(path: str, flag: str) -> str:
+    if not path:
+        raise CommandError(f"{flag}: the file name is empty")
+    return os.path.abspath(path)
 
 
 # What urllib.parse.quote(segment, safe="") leaves as it is (RFC 3986 unreserved).

@@ -27,6 +27,8 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
+from kapow.auth import AuthError, RouteAuth, normalize
+
 __all__ = [
     "DEFAULT_ENTRYPOINT",
     "METHOD_NOT_ALLOWED",
@@ -58,6 +60,7 @@ OPTIONS = (
     "queue",
     "queue_timeout",
     "limits",
+    "auth",
 )
 
 #: Seconds a queued request waits for a slot when its route sets no ``queue_timeout``.
@@ -253,6 +256,10 @@ class Route:
         ``None``: :data:`DEFAULT_QUEUE_TIMEOUT`).
     :ivar limits: resource limits of the handler and everything it starts
         (:mod:`kapow.resource_limits`); ``None`` or empty: the server's.
+    :ivar auth: the request authentication (see :mod:`kapow.auth`): its
+        files are read when the route is made.
+    :ivar strict_auth: whether an auth file that cannot be read makes the
+        route invalid (else the route refuses every request until a reload).
     :raises InvalidRoute: if a field is invalid.
     """
 
@@ -270,8 +277,11 @@ class Route:
     queue: int | None = None
     queue_timeout: float | None = None
     limits: Mapping[str, int] | None = field(default=None, hash=False)
+    auth: dict | None = field(default=None, hash=False)
+    strict_auth: bool = field(default=True, repr=False, compare=False)
     _pattern: Pattern = field(init=False, repr=False, compare=False)
     _argv: tuple[str, ...] = field(init=False, repr=False, compare=False)
+    _guard: RouteAuth | None = field(init=False, repr=False, compare=False, default=None)
 
     def __post_init__(self) -> None:
         if not isinstance(self.id, str):
@@ -328,6 +338,18 @@ class Route:
             _check_positive_number(self.queue_timeout, "queue_timeout")
         if self.limits is not None:
             object.__setattr__(self, "limits", _checked_limits(self.limits) or None)
+        if self.auth is not None:
+            try:
+                spec = normalize(self.auth)
+                object.__setattr__(self, "auth", spec)
+                object.__setattr__(self, "_guard", RouteAuth(spec, strict=self.strict_auth))
+            except AuthError as e:
+                raise InvalidRoute(f"auth: {e}") from None
+
+    @property
+    def guard(self) -> RouteAuth | None:
+        """The loaded :attr:`auth` checks, if the route has any."""
+        return self._guard
 
     @property
     def pattern(self) -> Pattern:
@@ -366,7 +388,7 @@ class Route:
         return data
 
 
-def route_from_json(data: object, route_id: str) -> Route:
+def route_from_json(data: object, route_id: str, strict_auth: bool = True) -> Route:
     """Build a route from a decoded JSON request body.
 
     Required: ``method`` (non-empty string, an HTTP token; upper-cased) and
@@ -380,10 +402,12 @@ def route_from_json(data: object, route_id: str) -> Route:
     (integer from 400 to 599), ``queue`` (integer from 0 to
     :data:`MAX_QUEUE`), ``queue_timeout`` (seconds > 0), ``limits`` (an
     object: some of :data:`LIMIT_NAMES`, each a whole number from 1 to
-    :data:`MAX_LIMIT`). Any other key, including ``id`` and ``index``, is ignored.
+    :data:`MAX_LIMIT`). Any other key, including ``id`` and ``index``,  ``auth`` (see :mod:`kapow.auth`). Any other key, including
+    ``id`` and ``index``, is ignored.
 
     :param data: what :func:`json.loads` returned.
     :param route_id: the id the new route gets.
+    :param strict_auth: see :attr:`Route.strict_auth`.
     :raises InvalidRoute: if ``data`` is not an object or any field is invalid.
     """
     if not isinstance(data, dict):
@@ -396,6 +420,7 @@ def route_from_json(data: object, route_id: str) -> Route:
         id=route_id,
         method=data["method"],
         url_pattern=data["url_pattern"],
+        strict_auth=strict_auth,
         **{key: value for key, value in optional.items() if value is not None},
     )
 

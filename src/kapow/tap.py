@@ -20,6 +20,7 @@ from typing import Any
 from twisted.internet.endpoints import AdoptedStreamServerEndpoint, serverFromString
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
+from twisted.protocols.haproxy import proxyEndpoint
 from twisted.python import usage
 from twisted.web.server import Site
 
@@ -42,6 +43,7 @@ from kapow.governor import Governor, Limits
 from kapow.handlers import HandlerRegistry
 from kapow.init_programs import InitProgramsService
 from kapow.launcher import native_client
+from kapow.proxies import TrustedProxies, parse_trusted_proxies
 from kapow.resource_limits import InvalidLimit, LimitedCommand, parse_limit
 from kapow.routes import DEFAULT_QUEUE_TIMEOUT, MAX_QUEUE, RouteTable
 from kapow.service import KapowService, LauncherDirectory, Listener, StartupError, fatal
@@ -71,7 +73,8 @@ def parse_listen_address(addr: str) -> tuple[str, str | None]:
     The reference's ``host:port`` form (``0.0.0.0:8080``, ``localhost:8081``,
     ``[::1]:8082``, ``:8080`` for every interface) is accepted, and so is any
     endpoint description whose type is one of ``tcp``, ``tcp6``, ``unix``,
-    ``systemd`` (TLS comes from ``--certfile``/``--keyfile`` and, for the
+    ``systemd``, and either of the first three (or ``HOST:PORT``) behind
+    ``haproxy:`` for the PROXY protocol (TLS comes from ``--certfile``/``--keyfile`` and, for the
     control API, always; never from the description).
 
     :return: the description and the host as written (``None`` for an
@@ -79,6 +82,11 @@ def parse_listen_address(addr: str) -> tuple[str, str | None]:
     :raises StartupError: for anything else.
     """
     kind = addr.split(":", 1)[0]
+    if kind == "haproxy":
+        inner, host = parse_listen_address(addr[len("haproxy:") :])
+        if inner.startswith(("haproxy:", "systemd:")):
+            raise StartupError(f"{addr!r}: haproxy: wraps a tcp, tcp6, unix or HOST:PORT address")
+        return "haproxy:" + inner, host
     if kind in _ENDPOINT_TYPES:
         return addr, None
     if kind in ("ssl", "tls"):
@@ -244,6 +252,13 @@ class Options(usage.Options):
             raise usage.UsageError(str(e)) from None
         self["limits"][name] = number
 
+    def opt_trusted_proxies(self, value: str) -> None:
+        """CIDR[,CIDR...] of reverse proxies whose X-Forwarded-For or Forwarded header names the client."""
+        try:
+            self["trusted-proxies"] = parse_trusted_proxies(value)
+        except ValueError as e:
+            raise usage.UsageError(f"--trusted-proxies: {e}") from None
+
     def opt_workers(self, value: str) -> None:
         """Worker processes serving the user interface, or auto: one per CPU this process may use [default: 1]."""
         if value == "auto":
@@ -294,6 +309,7 @@ class Options(usage.Options):
         self["body-min-rate"] = 500.0
         self["backlog"] = None
         self["max-connections"] = None
+        self["trusted-proxies"] = None
 
     def opt_version(self) -> None:
         """Print the version and exit."""
@@ -466,7 +482,10 @@ def build_service(options: Options, reactor: Any) -> KapowService:
             limited=LimitedCommand.find(native_client()),
             default_limits=options["limits"],
         )
-        user_api = UserAPI(routes, handlers, spawner, governor, admission)
+        proxies = options["trusted-proxies"]
+        user_api = UserAPI(
+            routes, handlers, spawner, governor, admission, TrustedProxies(proxies) if proxies else None
+        )
         site = UserSite(user_api, worker=worker)
         service.user_listener = listen(user_where, site, "user", user_scheme, user_tls)
         return user_api
@@ -480,7 +499,10 @@ def build_service(options: Options, reactor: Any) -> KapowService:
         )
 
     if worker is not None:
-        gate = GatedEndpoint(AdoptedStreamServerEndpoint(reactor, USER_FD, _socket_family(USER_FD)))
+        adopted: Any = AdoptedStreamServerEndpoint(reactor, USER_FD, _socket_family(USER_FD))
+        if options["bind"].startswith("haproxy:"):
+            adopted = proxyEndpoint(adopted)
+        gate = GatedEndpoint(adopted)
         link = WorkerLink(worker, routes, governor, service, gate, lambda: data.url())
         link.user_api = serve_users((gate, None), MainAdmission(governor, options["max-handlers"], link))
         data = listen(
@@ -520,6 +542,8 @@ def build_service(options: Options, reactor: Any) -> KapowService:
         ).resource()
     )
     control_site.requestFactory = bounded_request_factory(CONTROL_MAX_BODY)
+    # HTTP/1.1 only: its error reasons are status-line phrases, which HTTP/2 has not
+    control_site.acceptableProtocols = lambda: [b"http/1.1"]  # type: ignore[method-assign]
     control = listen(
         endpoint("control-bind"), control_site, "control", "https", tls.control_server_options(creds)
     )

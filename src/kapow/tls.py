@@ -309,7 +309,8 @@ def peer_subject_dn(transport: object) -> str | None:
     """The subject DN of the client certificate on a TLS connection.
 
     In a twisted.web resource pass ``request.transport`` (or
-    ``request.channel.transport``): with :func:`tls_server_endpoint` it is the
+    ``request.channel.transport``; over HTTP/2, where a request has no
+    transport of its own, ``request.channel``, its stream): with :func:`tls_server_endpoint` it is the
     :class:`~twisted.protocols.tls.TLSMemoryBIOProtocol`, which provides
     :class:`~twisted.internet.interfaces.ISSLTransport`.  The certificate has
     been verified in the handshake when the listener demands one (the control
@@ -325,6 +326,9 @@ def peer_subject_dn(transport: object) -> str | None:
     :return: the DN, or ``None`` if ``transport`` is not TLS or the peer sent
         no certificate.
     """
+    connection = getattr(transport, "_conn", None)
+    if connection is not None:  # a request over HTTP/2: the transport is its stream
+        transport = getattr(connection, "transport", None)
     if transport is None or not ISSLTransport.providedBy(transport):
         return None
     certificate = transport.getPeerCertificate()

@@ -9,6 +9,7 @@ redirect, changing the paths operators match on).
 
 from __future__ import annotations
 
+import io
 import os
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -16,11 +17,13 @@ from typing import Any
 from urllib.parse import unquote, unquote_to_bytes
 
 from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.web import http
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
+from kapow.auth import Refusal, RouteAuth
 from kapow.governor import Governor
 from kapow.handlers import Handler, HandlerRegistry, State
 from kapow.routes import METHOD_NOT_ALLOWED, Match, RouteTable
@@ -55,6 +58,8 @@ class UserAPI(Resource):
         reason to refuse, or a Deferred of either, which may be cancelled to
         withdraw the request; ``release(route)`` when an admitted handler
         exited); the governor by default.
+    :param proxies: the trusted proxies whose forwarding headers name the
+        client (:class:`kapow.proxies.TrustedProxies`), if any.
     """
 
     isLeaf = True
@@ -66,8 +71,10 @@ class UserAPI(Resource):
         spawner: Spawner,
         governor: Governor,
         admission: Any = None,
+        proxies: Any = None,
     ) -> None:
         super().__init__()
+        self.proxies = proxies
         self.routes = routes
         self.handlers = handlers
         self.spawner = spawner
@@ -76,6 +83,8 @@ class UserAPI(Resource):
         self._waiting: dict[str, _Waiting] = {}
 
     def render(self, request: Request) -> Any:
+        if self.proxies is not None:
+            self.proxies.apply(request)
         path = unquote(request.path.decode("latin-1"), errors="surrogateescape")
         found = self.routes.match(request.method.decode("latin-1"), path)
         if found is None:
@@ -83,6 +92,61 @@ class UserAPI(Resource):
         if found is METHOD_NOT_ALLOWED:
             request.setHeader(b"Allow", ", ".join(self.routes.methods_for(path)).encode())
             return _plain(request, 405, b"Method Not Allowed\n")
+        guard = found.route.guard
+        if guard is not None:
+            return self._authenticate(request, found, guard)
+        return self._admit(request, found)
+
+    def _authenticate(self, request: Request, found: Match, guard: RouteAuth) -> Any:
+        """Check the route's ``auth`` before anything else happens for the request."""
+        checked = guard.check(
+            getattr(request.getClientAddress(), "host", ""),
+            request.requestHeaders,
+            request.content,
+            self._in_thread,
+        )
+        if isinstance(checked, Deferred):
+            checked.addCallback(self._authenticated_later, request, found)
+            return NOT_DONE_YET
+        return self._authenticated(request, found, *checked)
+
+    def _in_thread(self, f: Any, *args: Any) -> Deferred[Any]:
+        reactor = self.spawner.reactor
+        return deferToThreadPool(reactor, reactor.getThreadPool(), f, *args)
+
+    def _authenticated(
+        self, request: Request, found: Match, refusal: Refusal | None, user: bytes | None
+    ) -> Any:
+        if refusal is None:
+            if user is not None:
+                request.kapow_auth_user = user  # type: ignore[attr-defined]
+            return self._admit(request, found)
+        log.info(
+            "refused {method} {path} (route {route}): {why}",
+            method=request.method.decode("latin-1"),
+            path=unquote(request.path.decode("latin-1"), errors="surrogateescape"),
+            route=found.route.id,
+            why=refusal.why,
+        )
+        self._refused(found.route, "auth")
+        _drop_body(request)
+        if refusal.challenge is not None:
+            request.setHeader(b"WWW-Authenticate", refusal.challenge)
+        return _plain(request, refusal.code, _REFUSED.get(refusal.code, b"Refused\n"))
+
+    def _authenticated_later(self, checked: Any, request: Request, found: Match) -> None:
+        if request._disconnected:  # type: ignore[attr-defined]
+            _drop_body(request)
+            return
+        body = self._authenticated(request, found, *checked)
+        if body is not NOT_DONE_YET:
+            request.write(body)
+            request.finish()
+
+    def _refused(self, route: Any, why: str) -> None:
+        """A request for ``route`` was refused (``why``: auth, concurrency, ...)."""
+
+    def _admit(self, request: Request, found: Match) -> Any:
         verdict = self.admission.admit(found.route)
         if isinstance(verdict, Deferred):
             self._wait(request, found, verdict)
@@ -300,6 +364,17 @@ def rfc3339(seconds: float) -> str:
     return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+_REFUSED = {401: b"Unauthorized\n", 403: b"Forbidden\n", 503: b"Service Unavailable\n"}
+
+
+def _drop_body(request: Request) -> None:
+    """Let go of a refused request's body (a temporary file above 100 kB) at once."""
+    content = request.content
+    request.content = io.BytesIO()
+    if content is not None:
+        content.close()
+
+
 def _plain(request: Request, code: int, body: bytes) -> bytes:
     request.setResponseCode(code)
     request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
@@ -358,9 +433,10 @@ def access_line(request: Request, date: str | None = None) -> str:
     """
     host = getattr(request.getClientAddress(), "host", "-")
     identity = getattr(request, "kapow_handler_id", "-")
-    return '{} {} - {} "{} {} {}" {} {} "{}" "{}"'.format(
+    return '{} {} {} {} "{} {} {}" {} {} "{}" "{}"'.format(
         host,
         identity,
+        _quoted(getattr(request, "kapow_auth_user", None)),
         date or http.datetimeToLogString(),
         _quoted(request.method),
         _quoted(request.uri),

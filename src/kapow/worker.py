@@ -183,7 +183,14 @@ class WorkerLink(amp.AMP):
         self._parts.append(part)
         if last:
             text, self._parts = b"".join(self._parts), []
-            self.routes.replace([route_from_json(data, data["id"]) for data in json.loads(text)])
+            # a route whose auth files cannot be read here refuses its requests: never the whole table
+            routes = [route_from_json(data, data["id"], strict_auth=False) for data in json.loads(text)]
+            for route in routes:
+                if route.guard is not None and not route.guard.loaded:
+                    log.error(
+                        "worker {n}: route {id}: its auth files cannot be read", n=self.number, id=route.id
+                    )
+            self.routes.replace(routes)
         return {}
 
     @Serve.responder
