@@ -26,7 +26,7 @@ import socket
 import subprocess
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -117,15 +117,25 @@ http {{
 
 
 class Nginx:
-    """nginx in the foreground, as a child of the test."""
+    """
+    nginx in the foreground, as a child of the test.
 
-    def __init__(self, upstreams: list[str]) -> None:
+    :param upstreams: the instances, in contrib/nginx/kapow.conf.
+    :param conf: makes the whole configuration instead, from the prefix
+        directory and the port to listen on.
+    """
+
+    def __init__(self, upstreams: list[str], conf: Callable[[Path, int], str] | None = None) -> None:
         self.prefix = Path(tempfile.mkdtemp(prefix="kapow-nginx-"))
         self.prefix.chmod(0o711)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.conf = self.prefix / "nginx.conf"
-        self.conf.write_text(nginx_conf(self.prefix, self.port, upstreams))
+        self.conf.write_text(
+            conf(self.prefix, self.port)
+            if conf is not None
+            else nginx_conf(self.prefix, self.port, upstreams)
+        )
         assert NGINX is not None
         self.process = subprocess.Popen(
             [NGINX, "-e", str(self.prefix / "error.log"), "-p", str(self.prefix), "-c", str(self.conf),

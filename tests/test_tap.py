@@ -47,6 +47,8 @@ def test_defaults_are_the_reference_ones() -> None:
         "body-min-rate": 500.0,
         "backlog": None,
         "max-connections": None,
+        "trusted-proxies": None,
+        "metrics-bind": None,
         "init_programs": [],
     }
 

@@ -79,6 +79,8 @@ class Handler:
     # what only some handlers use, as class defaults: nothing to set per request
     #: the reason phrase the handler set, if any
     reason: bytes | None = None
+    #: why the server ended its process, if it did: ``timeout``, ``disconnect`` or ``killed``
+    ended_by: str | None = None
     #: the body a ``buffer`` route holds until the response is complete
     _held: Any = None
     #: the held body while it is being sent

@@ -71,6 +71,8 @@ class KapowService(MultiService):
         self.serving: Callable[[], Any] = lambda: None
         #: called when handlers must end at once (a second signal)
         self.hurry: list[Callable[[], None]] = []
+        #: called on SIGHUP: read certificates and auth files again
+        self.reloads: list[Callable[[], None]] = []
         self._stopping: Deferred[None] | None = None
         self._draining: Deferred[None] | None = None
         self.stop_requested = False
@@ -94,8 +96,21 @@ class KapowService(MultiService):
         for sig in (signal.SIGTERM, signal.SIGINT):
             # a worker leaves the terminal's signals to the main process, which tells it when to stop
             signal.signal(sig, signal.SIG_IGN if self.worker is not None else self._on_signal)
+        signal.signal(signal.SIGHUP, self._on_hangup)
         if self.worker is None:
             maybeDeferred(self.serving).addCallback(lambda _: notify("READY=1"))
+
+    def _on_hangup(self, signum: int, frame: Any) -> None:
+        self.reactor.callFromThread(self._hangup)
+
+    def _hangup(self) -> None:
+        log.info("received SIGHUP: reading certificates and auth files again")
+        self.reload()
+
+    def reload(self) -> None:
+        """Read certificates and the routes' auth files again (in every worker too)."""
+        for reload in self.reloads:
+            reload()
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         self.reactor.callFromThread(self._stop_signal, signum)

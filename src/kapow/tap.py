@@ -43,6 +43,8 @@ from kapow.governor import Governor, Limits
 from kapow.handlers import HandlerRegistry
 from kapow.init_programs import InitProgramsService
 from kapow.launcher import native_client
+from kapow.metrics import Metrics
+from kapow.metrics_http import CountingQuietSite, MetricsResource
 from kapow.proxies import TrustedProxies, parse_trusted_proxies
 from kapow.resource_limits import InvalidLimit, LimitedCommand, parse_limit
 from kapow.routes import DEFAULT_QUEUE_TIMEOUT, MAX_QUEUE, RouteTable
@@ -142,6 +144,12 @@ class Options(usage.Options):
             None,
             "HOST:PORT at which init programs reach the control API; its host goes into "
             "the control certificate. [default: the control bind, localhost:8081]",
+        ],
+        [
+            "metrics-bind",
+            None,
+            None,
+            "Serve Prometheus metrics at /metrics on this address (plain HTTP) [default: off].",
         ],
         ["certfile", None, None, "Certificate (chain) for HTTPS on the user interface."],
         ["keyfile", None, None, "Private key for --certfile."],
@@ -343,6 +351,10 @@ class Options(usage.Options):
         try:
             for flag in ("bind", "control-bind", "data-bind"):
                 parse_listen_address(self[flag])
+            if self["metrics-bind"] is not None:
+                if self["metrics-bind"].startswith("haproxy:"):
+                    raise StartupError("--metrics-bind: the PROXY protocol is for --bind only")
+                parse_listen_address(self["metrics-bind"])
             if self["control-reachable-addr"] is not None:
                 credentials.reachable_host(self["control-reachable-addr"])
         except (StartupError, ValueError) as e:
@@ -383,7 +395,9 @@ def _user_tls(options: Options) -> Any:
         if cafile is None:
             raise StartupError("--clientauth: no system CA bundle found; give --clientcafile")
     try:
-        return tls.user_server_options(options["certfile"], options["keyfile"], cafile)
+        return tls.ReloadableServerOptions(
+            lambda: tls.user_server_options(options["certfile"], options["keyfile"], cafile)
+        )
     except credentials.CredentialsError as e:
         raise StartupError(f"user HTTPS: {e}") from e
 
@@ -425,6 +439,7 @@ def build_service(options: Options, reactor: Any) -> KapowService:
         ),
     )
     service = KapowService(reactor, governor, options["shutdown-timeout"], worker=worker)
+    metrics = Metrics(reactor) if options["metrics-bind"] else None
     containment = None
     if worker is None:  # first: everything started from here on is born inside
         containment = Containment(reactor)
@@ -465,6 +480,9 @@ def build_service(options: Options, reactor: Any) -> KapowService:
 
     user_tls = _user_tls(options)
     user_scheme = "https" if user_tls else "http"
+    if user_tls is not None:
+        service.reloads.append(lambda: _reload_user_tls(user_tls))
+    service.reloads.append(lambda: _reload_auth(routes))
     launcher_dir = LauncherDirectory(
         None if options["data-client"] == "python" else native_client(),
         # init programs run in the main process: kapow route is theirs
@@ -484,15 +502,24 @@ def build_service(options: Options, reactor: Any) -> KapowService:
         )
         proxies = options["trusted-proxies"]
         user_api = UserAPI(
-            routes, handlers, spawner, governor, admission, TrustedProxies(proxies) if proxies else None
+            routes,
+            handlers,
+            spawner,
+            governor,
+            admission,
+            TrustedProxies(proxies) if proxies else None,
+            metrics,
         )
-        site = UserSite(user_api, worker=worker)
+        if metrics is not None:
+            metrics.queued_now = user_api.queued_routes
+        site = UserSite(user_api, worker=worker, metrics=metrics)
         service.user_listener = listen(user_where, site, "user", user_scheme, user_tls)
         return user_api
 
     handlers = HandlerRegistry() if worker is None else HandlerRegistry(lambda: worker_handler_id(worker))
     if workers == 1:
-        data_site = QuietSite(DataAPI(handlers).resource())
+        data_api = DataAPI(handlers).resource()
+        data_site = QuietSite(data_api) if metrics is None else CountingQuietSite(data_api, metrics)
     else:  # every handler lives in a worker: --data-bind forwards to it
         data_site = QuietSite(
             DataProxy(reactor, lambda handler_id: pool.data_address(handler_id) if pool is not None else None)
@@ -503,7 +530,9 @@ def build_service(options: Options, reactor: Any) -> KapowService:
         if options["bind"].startswith("haproxy:"):
             adopted = proxyEndpoint(adopted)
         gate = GatedEndpoint(adopted)
-        link = WorkerLink(worker, routes, governor, service, gate, lambda: data.url())
+        link = WorkerLink(
+            worker, routes, governor, service, gate, lambda: data.url(), metrics, service.reload
+        )
         link.user_api = serve_users((gate, None), MainAdmission(governor, options["max-handlers"], link))
         data = listen(
             (serverFromString(reactor, with_backlog("tcp:0:interface=127.0.0.1", backlog)), None),
@@ -548,6 +577,11 @@ def build_service(options: Options, reactor: Any) -> KapowService:
         endpoint("control-bind"), control_site, "control", "https", tls.control_server_options(creds)
     )
     data = listen(endpoint("data-bind"), data_site, "data", "http")
+    if metrics is not None:
+        metrics_site = QuietSite(
+            MetricsResource(metrics, lambda: pool.metrics_snapshots() if pool is not None else [])
+        )
+        listen(endpoint("metrics-bind"), metrics_site, "metrics", "http")
     reactor.callWhenRunning(lambda: containment.watch(data.url()))
 
     explicit_reachable = options["control-reachable-addr"] is not None
@@ -572,6 +606,7 @@ def build_service(options: Options, reactor: Any) -> KapowService:
             containment,
         )
         pool.setServiceParent(service)
+        service.reloads.append(pool.reload)
         service.serving = pool.serving
         service.hurry.append(pool.hurry)
 
@@ -587,6 +622,22 @@ def build_service(options: Options, reactor: Any) -> KapowService:
         watchdog.setServiceParent(service)
     InitProgramsService(reactor, options["init_programs"], init_environ).setServiceParent(service)
     return service
+
+
+def _reload_user_tls(user_tls: tls.ReloadableServerOptions) -> None:
+    why = user_tls.reload()
+    if why is None:
+        log.info("user HTTPS: certificate and key loaded again, for new connections")
+    else:
+        log.error("user HTTPS: keeping the certificate in force: {why}", why=why)
+
+
+def _reload_auth(routes: RouteTable) -> None:
+    for route in routes.snapshot():
+        if route.guard is not None:
+            why = route.guard.reload()
+            if why is not None:
+                log.error("route {id}: keeping its auth files as they were: {why}", id=route.id, why=why)
 
 
 def _socket_family(fd: int) -> int:

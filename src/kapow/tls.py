@@ -22,7 +22,7 @@ friends cannot change what the control interface trusts.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
@@ -55,6 +55,7 @@ from kapow.credentials import (
     SERVER_CERT_ENV,
     SERVER_CERT_FILE,
     ControlCredentials,
+    CredentialsError,
     environ_pem_texts,
     parse_certificate,
     parse_certificates,
@@ -168,6 +169,34 @@ class _TLSServerEndpoint:
     def listen(self, protocolFactory: Factory) -> Deferred[IListeningPort]:
         """Listen on the wrapped endpoint with TLS around ``protocolFactory``."""
         return self._endpoint.listen(TLSMemoryBIOFactory(self._options, False, protocolFactory))
+
+
+@implementer(IOpenSSLServerConnectionCreator)
+class ReloadableServerOptions:
+    """
+    Server TLS settings that can be loaded again (``SIGHUP``): new
+    connections get the settings loaded last; a load that fails keeps the
+    ones in force.
+
+    :param load: makes the settings, raising :class:`CredentialsError` when
+        a file cannot be used.
+    :raises CredentialsError: when the first load fails.
+    """
+
+    def __init__(self, load: Callable[[], IOpenSSLServerConnectionCreator]) -> None:
+        self._load = load
+        self.current = load()
+
+    def reload(self) -> str | None:
+        """Load again; return why not, if it failed."""
+        try:
+            self.current = self._load()
+        except CredentialsError as e:
+            return str(e)
+        return None
+
+    def serverConnectionForTLS(self, protocol: Any) -> Any:
+        return self.current.serverConnectionForTLS(protocol)
 
 
 def tls_server_endpoint(

@@ -26,6 +26,7 @@ from twisted.web.server import NOT_DONE_YET, Request, Site
 from kapow.auth import Refusal, RouteAuth
 from kapow.governor import Governor
 from kapow.handlers import Handler, HandlerRegistry, State
+from kapow.metrics import refusal_kind
 from kapow.routes import METHOD_NOT_ALLOWED, Match, RouteTable
 from kapow.spawn import Spawner
 
@@ -60,6 +61,8 @@ class UserAPI(Resource):
         exited); the governor by default.
     :param proxies: the trusted proxies whose forwarding headers name the
         client (:class:`kapow.proxies.TrustedProxies`), if any.
+    :param metrics: where requests and handlers are counted
+        (:class:`kapow.metrics.Metrics`), if anywhere.
     """
 
     isLeaf = True
@@ -72,9 +75,11 @@ class UserAPI(Resource):
         governor: Governor,
         admission: Any = None,
         proxies: Any = None,
+        metrics: Any = None,
     ) -> None:
         super().__init__()
         self.proxies = proxies
+        self.metrics = metrics
         self.routes = routes
         self.handlers = handlers
         self.spawner = spawner
@@ -83,6 +88,9 @@ class UserAPI(Resource):
         self._waiting: dict[str, _Waiting] = {}
 
     def render(self, request: Request) -> Any:
+        metrics = self.metrics
+        if metrics is not None:
+            request.kapow_started = metrics.clock.seconds()  # type: ignore[attr-defined]
         if self.proxies is not None:
             self.proxies.apply(request)
         path = unquote(request.path.decode("latin-1"), errors="surrogateescape")
@@ -92,6 +100,8 @@ class UserAPI(Resource):
         if found is METHOD_NOT_ALLOWED:
             request.setHeader(b"Allow", ", ".join(self.routes.methods_for(path)).encode())
             return _plain(request, 405, b"Method Not Allowed\n")
+        if metrics is not None:
+            request.kapow_route = found.route  # type: ignore[attr-defined]
         guard = found.route.guard
         if guard is not None:
             return self._authenticate(request, found, guard)
@@ -143,8 +153,10 @@ class UserAPI(Resource):
             request.write(body)
             request.finish()
 
-    def _refused(self, route: Any, why: str) -> None:
-        """A request for ``route`` was refused (``why``: auth, concurrency, ...)."""
+    def _refused(self, route: Any, why: str | None) -> None:
+        """A request for ``route`` was refused (``why``: auth, concurrency, ...; ``None``: not counted)."""
+        if self.metrics is not None and why is not None:
+            self.metrics.refused_request(route, why)
 
     def _admit(self, request: Request, found: Match) -> Any:
         verdict = self.admission.admit(found.route)
@@ -184,6 +196,10 @@ class UserAPI(Resource):
             request.write(body)
             request.finish()
 
+    def queued_routes(self) -> list[Any]:
+        """The route of every request waiting in a queue now."""
+        return [waiting.found.route for waiting in self._waiting.values()]
+
     # -- handlers as the control API shows them ------------------------------
 
     def listing(self) -> list[dict]:
@@ -221,6 +237,7 @@ class UserAPI(Resource):
             "handler {id} of route {route}: killed over the control API: ending its process group",
             id=handler.id, route=handler.route.id,
         )  # fmt: skip
+        handler.ended_by = "killed"
         self.governor.terminate(handler_id)
         return True
 
@@ -248,6 +265,7 @@ class UserAPI(Resource):
                 path=unquote(request.path.decode("latin-1"), errors="surrogateescape"),
                 why=refusal,
             )
+            self._refused(found.route, refusal_kind(refusal))
             request.setHeader(b"Retry-After", b"1")
             return _plain(request, 503, b"Service Unavailable\n")
         handler = self.handlers.create(found.route, found.matches, request, handler_id)
@@ -256,11 +274,15 @@ class UserAPI(Resource):
             stdin = handler.stdin() if found.route.stdin else None
         except OSError as e:
             self._not_started(handler, str(e))
+            if self.metrics is not None:
+                self.metrics.spawn_failed(found.route)
             return _plain(request, 500, b"Internal Server Error\n")
         self.governor.started(
             handler.id, found.route, None, lambda elapsed: self._timed_out(handler, elapsed)
         )
         handler.on_client_lost = lambda: self._client_lost(handler)
+        if self.metrics is not None:
+            self.metrics.handler_started(found.route)
         spawned = self.spawner.start(
             handler.id,
             found.route.argv(),
@@ -283,6 +305,8 @@ class UserAPI(Resource):
     def _spawn_failed(self, request: Request, handler: Handler, failure: Any) -> None:
         self.governor.exited(handler.id)
         self._not_started(handler, failure.getErrorMessage())
+        if self.metrics is not None:
+            self.metrics.handler_ended(handler.route, None)
         if not request._disconnected and not request.finished:
             request.write(_plain(request, 500, b"Internal Server Error\n"))
             request.finish()
@@ -300,6 +324,9 @@ class UserAPI(Resource):
     def _exited(self, handler: Handler, status: int | None, signal: int | None) -> None:
         elapsed = self.governor.exited(handler.id)
         self.admission.release(handler.route)
+        if self.metrics is not None:
+            outcome = handler.ended_by or ("signal" if signal is not None else "error" if status else "ok")
+            self.metrics.handler_ended(handler.route, outcome)
         if signal is not None:
             log.info(
                 "handler {id} killed by signal {signal} after {elapsed:.3f}s",
@@ -322,6 +349,7 @@ class UserAPI(Resource):
             id=handler.id, route=handler.route.id, elapsed=elapsed,
         )  # fmt: skip
         self.handlers.forget(handler)
+        handler.ended_by = "timeout"
         handler.time_out()
         self.governor.terminate(handler.id)
 
@@ -334,6 +362,7 @@ class UserAPI(Resource):
             id=handler.id, route=handler.route.id,
         )  # fmt: skip
         self.handlers.forget(handler)
+        handler.ended_by = "disconnect"
         self.governor.terminate(handler.id)
 
 
@@ -406,13 +435,15 @@ class UserSite(Site):
     worker of ``--workers``, the worker's number as the event's ``worker``).
 
     :param worker: the number of the worker it serves in, if any.
+    :param metrics: where answered requests are counted, if anywhere.
     """
 
     requestFactory = UserRequest
 
-    def __init__(self, resource: Any, worker: int | None = None, **kwargs: Any) -> None:
+    def __init__(self, resource: Any, worker: int | None = None, metrics: Any = None, **kwargs: Any) -> None:
         super().__init__(resource, parsePOSTFormSubmission=False, **kwargs)
         self.worker = worker
+        self.metrics = metrics
         self._log_second: int | None = None
         self._log_date = ""
 
@@ -422,6 +453,11 @@ class UserSite(Site):
             self._log_second = int(now)
             self._log_date = http.datetimeToLogString(now)
         access_log.info("{line}", line=access_line(request, self._log_date), worker=self.worker)
+        if self.metrics is not None:
+            started = getattr(request, "kapow_started", now)
+            self.metrics.request_done(
+                getattr(request, "kapow_route", None), request.method, request.code, now - started
+            )
 
 
 def access_line(request: Request, date: str | None = None) -> str:

@@ -20,13 +20,17 @@ from twisted.protocols import amp
 from twisted.python.failure import Failure
 
 from kapow.governor import Governor
+from kapow.metrics import snapshot_parts
 from kapow.routes import DEFAULT_QUEUE_TIMEOUT, Route, RouteTable, route_from_json
 from kapow.workers import (
+    ROUTES_PART,
     Admit,
     HandlerInfo,
     Handlers,
     Kill,
+    MetricsPart,
     Release,
+    Reload,
     Routes,
     Running,
     Serve,
@@ -155,6 +159,8 @@ class WorkerLink(amp.AMP):
     :param service: the worker's :class:`kapow.service.KapowService`.
     :param user_endpoint: opened on :class:`Serve`.
     :param data_url: returns the URL of the worker's data listener.
+    :param metrics: the worker's counts (:class:`kapow.metrics.Metrics`), if it keeps any.
+    :param reload: reads certificates and auth files again.
     """
 
     def __init__(
@@ -165,6 +171,8 @@ class WorkerLink(amp.AMP):
         service: Any,
         user_endpoint: GatedEndpoint,
         data_url: Callable[[], str],
+        metrics: Any = None,
+        reload: Callable[[], None] = lambda: None,
     ) -> None:
         super().__init__()
         self.number = number
@@ -177,6 +185,9 @@ class WorkerLink(amp.AMP):
         #: the worker's user interface (:class:`kapow.user_api.UserAPI`), for the control API
         self.user_api: Any = None
         self._parts: list[bytes] = []
+        self.metrics = metrics
+        self.reload = reload
+        self._metrics_parts: list[str] = [""]
 
     @Routes.responder
     def replace_routes(self, part: bytes, last: bool) -> dict:
@@ -215,6 +226,18 @@ class WorkerLink(amp.AMP):
     @Kill.responder
     def kill(self, handler_id: str) -> dict:
         return {"killed": self.user_api.kill(handler_id)}
+
+    @MetricsPart.responder
+    def metrics_part(self, part: int) -> dict:
+        if part == 0:
+            self._metrics_parts = [""] if self.metrics is None else snapshot_parts(self.metrics, ROUTES_PART)
+        parts = self._metrics_parts
+        return {"text": parts[part] if part < len(parts) else "", "parts": len(parts)}
+
+    @Reload.responder
+    def reload_files(self) -> dict:
+        self.reload()
+        return {}
 
     @Stop.responder
     def stop(self, now: bool) -> dict:

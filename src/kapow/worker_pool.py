@@ -19,7 +19,14 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from twisted.application.service import Service
-from twisted.internet.defer import CancelledError, Deferred, gatherResults, maybeDeferred, succeed
+from twisted.internet.defer import (
+    CancelledError,
+    Deferred,
+    gatherResults,
+    inlineCallbacks,
+    maybeDeferred,
+    succeed,
+)
 from twisted.internet.error import ProcessExitedAlready
 from twisted.internet.protocol import Factory, ProcessProtocol
 from twisted.logger import Logger
@@ -36,7 +43,9 @@ from kapow.workers import (
     HandlerInfo,
     Handlers,
     Kill,
+    MetricsPart,
     Release,
+    Reload,
     Routes,
     Running,
     Serve,
@@ -346,6 +355,30 @@ class WorkerPool(Service):
         return gatherResults(answers).addCallback(
             lambda found: {"handlers": sum(a["handlers"] for a in found), "workers": len(serving)}
         )
+
+    def metrics_snapshots(self) -> Deferred[list[dict]]:
+        """The metrics snapshot of every serving worker (one that does not answer is left out)."""
+
+        @inlineCallbacks
+        def fetch(worker: _Worker) -> Any:
+            first = yield worker.link.callRemote(MetricsPart, part=0)
+            texts = [first["text"]]
+            for part in range(1, first["parts"]):
+                answer = yield worker.link.callRemote(MetricsPart, part=part)
+                texts.append(answer["text"])
+            return json.loads("".join(texts) or "{}")
+
+        def failed(failure: Failure, number: int) -> dict:
+            log.warn("worker {n} gave no metrics: {why}", n=number, why=failure.getErrorMessage())
+            return {}
+
+        serving = [w for w in self.workers.values() if w.serving.called]
+        return gatherResults([fetch(w).addErrback(failed, w.number) for w in serving])
+
+    def reload(self) -> None:
+        """Tell every worker to read its certificates and auth files again."""
+        for worker in list(self.workers.values()):
+            worker.link.callRemote(Reload)
 
     def data_address(self, handler_id: str) -> tuple[str, int] | None:
         """

@@ -8,7 +8,8 @@ process hands to each worker as descriptor :data:`MAIN_FD`, next to the
 listening socket of the user interface as :data:`USER_FD`.
 
 Main to worker: :class:`Routes` (the whole table), :class:`Serve` (start
-accepting), :class:`Running`, :class:`Stop`, and :class:`Handlers`,
+accepting), :class:`Running`, :class:`MetricsPart`,
+:class:`Reload`, :class:`Stop`, and :class:`Handlers`,
 :class:`HandlerInfo`, :class:`Kill` for the control API. Worker to main:
 :class:`Admit`, :class:`Withdraw` and :class:`Release`, for the limits and
 queues that must hold across workers.
@@ -56,6 +57,25 @@ class Running(amp.Command):
 
     arguments: list = []
     response = [(b"handlers", amp.Integer())]
+
+
+class MetricsPart(amp.Command):
+    """
+    Part ``part`` of the worker's metrics snapshot as JSON text
+    (:meth:`kapow.metrics.Metrics.snapshot`); part 0 takes a new snapshot,
+    ``parts`` says how many there are.
+    """
+
+    arguments = [(b"part", amp.Integer())]
+    response = [(b"text", amp.Unicode()), (b"parts", amp.Integer())]
+
+
+class Reload(amp.Command):
+    """Read the certificates and the routes' auth files again, as ``SIGHUP`` does."""
+
+    arguments: list = []
+    response: list = []
+    requiresAnswer = False
 
 
 class Stop(amp.Command):

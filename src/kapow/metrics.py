@@ -1,0 +1,196 @@
+"""
+Prometheus metrics (``--metrics-bind``, SPEC.md §9).
+
+While serving, the server only adds to plain counters keyed by tuples
+(:class:`Metrics`); nothing is formatted per request. A scrape turns them
+into metric families (:func:`families`), with the counts of every worker of
+``--workers`` added up: each worker's :meth:`Metrics.snapshot` travels to the
+main process as JSON, and :func:`merge` sums them.
+"""
+
+from __future__ import annotations
+
+import json
+from bisect import bisect_left
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+#: Upper bounds (seconds) of the request duration histogram's buckets.
+BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
+
+#: How a handler's process ended.
+OUTCOMES = ("ok", "error", "signal", "timeout", "disconnect", "killed")
+#: Why a request was refused before its handler started.
+REFUSALS = ("concurrency", "queue_full", "queue_timeout", "auth", "stopping")
+
+_COUNTERS = ("requests", "exits", "spawn_failures", "refused", "data_api")
+_GAUGES = ("running", "queued")
+
+
+def refusal_kind(reason: str) -> str | None:
+    """Which of :data:`REFUSALS` an admission's refusal text is (``None``: an operator's kill)."""
+    if reason.startswith("killed"):
+        return None
+    if "stopping" in reason:
+        return "stopping"
+    if "queue" in reason:
+        return "queue_full" if "full" in reason else "queue_timeout"
+    return "concurrency"
+
+
+class Metrics:
+    """
+    The counts of one process.
+
+    :param clock: gives the time (``seconds()``), for request durations.
+    """
+
+    def __init__(self, clock: Any) -> None:
+        self.clock = clock
+        #: returns the route of every request waiting in a queue now, if queues are kept
+        self.queued_now: Callable[[], Iterable[Any]] | None = None
+        self.requests: Counter[tuple[str, str, str, int]] = Counter()
+        self.durations: dict[tuple[str, str], list[float]] = {}
+        self.running: Counter[tuple[str, str]] = Counter()
+        self.queued: Counter[tuple[str, str]] = Counter()
+        self.exits: Counter[tuple[str, str, str]] = Counter()
+        self.spawn_failures: Counter[tuple[str, str]] = Counter()
+        self.refused: Counter[tuple[str, str, str]] = Counter()
+        self.data_api: Counter[tuple[int]] = Counter()
+
+    def request_done(self, route: Any, method: bytes, code: int, elapsed: float) -> None:
+        """A user request was answered (``route``: ``None`` when none matched)."""
+        key = ("", "") if route is None else (route.id, route.url_pattern)
+        self.requests[(*key, method.decode("latin-1"), code)] += 1
+        counts = self.durations.get(key)
+        if counts is None:
+            # one count per bucket and +Inf, then the sum
+            counts = self.durations[key] = [0] * (len(BUCKETS) + 2)
+        counts[bisect_left(BUCKETS, elapsed)] += 1
+        counts[-1] += elapsed
+
+    def handler_started(self, route: Any) -> None:
+        self.running[(route.id, route.url_pattern)] += 1
+
+    def handler_ended(self, route: Any, outcome: str | None) -> None:
+        """A started handler is over: exited with ``outcome``, or never started (``None``)."""
+        key = (route.id, route.url_pattern)
+        self.running[key] -= 1
+        if outcome is None:
+            self.spawn_failures[key] += 1
+        else:
+            self.exits[(*key, outcome)] += 1
+
+    def spawn_failed(self, route: Any) -> None:
+        """A handler that was not counted as started could not start."""
+        self.spawn_failures[(route.id, route.url_pattern)] += 1
+
+    def refused_request(self, route: Any, why: str) -> None:
+        self.refused[(route.id, route.url_pattern, why)] += 1
+
+    def data_request(self, code: int) -> None:
+        self.data_api[(code,)] += 1
+
+    def snapshot(self) -> dict:
+        """Every count as JSON-able lists of ``[*labels, value]``."""
+        data: dict = {name: [[*key, n] for key, n in getattr(self, name).items()] for name in _COUNTERS}
+        if self.queued_now is not None:
+            queued = self.queued
+            for key in queued:
+                queued[key] = 0  # a route's series stays, at 0, once its queue is empty
+            for route in self.queued_now():
+                queued[(route.id, route.url_pattern)] += 1
+        for name in _GAUGES:
+            data[name] = [[*key, n] for key, n in getattr(self, name).items()]
+        data["durations"] = [[*key, counts] for key, counts in self.durations.items()]
+        return data
+
+
+def merge(snapshots: Iterable[dict]) -> dict:
+    """The counts of several :meth:`Metrics.snapshot` added up."""
+    totals: dict[str, dict] = {name: {} for name in (*_COUNTERS, *_GAUGES, "durations")}
+    for snapshot in snapshots:
+        for name in (*_COUNTERS, *_GAUGES):
+            into = totals[name]
+            for *key, n in snapshot.get(name, ()):
+                into[tuple(key)] = into.get(tuple(key), 0) + n
+        into = totals["durations"]
+        for *key, counts in snapshot.get("durations", ()):
+            had = into.get(tuple(key))
+            into[tuple(key)] = (
+                list(counts) if had is None else [a + b for a, b in zip(had, counts, strict=True)]
+            )
+    return {name: [[*key, value] for key, value in values.items()] for name, values in totals.items()}
+
+
+def families(snapshot: dict) -> Iterator[Any]:
+    """The metric families of a (merged) snapshot."""
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+
+    route = ["route_id", "pattern"]
+
+    def counter(name: str, doc: str, labels: list[str], rows: list) -> Any:
+        family = CounterMetricFamily(name, doc, labels=labels)
+        for *key, n in rows:
+            family.add_metric([str(k) for k in key], n)
+        return family
+
+    yield counter(
+        "kapow_requests", "User requests answered.", [*route, "method", "code"], snapshot["requests"]
+    )
+    histogram = HistogramMetricFamily(
+        "kapow_request_duration_seconds", "Time from a request's arrival to its answer.", labels=route
+    )
+    for *key, counts in snapshot["durations"]:
+        cumulative, buckets = 0, []
+        for bound, n in zip((*map(repr, BUCKETS), "+Inf"), counts[:-1], strict=True):
+            cumulative += n
+            buckets.append((bound, cumulative))
+        histogram.add_metric(key, buckets, counts[-1])
+    yield histogram
+    for name, field, doc in (
+        ("kapow_handlers_running", "running", "Handler processes running."),
+        ("kapow_handlers_queued", "queued", "Requests waiting for a free handler slot."),
+    ):
+        gauge = GaugeMetricFamily(name, doc, labels=route)
+        for *key, n in snapshot[field]:
+            gauge.add_metric(key, n)
+        yield gauge
+    yield counter(
+        "kapow_handler_exits",
+        "Handler processes ended, by outcome (ok, error, signal, timeout, disconnect, killed).",
+        [*route, "outcome"],
+        snapshot["exits"],
+    )
+    yield counter(
+        "kapow_spawn_failures", "Handler processes that could not start.", route, snapshot["spawn_failures"]
+    )
+    yield counter(
+        "kapow_refused",
+        "Requests refused before a handler started (concurrency, queue_full, queue_timeout, auth, stopping).",
+        [*route, "why"],
+        snapshot["refused"],
+    )
+    yield counter("kapow_data_api_requests", "Data API requests answered.", ["code"], snapshot["data_api"])
+
+
+def exposition(snapshot: dict) -> bytes:
+    """The Prometheus text format of ``snapshot``, with this process's own metrics."""
+    from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
+
+    registry = CollectorRegistry(auto_describe=False)
+    ProcessCollector(registry=registry)
+
+    class _Collected:
+        def collect(self) -> Iterator[Any]:
+            return families(snapshot)
+
+    registry.register(_Collected())
+    return generate_latest(registry)
+
+
+def snapshot_parts(metrics: Metrics, size: int) -> list[str]:
+    """``metrics``' snapshot as JSON text cut into parts of at most ``size`` characters."""
+    text = json.dumps(metrics.snapshot())
+    return [text[i : i + size] for i in range(0, len(text), size)] or [""]
