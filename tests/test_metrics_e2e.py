@@ -110,3 +110,31 @@ def test_a_running_handler_is_counted_while_it_runs(measured: Any, tmp_path: Pat
 def test_only_metrics_is_served(measured: Any) -> None:
     _server, url = measured
     assert curl("-o", "/dev/null", "-w", "%{http_code}", url.replace("/metrics", "/other")).stdout == "404"
+
+
+def test_queued_requests_and_killed_handlers(measured: Any, tmp_path: Path) -> None:
+    import json
+    import subprocess
+
+    server, url = measured
+    held = server.add_route("/one", "sleep 1000", "--max-concurrency", "1", "--queue", "1")
+    labels = {"route_id": held["id"], "pattern": "/one"}
+    clients = [subprocess.Popen(["curl", "-sS", "-o", "/dev/null", server.user + "/one"]) for _ in range(2)]
+    try:
+        wait_for(lambda: value(scrape(url), "kapow_handlers_running", **labels) == 1, 10, "one running")
+        wait_for(lambda: value(scrape(url), "kapow_handlers_queued", **labels) == 1, 10, "one queued")
+        for handler in json.loads(server.kapow("handler", "list").stdout):
+            if handler["state"] != "queued":
+                assert server.kapow("handler", "kill", handler["id"]).returncode == 0
+        wait_for(
+            lambda: value(scrape(url), "kapow_handler_exits_total", **labels, outcome="killed") == 1,
+            10,
+            "a kill",
+        )
+        wait_for(lambda: value(scrape(url), "kapow_handlers_queued", **labels) == 0, 10, "none queued")
+    finally:
+        for handler in json.loads(server.kapow("handler", "list").stdout):
+            server.kapow("handler", "kill", handler["id"])
+        for client in clients:
+            client.kill()
+            client.wait()
