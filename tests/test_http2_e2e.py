@@ -127,3 +127,40 @@ def test_sighup_reads_the_routes_auth_files_again(https: Any, tmp_path: Path) ->
     server.process.send_signal(signal.SIGHUP)
     server.wait_log(r"keeping its auth files as they were")
     assert [answer("second") for _ in range(4)] == ["in\n200"] * 4
+
+
+def test_http2_connections_keep_the_idle_limit_but_never_cut_a_quiet_handler(
+    start_server: Any, tmp_path: Path
+) -> None:
+    import socket
+    import ssl
+
+    pki = make_pki(tmp_path)
+    server = start_server(
+        extra=("--certfile", str(pki.server_chain), "--keyfile", str(pki.server_key), "--idle-timeout", "1")
+    )
+    server.add_route("/quiet", "sleep 2.5; echo done | kapow set /response/body")
+    server.add_route("/trickle", "for i in 1 2 3; do echo $i | kapow set /response/stream; sleep 0.8; done")
+    base = server.user.replace("127.0.0.1", "localhost")
+    for path, expected in (("/quiet", "done\n"), ("/trickle", "1\n2\n3\n")):
+        result = curl("--http2", "--cacert", str(pki.ca), "-w", "%{http_version}", base + path)
+        assert result.stdout == expected + "2", (path, result.stderr)
+    # a connection that negotiated h2 and then sends nothing is told to go away (GOAWAY)
+    context = ssl.create_default_context(cafile=str(pki.ca))
+    context.set_alpn_protocols(["h2"])
+    host, port = server.user.removeprefix("https://").rsplit(":", 1)
+    with (
+        socket.create_connection((host, int(port)), timeout=10) as raw,
+        context.wrap_socket(raw, server_hostname="localhost") as tls,
+    ):
+        assert tls.selected_alpn_protocol() == "h2"
+        tls.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+        received, kinds = b"", []
+        while 7 not in kinds:
+            chunk = tls.recv(65536)
+            assert chunk, f"closed without GOAWAY after frames {kinds}"
+            received += chunk
+            while len(received) >= 9 and len(received) >= 9 + int.from_bytes(received[:3], "big"):
+                kinds.append(received[3])
+                received = received[9 + int.from_bytes(received[:3], "big") :]
+        server.wait_log(r"Timing out client")

@@ -231,6 +231,12 @@ class GuardedChannel(http.HTTPChannel):
             self.transport.write(_TIMEOUT_RESPONSE)
         self.timeoutConnection()
 
+    def abandoned(self) -> None:
+        """The connection went on as HTTP/2 without this channel: stop guarding it."""
+        if self._guarded:
+            self._guarded = False
+            self.guard.closed(self)
+
     def connectionLost(self, reason: Any) -> None:
         if self._guarded:
             self._guarded = False
@@ -250,9 +256,41 @@ def guarded_protocol(timeouts: Timeouts, clock: Any) -> Callable[..., Any]:
         # set on the instance, so not bound: called without the factory
         channel = GuardedChannel()
         channel.guard = guard
-        return http._GenericHTTPChannelProtocol(channel)
+        return _Negotiating(channel)
 
     return build
+
+
+class _Negotiating(http._GenericHTTPChannelProtocol):  # type: ignore[misc]
+    """
+    twisted.web's wrapper that turns a connection into HTTP/2 when ALPN
+    chose it, keeping the connection within its limits then too: the
+    :class:`GuardedChannel` it leaves is no longer guarded (it would close the
+    connection as idle), and the HTTP/2 connection closes after the idle
+    time only while it has no stream open: a request being handled, however
+    quiet, is never timed out, as over HTTP/1.1.
+    """
+
+    def dataReceived(self, data: bytes) -> None:
+        before = self._channel
+        super().dataReceived(data)
+        if self._channel is not before and isinstance(before, GuardedChannel):
+            before.abandoned()
+            _idle_only(self._channel, before.guard.timeouts.idle)
+
+
+def _idle_only(connection: Any, idle: float) -> None:
+    """Let the HTTP/2 ``connection`` time out after ``idle`` seconds only without open streams."""
+    timed_out = connection.timeoutConnection
+
+    def timeout_when_idle() -> None:
+        if connection.streams:
+            connection.resetTimeout()
+        else:
+            timed_out()
+
+    connection.timeoutConnection = timeout_when_idle
+    connection.setTimeout(idle)
 
 
 class ConnectionLimit:

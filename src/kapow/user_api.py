@@ -117,6 +117,7 @@ class UserAPI(Resource):
         )
         if isinstance(checked, Deferred):
             checked.addCallback(self._authenticated_later, request, found)
+            checked.addErrback(self._authentication_failed, request)
             return NOT_DONE_YET
         return self._authenticated(request, found, *checked)
 
@@ -151,6 +152,13 @@ class UserAPI(Resource):
         body = self._authenticated(request, found, *checked)
         if body is not NOT_DONE_YET:
             request.write(body)
+            request.finish()
+
+    def _authentication_failed(self, failure: Any, request: Request) -> None:
+        log.failure("checking credentials failed", failure)
+        _drop_body(request)
+        if not request._disconnected and not request.finished:  # type: ignore[attr-defined]
+            request.write(_plain(request, 500, b"Internal Server Error\n"))
             request.finish()
 
     def _refused(self, route: Any, why: str | None) -> None:
