@@ -748,13 +748,20 @@ class CollectionTests(SynchronousTestCase):
         return json.loads(handler.request_collection(kind))
 
     def test_params_every_value_in_order(self) -> None:
-        handler, _ = make_handler(http_request(target=b"/x?p=a%ffb&p=2&q&sp=a+b&e=&p=3;x=1&&"))
+        handler, _ = make_handler(http_request(target=b"/x?p=a%ffb&p=2&q&sp=a+b&e=&p=3;x=1&&p=%zz&p=4"))
         self.assertEqual(
             self.collection(handler, "params"),
-            {"p": ["a\ufffdb", "2", "3;x=1"], "q": [""], "sp": ["a b"], "e": [""]},
+            {"p": ["a\ufffdb", "2", "4"], "q": [""], "sp": ["a b"], "e": [""]},
         )
         self.assertEqual(handler.request_value("params", "p"), b"a\xffb")
         self.assertEqual(handler.request_value("params", "q"), b"")
+
+    def test_params_dropped_as_go_drops_them(self) -> None:
+        """A pair with ``;`` or a broken escape is not there, as in the reference."""
+        handler, _ = make_handler(http_request(target=b"/x?a=%zz&b=1;2&c=%4&d=%41&e%=1&f=%%41"))
+        self.assertEqual(self.collection(handler, "params"), {"d": ["A"]})
+        for name in ("a", "b", "c", "e", "f"):
+            self.assertIsNone(handler.request_value("params", name))
 
     def test_no_query(self) -> None:
         handler, _ = make_handler()

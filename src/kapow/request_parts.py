@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 from collections.abc import Iterator
 from typing import BinaryIO
 from urllib.parse import unquote_to_bytes
@@ -29,17 +30,22 @@ def cookie_pairs(headers: list[bytes]) -> Iterator[tuple[bytes, bytes]]:
                 yield key, value
 
 
+#: a ``%`` not followed by two hex digits: Go's ``url.QueryUnescape`` refuses it
+_BAD_ESCAPE = re.compile(rb"%(?![0-9A-Fa-f]{2})")
+
+
 def query_pairs(uri: bytes) -> list[tuple[bytes, bytes]]:
     """
     The (name, value) pairs of the query of ``uri``, percent-decoded, as
-    bytes: ``&`` separates them, ``;`` does not (as Go's
-    ``url.ParseQuery``; twisted.web's ``request.args`` splits on both), a
-    ``+`` is a space and a pair without ``=`` has an empty value.
+    bytes, the way Go's ``url.ParseQuery`` reads them (the reference's
+    view): ``&`` separates them, a ``+`` is a space, a pair without ``=``
+    has an empty value, and a pair with a ``;`` or a broken percent-escape
+    (``%zz``) is dropped. twisted.web's ``request.args`` splits on ``;`` too.
     """
     query = uri.partition(b"?")[2]
     pairs = []
     for pair in query.split(b"&"):
-        if not pair:
+        if not pair or b";" in pair or (b"%" in pair and _BAD_ESCAPE.search(pair)):
             continue
         name, _, value = pair.partition(b"=")
         pairs.append(
