@@ -100,7 +100,7 @@ def test_request_resources(server: KapowServer) -> None:
         "path": "/people/Ana María/x",
         "remote": "127.0.0.1",
         "match": "Ana María",
-        "param": "first;still",
+        "param": "second",  # a pair with ";" is dropped, as the reference drops it
         "header": "yes",
         "hosthdr": f"127.0.0.1:{port}",
         "cookie": "mint",
