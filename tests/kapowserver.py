@@ -16,6 +16,8 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from kapow.procfs import live_members
+
 VENV_BIN = Path(sys.executable).parent
 KAPOW = str(VENV_BIN / "kapow")
 TWIST = str(VENV_BIN / "twist")
@@ -190,19 +192,7 @@ def write_program(path: Path, text: str) -> str:
 
 def group_members(pgid: int) -> list[int]:
     """Live (non-zombie) processes in process group ``pgid``, from /proc."""
-    members = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        state, _ppid, pgrp = stat[stat.rfind(b")") + 2 :].split()[:3]
-        if int(pgrp) == pgid and state != b"Z":
-            members.append(int(entry))
-    return members
+    return live_members(pgid)
 
 
 def read_int(path: Path) -> int:

@@ -20,6 +20,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
+from kapow.procfs import processes
 from kapow.routes import Route
 from kapow.spawn import signal_group
 
@@ -252,19 +253,6 @@ def group_alive(pgid: int) -> bool:
     except PermissionError:
         return True
     try:
-        entries = os.listdir("/proc")
-    except OSError:
+        return any(pgrp == pgid and state != b"Z" for _pid, state, pgrp in processes())
+    except OSError:  # no /proc to read
         return True
-    for entry in entries:
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        # pid (comm) state ppid pgrp ...: comm may hold spaces and parens
-        fields = stat[stat.rfind(b")") + 2 :].split()
-        if len(fields) > 2 and int(fields[2]) == pgid and fields[0] != b"Z":
-            return True
-    return False

@@ -34,6 +34,7 @@ from twisted.protocols import amp
 from twisted.python.failure import Failure
 
 from kapow.admission import ServerQueue, Slots, Want
+from kapow.procfs import processes
 from kapow.routes import DEFAULT_QUEUE_TIMEOUT, RouteTable
 from kapow.service import Listener
 from kapow.workers import (
@@ -506,19 +507,14 @@ def handler_groups(data_url: str) -> set[int]:
     """
     marker = b"\0KAPOW_DATA_URL=" + data_url.encode() + b"\0"
     found = set()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
+    for pid, state, pgrp in processes():
+        if pgrp != pid or state == b"Z":
+            continue  # not a group leader, or dead
         try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                stat = f.read()
-            fields = stat[stat.rfind(b")") + 2 :].split()
-            if int(fields[2]) != int(entry) or fields[0] == b"Z":
-                continue  # not a group leader, or dead
-            with open(f"/proc/{entry}/environ", "rb") as f:
+            with open(f"/proc/{pid}/environ", "rb") as f:
                 environ = b"\0" + f.read()
-        except (OSError, IndexError, ValueError):
+        except OSError:
             continue
         if marker in environ:
-            found.add(int(entry))
+            found.add(pid)
     return found
