@@ -29,7 +29,7 @@ from kapow.resource_limits import InvalidLimit, parse_limits
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     import ssl
-    from collections.abc import Mapping, Sequence
+    from collections.abc import Callable, Mapping, Sequence
     from typing import Any
 
 EPILOG_ADD = """\
@@ -198,24 +198,39 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
         "command_file", metavar="COMMAND_FILE", nargs="?", help="file with the command, or - for stdin"
     )
 
+    _list_and_by_id(
+        sub,
+        common,
+        "route",
+        "print the routes as JSON",
+        "'.[] | \"\\(.index) \\(.method) \\(.url_pattern)\"'",
+        (("get", "print one route as JSON"), ("remove", "remove a route")),
+        "route_id",
+    )
+    return parser, add
+
+
+def _list_and_by_id(
+    sub: Any, common: argparse.ArgumentParser, command: str, list_help: str, jq: str, by_id: Any, dest: str
+) -> None:
+    """The ``list`` action of ``kapow COMMAND`` and its actions on one item by id."""
     sub.add_parser(
         "list",
         parents=[common],
-        help="print the routes as JSON",
-        epilog="example:\n  kapow route list | jq -r '.[] | \"\\(.index) \\(.method) \\(.url_pattern)\"'",
+        help=list_help,
+        epilog=f"example:\n  kapow {command} list | jq -r {jq}",
         formatter_class=_Formatter,
     )
-    for name, what in (("get", "print one route as JSON"), ("remove", "remove a route")):
+    for name, what in by_id:
         one = sub.add_parser(
             name,
             parents=[common],
             help=what,
             description=what[0].upper() + what[1:] + ", by its id.",
-            epilog=f"example:\n  kapow route {name} $(kapow route list | jq -r '.[0].id')",
+            epilog=f"example:\n  kapow {command} {name} $(kapow {command} list | jq -r '.[0].id')",
             formatter_class=_Formatter,
         )
-        one.add_argument("route_id", metavar="ID")
-    return parser, add
+        one.add_argument(dest, metavar="ID")
 
 
 def _parse(argv: Sequence[str]) -> argparse.Namespace:
@@ -243,8 +258,21 @@ def _command(args: argparse.Namespace) -> str:
     return args.command or ""
 
 
-def _request(args: argparse.Namespace) -> tuple[str, str, dict[str, Any] | None, int]:
-    """(method, path, JSON body or None, expected status) for ``args``."""
+#: (flag's attribute, route field) of the optional fields, sent only when given
+_OPTIONAL_FIELDS = (
+    ("timeout", "timeout"),
+    ("max_concurrency", "max_concurrency"),
+    ("keep_running", "keep_running_on_disconnect"),
+    ("stdin", "stdin"),
+    ("buffer", "buffer"),
+    ("error_status", "error_status"),
+    ("queue", "queue"),
+    ("queue_timeout", "queue_timeout"),
+)
+
+
+def _request(args: argparse.Namespace) -> tuple[argparse.Namespace, str, str, dict[str, Any] | None, int]:
+    """(``args``, method, path, JSON body or None, expected status) for ``args``."""
     if args.action == "add":
         body: dict[str, Any] = {
             "method": args.method,
@@ -252,19 +280,9 @@ def _request(args: argparse.Namespace) -> tuple[str, str, dict[str, Any] | None,
             "entrypoint": args.entrypoint,
             "command": _command(args),
         }
-        if args.timeout is not None:
-            body["timeout"] = args.timeout
-        if args.max_concurrency is not None:
-            body["max_concurrency"] = args.max_concurrency
-        if args.keep_running is not None:
-            body["keep_running_on_disconnect"] = args.keep_running
-        for name in ("stdin", "buffer", "error_status"):
+        for name, field in _OPTIONAL_FIELDS:
             if getattr(args, name) is not None:
-                body[name] = getattr(args, name)
-        if args.queue is not None:
-            body["queue"] = args.queue
-        if args.queue_timeout is not None:
-            body["queue_timeout"] = args.queue_timeout
+                body[field] = getattr(args, name)
         if args.limit:
             try:
                 body["limits"] = parse_limits(args.limit)
@@ -274,15 +292,15 @@ def _request(args: argparse.Namespace) -> tuple[str, str, dict[str, Any] | None,
         if auth:
             body["auth"] = auth
         if args.index is None:
-            return "POST", "/routes", body, 201
+            return args, "POST", "/routes", body, 201
         body["index"] = args.index
-        return "PUT", "/routes", body, 201
+        return args, "PUT", "/routes", body, 201
     if args.action == "list":
-        return "GET", "/routes", None, 200
+        return args, "GET", "/routes", None, 200
     path = "/routes/" + _quote(args.route_id)
     if args.action == "get":
-        return "GET", path, None, 200
-    return "DELETE", path, None, 204
+        return args, "GET", path, None, 200
+    return args, "DELETE", path, None, 204
 
 
 def _auth(args: argparse.Namespace) -> dict[str, Any]:
@@ -346,9 +364,14 @@ def context(directory: str | None, environ: Mapping[str, str]) -> ssl.SSLContext
 
 def main(argv: Sequence[str]) -> int:
     """Run ``kapow route`` with ``argv`` (without the leading words)."""
+    return _run(lambda: _request(_parse(argv)))
+
+
+def _run(request: Callable[[], tuple[argparse.Namespace, str, str, dict[str, Any] | None, int]]) -> int:
+    """Make the control API call ``request`` describes, print its answer, and
+    return the exit status: 1 with one line on stderr for any failure."""
     try:
-        args = _parse(argv)
-        method, path, body, expected = _request(args)
+        args, method, path, body, expected = request()
         text = control_https.call(
             context(args.control_credentials, os.environ), args.control_url, method, path, body, expected
         )
@@ -369,47 +392,32 @@ def _handler_parser() -> argparse.ArgumentParser:
     )
     common = _common()
     sub = parser.add_subparsers(dest="action", required=True, parser_class=_Parser)
-    sub.add_parser(
-        "list",
-        parents=[common],
-        help="print the live handlers as JSON",
-        epilog="example:\n  kapow handler list | jq -r '.[] | \"\\(.id) \\(.state) \\(.pid) \\(.path)\"'",
-        formatter_class=_Formatter,
+    _list_and_by_id(
+        sub,
+        common,
+        "handler",
+        "print the live handlers as JSON",
+        "'.[] | \"\\(.id) \\(.state) \\(.pid) \\(.path)\"'",
+        (
+            ("get", "print one handler as JSON"),
+            ("kill", "end a handler: its whole process group gets SIGTERM (SIGKILL after the grace period)"),
+        ),
+        "handler_id",
     )
-    for name, what in (
-        ("get", "print one handler as JSON"),
-        ("kill", "end a handler: its whole process group gets SIGTERM (SIGKILL after the grace period)"),
-    ):
-        one = sub.add_parser(
-            name,
-            parents=[common],
-            help=what,
-            description=what[0].upper() + what[1:] + ", by its id.",
-            epilog=f"example:\n  kapow handler {name} $(kapow handler list | jq -r '.[0].id')",
-            formatter_class=_Formatter,
-        )
-        one.add_argument("handler_id", metavar="ID")
     return parser
 
 
 def handler_main(argv: Sequence[str]) -> int:
     """Run ``kapow handler`` with ``argv`` (without the leading words)."""
-    try:
+
+    def request() -> tuple[argparse.Namespace, str, str, None, int]:
         args = _handler_parser().parse_args(argv)
         if args.action == "list":
-            method, path, expected = "GET", "/handlers", 200
-        else:
-            path = "/handlers/" + _quote(args.handler_id)
-            method, expected = ("GET", 200) if args.action == "get" else ("DELETE", 204)
-        text = control_https.call(
-            context(args.control_credentials, os.environ), args.control_url, method, path, None, expected
-        )
-    except (CommandError, control_https.ControlError) as e:
-        sys.stderr.write(f"kapow: {_one_line(e)}\n")
-        return 1
-    if text:
-        sys.stdout.write(text if text.endswith("\n") else text + "\n")
-    return 0
+            return args, "GET", "/handlers", None, 200
+        path = "/handlers/" + _quote(args.handler_id)
+        return (args, "GET", path, None, 200) if args.action == "get" else (args, "DELETE", path, None, 204)
+
+    return _run(request)
 
 
 def _one_line(exc: BaseException) -> str:
