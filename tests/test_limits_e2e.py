@@ -11,16 +11,18 @@ import os
 import random
 import shlex
 import sys
+from typing import Any
 
 import pytest
 
 from tests.kapowserver import KapowServer, curl
 
 
-@pytest.fixture
-def limited_server(server: KapowServer) -> KapowServer:
-    """A server, with the native client where it was built (else prlimit; tests/test_spawn.py runs both)."""
-    return server
+@pytest.fixture(params=[(), ("--workers", "2")], ids=["one-worker", "two-workers"])
+def limited_server(request: pytest.FixtureRequest, start_server: Any) -> KapowServer:
+    """A server alone and with two workers, with the native client where it
+    was built (else prlimit; tests/test_spawn.py runs both)."""
+    return start_server(extra=request.param)
 
 
 def body(server: KapowServer, path: str) -> str:
