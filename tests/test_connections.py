@@ -166,6 +166,8 @@ def test_the_check_runs_only_while_connections_are_open() -> None:
     protocol.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
     assert len(clock.getDelayedCalls()) == 1
     protocol.connectionLost(Failure(Exception("gone")))
+    assert len(clock.getDelayedCalls()) == 1  # kept for a next connection until its next turn
+    clock.advance(1)
     assert clock.getDelayedCalls() == []
 
 

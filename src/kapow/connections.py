@@ -11,6 +11,7 @@ not idle, whatever the time between writes.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import json
 import resource
@@ -85,6 +86,11 @@ def is_loopback(address: Any) -> bool:
     host = getattr(address, "host", None)
     if host is None:
         return True  # a UNIX socket: only this machine reaches it
+    return _loopback_host(host)
+
+
+@functools.lru_cache(maxsize=256)
+def _loopback_host(host: str) -> bool:
     try:
         return ipaddress.ip_address(host.split("%", 1)[0]).is_loopback
     except ValueError:
@@ -151,12 +157,16 @@ class Guard:
 
     def closed(self, channel: GuardedChannel) -> None:
         self.channels.discard(channel)
-        if not self.channels and self._check is not None:
-            self._check.stop()
-            self._check = None
 
     def check(self) -> None:
-        """Close every connection past its limit."""
+        """Close every connection past its limit; stop checking once none is open."""
+        if not self.channels:
+            # stopped here rather than at the last close: connections that
+            # come one after another do not start and stop the check each
+            if self._check is not None:
+                self._check.stop()
+                self._check = None
+            return
         now = self.clock.seconds()
         header, idle, rate = self.timeouts.header, self.timeouts.idle, self.timeouts.body_rate
         for channel in list(self.channels):
@@ -185,6 +195,7 @@ class GuardedChannel(http.HTTPChannel):
     """
 
     guard: Guard
+    _host: Any = None
     phase = _IDLE
     since = 0.0
     body_received = 0
@@ -199,6 +210,12 @@ class GuardedChannel(http.HTTPChannel):
         self.guard.opened(self)
         self._guarded = True
         super().connectionMade()
+
+    def getHost(self) -> Any:
+        """This end's address, asked of the system once per connection, not per request."""
+        if self._host is None:
+            self._host = self.transport.getHost()
+        return self._host
 
     def dataReceived(self, data: bytes) -> None:
         if self.phase == _IDLE:

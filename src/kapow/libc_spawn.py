@@ -25,7 +25,7 @@ import ctypes
 import ctypes.util
 import os
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 # <spawn.h> flags: the same values in glibc and musl on Linux
 POSIX_SPAWN_SETSIGDEF = 0x04
@@ -73,13 +73,14 @@ class Spawn:
         # kept for the life of the prepared attributes, which C code still reads
         self._destroy = (libc.posix_spawnattr_destroy, libc.posix_spawn_file_actions_destroy)
 
-    def __call__(self, argv: Sequence[str], env: Mapping[str, str], stdin: int | None = None) -> int:
+    def __call__(self, argv: Sequence[str], env: Sequence[bytes], stdin: int | None = None) -> int:
         """
-        Start ``argv`` with ``env`` (and ``stdin`` as its 0 when given); its
-        pid. Raises :class:`OSError` if it cannot run.
+        Start ``argv`` with the environment ``env`` (``NAME=value`` entries),
+        and ``stdin`` as its 0 when given; its pid. Raises :class:`OSError`
+        if it cannot run.
         """
         args = [os.fsencode(a) for a in argv]
-        entries = [os.fsencode(k) + b"=" + os.fsencode(v) for k, v in env.items()]
+        entries = env
         c_argv = (ctypes.c_char_p * (len(args) + 1))(*args, None)
         c_env = (ctypes.c_char_p * (len(entries) + 1))(*entries, None)
         pid = ctypes.c_int()

@@ -25,10 +25,10 @@ exit. Where pidfds are missing, and with ``--debug``, handlers go the
 Process way.
 
 ``posix_spawn`` returns once the child has executed its program; while
-other handlers live, :class:`Spawner` waits for that in a thread
-(:mod:`kapow.libc_spawn` calls the C library without the interpreter lock),
-so the reactor serves their requests meanwhile. :meth:`Spawner.start`
-therefore answers with a Deferred.
+other handlers live, :class:`Spawner` waits for that in a thread of its own
+(:class:`SpawnThread`; :mod:`kapow.libc_spawn` calls the C library without
+the interpreter lock), so the reactor serves their requests meanwhile.
+:meth:`Spawner.start` therefore answers with a Deferred.
 """
 
 from __future__ import annotations
@@ -37,14 +37,15 @@ import fcntl
 import os
 import shutil
 import signal
+import threading
 from collections.abc import Callable, Mapping, Sequence
+from queue import SimpleQueue
 from typing import Any
 
 from twisted.internet import process as _process
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReadDescriptor
 from twisted.internet.protocol import ProcessProtocol
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -247,6 +248,61 @@ def spawn_watched(
     return pid
 
 
+class SpawnThread:
+    """
+    Runs ``spawn(argv, env, stdin)`` calls in threads of its own, each
+    answered in the reactor: a queue and a wake-up per call, lighter than a
+    thread pool's dispatch. Each spawn waits until its child has executed
+    its program, longer on a loaded machine, so a few threads share the
+    queue.
+
+    :param reactor: where results are delivered (``callFromThread``).
+    :param spawn: starts a program and returns its pid; called in a thread.
+    :param threads: how many threads (started at the first call).
+    """
+
+    def __init__(
+        self,
+        reactor: Any,
+        spawn: Callable[[Sequence[str], Sequence[bytes], int | None], int],
+        threads: int = 4,
+    ) -> None:
+        self.reactor = reactor
+        self.spawn = spawn
+        self.size = threads
+        self._jobs: SimpleQueue[Any] = SimpleQueue()
+        self._threads: list[threading.Thread] = []
+
+    def __call__(self, argv: Sequence[str], env: Sequence[bytes], stdin: int | None) -> Deferred[int]:
+        """Spawn in a thread; fires in the reactor with the pid, or fails with the error."""
+        if not self._threads:
+            for n in range(self.size):
+                thread = threading.Thread(target=self._run, name=f"kapow-spawn-{n}", daemon=True)
+                thread.start()
+                self._threads.append(thread)
+        result: Deferred[int] = Deferred()
+        self._jobs.put((result, argv, env, stdin))
+        return result
+
+    def _run(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            result, argv, env, stdin = job
+            try:
+                pid = self.spawn(argv, env, stdin)
+            except BaseException:
+                self.reactor.callFromThread(result.errback, Failure())
+            else:
+                self.reactor.callFromThread(result.callback, pid)
+
+    def stop(self) -> None:
+        """End the threads once the spawns asked for are done."""
+        threads, self._threads = self._threads, []
+        for _ in threads:
+            self._jobs.put(None)
+        for thread in threads:
+            thread.join()
+
+
 def _spawn_failed(argv: Sequence[str], failure: Failure) -> Failure:
     """A failed spawn as :class:`SpawnError`, as :func:`spawn_watched` raises it."""
     error = failure.value
@@ -375,25 +431,36 @@ class Spawner:
         self.default_limits = dict(default_limits or {})
         self._environ = environ
         self._base: dict[str, str] | None = None
+        self._entries: list[bytes] | None = None
         self.urls = urls
         self.debug = debug
         self._devnull: int | None = None
         self._reset_signals: tuple[int, ...] = ()
         self._watch = False
         self._libc: Spawn | None = None
+        self._thread: SpawnThread | None = None
         self._live = 0  # handlers spawned through _libc that have not exited
         self._spawning = 0  # spawns waiting in a thread
 
     def handler_environ(self, handler_id: str) -> dict[str, str]:
         """The environment of the handler ``handler_id``."""
+        env = self._base_environ().copy()
+        env["KAPOW_HANDLER_ID"] = handler_id
+        return env
+
+    def _handler_entries(self, handler_id: str) -> list[bytes]:
+        """:meth:`handler_environ` as ``NAME=value`` entries, the common ones encoded once."""
+        if self._entries is None:
+            self._entries = [os.fsencode(k) + b"=" + os.fsencode(v) for k, v in self._base_environ().items()]
+        return [*self._entries, b"KAPOW_HANDLER_ID=" + handler_id.encode()]
+
+    def _base_environ(self) -> dict[str, str]:
         if self._base is None:
             data_url, control_url = self.urls()
             self._base = {k: v for k, v in self._environ().items() if k not in self.PRIVATE}
             self._base["KAPOW_DATA_URL"] = data_url
             self._base["KAPOW_CONTROL_URL"] = control_url
-        env = self._base.copy()
-        env["KAPOW_HANDLER_ID"] = handler_id
-        return env
+        return self._base
 
     def start(
         self,
@@ -413,19 +480,19 @@ class Spawner:
 
         :return: fires with the process group id (the process's pid), or
             fails with :class:`SpawnError` if it cannot be started. Without
-            ``--debug`` the spawn may happen in a thread of the reactor's pool
-            (see :meth:`_spawn_libc`), so the reactor goes on meanwhile.
+            ``--debug`` the spawn may happen in a :class:`SpawnThread` (see
+            :meth:`_spawn_libc`), so the reactor goes on meanwhile.
         """
         if self._devnull is None:
             self._prepare()
-        env = self.handler_environ(handler_id)
         if limits or self.default_limits:
             try:
                 argv = self._limited(argv, {**self.default_limits, **(limits or {})})
             except SpawnError:
                 return fail()
         if self._libc is not None:
-            return self._spawn_libc(argv, env, on_exit, stdin)
+            return self._spawn_libc(argv, self._handler_entries(handler_id), on_exit, stdin)
+        env = self.handler_environ(handler_id)
         try:
             if self._watch:
                 return succeed(
@@ -447,7 +514,7 @@ class Spawner:
         return succeed(process.pgid)
 
     def _spawn_libc(
-        self, argv: Sequence[str], env: Mapping[str, str], on_exit: ExitCallback, stdin: int | None
+        self, argv: Sequence[str], env: Sequence[bytes], on_exit: ExitCallback, stdin: int | None
     ) -> Deferred[int]:
         """
         Spawn through :mod:`kapow.libc_spawn`: in a thread while other
@@ -467,10 +534,10 @@ class Spawner:
             return _ExitWatcher(self.reactor, pid, exited).pid
 
         if self._live or self._spawning:
+            if self._thread is None:
+                self._thread = SpawnThread(self.reactor, self._libc)
             self._spawning += 1
-            spawned = deferToThreadPool(
-                self.reactor, self.reactor.getThreadPool(), self._libc, argv, env, stdin
-            )
+            spawned = self._thread(argv, env, stdin)
 
             def done(result: Any) -> Any:
                 self._spawning -= 1
@@ -507,7 +574,10 @@ class Spawner:
         return self.limited.argv(limits, program, argv)
 
     def close(self) -> None:
-        """Release the descriptor kept for ``/dev/null``."""
+        """End the spawning thread and release the descriptor kept for ``/dev/null``."""
+        if self._thread is not None:
+            self._thread.stop()
+            self._thread = None
         if self._libc is not None:
             self._libc.close()
             self._libc = None

@@ -39,6 +39,7 @@ from kapow.containment import Containment
 from kapow.control_api import ControlAPI
 from kapow.data_api import DataAPI
 from kapow.data_proxy import DataProxy
+from kapow.eager_tcp import EagerEndpoint
 from kapow.governor import Governor, Limits
 from kapow.handlers import HandlerRegistry
 from kapow.init_programs import InitProgramsService
@@ -54,7 +55,7 @@ from kapow.user_api import UserAPI, UserSite
 from kapow.web import QuietSite, bounded_request_factory
 from kapow.worker import GatedEndpoint, MainAdmission, WorkerLink
 from kapow.worker_pool import STOP_MARGIN, HandlersOfWorkers, HeldListener, WorkerPool
-from kapow.workers import MAIN_FD, USER_FD, worker_handler_id
+from kapow.workers import MAIN_FD, USER_FD, worker_handler_ids
 
 log = Logger()
 
@@ -473,7 +474,7 @@ def build_service(options: Options, reactor: Any) -> KapowService:
             found = tls.tls_server_endpoint(found, wrap)
         if kind is Listener:  # (a HeldListener never accepts)
             site.protocol = guarded_protocol(data_timeouts if label == "data" else timeouts, reactor)
-            found = ConnectionLimit(found, max_connections, label, reactor)
+            found = ConnectionLimit(EagerEndpoint(found), max_connections, label, reactor)
         svc = kind(found, site, label, scheme, host, worker)
         svc.setServiceParent(service)
         return svc
@@ -516,7 +517,7 @@ def build_service(options: Options, reactor: Any) -> KapowService:
         service.user_listener = listen(user_where, site, "user", user_scheme, user_tls)
         return user_api
 
-    handlers = HandlerRegistry() if worker is None else HandlerRegistry(lambda: worker_handler_id(worker))
+    handlers = HandlerRegistry() if worker is None else HandlerRegistry(worker_handler_ids(worker))
     if workers == 1:
         data_api = DataAPI(handlers).resource()
         data_site = QuietSite(data_api) if metrics is None else CountingQuietSite(data_api, metrics)

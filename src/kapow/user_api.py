@@ -307,7 +307,8 @@ class UserAPI(Resource):
         return NOT_DONE_YET
 
     def _spawned(self, handler: Handler, pgid: int) -> None:
-        log.debug("handler {id} started: pid {pid}", id=handler.id, pid=pgid)
+        if self.spawner.debug:  # an event per request costs, even filtered out
+            log.debug("handler {id} started: pid {pid}", id=handler.id, pid=pgid)
         self.governor.spawned(handler.id, pgid)
 
     def _spawn_failed(self, request: Request, handler: Handler, failure: Any) -> None:

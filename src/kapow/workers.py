@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import json
 import re
-import secrets
+from collections.abc import Callable
 
 from twisted.protocols import amp
+
+from kapow.handlers import handler_ids
 
 #: The worker's descriptor of the user interface's listening socket.
 USER_FD = 3
@@ -171,17 +173,17 @@ def table_parts(text: bytes) -> list[bytes]:
     return [text[i : i + ROUTES_PART] for i in range(0, len(text), ROUTES_PART)] or [b""]
 
 
-def worker_handler_id(number: int) -> str:
+def worker_handler_ids(number: int) -> Callable[[], str]:
     """
-    A fresh handler id of worker ``number``: as unguessable as any (112
-    random bits), with the worker's number in its first four hex digits, so
-    the main process knows where to forward the id's data API calls.
+    Makes the handler ids of worker ``number``: as unguessable as any (112
+    random bits), with the worker's number in their first four hex digits,
+    so the main process knows where to forward the ids' data API calls.
     """
-    return f"{number:04x}{secrets.token_hex(14)}"
+    return handler_ids(f"{number:04x}")
 
 
 def handler_worker(handler_id: str) -> int | None:
-    """The number of the worker whose :func:`worker_handler_id` this is, if it is one."""
+    """The number of the worker whose :func:`worker_handler_ids` made this id, if one did."""
     if _HANDLER_ID.fullmatch(handler_id) is None:
         return None
     return int(handler_id[:4], 16)
