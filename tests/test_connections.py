@@ -19,6 +19,7 @@ from twisted.web.server import NOT_DONE_YET, Site
 
 from kapow.connections import (
     ConnectionLimit,
+    GuardedChannel,
     Timeouts,
     default_max_connections,
     guarded_protocol,
@@ -180,3 +181,17 @@ def test_helpers() -> None:
     assert is_loopback(IPv4Address("TCP", "127.0.0.2", 1)) and not is_loopback(
         IPv4Address("TCP", "10.0.0.1", 1)
     )
+
+
+def test_only_tls_connections_get_twisted_webs_negotiating_wrapper() -> None:
+    clock = Clock()
+    for tls, wrapped in ((True, True), (False, False)):
+        site = Site(Answer(), reactor=clock)
+        site.protocol = guarded_protocol(Timeouts(header=1, idle=5, body_rate=100), clock, tls=tls)
+        protocol = site.buildProtocol(None)
+        assert isinstance(protocol, GuardedChannel) is not wrapped
+        assert protocol.site is site  # set through the wrapper or on the channel itself
+        transport = StringTransport(peerAddress=IPv4Address("TCP", "10.0.0.1", 1234))
+        protocol.makeConnection(transport)
+        protocol.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert transport.value().startswith(b"HTTP/1.1 200 OK") and transport.value().endswith(b"ok")

@@ -6,6 +6,7 @@ with the usual flow control, and every byte arrives in order.
 
 from __future__ import annotations
 
+import socket
 from typing import Any
 
 from twisted.internet import reactor
@@ -17,7 +18,7 @@ from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 from zope.interface import implementer
 
-from kapow.eager_tcp import EagerEndpoint, EagerServer
+from kapow.eager_tcp import EagerEndpoint, EagerServer, send_now
 
 BIG = 32 * 1024 * 1024  # more than any socket buffer takes at once
 
@@ -146,3 +147,23 @@ class EagerTests(TestCase):
             server.transport.write(b"x" * 65536)
             yield deferLater(reactor, 0.01, lambda: None)
         yield lost
+
+
+class SendNowTests(TestCase):
+    def test_what_waits_for_the_next_turn_goes_out_now(self) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.addCleanup(theirs.close)
+        protocol = Protocol()
+        factory = Factory.forProtocol(lambda: protocol)
+        reactor.adoptStreamConnection(ours.fileno(), socket.AF_UNIX, factory)
+        ours.close()
+        transport = protocol.transport
+        self.addCleanup(transport.abortConnection)
+        transport.write(b"released")
+        self.assertIn(transport, reactor.getWriters())
+        send_now(transport)
+        self.assertNotIn(transport, reactor.getWriters())
+        theirs.setblocking(False)
+        self.assertEqual(theirs.recv(100), b"released")
+        send_now(transport)  # nothing waits: nothing happens
+        send_now(None)  # nor for what is no socket transport

@@ -233,8 +233,10 @@ class SpawnerTests(TestCase):
     def setUp(self) -> Deferred[None]:
         return reactor_running()
 
-    def spawner(self, base: dict[str, str], debug: bool = False) -> Spawner:
-        spawner = Spawner(reactor, lambda: base, lambda: (DATA_URL, CONTROL_URL), debug=debug)
+    def spawner(self, base: dict[str, str], debug: bool = False, threads: int = 4) -> Spawner:
+        spawner = Spawner(
+            reactor, lambda: base, lambda: (DATA_URL, CONTROL_URL), debug=debug, threads=threads
+        )
         self.addCleanup(spawner.close)
         return spawner
 
@@ -440,7 +442,7 @@ class SpawnerTests(TestCase):
 
     async def test_a_spawn_beside_live_handlers_leaves_the_reactor_free(self) -> None:
         """Alone, a handler is spawned at once; beside a live one, the spawn
-        waits in a thread of the reactor's pool, not in the reactor."""
+        waits in a spawning thread, not in the reactor."""
         if not pidfds_work():
             raise SkipTest("no pidfds here")
         spawner = self.spawner({})
@@ -460,6 +462,22 @@ class SpawnerTests(TestCase):
         third = spawner.start("h12", [SH, "-c", "exit 0"], lambda *how: third_exit.callback(how))
         self.assertIsInstance(self.successResultOf(third), int)
         self.assertEqual(await third_exit, (0, None))
+
+    async def test_without_threads_every_spawn_is_at_once(self) -> None:
+        """As in a worker of --workers: beside a live handler too."""
+        if not pidfds_work():
+            raise SkipTest("no pidfds here")
+        spawner = self.spawner({}, threads=0)
+        exits: list[Deferred[tuple[Any, Any]]] = [Deferred(), Deferred()]
+        pgids = []
+        for handler_id, script, done in (("h15", "sleep 30", exits[0]), ("h16", "exit 5", exits[1])):
+            started = spawner.start(handler_id, [SH, "-c", script], lambda *how, d=done: d.callback(how))
+            pgids.append(self.successResultOf(started))
+            self.addCleanup(signal_group, pgids[-1], signal.SIGKILL)
+        self.assertEqual(await exits[1], (5, None))
+        signal_group(pgids[0], signal.SIGKILL)
+        self.assertEqual(await exits[0], (None, signal.SIGKILL))
+        self.assertIsNone(spawner._thread)
 
     async def test_a_spawn_in_a_thread_that_fails(self) -> None:
         if not pidfds_work():

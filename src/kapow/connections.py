@@ -261,11 +261,16 @@ class GuardedChannel(http.HTTPChannel):
         super().connectionLost(reason)
 
 
-def guarded_protocol(timeouts: Timeouts, clock: Any) -> Callable[..., Any]:
+def guarded_protocol(timeouts: Timeouts, clock: Any, tls: bool = True) -> Callable[..., Any]:
     """
     A ``protocol`` for a :class:`twisted.web.server.Site`: its connections
-    get a :class:`GuardedChannel`, in the wrapper twisted.web itself uses
-    (which also negotiates HTTP/2 where it is available).
+    get a :class:`GuardedChannel`; over TLS, in the wrapper twisted.web
+    itself uses, which turns to HTTP/2 when ALPN chose it. Without TLS
+    there is nothing to negotiate (twisted.web speaks HTTP/2 only after
+    ALPN), so the channel serves the connection itself, a layer fewer on
+    every read.
+
+    :param tls: whether the listener's connections are TLS.
     """
     guard = Guard(timeouts, clock)
 
@@ -273,7 +278,7 @@ def guarded_protocol(timeouts: Timeouts, clock: Any) -> Callable[..., Any]:
         # set on the instance, so not bound: called without the factory
         channel = GuardedChannel()
         channel.guard = guard
-        return _Negotiating(channel)
+        return _Negotiating(channel) if tls else channel
 
     return build
 

@@ -10,13 +10,18 @@ socket does not take, and anything written while something waits, is
 buffered as before, with the same flow control (a streaming producer is
 paused when the buffer fills). A non-streaming producer is asked for more
 only when the buffer drains, so its connection keeps the buffered way.
+
+Where one message must arrive before a response that goes out at once (a
+worker's word to the main process that a limited handler exited, before
+its client can ask again), :func:`send_now` sends what another connection
+holds for the next turn.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet import tcp
+from twisted.internet import abstract, tcp
 from twisted.internet.defer import Deferred
 
 
@@ -53,6 +58,21 @@ class EagerServer(tcp.Server):
         except OSError:
             return data
         return data[sent:]
+
+
+def send_now(transport: Any) -> None:
+    """
+    Send now what a Twisted socket ``transport`` holds for the reactor's
+    next turn. What the socket does not take, and an error, are left to
+    that turn, as they would have been.
+    """
+    if (
+        isinstance(transport, abstract.FileDescriptor)
+        and transport.connected
+        and not transport.disconnecting
+        and (transport._tempDataBuffer or transport.offset < len(transport.dataBuffer))
+    ):
+        transport.doWrite()
 
 
 class EagerEndpoint:

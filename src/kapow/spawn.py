@@ -412,6 +412,11 @@ class Spawner:
         system has no way to (then a handler with limits cannot start).
     :param default_limits: the server's limits, for every handler; a
         route's own value of a limit wins.
+    :param threads: how many threads may wait in spawns while other
+        handlers live (:meth:`_spawn_libc`); 0 to spawn from the reactor's
+        thread always, as a worker of ``--workers`` does: there the other
+        workers serve while one waits, and a thread's hand-offs cost about
+        a third of a spawning request's CPU time.
     """
 
     #: Never given to handlers, even if the server's environment has them.
@@ -425,8 +430,10 @@ class Spawner:
         debug: bool = False,
         limited: LimitedCommand | None = None,
         default_limits: Mapping[str, int] | None = None,
+        threads: int = 4,
     ) -> None:
         self.reactor = reactor
+        self.threads = threads
         self.limited = limited
         self.default_limits = dict(default_limits or {})
         self._environ = environ
@@ -533,9 +540,9 @@ class Spawner:
             self._live += 1
             return _ExitWatcher(self.reactor, pid, exited).pid
 
-        if self._live or self._spawning:
+        if self.threads and (self._live or self._spawning):
             if self._thread is None:
-                self._thread = SpawnThread(self.reactor, self._libc)
+                self._thread = SpawnThread(self.reactor, self._libc, self.threads)
             self._spawning += 1
             spawned = self._thread(argv, env, stdin)
 

@@ -473,7 +473,9 @@ def build_service(options: Options, reactor: Any) -> KapowService:
         if wrap is not None:
             found = tls.tls_server_endpoint(found, wrap)
         if kind is Listener:  # (a HeldListener never accepts)
-            site.protocol = guarded_protocol(data_timeouts if label == "data" else timeouts, reactor)
+            site.protocol = guarded_protocol(
+                data_timeouts if label == "data" else timeouts, reactor, tls=wrap is not None
+            )
             found = ConnectionLimit(EagerEndpoint(found), max_connections, label, reactor)
         svc = kind(found, site, label, scheme, host, worker)
         svc.setServiceParent(service)
@@ -500,6 +502,7 @@ def build_service(options: Options, reactor: Any) -> KapowService:
             debug=options["debug"],
             limited=LimitedCommand.find(native_client()),
             default_limits=options["limits"],
+            threads=4 if worker is None else 0,
         )
         proxies = options["trusted-proxies"]
         user_api = UserAPI(
