@@ -39,7 +39,6 @@ from kapow.containment import Containment
 from kapow.control_api import ControlAPI
 from kapow.data_api import DataAPI
 from kapow.data_proxy import DataProxy
-from kapow.eager_tcp import EagerEndpoint
 from kapow.governor import Governor, Limits
 from kapow.handlers import HandlerRegistry
 from kapow.init_programs import InitProgramsService
@@ -476,7 +475,7 @@ def build_service(options: Options, reactor: Any) -> KapowService:
             site.protocol = guarded_protocol(
                 data_timeouts if label == "data" else timeouts, reactor, tls=wrap is not None
             )
-            found = ConnectionLimit(EagerEndpoint(found), max_connections, label, reactor)
+            found = ConnectionLimit(found, max_connections, label, reactor)
         svc = kind(found, site, label, scheme, host, worker)
         svc.setServiceParent(service)
         return svc

@@ -19,7 +19,6 @@ from twisted.logger import Logger
 from twisted.protocols import amp
 from twisted.python.failure import Failure
 
-from kapow.eager_tcp import send_now
 from kapow.governor import Governor
 from kapow.metrics import snapshot_parts
 from kapow.routes import DEFAULT_QUEUE_TIMEOUT, Route, RouteTable, route_from_json
@@ -142,9 +141,6 @@ class MainAdmission:
         """A handler that :meth:`admit` let start has exited."""
         if self._limited(route):
             self._tell(Release, route_id=route.id, limited=route.max_concurrency is not None)
-            # before the handler's response, which goes out at once: its
-            # client's next request may reach another worker
-            send_now(getattr(self.link, "transport", None))
 
     def _tell(self, command: type[amp.Command], **arguments: Any) -> None:
         try:
