@@ -477,7 +477,7 @@ class SpawnerTests(TestCase):
         self.assertEqual(await exits[1], (5, None))
         signal_group(pgids[0], signal.SIGKILL)
         self.assertEqual(await exits[0], (None, signal.SIGKILL))
-        self.assertIsNone(spawner._thread)
+        self.assertIsNone(spawner._spawn_threads)
 
     async def test_a_spawn_in_a_thread_that_fails(self) -> None:
         if not pidfds_work():

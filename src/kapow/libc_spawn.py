@@ -80,9 +80,8 @@ class Spawn:
         if it cannot run.
         """
         args = [os.fsencode(a) for a in argv]
-        entries = env
         c_argv = (ctypes.c_char_p * (len(args) + 1))(*args, None)
-        c_env = (ctypes.c_char_p * (len(entries) + 1))(*entries, None)
+        c_env = (ctypes.c_char_p * (len(env) + 1))(*env, None)
         pid = ctypes.c_int()
         actions = self._actions if stdin is None else self._file_actions(stdin)
         try:

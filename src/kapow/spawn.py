@@ -26,7 +26,7 @@ Process way.
 
 ``posix_spawn`` returns once the child has executed its program; while
 other handlers live, :class:`Spawner` waits for that in a thread of its own
-(:class:`SpawnThread`; :mod:`kapow.libc_spawn` calls the C library without
+(:class:`SpawnThreads`; :mod:`kapow.libc_spawn` calls the C library without
 the interpreter lock), so the reactor serves their requests meanwhile.
 :meth:`Spawner.start` therefore answers with a Deferred.
 """
@@ -248,7 +248,7 @@ def spawn_watched(
     return pid
 
 
-class SpawnThread:
+class SpawnThreads:
     """
     Runs ``spawn(argv, env, stdin)`` calls in threads of its own, each
     answered in the reactor: a queue and a wake-up per call, lighter than a
@@ -445,7 +445,7 @@ class Spawner:
         self._reset_signals: tuple[int, ...] = ()
         self._watch = False
         self._libc: Spawn | None = None
-        self._thread: SpawnThread | None = None
+        self._spawn_threads: SpawnThreads | None = None
         self._live = 0  # handlers spawned through _libc that have not exited
         self._spawning = 0  # spawns waiting in a thread
 
@@ -487,8 +487,8 @@ class Spawner:
 
         :return: fires with the process group id (the process's pid), or
             fails with :class:`SpawnError` if it cannot be started. Without
-            ``--debug`` the spawn may happen in a :class:`SpawnThread` (see
-            :meth:`_spawn_libc`), so the reactor goes on meanwhile.
+            ``--debug`` the spawn may wait in a thread (:class:`SpawnThreads`,
+            see :meth:`_spawn_libc`), so the reactor goes on meanwhile.
         """
         if self._devnull is None:
             self._prepare()
@@ -541,10 +541,10 @@ class Spawner:
             return _ExitWatcher(self.reactor, pid, exited).pid
 
         if self.threads and (self._live or self._spawning):
-            if self._thread is None:
-                self._thread = SpawnThread(self.reactor, self._libc, self.threads)
+            if self._spawn_threads is None:
+                self._spawn_threads = SpawnThreads(self.reactor, self._libc, self.threads)
             self._spawning += 1
-            spawned = self._thread(argv, env, stdin)
+            spawned = self._spawn_threads(argv, env, stdin)
 
             def done(result: Any) -> Any:
                 self._spawning -= 1
@@ -581,10 +581,10 @@ class Spawner:
         return self.limited.argv(limits, program, argv)
 
     def close(self) -> None:
-        """End the spawning thread and release the descriptor kept for ``/dev/null``."""
-        if self._thread is not None:
-            self._thread.stop()
-            self._thread = None
+        """End the spawning threads and release the descriptor kept for ``/dev/null``."""
+        if self._spawn_threads is not None:
+            self._spawn_threads.stop()
+            self._spawn_threads = None
         if self._libc is not None:
             self._libc.close()
             self._libc = None
