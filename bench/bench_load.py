@@ -31,8 +31,8 @@ def open_fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
-def children(pid: int) -> int:
-    count = 0
+def child_pids(pid: int) -> list[int]:
+    found = []
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
@@ -40,8 +40,12 @@ def children(pid: int) -> int:
             except OSError:
                 continue
             if int(stat[stat.rfind(b")") + 2 :].split()[1]) == pid:
-                count += 1
-    return count
+                found.append(int(entry))
+    return found
+
+
+def children(pid: int) -> int:
+    return len(child_pids(pid))
 
 
 def rss_kib(pid: int) -> int:
@@ -105,21 +109,24 @@ def main() -> None:
                         conn = http.client.HTTPConnection(host, int(port), timeout=60)
                 conn.close()
 
-            started, cpu_before = time.monotonic(), cpu_seconds(pid)
+            # the server's own processes: itself and what it runs while idle (workers, helpers)
+            own = [pid, *child_pids(pid)]
+            started, cpu_before = time.monotonic(), sum(map(cpu_seconds, own))
             threads = [threading.Thread(target=worker) for _ in range(args.c)]
             for t in threads:
                 t.start()
             for t in threads:
                 t.join()
             elapsed = time.monotonic() - started
-            server_cpu = cpu_seconds(pid) - cpu_before
+            server_cpu = sum(map(cpu_seconds, own)) - cpu_before
             peak_rss = rss_kib(pid)
             deadline = time.monotonic() + 10
             while time.monotonic() < deadline and (open_fds(pid) > idle_fds or children(pid) > idle_children):
                 time.sleep(0.05)
             print(f"{args.n} requests at concurrency {args.c}: {elapsed:.1f} s, {args.n / elapsed:.0f} req/s")
             print(
-                f"  server process CPU: {server_cpu:.1f} s ({server_cpu / args.n * 1000:.2f} ms per request)"
+                f"  server CPU (its processes, workers included): {server_cpu:.1f} s"
+                f" ({server_cpu / args.n * 1000:.2f} ms per request)"
             )
             print(f"  ok {ok[0]}, errors {len(errors)}" + (f" (first: {errors[0]})" if errors else ""))
             print(f"  open fds: idle {idle_fds}, after {open_fds(pid)}")
