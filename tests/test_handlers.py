@@ -19,7 +19,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
-from kapow.handlers import Handler, HandlerRegistry, State
+from kapow.handlers import Handler, HandlerRegistry, State, handler_ids
 from kapow.routes import Route
 from kapow.user_api import UserSite
 from kapow.web import JSONError
@@ -604,10 +604,18 @@ class RegistryTests(SynchronousTestCase):
 
     def test_ids_unique_hex(self) -> None:
         registry = HandlerRegistry()
-        ids = [registry.create(ROUTE, {}, UserConnection(http_request()).request).id for _ in range(64)]
-        self.assertEqual(len(set(ids)), 64)
+        ids = [registry.create(ROUTE, {}, UserConnection(http_request()).request).id for _ in range(200)]
+        self.assertEqual(len(set(ids)), 200)  # across several batches of randomness
         for handler_id in ids:
             self.assertRegex(handler_id, re.compile(r"\A[0-9a-f]{32}\Z"))
+
+    def test_ids_with_a_prefix(self) -> None:
+        for prefix in ("00a1", "abc"):
+            new_id = handler_ids(prefix, batch=8)
+            ids = [new_id() for _ in range(20)]
+            self.assertEqual(len(set(ids)), 20)
+            for handler_id in ids:
+                self.assertRegex(handler_id, re.compile(rf"\A{prefix}[0-9a-f]{{{32 - len(prefix)}}}\Z"))
 
     def test_created_handler_gets_flow_control(self) -> None:
         registry = HandlerRegistry()
