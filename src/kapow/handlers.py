@@ -68,11 +68,11 @@ def handler_ids(prefix: str = "", batch: int = 64) -> Callable[[], str]:
     """
     ready: list[str] = []
     digits = 32 - len(prefix)
+    step = digits + digits % 2  # hex digits of the whole random bytes of one id
 
     def new_id() -> str:
         if not ready:
-            raw = os.urandom((digits + 1) // 2 * batch).hex()
-            step = len(raw) // batch
+            raw = os.urandom(step // 2 * batch).hex()
             ready.extend(prefix + raw[i : i + digits] for i in range(0, len(raw), step))
         return ready.pop()
 

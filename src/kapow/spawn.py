@@ -55,6 +55,9 @@ from kapow.resource_limits import LimitedCommand
 
 log = Logger()
 
+#: Threads a server alone waits in for spawns while other handlers live.
+SPAWN_THREADS = 4
+
 
 class SpawnError(Exception):
     """The program could not be started; ``str()`` says why, in one line."""
@@ -262,10 +265,7 @@ class SpawnThreads:
     """
 
     def __init__(
-        self,
-        reactor: Any,
-        spawn: Callable[[Sequence[str], Sequence[bytes], int | None], int],
-        threads: int = 4,
+        self, reactor: Any, spawn: Callable[[Sequence[str], Sequence[bytes], int | None], int], threads: int
     ) -> None:
         self.reactor = reactor
         self.spawn = spawn
@@ -430,7 +430,7 @@ class Spawner:
         debug: bool = False,
         limited: LimitedCommand | None = None,
         default_limits: Mapping[str, int] | None = None,
-        threads: int = 4,
+        threads: int = SPAWN_THREADS,
     ) -> None:
         self.reactor = reactor
         self.threads = threads

@@ -49,7 +49,7 @@ from kapow.proxies import TrustedProxies, parse_trusted_proxies
 from kapow.resource_limits import InvalidLimit, LimitedCommand, parse_limit
 from kapow.routes import DEFAULT_QUEUE_TIMEOUT, MAX_QUEUE, RouteTable
 from kapow.service import KapowService, LauncherDirectory, Listener, StartupError, fatal
-from kapow.spawn import Spawner
+from kapow.spawn import SPAWN_THREADS, Spawner
 from kapow.user_api import UserAPI, UserSite
 from kapow.web import QuietSite, bounded_request_factory
 from kapow.worker import GatedEndpoint, MainAdmission, WorkerLink
@@ -501,7 +501,7 @@ def build_service(options: Options, reactor: Any) -> KapowService:
             debug=options["debug"],
             limited=LimitedCommand.find(native_client()),
             default_limits=options["limits"],
-            threads=4 if worker is None else 0,
+            threads=SPAWN_THREADS if worker is None else 0,
         )
         proxies = options["trusted-proxies"]
         user_api = UserAPI(
