@@ -7,6 +7,7 @@ Every command-line case runs twice: with the Python lean client
 (kapow.data_client) and with the native one (src/kapow/native/kapow.c).
 """
 
+import errno
 import http.server
 import io
 import itertools
@@ -300,6 +301,23 @@ def test_get_connection_refused(launcher):
     result = run(launcher, "get", "/request/method", url=url)
     line = one_error_line(result)
     assert line == "kapow: cannot reach data API at %s: Connection refused" % url
+
+
+@pytest.mark.parametrize(
+    "make, code",
+    [
+        (lambda path: os.symlink(path, path), errno.ELOOP),  # texts musl words otherwise
+        (lambda path: None, errno.ENOENT),
+    ],
+    ids=["symlink-loop", "missing"],
+)
+def test_get_socket_error_texts(tmp_path, launcher, make, code):
+    """A system error reads as the C library's text, as Python's own."""
+    path = str(tmp_path / "data.sock")
+    make(path)
+    url = "http+unix://" + path.replace("/", "%2F")
+    line = one_error_line(run(launcher, "get", "/request/method", url=url))
+    assert line == "kapow: cannot reach data API at %s: %s" % (url, os.strerror(code))
 
 
 def test_get_by_host_name(server, launcher):
@@ -872,14 +890,24 @@ def test_native_without_the_full_command_line(tmp_path):
     )
 
 
-def test_native_source_compiles_warning_free(tmp_path):
-    if shutil.which("cc") is None:
-        pytest.skip("no C compiler")
+@pytest.mark.parametrize("compiler", [["cc"], ["musl-gcc", "-static"]], ids=["cc", "musl"])
+def test_native_source_compiles_warning_free(tmp_path, compiler):
+    if shutil.which(compiler[0]) is None:
+        pytest.skip("no %s" % compiler[0])
     source = os.path.join(SRC, "kapow", "native", "kapow.c")
-    argv = ["cc", "-std=c11", "-O2", "-Wall", "-Wextra", "-Werror", "-o", str(tmp_path / "kapow"), source]
+    flags = ["-std=c11", "-O2", "-Wall", "-Wextra", "-Werror", "-DKAPOW_GLIBC_TEXTS"]
+    argv = [*compiler, *flags, "-o", str(tmp_path / "kapow"), source]
     result = subprocess.run(argv, capture_output=True, timeout=120)
     assert result.returncode == 0, result.stderr.decode()
     assert result.stderr == b""
+
+
+def test_native_built_with_musl_where_installed():
+    """musl's programs start without the GNU C library's processor probing."""
+    if shutil.which("musl-gcc") is None or os.environ.get("CC"):
+        pytest.skip("musl-gcc is not installed, or $CC chooses the compiler")
+    with open(native_client_or_skip(), "rb") as f:
+        assert b"glibc" not in f.read()
 
 
 # Pipes and signals, as handlers meet them

@@ -419,6 +419,83 @@ static int connect_to(int fd, const struct sockaddr *addr, socklen_t len)
 
 /* -- messages --------------------------------------------------------------- */
 
+/*
+ * The texts of system errors are the C library's, as Python's own are.  Built
+ * with another C library (musl, whose programs start without the GNU one's
+ * processor probing, much the faster start in a virtual machine) for a
+ * Python on the GNU C library, KAPOW_GLIBC_TEXTS gives the GNU texts where
+ * the two word them differently, so both clients print the same message.
+ */
+struct text {
+	int code;
+	const char *text;
+};
+
+#if defined(KAPOW_GLIBC_TEXTS) && !defined(__GLIBC__)
+static const struct text GLIBC_ERRORS[] = {
+	{EIO, "Input/output error"},
+	{ECHILD, "No child processes"},
+	{ENOMEM, "Cannot allocate memory"},
+	{EBUSY, "Device or resource busy"},
+	{EMFILE, "Too many open files"},
+	{ENOTTY, "Inappropriate ioctl for device"},
+	{ESPIPE, "Illegal seek"},
+	{ERANGE, "Numerical result out of range"},
+	{ENAMETOOLONG, "File name too long"},
+	{ELOOP, "Too many levels of symbolic links"},
+	{EOVERFLOW, "Value too large for defined data type"},
+	{EILSEQ, "Invalid or incomplete multibyte or wide character"},
+	{ENOTSOCK, "Socket operation on non-socket"},
+	{EMSGSIZE, "Message too long"},
+	{EOPNOTSUPP, "Operation not supported"},
+	{EADDRINUSE, "Address already in use"},
+	{EADDRNOTAVAIL, "Cannot assign requested address"},
+	{ENETUNREACH, "Network is unreachable"},
+	{ENETRESET, "Network dropped connection on reset"},
+	{ECONNABORTED, "Software caused connection abort"},
+	{EISCONN, "Transport endpoint is already connected"},
+	{ENOTCONN, "Transport endpoint is not connected"},
+	{ETIMEDOUT, "Connection timed out"},
+	{EHOSTUNREACH, "No route to host"},
+	{EINPROGRESS, "Operation now in progress"},
+	{EDQUOT, "Disk quota exceeded"},
+};
+
+static const struct text GLIBC_LOOKUP_ERRORS[] = {
+	{EAI_AGAIN, "Temporary failure in name resolution"},
+	{EAI_BADFLAGS, "Bad value for ai_flags"},
+	{EAI_FAIL, "Non-recoverable failure in name resolution"},
+	{EAI_FAMILY, "ai_family not supported"},
+	{EAI_MEMORY, "Memory allocation failure"},
+	{EAI_NONAME, "Name or service not known"},
+	{EAI_SERVICE, "Servname not supported for ai_socktype"},
+	{EAI_SOCKTYPE, "ai_socktype not supported"},
+};
+
+static const char *find_text(const struct text *table, size_t n, int code)
+{
+	for (size_t i = 0; i < n; i++)
+		if (table[i].code == code)
+			return table[i].text;
+	return NULL;
+}
+#define GLIBC_TEXT(table, code) find_text(table, sizeof table / sizeof table[0], code)
+#else
+#define GLIBC_TEXT(table, code) NULL
+#endif
+
+static const char *error_text(int err)
+{
+	const char *text = GLIBC_TEXT(GLIBC_ERRORS, err);
+	return text ? text : strerror(err);
+}
+
+static const char *lookup_error_text(int gai)
+{
+	const char *text = GLIBC_TEXT(GLIBC_LOOKUP_ERRORS, gai);
+	return text ? text : gai_strerror(gai);
+}
+
 static enum result fail(struct client *c, struct bytes text)
 {
 	c->msg.n = 0;
@@ -433,7 +510,7 @@ static enum result fail_text(struct client *c, const char *text)
 
 static const char *os_error_text(const struct client *c)
 {
-	return c->err_text ? c->err_text : strerror(c->err);
+	return c->err_text ? c->err_text : error_text(c->err);
 }
 
 /* "<what> <data URL>: <the socket error>", as a failure. */
@@ -730,7 +807,7 @@ static enum result connect_tcp(struct client *c, struct conn *k)
 		if (gai == EAI_SYSTEM)
 			c->err = errno;
 		else
-			c->err_text = gai_strerror(gai);
+			c->err_text = lookup_error_text(gai);
 		return RES_OS;
 	}
 	for (struct addrinfo *a = found; a != NULL && done == -1; a = a->ai_next)
@@ -1459,7 +1536,7 @@ static int apply_limit(const char *word, struct buf *m)
 		buf_adds(m, "cannot set limit ");
 		buf_adds(m, word);
 		buf_adds(m, ": ");
-		buf_adds(m, strerror(errno));
+		buf_adds(m, error_text(errno));
 		return -1;
 	}
 	buf_adds(m, "--with-limits: not a limit: ");
@@ -1486,7 +1563,7 @@ static int with_limits(int argc, char **argv)
 	buf_adds(&m, "cannot run ");
 	buf_adds(&m, argv[i + 1]);
 	buf_adds(&m, ": ");
-	buf_adds(&m, strerror(errno));
+	buf_adds(&m, error_text(errno));
 	error_line(bview(&m));
 	return 127;
 }
@@ -1512,7 +1589,7 @@ static int hand_over(int argc, char **argv)
 	buf_adds(&m, "cannot run the kapow command line ");
 	buf_adds(&m, self);
 	buf_adds(&m, ": ");
-	buf_adds(&m, strerror(errno));
+	buf_adds(&m, error_text(errno));
 	error_line(bview(&m));
 	free(m.p);
 	return 1;
@@ -1560,7 +1637,7 @@ int main(int argc, char **argv)
 			return 0;
 		struct buf m = {0};
 		buf_adds(&m, "cannot write help: ");
-		buf_adds(&m, strerror(errno));
+		buf_adds(&m, error_text(errno));
 		return error_line(bview(&m));
 	}
 	struct buf target = {0};
@@ -1584,7 +1661,7 @@ int main(int argc, char **argv)
 			return 1;
 		struct buf m = {0};
 		buf_adds(&m, strcmp(command, "get") == 0 ? "cannot write output: " : "cannot read input: ");
-		buf_adds(&m, strerror(c.err));
+		buf_adds(&m, error_text(c.err));
 		return error_line(bview(&m));
 	}
 	return error_line(bview(&c.msg));
