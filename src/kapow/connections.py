@@ -30,7 +30,9 @@ log = Logger()
 #: listening sockets, the launcher, pipes).
 RESERVED_FILES = 64
 
-_IDLE, _HEADERS, _BODY, _HANDLING = range(4)
+#: The phases of a guarded connection: waiting for a request, receiving its
+#: headers, receiving its body, being handled.
+IDLE, HEADERS, BODY, HANDLING = range(4)
 
 
 def raise_open_files_limit() -> tuple[int, int]:
@@ -171,13 +173,13 @@ class Guard:
         header, idle, rate = self.timeouts.header, self.timeouts.idle, self.timeouts.body_rate
         for channel in list(self.channels):
             phase, waited = channel.phase, now - channel.since
-            if phase == _IDLE:
+            if phase == IDLE:
                 if waited > idle and channel.idle_applies:
                     channel.timed_out(answer=False)
-            elif phase == _HEADERS:
+            elif phase == HEADERS:
                 if waited > header:
                     channel.timed_out(answer=True)
-            elif phase == _BODY and waited > header + channel.body_received / rate:
+            elif phase == BODY and waited > header + channel.body_received / rate:
                 log.info("closing a connection whose request body came too slowly")
                 channel.timed_out(answer=True)
 
@@ -196,7 +198,7 @@ class GuardedChannel(http.HTTPChannel):
 
     guard: Guard
     _host: Any = None
-    phase = _IDLE
+    phase = IDLE
     since = 0.0
     body_received = 0
     idle_applies = True
@@ -218,32 +220,32 @@ class GuardedChannel(http.HTTPChannel):
         return self._host
 
     def dataReceived(self, data: bytes) -> None:
-        if self.phase == _IDLE:
-            self.phase = _HEADERS
+        if self.phase == IDLE:
+            self.phase = HEADERS
             self.since = self.guard.clock.seconds()
-        elif self.phase == _BODY:
+        elif self.phase == BODY:
             self.body_received += len(data)
         LineReceiver.dataReceived(self, data)
 
     def allHeadersReceived(self) -> None:
         super().allHeadersReceived()
-        if self.length != 0 and self.phase == _HEADERS:
-            self.phase = _BODY
+        if self.length != 0 and self.phase == HEADERS:
+            self.phase = BODY
             self.since = self.guard.clock.seconds()
             self.body_received = 0
 
     def allContentReceived(self) -> None:
-        self.phase = _HANDLING  # a request being handled is never timed out
+        self.phase = HANDLING  # a request being handled is never timed out
         super().allContentReceived()
 
     def requestDone(self, request: Any) -> None:
-        self.phase = _IDLE
+        self.phase = IDLE
         self.since = self.guard.clock.seconds()
         super().requestDone(request)
 
     def timed_out(self, answer: bool) -> None:
         """Past its limit: 408 if a request was arriving, then close."""
-        self.phase = _HANDLING  # closing: no second verdict
+        self.phase = HANDLING  # closing: no second verdict
         if answer:
             self.transport.write(_TIMEOUT_RESPONSE)
         self.timeoutConnection()
@@ -261,24 +263,27 @@ class GuardedChannel(http.HTTPChannel):
         super().connectionLost(reason)
 
 
-def guarded_protocol(timeouts: Timeouts, clock: Any, tls: bool = True) -> Callable[..., Any]:
+def guarded_protocol(
+    timeouts: Timeouts, clock: Any, tls: bool = True, channel: type[GuardedChannel] = GuardedChannel
+) -> Callable[..., Any]:
     """
     A ``protocol`` for a :class:`twisted.web.server.Site`: its connections
-    get a :class:`GuardedChannel`; over TLS, in the wrapper twisted.web
+    get a :class:`GuardedChannel` (or ``channel``); over TLS, in the wrapper twisted.web
     itself uses, which turns to HTTP/2 when ALPN chose it. Without TLS
     there is nothing to negotiate (twisted.web speaks HTTP/2 only after
     ALPN), so the channel serves the connection itself, a layer fewer on
     every read.
 
     :param tls: whether the listener's connections are TLS.
+    :param channel: the class of the channels.
     """
     guard = Guard(timeouts, clock)
 
     def build(*_factory: Any) -> Any:
         # set on the instance, so not bound: called without the factory
-        channel = GuardedChannel()
-        channel.guard = guard
-        return _Negotiating(channel) if tls else channel
+        made = channel()
+        made.guard = guard
+        return _Negotiating(made) if tls else made
 
     return build
 

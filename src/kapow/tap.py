@@ -28,6 +28,7 @@ from kapow import credentials, systemd, tls
 from kapow.admission import LocalAdmission, ServerQueue, Slots
 from kapow.connections import (
     ConnectionLimit,
+    GuardedChannel,
     Timeouts,
     default_max_connections,
     guarded_protocol,
@@ -38,6 +39,7 @@ from kapow.connections import (
 from kapow.containment import Containment
 from kapow.control_api import ControlAPI
 from kapow.data_api import DataAPI
+from kapow.data_channel import DataChannel
 from kapow.data_proxy import DataProxy
 from kapow.governor import Governor, Limits
 from kapow.handlers import HandlerRegistry
@@ -473,7 +475,11 @@ def build_service(options: Options, reactor: Any) -> KapowService:
             found = tls.tls_server_endpoint(found, wrap)
         if kind is Listener:  # (a HeldListener never accepts)
             site.protocol = guarded_protocol(
-                data_timeouts if label == "data" else timeouts, reactor, tls=wrap is not None
+                data_timeouts if label == "data" else timeouts,
+                reactor,
+                tls=wrap is not None,
+                # the data API's own, where it is served (not forwarded to workers)
+                channel=DataChannel if isinstance(site.resource, DataAPI) else GuardedChannel,
             )
             found = ConnectionLimit(found, max_connections, label, reactor)
         svc = kind(found, site, label, scheme, host, worker)
