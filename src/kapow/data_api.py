@@ -11,7 +11,10 @@ client works too: twisted.web spools it to disk before it is appended.
 Handlers make several calls per request, so this is a plain twisted.web leaf
 resource, as the user interface is: routing a call through Klein and
 werkzeug cost more than answering it. :func:`parse_resource` is the one
-place that knows the resource tree.
+place that knows the resource tree. The plain requests of handlers' clients
+reach it without twisted.web's request machinery, through
+:class:`kapow.data_channel.DataChannel`, which answers them as twisted.web
+would.
 """
 
 from __future__ import annotations
