@@ -268,11 +268,47 @@ class Listener(StreamServerEndpointService):
         return f"{self.scheme}://{shown}:{port}"
 
 
+#: The launcher directories' names begin with this, in the temporary directory.
+LAUNCHER_PREFIX = "kapow-bin-"
+#: The file in a launcher directory that holds the pid of the server it is for.
+LAUNCHER_OWNER = "server.pid"
+
+
+def remove_stale_launcher_dirs(parent: str) -> list[str]:
+    """
+    Remove the launcher directories in ``parent`` that this user's servers
+    left behind when they were killed (a server removes its own when it
+    stops): those whose server's pid no longer runs. A directory without
+    its pid (being made) or of a process still running is kept.
+
+    :return: the directories removed.
+    """
+    removed = []
+    uid = os.getuid()
+    for name in os.listdir(parent):
+        path = os.path.join(parent, name)
+        if not name.startswith(LAUNCHER_PREFIX):
+            continue
+        try:
+            if os.lstat(path).st_uid != uid:
+                continue
+            with open(os.path.join(path, LAUNCHER_OWNER)) as f:
+                pid = int(f.read())
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+        except (OSError, ValueError):
+            continue
+    return removed
+
+
 class LauncherDirectory(Service):
     """
     A private directory holding the ``kapow`` that handlers and init programs
     run, first on their PATH so ``kapow get``/``kapow set`` start fast: the
-    native client, or the lean Python launcher; removed when the service stops.
+    native client, or the lean Python launcher; removed when the service
+    stops, or by the next server to start if this one was killed.
 
     With the native client and a ``reactor``, it also runs the pre-started
     ``kapow route`` of :mod:`kapow.forkserver`, listening on
@@ -292,7 +328,10 @@ class LauncherDirectory(Service):
 
     def startService(self) -> None:
         super().startService()
-        self.path = tempfile.mkdtemp(prefix="kapow-bin-")
+        remove_stale_launcher_dirs(tempfile.gettempdir())
+        self.path = tempfile.mkdtemp(prefix=LAUNCHER_PREFIX)
+        with open(os.path.join(self.path, LAUNCHER_OWNER), "w") as f:
+            f.write(str(os.getpid()))
         write_launcher(self.path, native=self.native)
         if self.native is None:
             log.info("handlers get the python data client")
