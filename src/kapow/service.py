@@ -286,9 +286,9 @@ def remove_stale_launcher_dirs(parent: str) -> list[str]:
     removed = []
     uid = os.getuid()
     for name in os.listdir(parent):
-        path = os.path.join(parent, name)
         if not name.startswith(LAUNCHER_PREFIX):
             continue
+        path = os.path.join(parent, name)
         try:
             if os.lstat(path).st_uid != uid:
                 continue
