@@ -33,6 +33,7 @@ from kapow.spawn import (
     SpawnError,
     ignored_signals,
     pidfds_work,
+    quiet_sigchld,
     signal_group,
     spawn_in_session,
 )
@@ -430,6 +431,25 @@ class SpawnerTests(TestCase):
         self.assertNotIn(pgid, _process.reapProcessHandlers)  # no Process object, no SIGCHLD scan
         signal_group(pgid, signal.SIGKILL)
         self.assertEqual(await exited, (None, signal.SIGKILL))
+
+    async def test_handlers_watched_with_sigchld_at_its_default(self) -> None:
+        """A worker's SIGCHLD at its default: no wake-up, handlers still reaped with their status."""
+        if not pidfds_work():
+            raise SkipTest("no pidfds here")
+        before = signal.getsignal(signal.SIGCHLD)
+
+        def restore() -> None:  # the reactor's, as it set it
+            signal.signal(signal.SIGCHLD, before)
+            signal.siginterrupt(signal.SIGCHLD, False)
+
+        self.addCleanup(restore)
+        quiet_sigchld()
+        self.assertEqual(signal.getsignal(signal.SIGCHLD), signal.SIG_DFL)
+        spawner = self.spawner({})
+        exited: Deferred[tuple[Any, Any]] = Deferred()
+        pgid = await spawner.start("h9", [SH, "-c", "exit 3"], lambda *how: exited.callback(how))
+        self.assertEqual(await exited, (3, None))
+        self.assertFalse(os.path.exists(f"/proc/{pgid}"), "reaped, no zombie left")
 
     async def test_start_failure(self) -> None:
         for debug in (False, True):

@@ -20,9 +20,10 @@ ignores are found once, too, and set back to their default in each child.
 A handler whose output is discarded needs no pipes, hence no
 :class:`~twisted.internet.process.Process`: :func:`spawn_watched` starts it
 directly and watches its exit through a pidfd in the reactor (Linux 5.3+),
-which spares the SIGCHLD round trip and Twisted's scan of every child at each
-exit. Where pidfds are missing, and with ``--debug``, handlers go the
-Process way.
+which spares Twisted's scan of every child at each exit; a worker of
+``--workers``, whose only children are such handlers, does not even catch
+``SIGCHLD`` (:func:`quiet_sigchld`). Where pidfds are missing, and with
+``--debug``, handlers go the Process way.
 
 ``posix_spawn`` returns once the child has executed its program; while
 other handlers live, :class:`Spawner` waits for that in a thread of its own
@@ -170,6 +171,18 @@ def pidfds_work() -> bool:
     except (AttributeError, OSError):
         return False
     return True
+
+
+def quiet_sigchld() -> None:
+    """
+    Set ``SIGCHLD`` back to its default, in a process whose only children
+    are handlers watched through pidfds (a worker of ``--workers``): the
+    reactor's own handler would wake it at every handler's exit only to look
+    for Twisted processes it has none of. The default neither interrupts nor
+    reaps anything: each handler is still reaped by its :class:`_ExitWatcher`.
+    Call it once the reactor runs (it sets its handler as it starts).
+    """
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
 
 
 @implementer(IReadDescriptor)

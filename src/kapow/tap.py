@@ -51,7 +51,7 @@ from kapow.proxies import TrustedProxies, parse_trusted_proxies
 from kapow.resource_limits import InvalidLimit, LimitedCommand, parse_limit
 from kapow.routes import DEFAULT_QUEUE_TIMEOUT, MAX_QUEUE, RouteTable
 from kapow.service import KapowService, LauncherDirectory, Listener, StartupError, fatal
-from kapow.spawn import SPAWN_THREADS, Spawner
+from kapow.spawn import SPAWN_THREADS, Spawner, pidfds_work, quiet_sigchld
 from kapow.user_api import UserAPI, UserSite
 from kapow.web import QuietSite, bounded_request_factory
 from kapow.worker import GatedEndpoint, MainAdmission, WorkerLink
@@ -535,6 +535,8 @@ def build_service(options: Options, reactor: Any) -> KapowService:
         )
 
     if worker is not None:
+        if not options["debug"] and pidfds_work():
+            reactor.callWhenRunning(quiet_sigchld)
         adopted: Any = AdoptedStreamServerEndpoint(reactor, USER_FD, _socket_family(USER_FD))
         if options["bind"].startswith("haproxy:"):
             adopted = proxyEndpoint(adopted)
