@@ -6,17 +6,21 @@ the main process faked, and the main process's side without a connection.
 from __future__ import annotations
 
 import json
+import socket
 from typing import Any
 
+from twisted.internet import reactor
 from twisted.internet.defer import CancelledError, Deferred, fail, succeed
+from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.error import ConnectionLost
-from twisted.internet.task import Clock
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import Clock, deferLater
 from twisted.trial.unittest import TestCase
 
 from kapow.admission import ServerQueue, Slots
 from kapow.governor import Governor, Limits
 from kapow.routes import Route
-from kapow.worker import MainAdmission
+from kapow.worker import GatedEndpoint, MainAdmission
 from kapow.worker_pool import MainLink
 from kapow.workers import HANDLERS_PART, Admit, Release, Withdraw, handlers_page
 
@@ -180,3 +184,34 @@ def test_the_handlers_of_a_worker_come_in_pages_that_fit_amp() -> None:
     assert len(pages) > 1
     assert [h for page in pages for h in page] == handlers
     assert handlers_page([], "") == (b"[]", False)
+
+
+class SharedPortTests(TestCase):
+    """The user port workers share, on a real socket."""
+
+    async def test_one_connection_accepted_each_time_the_socket_is_ready(self) -> None:
+        built: list[Protocol] = []
+
+        class Counting(Factory):
+            def buildProtocol(self, addr: Any) -> Protocol:
+                built.append(Protocol())
+                return built[-1]
+
+        gate = GatedEndpoint(TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1"))
+        listening = gate.listen(Counting())
+        self.assertNoResult(listening)  # not before it is opened
+        await gate.open()
+        port = self.successResultOf(listening)
+        clients = [socket.create_connection(("127.0.0.1", port.getHost().port)) for _ in range(3)]
+        try:
+            port.doRead()  # three are waiting: one is taken, the others stay for the next read
+            self.assertEqual(len(built), 1)
+            port.doRead()
+            self.assertEqual(len(built), 2)
+        finally:
+            for client in clients:
+                client.close()
+            for protocol in built:
+                protocol.transport.abortConnection()
+            await port.stopListening()
+            await deferLater(reactor, 0, lambda: None)

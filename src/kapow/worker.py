@@ -45,7 +45,9 @@ log = Logger()
 class GatedEndpoint:
     """
     A stream server endpoint that listens only once :meth:`open` was called:
-    a worker accepts no connection before it has the route table.
+    a worker accepts no connection before it has the route table. Its port
+    then accepts one connection each time the socket is ready (see
+    :func:`accept_one_at_a_time`).
 
     :param endpoint: the endpoint to listen on then.
     """
@@ -57,7 +59,7 @@ class GatedEndpoint:
 
     def listen(self, factory: Any) -> Deferred[Any]:
         if self._opened:
-            return self.endpoint.listen(factory)
+            return self.endpoint.listen(factory).addCallback(accept_one_at_a_time)
         d: Deferred[Any] = Deferred()
         self._waiting.append((d, factory))
         return d
@@ -67,8 +69,31 @@ class GatedEndpoint:
         self._opened = True
         waiting, self._waiting = self._waiting, []
         for d, factory in waiting:
-            self.endpoint.listen(factory).chainDeferred(d)
+            self.endpoint.listen(factory).addCallback(accept_one_at_a_time).chainDeferred(d)
         return gatherResults([d for d, _ in waiting])
+
+
+def accept_one_at_a_time(port: Any) -> Any:
+    """
+    Make a listening ``port`` that workers share accept one connection each
+    time its socket is ready, instead of all that are waiting: every worker
+    is woken by a new connection, so the connections that arrive together go
+    to the workers in turn, and to an idle one rather than to one busy
+    starting a handler. (Twisted accepts up to a hundred at once, so one
+    worker took every connection of a client that opens them together, and
+    served them all alone while the others idled.)
+
+    :return: ``port``.
+    """
+    if hasattr(port, "numberAccepts"):  # a TCP or UNIX port (not another endpoint's)
+        read = port.doRead
+
+        def doRead() -> Any:
+            port.numberAccepts = 1  # Twisted raises it after each read that used it all
+            return read()
+
+        port.doRead = doRead
+    return port
 
 
 class MainAdmission:
