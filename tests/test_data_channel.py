@@ -77,7 +77,7 @@ class Run:
             self.site.codes,
             h.state,
             h.status,
-            bytes(h.reason or b""),
+            h.reason,
             sorted(h.headers),
             self.user.transport.value(),
         )

@@ -29,7 +29,7 @@ from typing import Any
 from urllib.parse import unquote_to_bytes
 
 from twisted.web import http
-from twisted.web.server import NOT_DONE_YET, version
+from twisted.web.server import NOT_DONE_YET, Request, version
 
 from kapow.connections import BODY, HANDLING, HEADERS, IDLE, GuardedChannel
 
@@ -74,7 +74,7 @@ class _Call:
         if close:
             self.headers[b"connection"] = (b"Connection", b"close")
         self.headers[b"server"] = (b"Server", version)
-        self.headers[b"date"] = (b"Date", channel.date())
+        self.headers[b"date"] = (b"Date", http.datetimeToString(channel.guard.clock.seconds()))
 
     def setHeader(self, name: bytes, value: bytes) -> None:
         self.headers[name.lower()] = (name, value)
@@ -92,7 +92,7 @@ class _Call:
             headers = self.headers
             length = headers.get(b"content-length")
             if b"content-type" not in headers and not (length and length[1] == b"0"):
-                headers[b"content-type"] = (b"Content-Type", b"text/html")
+                headers[b"content-type"] = (b"Content-Type", Request.defaultContentType)
             if length is None:
                 headers[b"transfer-encoding"] = (b"Transfer-Encoding", b"chunked")
                 self.chunked = True
@@ -128,16 +128,6 @@ class DataChannel(GuardedChannel):
     _answering = False
     _closing = False
     _paused = False
-    _date_second = -1
-    _date = b""
-
-    def date(self) -> bytes:
-        """The ``Date`` header's value, as twisted.web gives it; made once a second."""
-        now = self.guard.clock.seconds()
-        if int(now) != self._date_second:
-            self._date_second = int(now)
-            self._date = http.datetimeToString(now)
-        return self._date
 
     def dataReceived(self, data: bytes) -> None:
         if not self._plain:
