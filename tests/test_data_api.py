@@ -407,9 +407,29 @@ class DataAPITests(TestCase):
         self.assertNoResult(pending)
         self.assertEqual(connection.response()[2], b"firstsecond")
         connection.resume()
-        self.assertEqual((await self.settle(pending)).code, 200)
-        await self.write(handler, "/response/body", b"!")
+        answer = await self.settle(pending)
+        at_once = await self.settle(self.treq.put(DATA + handler.id + "/response/body", data=b"!"))
         self.assertEqual(connection.response()[2], b"firstsecond!")
+        # answered later or at once, the same answer: empty, of no type
+        for found in (answer, at_once):
+            self.assertEqual(found.code, 200)
+            self.assertEqual(found.length, 0)  # a Content-Length of 0, not an empty chunked body
+            self.assertFalse(found.headers.hasHeader(b"Content-Type"))
+
+    async def test_a_large_body_write_waits_between_chunks(self) -> None:
+        handler, connection = self.user()
+        await self.write(handler, "/response/body", b"first")
+        connection.pause()
+        big = bytes(range(256)) * (3 * data_api.CHUNK_SIZE // 256) + b"tail"
+        pending = self.treq.put(DATA + handler.id + "/response/body", data=big)
+        for _ in range(5):
+            self.treq.flush()
+            await deferLater(reactor, 0, lambda: None)
+        self.assertNoResult(pending)
+        self.assertEqual(connection.response()[2], b"first" + big[: data_api.CHUNK_SIZE])
+        connection.resume()
+        self.assertEqual((await self.settle(pending)).code, 200)
+        self.assertEqual(connection.response()[2], b"first" + big)
 
     async def test_server_log(self) -> None:
         events: list[dict[str, Any]] = []

@@ -23,7 +23,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.protocols.basic import FileSender
 from twisted.python.failure import Failure
@@ -232,18 +232,27 @@ def _finish(request: IRequest, body: bytes) -> None:
         return
     if body:
         request.write(body)
+    elif not request.startedWriting:  # type: ignore[attr-defined]
+        # as a value answered at once: no content, no type
+        request.setHeader(b"Content-Length", b"0")
     request.finish()
 
 
-@inlineCallbacks
 def _append(handler: Handler, content: Any) -> Any:
     """
     Append a PUT's body to the response a chunk at a time, each once the
     user's connection took the one before (a large PUT arrives spooled to
     disk and never sits in memory whole).
+
+    :return: ``b""`` when every chunk was taken at once (the usual case,
+        answered without a Deferred), else a Deferred of it.
     """
     while chunk := content.read(CHUNK_SIZE):
-        yield handler.write(chunk)
+        taken = handler.write(chunk)
+        if not taken.called:
+            return taken.addCallback(lambda _: _append(handler, content))
+        if isinstance(taken.result, Failure):
+            return taken
     return b""
 
 

@@ -30,8 +30,9 @@ _SIGNATURES = (
     (b"\xff\xfe", "text/plain; charset=utf-16le"),
     (b"\xef\xbb\xbf", "text/plain; charset=utf-8"),
 )
-_BINARY = frozenset(b"\x00\x01\x02\x03\x04\x05\x06\x07\x08\x0b\x0e\x0f\x10\x11\x12\x13"
-                    b"\x14\x15\x16\x17\x18\x19\x1a\x1c\x1d\x1e\x1f")  # fmt: skip
+_BINARY = (b"\x00\x01\x02\x03\x04\x05\x06\x07\x08\x0b\x0e\x0f\x10\x11\x12\x13"
+           b"\x14\x15\x16\x17\x18\x19\x1a\x1c\x1d\x1e\x1f")  # fmt: skip
+_MAGICS = tuple(magic for magic, _ in _SIGNATURES)
 
 
 def sniff_content_type(data: bytes) -> str:
@@ -41,17 +42,19 @@ def sniff_content_type(data: bytes) -> str:
     """
     head = data[:512]
     text = head.lstrip(_WHITESPACE)
-    upper = text[:14].upper()
-    for tag in _HTML_TAGS:
-        if upper.startswith(tag) and len(text) > len(tag) and text[len(tag)] in b" >":
-            return "text/html; charset=utf-8"
-    if text.startswith(b"<?xml"):
-        return "text/xml; charset=utf-8"
-    for magic, kind in _SIGNATURES:
-        if head.startswith(magic):
-            return kind
+    if text.startswith(b"<"):
+        upper = text[:14].upper()
+        for tag in _HTML_TAGS:
+            if upper.startswith(tag) and len(text) > len(tag) and text[len(tag)] in b" >":
+                return "text/html; charset=utf-8"
+        if text.startswith(b"<?xml"):
+            return "text/xml; charset=utf-8"
+    if head.startswith(_MAGICS):
+        for magic, kind in _SIGNATURES:
+            if head.startswith(magic):
+                return kind
     if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
         return "image/webp"
-    if any(b in _BINARY for b in head):
+    if len(head.translate(None, _BINARY)) != len(head):  # a binary byte among them
         return "application/octet-stream"
     return "text/plain; charset=utf-8"

@@ -499,6 +499,6 @@ def _quoted(value: bytes | None) -> str:
         return "-"
     if value.isascii():
         text = value.decode("ascii")
-        if text.isprintable() and not any(c in text for c in "\\\"'"):
+        if text.isprintable() and '"' not in text and "'" not in text and "\\" not in text:
             return text  # nothing to escape: the common case, without repr
     return http._escape(value)  # type: ignore[attr-defined]
