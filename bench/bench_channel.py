@@ -2,7 +2,7 @@
 """
 What the listeners' guards cost per request: N keep-alive requests through
 twisted.web's own HTTP channel and through kapow's guarded one
-(:class:`kapow.connections.GuardedChannel`), in memory, same resource, same
+(:class:`kapow.web.connections.GuardedChannel`), in memory, same resource, same
 process; CPU microseconds per request for each.
 
 Usage: python bench/bench_channel.py [-n 50000]
@@ -32,7 +32,7 @@ def main() -> None:
     from twisted.web.resource import Resource
     from twisted.web.server import Site
 
-    from kapow.connections import Timeouts, guarded_protocol
+    from kapow.web.connections import Timeouts, guarded_protocol
 
     class Hello(Resource):
         isLeaf = True

@@ -6,7 +6,7 @@ with ``--reference``, the Go reference, in alternating rounds of ``wrk`` at
 one concurrency, so that all three meet the same machine.
 
 The floor server does only this: a twisted.web leaf that spawns the route's
-``/bin/sh -c`` with :mod:`kapow.libc_spawn` (in a thread while another
+``/bin/sh -c`` with :mod:`kapow.handlers.libc_spawn` (in a thread while another
 handler lives, as ``kapow server`` does), a plain Protocol on the data port
 that writes each PUT's body to the waiting request and answers 200, and the
 response finished when the process's pidfd says it exited. No access log,
@@ -44,9 +44,9 @@ def serve(user_port: int, data_port: int) -> None:
     from twisted.internet import protocol, reactor
     from twisted.web import resource, server
 
-    from kapow.launcher import native_client
-    from kapow.libc_spawn import Spawn
-    from kapow.spawn import SpawnThreads, _ExitWatcher
+    from kapow.commands.launcher import native_client
+    from kapow.handlers.libc_spawn import Spawn
+    from kapow.handlers.spawn import SpawnThreads, _ExitWatcher
 
     client = native_client()
     if client is None:

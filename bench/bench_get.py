@@ -30,7 +30,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "src"))
 
-from kapow.launcher import native_client, write_launcher  # noqa: E402
+from kapow.commands.launcher import native_client, write_launcher  # noqa: E402
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):

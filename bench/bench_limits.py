@@ -19,8 +19,8 @@ import time
 
 import twisted.web.server  # noqa: F401  (a server-sized process: fork costs grow with it)
 
-from kapow.launcher import native_client
-from kapow.resource_limits import LimitedCommand
+from kapow.commands.launcher import native_client
+from kapow.core.resource_limits import LimitedCommand
 
 LIMITS = {"memory": 1 << 30, "cpu": 60, "open_files": 256}
 ARGV = ["/bin/sh", "-c", "true"]

@@ -2,7 +2,7 @@
 """
 The cost of starting one handler: the server's own CPU time and the wall
 time per handler, for N handlers running /bin/true through
-:class:`kapow.spawn.Spawner` on a real reactor, C at a time (the lean path:
+:class:`kapow.handlers.spawn.Spawner` on a real reactor, C at a time (the lean path:
 posix_spawn with setsid and a pidfd exit watcher; ``--debug`` for the
 Process path).
 
@@ -41,11 +41,11 @@ def main() -> None:
 
     from twisted.internet import reactor
 
-    from kapow.spawn import Spawner
+    from kapow.handlers.spawn import Spawner
 
     containment = None
     if args.contained:
-        from kapow.containment import Containment
+        from kapow.handlers.containment import Containment
 
         containment = Containment(reactor)
         containment.privilegedStartService()

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from kapow.procfs import live_members
+from kapow.handlers.procfs import live_members
 
 VENV_BIN = Path(sys.executable).parent
 KAPOW = str(VENV_BIN / "kapow")

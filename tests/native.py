@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from kapow.launcher import native_client
+from kapow.commands.launcher import native_client
 
 
 def native_client_or_skip() -> str:

@@ -1,5 +1,5 @@
 """
-kapow.admission: concurrency limits and their queues, on a fake clock:
+kapow.handlers.admission: concurrency limits and their queues, on a fake clock:
 first come first served, full queues, queue timeouts, withdrawal, and the
 server's limit beside the routes'.
 """
@@ -12,9 +12,9 @@ from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from kapow.admission import LocalAdmission, ServerQueue, Slots, Want
-from kapow.governor import Governor
-from kapow.routes import Route
+from kapow.core.routes import Route
+from kapow.handlers.admission import LocalAdmission, ServerQueue, Slots, Want
+from kapow.handlers.governor import Governor
 
 ONE = Want("r1", limit=1)
 QUEUED = Want("r1", limit=1, queue=3, queue_timeout=5)

@@ -1,5 +1,5 @@
 """
-Request authentication of a route (kapow.auth): loading its files, and the
+Request authentication of a route (kapow.core.auth): loading its files, and the
 checks it makes before a process starts.
 """
 
@@ -17,8 +17,8 @@ import pytest
 from twisted.internet.defer import succeed
 from twisted.web.http_headers import Headers
 
-from kapow.auth import AuthError, RouteAuth, address_in, normalize
-from kapow.routes import InvalidRoute, route_from_json
+from kapow.core.auth import AuthError, RouteAuth, address_in, normalize
+from kapow.core.routes import InvalidRoute, route_from_json
 
 
 def inline(f: Any, *args: Any) -> Any:

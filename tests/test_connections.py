@@ -17,7 +17,7 @@ from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
-from kapow.connections import (
+from kapow.web.connections import (
     ConnectionLimit,
     GuardedChannel,
     Timeouts,

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from kapow import reaper
-from kapow.containment import make_cgroup
-from kapow.reaper import marked_processes
+from kapow.handlers import reaper
+from kapow.handlers.containment import make_cgroup
+from kapow.handlers.reaper import marked_processes
 from tests.kapowserver import KAPOW, KapowServer, wait_for
 
 #: A handler that starts a background child in its own group, one that makes
@@ -160,7 +160,7 @@ def test_the_reaper_without_cgroup_kills_the_processes_its_server_started(tmp_pa
     server = subprocess.Popen(
         [sys.executable, "-c",
          "import os, subprocess, sys, time;"
-         "subprocess.Popen([sys.executable, '-m', 'kapow.reaper', '-', str(os.getpid())]);"
+         "subprocess.Popen([sys.executable, '-m', 'kapow.handlers.reaper', '-', str(os.getpid())]);"
          "time.sleep(300)"],
         stdin=subprocess.PIPE, stderr=subprocess.PIPE,
     )  # fmt: skip
@@ -199,7 +199,7 @@ def reaper_of(server_pid: int) -> int:
                     cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
                 except OSError:
                     continue
-                if b"kapow.reaper" in cmdline and cmdline[-2] == str(server_pid).encode():
+                if b"kapow.handlers.reaper" in cmdline and cmdline[-2] == str(server_pid).encode():
                     return int(entry)
         return None
 
@@ -231,7 +231,7 @@ def test_init_programs_die_with_the_server_and_a_lost_reaper_is_replaced(tmp_pat
 @pytest.fixture
 def no_cgroup_below() -> Iterator[str]:
     """A cgroup in which no cgroup can be made (``cgroup.max.descendants`` 0)."""
-    from kapow.containment import cgroup_v2_dir
+    from kapow.handlers.containment import cgroup_v2_dir
 
     base = cgroup_v2_dir()
     if base is None:

@@ -9,8 +9,8 @@ from treq.testing import StubTreq
 from twisted.internet.defer import succeed
 from twisted.trial.unittest import SynchronousTestCase
 
-from kapow.control_api import ControlAPI
-from kapow.routes import RouteTable
+from kapow.control.api import ControlAPI
+from kapow.core.routes import RouteTable
 
 URL = "http://control"
 

@@ -25,10 +25,10 @@ from twisted.python import log as twisted_log
 from twisted.trial.unittest import TestCase
 from zope.interface import implementer
 
-from kapow import data_api
-from kapow.data_api import DataAPI
-from kapow.handlers import Handler, HandlerRegistry, State
-from kapow.routes import Route
+from kapow.core.routes import Route
+from kapow.data import api as data_api
+from kapow.data.api import DataAPI
+from kapow.handlers.handler import Handler, HandlerRegistry, State
 from tests.test_handlers import (
     MULTIPART,
     PEER,

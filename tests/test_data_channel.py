@@ -1,9 +1,9 @@
 """
-kapow.data_channel: the data API's own answers to plain requests, byte for
+kapow.data.channel: the data API's own answers to plain requests, byte for
 byte those of twisted.web. Every case sends the same bytes, in the same
 pieces, on an in-memory connection to the data API through twisted.web's
-channel (:class:`kapow.connections.GuardedChannel`) and through
-:class:`kapow.data_channel.DataChannel`, against handlers of real user
+channel (:class:`kapow.web.connections.GuardedChannel`) and through
+:class:`kapow.data.channel.DataChannel`, against handlers of real user
 requests, and compares what came back, what the handler was left with and
 whether the connection was closed.
 """
@@ -19,11 +19,11 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
-from kapow.connections import GuardedChannel, Timeouts, guarded_protocol
-from kapow.data_api import DataAPI
-from kapow.data_channel import MAX_BODY, DataChannel
-from kapow.handlers import HandlerRegistry
-from kapow.web import QuietSite
+from kapow.data.api import DataAPI
+from kapow.data.channel import MAX_BODY, DataChannel
+from kapow.handlers.handler import HandlerRegistry
+from kapow.web.connections import GuardedChannel, Timeouts, guarded_protocol
+from kapow.web.errors import QuietSite
 from tests.test_handlers import ROUTE, UserConnection, http_request
 
 HANDLER = b"{id}"

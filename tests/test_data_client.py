@@ -1,10 +1,10 @@
-"""Tests for ``kapow get``/``set``/``unset`` (both clients) and kapow.launcher.
+"""Tests for ``kapow get``/``set``/``unset`` (both clients) and kapow.commands.launcher.
 
 Everything runs for real: a small threaded HTTP/1.1 data server on 127.0.0.1
 (or a unix socket) records what it receives, and the ``kapow`` written by
 ``write_launcher`` runs as a subprocess with KAPOW_DATA_URL/KAPOW_HANDLER_ID.
 Every command-line case runs twice: with the Python lean client
-(kapow.data_client) and with the native one (src/kapow/native/kapow.c).
+(kapow.commands.data_client) and with the native one (src/kapow/native/kapow.c).
 """
 
 import errno
@@ -26,8 +26,8 @@ from dataclasses import dataclass
 import pytest
 
 import kapow
-from kapow.data_client import DataAPIError, DataClient, _json_reason, is_lean_command
-from kapow.launcher import FULL_CLI, MAX_SHEBANG, launcher_source, write_launcher
+from kapow.commands.data_client import DataAPIError, DataClient, _json_reason, is_lean_command
+from kapow.commands.launcher import FULL_CLI, MAX_SHEBANG, launcher_source, write_launcher
 from tests.native import native_client_or_skip
 
 SRC = os.path.dirname(os.path.dirname(os.path.abspath(kapow.__file__)))
@@ -714,7 +714,7 @@ def test_lean_imports(server):
     url = server.url.replace("127.0.0.1", "localhost")
     code = (
         "import sys; sys.path.insert(0, %r)\n"
-        "from kapow.data_client import main\n"
+        "from kapow.commands.data_client import main\n"
         "rc = main(['kapow', 'get', '--data-url', %r, '--handler', %r,\n"
         "           '/request/method'])\n"
         "sys.stderr.write('\\n' + ' '.join(sorted(sys.modules)))\n"
@@ -732,7 +732,7 @@ def test_lean_imports(server):
     }  # fmt: skip
     assert not (modules & forbidden), modules & forbidden
     kapow_modules = {m for m in modules if m.startswith("kapow")}
-    assert kapow_modules == {"kapow", "kapow.data_client"}
+    assert kapow_modules == {"kapow", "kapow.commands", "kapow.commands.data_client"}
 
 
 # The launcher
@@ -746,7 +746,7 @@ def test_launcher_file(tmp_path):
         source = f.read()
     first = source.splitlines()[0]
     assert first == "#!%s -IS" % os.path.abspath(sys.executable)
-    assert repr(os.path.join(SRC, "kapow")) in source
+    assert repr(os.path.join(SRC, "kapow", "commands")) in source
     assert os.listdir(tmp_path / "bin") == ["kapow"]
     # rewriting replaces the file in place
     assert write_launcher(str(tmp_path / "bin")) == path
@@ -829,7 +829,7 @@ def test_launcher_runs_get_with_linked_python(server, tmp_path, fake_python_dir)
     ],
 )
 def test_values_after_the_resource_are_never_options(args):
-    from kapow.data_client import _parse_args
+    from kapow.commands.data_client import _parse_args
 
     _, handler, positionals = _parse_args([a.encode() for a in args[1:]], b"set")
     assert handler is None

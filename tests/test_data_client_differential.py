@@ -25,7 +25,7 @@ from collections.abc import Callable
 
 import pytest
 
-from kapow.launcher import write_launcher
+from kapow.commands.launcher import write_launcher
 from tests.native import native_client_or_skip
 
 SEEDS = range(400)

@@ -16,9 +16,9 @@ from twisted.trial.unittest import TestCase
 from twisted.web.client import HTTPConnectionPool
 from twisted.web.server import Site
 
-from kapow.data_api import DataAPI
-from kapow.data_proxy import DataProxy
-from kapow.handlers import HandlerRegistry
+from kapow.data.api import DataAPI
+from kapow.data.proxy import DataProxy
+from kapow.handlers.handler import HandlerRegistry
 from tests.test_handlers import ROUTE, UserConnection, header_values, http_request
 
 

@@ -1,5 +1,5 @@
 """
-The pre-started ``kapow route`` (kapow.forkserver) and the native client's
+The pre-started ``kapow route`` (kapow.commands.forkserver) and the native client's
 use of it: every answer is the one the full command line gives, and where
 it cannot be asked the full command line runs instead.
 """
@@ -17,12 +17,12 @@ from typing import Any
 
 import pytest
 
-from kapow import forkserver
-from kapow.launcher import FORKSERVER_SOCKET, write_launcher
+from kapow.commands import forkserver
+from kapow.commands.launcher import FORKSERVER_SOCKET, write_launcher
 from tests.kapowserver import wait_for, write_program
 from tests.native import native_client_or_skip
 
-PACKAGE_PARENT = str(Path(forkserver.__file__).resolve().parent.parent)
+PACKAGE_PARENT = str(Path(forkserver.__file__).resolve().parents[2])
 
 
 class Launcher:
@@ -39,16 +39,11 @@ class Launcher:
         listening.bind(self.socket_path)
         listening.listen(16)
         fd = listening.fileno()
-        # the forkserver expects the socket as descriptor 3
         self.process = subprocess.Popen(
-            [
-                sys.executable, "-I", "-S", "-c",
-                f"import os, sys; os.dup2({fd}, 3); sys.argv = ['forkserver', {PACKAGE_PARENT!r}]; "
-                f"exec(open({forkserver.__file__!r}).read())",
-            ],
+            [sys.executable, "-I", "-S", forkserver.__file__, PACKAGE_PARENT, str(fd)],
             stdin=subprocess.PIPE,
             pass_fds=(fd,),
-        )  # fmt: skip
+        )
         listening.close()
 
     def run(self, *args: str, **kw: Any) -> subprocess.CompletedProcess[bytes]:

@@ -1,4 +1,4 @@
-"""Tests for kapow.forms: urlencoded and multipart form parsing."""
+"""Tests for kapow.core.forms: urlencoded and multipart form parsing."""
 
 import hashlib
 import io
@@ -8,7 +8,7 @@ import tracemalloc
 
 import pytest
 
-from kapow.forms import FormError, ParsedForm, UploadedFile, parse_form
+from kapow.core.forms import FormError, ParsedForm, UploadedFile, parse_form
 
 BOUNDARY = "----kapowBoundary7MA4YWxkTrZu0gW"
 MULTIPART = f"multipart/form-data; boundary={BOUNDARY}"

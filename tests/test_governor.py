@@ -1,5 +1,5 @@
 """
-Tests for kapow.governor: refusing while stopping, deadlines, ending process groups and
+Tests for kapow.handlers.governor: refusing while stopping, deadlines, ending process groups and
 draining, on a fake clock with fake process groups (no real signals), plus
 the real group_alive() on a real child process.
 """
@@ -14,8 +14,8 @@ from typing import Any
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from kapow.governor import POLL_INTERVAL, Governor, Limits, group_alive
-from kapow.routes import Route
+from kapow.core.routes import Route
+from kapow.handlers.governor import POLL_INTERVAL, Governor, Limits, group_alive
 
 TERM, KILL = signal.SIGTERM, signal.SIGKILL
 
@@ -80,7 +80,7 @@ class AdmissionTests(GovernorTestCase):
         governor = self.make()
         limited = route(max_concurrency=1)
         self.start(governor, "a", limited, 10)
-        self.assertIsNone(governor.admit(limited))  # kapow.admission applies max_concurrency
+        self.assertIsNone(governor.admit(limited))  # kapow.handlers.admission applies max_concurrency
 
     def test_stop_admitting_tells_once(self) -> None:
         governor = self.make()

@@ -1,5 +1,5 @@
 """
-Tests for kapow.handlers: the request snapshot, the response state machine
+Tests for kapow.handlers.handler: the request snapshot, the response state machine
 and the registry, over real twisted.web requests on in-memory connections.
 """
 
@@ -19,10 +19,10 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
-from kapow.handlers import Handler, HandlerRegistry, State, handler_ids
-from kapow.routes import Route
-from kapow.user_api import UserSite
-from kapow.web import JSONError
+from kapow.core.routes import Route
+from kapow.handlers.handler import Handler, HandlerRegistry, State, handler_ids
+from kapow.user.api import UserSite
+from kapow.web.errors import JSONError
 
 PEER = IPv4Address("TCP", "192.0.2.7", 51234)
 ROUTE = Route(id="route-1", method="POST", url_pattern="/x")

@@ -1,9 +1,14 @@
-"""kapow.service.remove_stale_launcher_dirs: what killed servers left in the temporary directory."""
+"""kapow.server.service.remove_stale_launcher_dirs: what killed servers left in the temporary directory."""
 
 import os
 import subprocess
 
-from kapow.service import LAUNCHER_OWNER, LAUNCHER_PREFIX, LauncherDirectory, remove_stale_launcher_dirs
+from kapow.server.service import (
+    LAUNCHER_OWNER,
+    LAUNCHER_PREFIX,
+    LauncherDirectory,
+    remove_stale_launcher_dirs,
+)
 
 
 def launcher_dir(parent, name, owner):

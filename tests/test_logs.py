@@ -9,7 +9,7 @@ from collections.abc import Callable
 from twisted.logger import LogLevel, textFileLogObserver
 from twisted.python.failure import Failure
 
-from kapow.logs import text_log_observer
+from kapow.server.logs import text_log_observer
 
 
 def text(observer_factory: Callable, events: list[dict]) -> str:
@@ -62,7 +62,7 @@ def test_the_access_event_names_the_worker_that_served_the_request() -> None:
     from twisted.web.server import Request
     from twisted.web.test.requesthelper import DummyChannel
 
-    from kapow.user_api import UserSite
+    from kapow.user.api import UserSite
 
     events: list[dict] = []
     globalLogPublisher.addObserver(events.append)

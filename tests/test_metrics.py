@@ -1,5 +1,5 @@
 """
-The counts behind /metrics (kapow.metrics): what one process counts, how the
+The counts behind /metrics (kapow.core.metrics): what one process counts, how the
 counts of several workers add up, and the text a scrape gets.
 """
 
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet.task import Clock
 
-from kapow.metrics import Metrics, exposition, merge, refusal_kind, snapshot_parts
+from kapow.core.metrics import Metrics, exposition, merge, refusal_kind, snapshot_parts
 
 
 @dataclass

@@ -1,5 +1,5 @@
 """
-The client's address behind trusted proxies (kapow.proxies), and the
+The client's address behind trusted proxies (kapow.user.proxies), and the
 options that turn it and the PROXY protocol on.
 """
 
@@ -11,8 +11,8 @@ from twisted.python import usage
 from twisted.web.http_headers import Headers
 from twisted.web.test.requesthelper import DummyRequest
 
-from kapow.proxies import TrustedProxies, parse_trusted_proxies
-from kapow.tap import Options, parse_listen_address
+from kapow.server.assembly import Options, parse_listen_address
+from kapow.user.proxies import TrustedProxies, parse_trusted_proxies
 
 PROXIES = TrustedProxies(parse_trusted_proxies("10.0.0.0/8, 192.168.1.1,fd00::/8"))
 

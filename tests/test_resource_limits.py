@@ -1,11 +1,11 @@
-"""kapow.resource_limits: the --limit syntax and the command lines that apply limits."""
+"""kapow.core.resource_limits: the --limit syntax and the command lines that apply limits."""
 
 from __future__ import annotations
 
 import pytest
 
-from kapow import resource_limits, routes
-from kapow.resource_limits import InvalidLimit, LimitedCommand, parse_limit, parse_limits
+from kapow.core import resource_limits, routes
+from kapow.core.resource_limits import InvalidLimit, LimitedCommand, parse_limit, parse_limits
 
 
 def test_the_names_and_bounds_are_the_route_tables() -> None:

@@ -26,8 +26,10 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from kapow import control_https, credentials, route_cli
-from kapow.credentials import ControlCredentials, CredentialsError
+from kapow.commands import control as route_cli
+from kapow.commands import control_call as control_https
+from kapow.core import credentials
+from kapow.core.credentials import ControlCredentials, CredentialsError
 from tests.kapowserver import KAPOW, KapowServer
 from tests.pki import _cert, _key_pem, _name, _pem
 
@@ -46,7 +48,7 @@ LEFT_OUT = (
 # Runs ``kapow route ARGS`` in this interpreter, then prints what it imported.
 _ROUTE_THEN_MODULES = """\
 import json, sys
-from kapow.route_cli import main
+from kapow.commands.control import main
 status = main(sys.argv[1:])
 sys.stdout.write(json.dumps(sorted(sys.modules)) + "\\n")
 sys.exit(status)
@@ -136,7 +138,7 @@ def test_each_route_action_without_twisted_cryptography_or_http_client(server: K
         assert [json.loads(line) for line in output] == [json.loads(line) for line in lines]
         imported.append(modules)
     for modules in imported:
-        assert "kapow.control_https" in modules
+        assert "kapow.commands.control_call" in modules
         assert [m for m in modules if m.split(".")[0] in HEAVY] == []
         assert [m for m in modules if m in LEFT_OUT or m.split(".")[0] in LEFT_OUT] == []
 

@@ -1,4 +1,4 @@
-"""Tests for kapow.routes: patterns, route validation and the route table."""
+"""Tests for kapow.core.routes: patterns, route validation and the route table."""
 
 import copy
 import json
@@ -7,7 +7,7 @@ import pickle
 
 import pytest
 
-from kapow.routes import (
+from kapow.core.routes import (
     METHOD_NOT_ALLOWED,
     InvalidRoute,
     Match,

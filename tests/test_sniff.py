@@ -1,8 +1,8 @@
-"""Tests for kapow.sniff: the Content-Type of a response that sets none."""
+"""Tests for kapow.core.sniff: the Content-Type of a response that sets none."""
 
 import pytest
 
-from kapow.sniff import sniff_content_type
+from kapow.core.sniff import sniff_content_type
 
 TEXT = "text/plain; charset=utf-8"
 HTML = "text/html; charset=utf-8"

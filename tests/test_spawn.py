@@ -1,5 +1,5 @@
 """
-Tests for kapow.spawn with real processes and the real reactor: sessions,
+Tests for kapow.handlers.spawn with real processes and the real reactor: sessions,
 exit versus end of output, process-group signals, start failures and the
 handler environment.
 """
@@ -25,9 +25,9 @@ from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SkipTest, TestCase
 
-from kapow.launcher import native_client
-from kapow.resource_limits import LimitedCommand
-from kapow.spawn import (
+from kapow.commands.launcher import native_client
+from kapow.core.resource_limits import LimitedCommand
+from kapow.handlers.spawn import (
     SessionProcess,
     Spawner,
     SpawnError,

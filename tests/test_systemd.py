@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from twisted.internet.task import Clock
 
-from kapow.systemd import (
+from kapow.server.systemd import (
     SERVICE_VARIABLES,
     child_environ,
     notify,

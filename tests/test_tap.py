@@ -8,7 +8,7 @@ import subprocess
 import pytest
 from twisted.python.usage import UsageError
 
-from kapow.tap import Options, StartupError, parse_listen_address
+from kapow.server.assembly import Options, StartupError, parse_listen_address
 from tests.kapowserver import KAPOW
 
 
@@ -129,7 +129,7 @@ def test_data_client_choice(monkeypatch: pytest.MonkeyPatch) -> None:
     assert parsed("--data-client", "python")["data-client"] == "python"
     with pytest.raises(UsageError, match="must be auto, native or python, not 'c'"):
         parsed("--data-client", "c")
-    monkeypatch.setattr("kapow.tap.native_client", lambda: None)  # as when no compiler was there
+    monkeypatch.setattr("kapow.server.assembly.native_client", lambda: None)  # as when no compiler was there
     with pytest.raises(UsageError, match="the native client was not built"):
         parsed("--data-client", "native")
     assert parsed("--data-client", "auto")["data-client"] == "auto"

@@ -1,4 +1,4 @@
-"""Tests for kapow.tls: certificates, pinned mutual TLS over loopback, curl."""
+"""Tests for kapow.web.tls: certificates, pinned mutual TLS over loopback, curl."""
 
 from __future__ import annotations
 
@@ -37,8 +37,9 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 from zope.interface import implementer
 
-from kapow import credentials, tls
-from kapow.credentials import ControlCredentials, CredentialsError
+from kapow.core import credentials
+from kapow.core.credentials import ControlCredentials, CredentialsError
+from kapow.web import tls
 
 # -- certificate helpers --------------------------------------------------------
 

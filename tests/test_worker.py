@@ -17,12 +17,12 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock, deferLater
 from twisted.trial.unittest import TestCase
 
-from kapow.admission import ServerQueue, Slots
-from kapow.governor import Governor, Limits
-from kapow.routes import Route
-from kapow.worker import GatedEndpoint, MainAdmission
-from kapow.worker_pool import MainLink
-from kapow.workers import HANDLERS_PART, Admit, Release, Withdraw, handlers_page
+from kapow.core.routes import Route
+from kapow.handlers.admission import ServerQueue, Slots
+from kapow.handlers.governor import Governor, Limits
+from kapow.server.workers.messages import HANDLERS_PART, Admit, Release, Withdraw, handlers_page
+from kapow.server.workers.pool import MainLink
+from kapow.server.workers.worker import GatedEndpoint, MainAdmission
 
 
 class Link:

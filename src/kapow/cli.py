@@ -3,7 +3,7 @@ The ``kapow`` command.
 
 ``kapow get``, ``kapow set`` and ``kapow unset`` run several times inside every request, so
 they are dispatched before anything else is imported: they load only
-:mod:`kapow.data_client`. Every other command imports what it needs when it
+:mod:`kapow.commands.data_client`. Every other command imports what it needs when it
 runs.
 """
 
@@ -36,23 +36,23 @@ def main(argv: list[str] | None = None) -> int:
         argv = sys.argv
     command = argv[1] if len(argv) > 1 else None
     if command in ("get", "set", "unset"):
-        from kapow.data_client import main as data_main
+        from kapow.commands.data_client import main as data_main
 
         return data_main(argv)
     if command == "server":
-        from kapow.server_cli import main as server_main
+        from kapow.server.main import main as server_main
 
         return server_main(argv[2:])
     if command == "route":
-        from kapow.route_cli import main as route_main
+        from kapow.commands.control import main as route_main
 
         return route_main(argv[2:])
     if command == "handler":
-        from kapow.route_cli import handler_main
+        from kapow.commands.control import handler_main
 
         return handler_main(argv[2:])
     if command == "control-credentials":
-        from kapow.route_cli import credentials_main
+        from kapow.commands.control import credentials_main
 
         return credentials_main(argv[2:])
     if command == "--version":

@@ -2,7 +2,7 @@ from twisted.application.service import ServiceMaker
 
 kapow = ServiceMaker(
     "kapow",
-    "kapow.tap",
+    "kapow.server.assembly",
     "Turn shell commands into HTTP APIs",
     "kapow",
 )

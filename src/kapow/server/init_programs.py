@@ -1,0 +1,121 @@
+"""
+Running the operator's init programs once the listeners are up.
+
+Each program is executed directly (no shell), all of them concurrently; every
+line they print goes to the server log prefixed with the program's name, and
+their exit status is logged. A program that is missing or cannot be run is
+logged too; it never stops the server. Init programs still running when the
+server stops get SIGTERM.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.error import ProcessExitedAlready
+from twisted.internet.interfaces import IReactorCore, IReactorProcess, IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from kapow.handlers.spawn import LineLogger, exit_description
+
+log = Logger()
+
+#: Seconds between SIGTERM and SIGKILL for init programs still running at stop.
+STOP_GRACE = 3.0
+
+
+def _signal(program: _InitProgram, name: str) -> None:
+    try:
+        program.transport.signalProcess(name)
+    except (ProcessExitedAlready, AttributeError):
+        pass
+
+
+class _InitProgram(LineLogger):
+    def __init__(self, name: str, logger: Logger) -> None:
+        super().__init__(name, logger)
+        self.ended: Deferred[None] = Deferred()
+
+    def processEnded(self, reason: Failure) -> None:
+        status, signal = exit_description(reason)
+        if signal is not None:
+            self.log.warn("{name} killed by signal {signal}", name=self.name, signal=signal)
+        elif status:
+            self.log.warn("{name} exited with status {status}", name=self.name, status=status)
+        else:
+            self.log.info("{name} exited with status 0", name=self.name)
+        self.ended.callback(None)
+
+
+class InitProgramsService(Service):
+    """
+    Runs each init program once, when the reactor is running.
+
+    :param reactor: provides process spawning and ``callWhenRunning``.
+    :param programs: paths of the executables to run, in order.
+    :param environ: returns the environment for the programs; called at run
+        time, once the listeners know their real addresses.
+    """
+
+    name = "init-programs"
+
+    def __init__(
+        self,
+        reactor: IReactorProcess,
+        programs: Sequence[str],
+        environ: Callable[[], Mapping[str, str]],
+    ) -> None:
+        self.reactor = reactor
+        self.programs = list(programs)
+        self.environ = environ
+        self._running: set[_InitProgram] = set()
+
+    def startService(self) -> None:
+        super().startService()
+        if self.programs:
+            reactor: IReactorCore = self.reactor  # type: ignore[assignment]
+            reactor.callWhenRunning(self.run_all)
+
+    def stopService(self) -> Deferred[Any]:
+        """
+        Init programs still running when the server stops get SIGTERM, and
+        SIGKILL if they are still there :data:`STOP_GRACE` seconds later.
+        """
+        super().stopService()
+        running = list(self._running)
+        for program in running:
+            log.info("init program {name} still running: SIGTERM", name=program.name)
+            _signal(program, "TERM")
+        reactor: IReactorTime = self.reactor  # type: ignore[assignment]
+        kill = reactor.callLater(STOP_GRACE, lambda: [_signal(p, "KILL") for p in running])
+        done = gatherResults([program.ended for program in running])
+        return done.addBoth(lambda result: kill.active() and kill.cancel())
+
+    def run_all(self) -> None:
+        """Start every init program with the environment of the moment."""
+        env = dict(self.environ())
+        for program in self.programs:
+            self.run(program, env)
+
+    def run(self, program: str, env: Mapping[str, str]) -> None:
+        """Start one init program, logging why if it cannot be started."""
+        if not os.path.isfile(program):
+            log.error("init program {name} not found", name=program)
+            return
+        if not os.access(program, os.X_OK):
+            log.error("init program {name} is not executable", name=program)
+            return
+        try:
+            protocol = _InitProgram(program, log)
+            process = self.reactor.spawnProcess(protocol, program, [program], env=dict(env))
+        except OSError as e:
+            log.error("init program {name} cannot be run: {why}", name=program, why=e)
+            return
+        self._running.add(protocol)
+        protocol.ended.addCallback(lambda _: self._running.discard(protocol))
+        log.info("init program {name} started (pid {pid})", name=program, pid=process.pid)

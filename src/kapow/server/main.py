@@ -1,0 +1,40 @@
+"""``kapow server``: the reference's command line for the twist plugin."""
+
+from __future__ import annotations
+
+import sys
+
+from twisted.python.usage import UsageError
+
+
+def main(args: list[str]) -> int:
+    """
+    Parse ``args`` as the ``kapow`` plugin's options and run the service the
+    way ``twist kapow`` does, logging text lines to stdout.
+    """
+    from kapow.server.assembly import Options, makeService
+
+    options = Options()
+    try:
+        options.parseOptions(args)
+    except UsageError as e:
+        sys.stderr.write(f"kapow server: error: {e}\n")
+        return 1
+
+    from twisted.application.twist._twist import Twist
+    from twisted.internet import reactor
+    from twisted.logger import LogLevel
+
+    from kapow.server.logs import text_log_observer
+
+    service = makeService(options)
+    Twist.startService(reactor, service)
+    Twist.run(
+        {
+            "reactor": reactor,
+            "logLevel": LogLevel.info,
+            "logFile": sys.stdout,
+            "fileLogObserverFactory": text_log_observer,
+        }
+    )
+    return 0

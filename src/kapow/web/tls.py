@@ -1,0 +1,451 @@
+"""TLS for Kapow!: pinned mutual TLS on the control interface, and user HTTPS.
+
+- Server side: :func:`control_server_options` wrapped around any stream server
+  endpoint by :func:`tls_server_endpoint`.
+- Client side, for Twisted programs that call the control API with
+  :func:`kapow.client.call`: :class:`PinnedControlPolicy`, usually
+  built by :func:`policy_from_environ` from the variables that
+  :func:`kapow.core.credentials.credentials_environ` produces (as init programs
+  get them), or by :func:`policy_from_directory` from a credentials
+  directory.  ``kapow route`` does not use it: it applies the same policy
+  with the standard library's :mod:`ssl` (:mod:`kapow.commands.control_call`), so as
+  to start without Twisted or :mod:`cryptography`.
+
+The user interface may also be served over HTTPS with operator certificates,
+optionally demanding client certificates (:func:`user_server_options`); the
+handler can then learn who the client is with :func:`peer_subject_dn`.
+
+Nothing here consults the default trust stores, so ``SSL_CERT_FILE`` and
+friends cannot change what the control interface trusts.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from OpenSSL import SSL
+from OpenSSL.crypto import X509
+from twisted.internet.interfaces import (
+    IOpenSSLServerConnectionCreator,
+    ISSLTransport,
+    IStreamServerEndpoint,
+)
+from twisted.internet.ssl import (
+    Certificate,
+    CertificateOptions,
+    TLSVersion,
+    optionsForClientTLS,
+    trustRootFromCertificates,
+)
+from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.web.iweb import IPolicyForHTTPS
+from zope.interface import implementer
+
+from kapow.core.credentials import (
+    CLIENT_CERT_ENV,
+    CLIENT_CERT_FILE,
+    CLIENT_KEY_ENV,
+    CLIENT_KEY_FILE,
+    SERVER_CERT_ENV,
+    SERVER_CERT_FILE,
+    ControlCredentials,
+    CredentialsError,
+    environ_pem_texts,
+    parse_certificate,
+    parse_certificates,
+    parse_key,
+    read_file,
+    require_match,
+)
+
+if TYPE_CHECKING:
+    from twisted.internet.defer import Deferred
+    from twisted.internet.interfaces import IListeningPort
+    from twisted.internet.protocol import Factory
+    from twisted.protocols.tls import TLSMemoryBIOProtocol
+
+__all__ = [
+    "PinnedControlPolicy",
+    "control_server_options",
+    "peer_subject_dn",
+    "policy_from_directory",
+    "policy_from_environ",
+    "tls_server_endpoint",
+    "user_server_options",
+]
+
+log = Logger()
+
+_REQUIRE_PEER_CERTIFICATE = SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT | SSL.VERIFY_CLIENT_ONCE
+
+
+def _twisted_certificate(certificate: x509.Certificate) -> Certificate:
+    return Certificate(X509.from_cryptography(certificate))
+
+
+# -- server side -------------------------------------------------------------------
+
+
+def control_server_options(
+    creds: ControlCredentials,
+) -> IOpenSSLServerConnectionCreator:
+    """TLS settings for the control listener.
+
+    The server presents ``creds.server_cert_pem``, speaks TLS 1.2 or later and
+    completes a handshake only with a client presenting exactly
+    ``creds.client_cert_pem``: no certificate, another certificate, or a
+    certificate issued under the pinned one all fail in the handshake.
+
+    :raises CredentialsError: if the certificates or keys in ``creds`` are not
+        usable PEM or a key does not match its certificate.
+    """
+    server_cert = parse_certificate(creds.server_cert_pem, "control server certificate")
+    server_key = parse_key(creds.server_key_pem, "control server key")
+    require_match(server_cert, server_key, "control server certificate", "control server key")
+    client_cert = parse_certificate(creds.client_cert_pem, "control client certificate")
+    options = CertificateOptions(
+        privateKey=server_key,
+        certificate=server_cert,
+        trustRoot=_twisted_certificate(client_cert),
+        raiseMinimumTo=TLSVersion.TLSv1_2,
+    )
+    return _PinnedClientServerOptions(options, client_cert.public_bytes(serialization.Encoding.DER))
+
+
+@implementer(IOpenSSLServerConnectionCreator)
+class _PinnedClientServerOptions:
+    """Server connections that also demand one exact client certificate.
+
+    The trust root alone would accept any certificate that chains to the
+    pinned one; comparing the DER of the peer's leaf certificate removes that
+    possibility whatever the pinned certificate's constraints are.
+    """
+
+    def __init__(self, options: CertificateOptions, pinned_der: bytes) -> None:
+        self._options = options
+        self._pinned_der = pinned_der
+
+    def serverConnectionForTLS(self, tlsProtocol: TLSMemoryBIOProtocol) -> SSL.Connection:
+        connection = self._options.serverConnectionForTLS(tlsProtocol)
+        connection.set_verify(_REQUIRE_PEER_CERTIFICATE, self._verify)
+        return connection
+
+    def _verify(
+        self,
+        connection: SSL.Connection,
+        certificate: X509,
+        error_number: int,
+        depth: int,
+        preverify_ok: int,
+    ) -> bool:
+        if not preverify_ok:
+            return False
+        if depth != 0:
+            return True
+        der = certificate.to_cryptography().public_bytes(serialization.Encoding.DER)
+        if der == self._pinned_der:
+            return True
+        log.warn(
+            "control connection refused: the client certificate is not the pinned one (subject {subject})",
+            subject=certificate.to_cryptography().subject.rfc4514_string(),
+        )
+        return False
+
+
+@implementer(IStreamServerEndpoint)
+class _TLSServerEndpoint:
+    """A stream server endpoint whose connections speak TLS."""
+
+    def __init__(self, endpoint: IStreamServerEndpoint, options: IOpenSSLServerConnectionCreator) -> None:
+        self._endpoint = endpoint
+        self._options = options
+
+    def listen(self, protocolFactory: Factory) -> Deferred[IListeningPort]:
+        """Listen on the wrapped endpoint with TLS around ``protocolFactory``."""
+        return self._endpoint.listen(TLSMemoryBIOFactory(self._options, False, protocolFactory))
+
+
+@implementer(IOpenSSLServerConnectionCreator)
+class ReloadableServerOptions:
+    """
+    Server TLS settings that can be loaded again (``SIGHUP``): new
+    connections get the settings loaded last; a load that fails keeps the
+    ones in force.
+
+    :param load: makes the settings, raising :class:`CredentialsError` when
+        a file cannot be used.
+    :raises CredentialsError: when the first load fails.
+    """
+
+    def __init__(self, load: Callable[[], IOpenSSLServerConnectionCreator]) -> None:
+        self._load = load
+        self.current = load()
+
+    def reload(self) -> str | None:
+        """Load again; return why not, if it failed."""
+        try:
+            self.current = self._load()
+        except CredentialsError as e:
+            return str(e)
+        return None
+
+    def serverConnectionForTLS(self, protocol: Any) -> Any:
+        return self.current.serverConnectionForTLS(protocol)
+
+
+def tls_server_endpoint(
+    endpoint: IStreamServerEndpoint, options: IOpenSSLServerConnectionCreator
+) -> IStreamServerEndpoint:
+    """Wrap a server endpoint so that every connection it accepts is TLS.
+
+    Works for any endpoint (TCP, UNIX, an inherited systemd socket), unlike the
+    ``ssl:`` endpoint string, which cannot demand client certificates.
+
+    :param endpoint: where to listen.
+    :param options: the server TLS settings, e.g. from
+        :func:`control_server_options` or :func:`user_server_options`.
+    """
+    return _TLSServerEndpoint(endpoint, options)
+
+
+def user_server_options(
+    certfile: str, keyfile: str, clientcafile: str | None = None
+) -> IOpenSSLServerConnectionCreator:
+    """TLS settings for the user interface (``--certfile``/``--keyfile``).
+
+    :param certfile: PEM file with the server certificate first, then any
+        intermediate certificates, which are sent along with it.
+    :param keyfile: PEM file with the unencrypted private key (any type
+        OpenSSL supports, e.g. RSA or EC) matching the first certificate.
+    :param clientcafile: optional PEM bundle of CA certificates.  When given,
+        every client must present a certificate that chains to one of them;
+        :func:`peer_subject_dn` then identifies the client.
+    :raises CredentialsError: naming the file at fault (missing, without a
+        certificate or key, encrypted key, key not matching the certificate).
+    """
+    chain = parse_certificates(read_file(certfile), certfile)
+    key = parse_key(read_file(keyfile), keyfile)
+    require_match(chain[0], key, certfile, keyfile)
+    kwargs: dict[str, Any] = {}
+    if clientcafile is not None:
+        authorities = parse_certificates(read_file(clientcafile), clientcafile)
+        kwargs["trustRoot"] = trustRootFromCertificates(
+            [_twisted_certificate(authority) for authority in authorities]
+        )
+    return CertificateOptions(
+        privateKey=key,
+        certificate=chain[0],
+        extraCertChain=chain[1:],
+        raiseMinimumTo=TLSVersion.TLSv1_2,
+        **kwargs,
+    )
+
+
+# -- client side -------------------------------------------------------------------
+
+
+@implementer(IPolicyForHTTPS)
+class PinnedControlPolicy:
+    """HTTPS policy for clients of the control interface.
+
+    Connections trust exactly the pinned server certificate (never a default
+    trust store), check that it names the host or IP address of the URL, and
+    present the pinned client certificate.
+
+    :param server_cert_pem: the control server certificate, PEM.
+    :param client_cert_pem: the control client certificate, PEM.
+    :param client_key_pem: the control client private key, PEM.
+    :raises CredentialsError: if a text is not PEM or the key does not match
+        the client certificate.
+    """
+
+    def __init__(self, server_cert_pem: bytes, client_cert_pem: bytes, client_key_pem: bytes) -> None:
+        server_cert = parse_certificate(server_cert_pem, "control server certificate")
+        client_cert = parse_certificate(client_cert_pem, "control client certificate")
+        client_key = parse_key(client_key_pem, "control client key")
+        require_match(client_cert, client_key, "control client certificate", "control client key")
+        self._trust_root = _twisted_certificate(server_cert)
+        self._client_cert = client_cert
+        self._client_key = client_key
+
+    def creatorForNetloc(self, hostname: bytes, port: int) -> Any:
+        """Client TLS settings for a connection to ``hostname``.
+
+        :param hostname: host of the URL (an IPv6 literal without brackets).
+        :param port: port of the URL (unused: the pin does not depend on it).
+        """
+        # The client certificate goes in as cryptography objects: Twisted's
+        # clientCertificate= hands pyOpenSSL objects to pyOpenSSL, which warns.
+        return optionsForClientTLS(
+            hostname.decode("ascii"),
+            trustRoot=self._trust_root,
+            extraCertificateOptions={
+                "privateKey": self._client_key,
+                "certificate": self._client_cert,
+                "raiseMinimumTo": TLSVersion.TLSv1_2,
+            },
+        )
+
+
+def policy_from_environ(environ: Mapping[str, str]) -> PinnedControlPolicy:
+    """Build the control client policy from the environment.
+
+    Reads ``KAPOW_CONTROL_SERVER_CERT``, ``KAPOW_CONTROL_CLIENT_CERT`` and
+    ``KAPOW_CONTROL_CLIENT_KEY`` (PEM texts, as :func:`credentials_environ`
+    makes them).
+
+    :param environ: e.g. ``os.environ``.
+    :raises CredentialsError: naming the variable that is missing, empty or
+        unusable.
+    """
+    server_cert_pem, client_cert_pem, client_key_pem = environ_pem_texts(environ)
+    parse_certificate(server_cert_pem, SERVER_CERT_ENV)
+    require_match(
+        parse_certificate(client_cert_pem, CLIENT_CERT_ENV),
+        parse_key(client_key_pem, CLIENT_KEY_ENV),
+        CLIENT_CERT_ENV,
+        CLIENT_KEY_ENV,
+    )
+    return PinnedControlPolicy(server_cert_pem, client_cert_pem, client_key_pem)
+
+
+def policy_from_directory(directory: str) -> PinnedControlPolicy:
+    """Build the control client policy from a credentials directory.
+
+    Reads the files :func:`write_client_credentials` writes (the server
+    certificate, the client certificate and its key), e.g. for an operator's
+    shell.
+
+    :raises CredentialsError: naming the file that is missing or unusable.
+    """
+    return PinnedControlPolicy(
+        read_file(os.path.join(directory, SERVER_CERT_FILE)),
+        read_file(os.path.join(directory, CLIENT_CERT_FILE)),
+        read_file(os.path.join(directory, CLIENT_KEY_FILE), private=True),
+    )
+
+
+# -- peer identity -------------------------------------------------------------------
+
+
+def peer_subject_dn(transport: object) -> str | None:
+    """The subject DN of the client certificate on a TLS connection.
+
+    In a twisted.web resource pass ``request.transport`` (or
+    ``request.channel.transport``; over HTTP/2, where a request has no
+    transport of its own, ``request.channel``, its stream): with :func:`tls_server_endpoint` it is the
+    :class:`~twisted.protocols.tls.TLSMemoryBIOProtocol`, which provides
+    :class:`~twisted.internet.interfaces.ISSLTransport`.  The certificate has
+    been verified in the handshake when the listener demands one (the control
+    interface, or :func:`user_server_options` with ``clientcafile``).
+
+    The text is formatted exactly as Go's ``pkix.Name.String()`` formats it (as
+    the reference implementation shows it): most specific first, e.g.
+    ``"CN=alice,O=Example"``, the well-known attributes in Go's fixed order
+    SERIALNUMBER, CN, OU, O, POSTALCODE, STREET, L, ST, C, then any other
+    attribute as ``OID=#hex-of-DER``.
+
+    :param transport: any transport, or ``None``.
+    :return: the DN, or ``None`` if ``transport`` is not TLS or the peer sent
+        no certificate.
+    """
+    connection = getattr(transport, "_conn", None)
+    if connection is not None:  # a request over HTTP/2: the transport is its stream
+        transport = getattr(connection, "transport", None)
+    if transport is None or not ISSLTransport.providedBy(transport):
+        return None
+    certificate = transport.getPeerCertificate()
+    if certificate is None:
+        return None
+    if isinstance(certificate, X509):
+        certificate = certificate.to_cryptography()
+    return _go_name_string(certificate.subject)
+
+
+# Go's crypto/x509/pkix attributeTypeNames.
+_GO_ATTRIBUTE_NAMES = MappingProxyType(
+    {
+        "2.5.4.6": "C",
+        "2.5.4.10": "O",
+        "2.5.4.11": "OU",
+        "2.5.4.3": "CN",
+        "2.5.4.5": "SERIALNUMBER",
+        "2.5.4.7": "L",
+        "2.5.4.8": "ST",
+        "2.5.4.9": "STREET",
+        "2.5.4.17": "POSTALCODE",
+    }
+)
+# The attributes Go parses into named fields, in the order Name.ToRDNSequence
+# emits them; each keeps every value but CN and SERIALNUMBER keep the last.
+_GO_FIELDS = (
+    "2.5.4.6",
+    "2.5.4.8",
+    "2.5.4.7",
+    "2.5.4.9",
+    "2.5.4.17",
+    "2.5.4.10",
+    "2.5.4.11",
+)
+_GO_SINGLE_FIELDS = ("2.5.4.3", "2.5.4.5")
+_GO_PRINTABLE = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789'()+,-./ :=?")
+
+
+def _go_name_string(name: x509.Name) -> str:
+    """Format ``name`` exactly as Go's ``pkix.Name.String()`` does.
+
+    :param name: a subject or issuer name.
+    """
+    parsed: dict[str, list[str]] = {}
+    others: list[list[tuple[str, str | bytes]]] = []
+    for attribute in name:
+        oid = attribute.oid.dotted_string
+        if oid in _GO_ATTRIBUTE_NAMES:
+            if isinstance(attribute.value, str):
+                parsed.setdefault(oid, []).append(attribute.value)
+            continue
+        others.append([(oid, attribute.value)])
+    rdns = others
+    for oid in _GO_FIELDS:
+        if oid in parsed:
+            rdns.append([(oid, value) for value in parsed[oid]])
+    for oid in _GO_SINGLE_FIELDS:
+        if parsed.get(oid, [""])[-1]:
+            rdns.append([(oid, parsed[oid][-1])])
+    return ",".join("+".join(_go_attribute(oid, value) for oid, value in rdn) for rdn in reversed(rdns))
+
+
+def _go_attribute(oid: str, value: str | bytes) -> str:
+    type_name = _GO_ATTRIBUTE_NAMES.get(oid)
+    if type_name is None:
+        return f"{oid}=#{_go_der(value).hex()}"
+    assert isinstance(value, str)
+    last = len(value) - 1
+    escaped = []
+    for index, char in enumerate(value):
+        if char in ',+"\\<>;' or (char == " " and index in (0, last)) or (char == "#" and index == 0):
+            escaped.append("\\")
+        escaped.append(char)
+    return f"{type_name}={''.join(escaped)}"
+
+
+def _go_der(value: str | bytes) -> bytes:
+    """DER of ``value`` as Go's ``asn1.Marshal`` encodes a string or bytes."""
+    if isinstance(value, bytes):
+        tag, body = 0x04, value
+    else:
+        body = value.encode("utf-8", "replace")
+        tag = 0x13 if set(value) <= _GO_PRINTABLE else 0x0C
+    length = len(body)
+    if length < 0x80:
+        header = bytes([tag, length])
+    else:
+        size = length.to_bytes((length.bit_length() + 7) // 8, "big")
+        header = bytes([tag, 0x80 | len(size)]) + size
+    return header + body
