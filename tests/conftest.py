@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from tests.kapowserver import KapowServer
+from tests.support.kapowserver import KapowServer
 
 
 @pytest.fixture

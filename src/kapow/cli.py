@@ -44,15 +44,15 @@ def main(argv: list[str] | None = None) -> int:
 
         return server_main(argv[2:])
     if command == "route":
-        from kapow.commands.control import main as route_main
+        from kapow.commands.routes import main as route_main
 
         return route_main(argv[2:])
     if command == "handler":
-        from kapow.commands.control import handler_main
+        from kapow.commands.handlers import main as handler_main
 
         return handler_main(argv[2:])
     if command == "control-credentials":
-        from kapow.commands.control import credentials_main
+        from kapow.commands.control_credentials import main as credentials_main
 
         return credentials_main(argv[2:])
     if command == "--version":

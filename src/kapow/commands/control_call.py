@@ -8,7 +8,7 @@ so its start-up adds to the time until the server is ready: this module uses
 itself: :mod:`http.client` would bring :mod:`email`, :mod:`urllib` and
 :mod:`calendar` along and more than double the time this command takes to
 import.  The policy is that of
-:class:`kapow.web.tls.PinnedControlPolicy`: trust exactly the pinned control
+:class:`kapow.client.PinnedControlPolicy`: trust exactly the pinned control
 server certificate (never a default trust store, so ``SSL_CERT_FILE`` and
 friends change nothing), check that it names the host or IP address of the
 URL, and present the control client certificate.  Twisted programs use
@@ -37,7 +37,6 @@ from kapow.core.credentials import (
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
-    from typing import Any
 
 # A control call answers at once; this only bounds a server that stopped
 # answering, as Twisted's connect timeout did for the Twisted client.
@@ -84,7 +83,7 @@ def pinned_context(
     """TLS settings that trust only ``server_cert_pem`` and present the client certificate.
 
     Only the first certificate of each PEM text is used, as by
-    :class:`kapow.web.tls.PinnedControlPolicy`.  The host name or IP address a
+    :class:`kapow.client.PinnedControlPolicy`.  The host name or IP address a
     connection is made to must be in the server certificate's subjectAltName.
 
     :param server_cert_pem: the control server certificate, PEM.
@@ -242,7 +241,7 @@ def call(
     control_url: str,
     method: str,
     path: str,
-    body: Any | None,
+    body: object,
     expected: int,
     timeout: float = TIMEOUT,
 ) -> str:
@@ -265,7 +264,7 @@ def call(
     try:
         status, content = _exchange(context, host, port, request, timeout)
     except (OSError, _BadAnswer) as e:
-        raise ControlError(f"cannot reach control API at {control_url}: {_why(e)}") from None
+        raise ControlError(f"cannot reach control API at {control_url}: {failure_reason(e)}") from None
     if status != expected:
         raise ControlError(refusal_reason(content, status))
     return content.decode("utf-8", "replace")
@@ -323,14 +322,14 @@ def _host_and_port(hostinfo: str) -> tuple[str, int] | None:
         host, _, port_text = hostinfo.partition(":")
         if "[" in host or "]" in host:
             return None
-    host = _ascii_host(host)
-    if not host or not _PRINTABLE.fullmatch(host):
+    ascii_host = _ascii_host(host)
+    if not ascii_host or not _PRINTABLE.fullmatch(ascii_host):
         return None
     if not port_text:
-        return host, 443
+        return ascii_host, 443
     if not _PORT.fullmatch(port_text) or not 0 < int(port_text) <= 65535:
         return None
-    return host, int(port_text)
+    return ascii_host, int(port_text)
 
 
 def _ascii_host(host: str) -> str | None:
@@ -390,7 +389,7 @@ def _exchange(
     # In bytes, so that neither socket nor ssl imports the idna codec to
     # encode a name that is ASCII already.
     name = host.encode("ascii")
-    with socket.create_connection((name, port), timeout=timeout) as raw:
+    with socket.create_connection((name, port), timeout=timeout) as raw:  # type: ignore[arg-type]  # bytes are accepted; typeshed says str
         try:
             # A request larger than a TLS record goes out in several writes;
             # Nagle's algorithm would hold the last back until the first is
@@ -576,8 +575,8 @@ def refusal_reason(content: bytes, code: int) -> str:
     return str(reason) if reason else f"HTTP {code}"
 
 
-def _why(e: Exception) -> str:
-    """One line saying why a connection failed."""
+def failure_reason(e: BaseException) -> str:
+    """One line saying why a connection failed, naming the pin when TLS failed for it."""
     if isinstance(e, ssl.SSLCertVerificationError):
         message = e.verify_message or "certificate verify failed"
         if e.verify_code in _PIN_PROBLEMS:

@@ -53,13 +53,26 @@ import sys
 try:
     import posix as _os
 except ImportError:  # pragma: no cover - non-POSIX platforms
-    import os as _os
+    import os as _os  # type: ignore[no-redef]  # the same functions, where there is no posix
 import _socket
+
+# typing.TYPE_CHECKING without importing typing, which this module needs
+# only for annotations; type checkers know the name.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Iterable, Iterator
+    from typing import Protocol
+
+    class _Writer(Protocol):
+        def write(self, data: bytes, /) -> object: ...
+
+    class _Reader(Protocol):
+        def read(self, size: int, /) -> bytes | str: ...
+
 
 __all__ = ["DataAPIError", "DataClient", "is_lean_command", "main"]
 
 DEFAULT_DATA_URL = "http://localhost:8082"
-STREAMING_RESOURCES = ("/response/body", "/response/stream")
 _STREAMING = (b"/response/body", b"/response/stream")
 CHUNK_SIZE = 65536
 
@@ -96,12 +109,12 @@ example:
 """.replace("{default}", DEFAULT_DATA_URL)
 
 
-def _text(data):
+def _text(data: bytes) -> str:
     """Bytes as text that turns back into the same bytes (see :func:`_bytes`)."""
     return data.decode("utf-8", "surrogateescape")
 
 
-def _bytes(text):
+def _bytes(text: str | bytes | bytearray) -> bytes:
     """Text (a ``str`` from :func:`_text`, ``sys.argv`` or the environment) as bytes."""
     if isinstance(text, str):
         return text.encode("utf-8", "surrogateescape")
@@ -116,13 +129,13 @@ class DataAPIError(Exception):
     reason text (or a description of the failure).
     """
 
-    def __init__(self, status, reason):
+    def __init__(self, status: int | None, reason: str | bytes) -> None:
         reason = _text(reason) if isinstance(reason, bytes) else reason
         super().__init__(status, reason)
         self.status = status
         self.reason = reason
 
-    def __str__(self):
+    def __str__(self) -> str:
         return self.reason
 
 
@@ -130,11 +143,11 @@ class _PeerClosed(Exception):
     """The connection ended before a single byte of the response arrived."""
 
 
-def _invalid(data):
+def _invalid(data: bytes) -> ValueError:
     return ValueError(_text(data))
 
 
-def _quote(data):
+def _quote(data: bytes) -> bytes:
     """``data`` in double quotes, with every byte outside printable ASCII
     (and ``"`` and ``\\``) written as ``\\xNN``."""
     out = bytearray(b'"')
@@ -147,7 +160,7 @@ def _quote(data):
     return bytes(out)
 
 
-def _getenv(name):
+def _getenv(name: str) -> bytes | None:
     os_module = sys.modules.get("os")
     if os_module is not None:  # honour changes made through os.environ
         value = os_module.environ.get(name)
@@ -155,7 +168,7 @@ def _getenv(name):
     return _os.environ.get(name.encode())  # posix.environ has bytes keys and values
 
 
-def _percent_decode(data):
+def _percent_decode(data: bytes) -> bytes:
     if b"%" not in data:
         return data
     out = bytearray()
@@ -171,11 +184,11 @@ def _percent_decode(data):
     return bytes(out)
 
 
-def _is_hex(digits, size=2):
+def _is_hex(digits: bytes, size: int = 2) -> bool:
     return len(digits) == size and all(c in _HEX for c in digits)
 
 
-def _path_bytes(data, what):
+def _path_bytes(data: bytes, what: bytes) -> bytes:
     """``data`` as request-target bytes; only what HTTP cannot carry is escaped.
 
     Refuses whitespace and control characters (they would end or split the
@@ -193,7 +206,7 @@ def _path_bytes(data, what):
     return bytes(out)
 
 
-def _resource_bytes(resource):
+def _resource_bytes(resource: object) -> bytes:
     if not isinstance(resource, (str, bytes, bytearray)):
         raise TypeError("resource must be str, not %s" % type(resource).__name__)
     resource = _bytes(resource)
@@ -202,10 +215,11 @@ def _resource_bytes(resource):
     return _path_bytes(resource, b"resource")
 
 
-def _parse_data_url(url):
-    """-> (family, address, host header bytes, path prefix bytes)."""
+def _parse_data_url(url: bytes) -> tuple[bytes | tuple[bytes, int], bytes, bytes]:
+    """-> (address, host header bytes, path prefix bytes); the address is a
+    UNIX socket's path, or (host, port)."""
 
-    def bad(why):
+    def bad(why: bytes) -> ValueError:
         return _invalid(b"invalid data URL %s: %s" % (_quote(url), why))
 
     scheme, sep, rest = url.partition(b"://")
@@ -224,23 +238,23 @@ def _parse_data_url(url):
         path = _percent_decode(netloc)
         if b"\0" in path:
             raise bad(b"bad socket path")
-        return _socket.AF_UNIX, path, b"localhost", prefix_bytes
+        return path, b"localhost", prefix_bytes
     if netloc.startswith(b"["):
-        host, bracket, port = netloc[1:].partition(b"]")
-        if not bracket or (port and not port.startswith(b":")):
+        host, bracket, port_text = netloc[1:].partition(b"]")
+        if not bracket or (port_text and not port_text.startswith(b":")):
             raise bad(b"bad IPv6 address")
-        port = port[1:]
+        port_text = port_text[1:]
     else:
-        host, _, port = netloc.partition(b":")
+        host, _, port_text = netloc.partition(b":")
     if not host:
         raise bad(b"no host")
-    if port:
-        if not port.isdigit() or not 0 < int(port) < 65536:
+    if port_text:
+        if not port_text.isdigit() or not 0 < int(port_text) < 65536:
             raise bad(b"bad port")
-        port = int(port)
+        port = int(port_text)
     else:
         port = 80
-    return None, (host, port), _path_bytes(netloc, b"data URL host"), prefix_bytes
+    return (host, port), _path_bytes(netloc, b"data URL host"), prefix_bytes
 
 
 class _Connection:
@@ -248,15 +262,15 @@ class _Connection:
 
     __slots__ = ("buf", "close_after", "sock")
 
-    def __init__(self, sock):
+    def __init__(self, sock: _socket.socket) -> None:
         self.sock = sock
         self.buf = b""
         self.close_after = False
 
-    def close(self):
+    def close(self) -> None:
         self.sock.close()
 
-    def send(self, data, body):
+    def send(self, data: bytes, body: bytes) -> None:
         sock = self.sock
         if len(body) <= CHUNK_SIZE:
             sock.sendall(data + body)
@@ -264,7 +278,7 @@ class _Connection:
             sock.sendall(data)
             sock.sendall(body)
 
-    def read_head(self):
+    def read_head(self) -> tuple[int, bytes, dict[bytes, bytes]]:
         """-> (status, reason bytes, {lowercase name: value bytes})."""
         while True:
             status, reason, headers, version = self._read_one_head()
@@ -278,7 +292,7 @@ class _Connection:
             self.close_after = b"close" in connection
         return status, reason, headers
 
-    def _read_until(self, mark, first):
+    def _read_until(self, mark: bytes, first: bool) -> bytes:
         """The bytes before ``mark`` (consumed with it); it must end within
         _MAX_HEAD bytes.  ``first``: an end of the connection before any byte
         is _PeerClosed, and a failing recv there is the OSError itself."""
@@ -306,7 +320,7 @@ class _Connection:
                 raise DataAPIError(None, _CLOSED_EARLY)
             buf += data
 
-    def _read_one_head(self):
+    def _read_one_head(self) -> tuple[int, bytes, dict[bytes, bytes], bytes]:
         lines = self._read_until(b"\r\n\r\n", True).split(b"\r\n")
         parts = lines[0].split(None, 2)
         if (
@@ -316,7 +330,7 @@ class _Connection:
             or not parts[1].isdigit()
         ):
             raise DataAPIError(None, _MALFORMED)
-        headers = {}
+        headers: dict[bytes, bytes] = {}
         for line in lines[1:]:
             name, colon, value = line.partition(b":")
             if colon:
@@ -324,7 +338,7 @@ class _Connection:
         reason = parts[2].strip() if len(parts) > 2 else b""
         return int(parts[1]), reason, headers, parts[0]
 
-    def body(self, status, headers):
+    def body(self, status: int, headers: dict[bytes, bytes]) -> "Iterator[bytes]":
         """Yield the response body in chunks of at most CHUNK_SIZE bytes."""
         if status in (204, 304):
             return
@@ -347,7 +361,7 @@ class _Connection:
                 return
             yield data
 
-    def _exactly(self, remaining):
+    def _exactly(self, remaining: int) -> "Iterator[bytes]":
         buf = self.buf
         if buf:
             take = buf[:remaining]
@@ -363,15 +377,15 @@ class _Connection:
             remaining -= len(data)
             yield data
 
-    def _line(self):
+    def _line(self) -> bytes:
         return self._read_until(b"\r\n", False)
 
-    def _chunked(self):
+    def _chunked(self) -> "Iterator[bytes]":
         while True:
-            size = self._line().partition(b";")[0].strip()
-            if not size or not all(c in _HEX for c in size):
+            size_text = self._line().partition(b";")[0].strip()
+            if not size_text or not all(c in _HEX for c in size_text):
                 raise DataAPIError(None, _MALFORMED)
-            size = int(size, 16)
+            size = int(size_text, 16)
             if size == 0:
                 while self._line():  # trailers, up to the empty line
                     pass
@@ -387,7 +401,7 @@ _ESCAPES = {
 }  # fmt: skip
 
 
-def _json_reason(body):
+def _json_reason(body: bytes) -> bytes | None:
     """The ``reason`` string of a JSON error body as UTF-8 bytes, or None (no
     json module).  Raw bytes are kept as sent; a ``\\u`` escape of half a
     surrogate pair that has no other half becomes U+FFFD."""
@@ -441,11 +455,11 @@ def _json_reason(body):
     return None
 
 
-def _one_line(data):
+def _one_line(data: bytes) -> bytes:
     return b" ".join(data.split()) if (b"\n" in data or b"\r" in data) else data
 
 
-def _reason_of(status, reason, body):
+def _reason_of(status: int, reason: bytes, body: bytes) -> bytes:
     text = _json_reason(body[:_MAX_REASON_BODY])
     if not text:
         text = reason or b"HTTP status %d" % status
@@ -462,7 +476,7 @@ class DataClient:
     raise :class:`DataAPIError`; a malformed resource raises ``ValueError``.
     """
 
-    def __init__(self, data_url=None, handler_id=None):
+    def __init__(self, data_url: str | bytes | None = None, handler_id: str | bytes | None = None) -> None:
         if data_url is None:
             data_url = _getenv("KAPOW_DATA_URL") or DEFAULT_DATA_URL
         if handler_id is None:
@@ -472,7 +486,7 @@ class DataClient:
         self._url = url = _bytes(data_url)
         self.data_url = _text(url)
         self.handler_id = _text(_bytes(handler_id))
-        self._family, self._address, host, prefix = _parse_data_url(url)
+        self._address, host, prefix = _parse_data_url(url)
         handler = _path_bytes(_bytes(handler_id), b"handler id")
         if b"/" in handler:
             raise _invalid(b"invalid handler id %s" % _quote(_bytes(handler_id)))
@@ -481,11 +495,11 @@ class DataClient:
 
     # -- public API -------------------------------------------------------
 
-    def get(self, resource):
+    def get(self, resource: str | bytes) -> bytes:
         """Return the value of ``resource`` as bytes."""
         return b"".join(self.iter_get(resource))
 
-    def get_into(self, resource, fileobj):
+    def get_into(self, resource: str | bytes, fileobj: "_Writer") -> int:
         """Stream the value of ``resource`` into ``fileobj`` (anything with
         ``write(bytes)``); return the number of bytes written.  Nothing is
         written when the server refuses."""
@@ -496,18 +510,18 @@ class DataClient:
             total += len(chunk)
         return total
 
-    def iter_get(self, resource):
+    def iter_get(self, resource: str | bytes) -> "Iterator[bytes]":
         """Yield the value of ``resource`` in chunks; the status is checked
         (and :class:`DataAPIError` raised) before the first chunk."""
         return self._call(b"GET", resource)
 
-    def unset(self, resource):
+    def unset(self, resource: str | bytes) -> None:
         """Remove ``resource`` (every value of a response header or cookie
         written so far)."""
         for _ in self._call(b"DELETE", resource):
             pass
 
-    def _call(self, method, resource):
+    def _call(self, method: bytes, resource: str | bytes) -> "Iterator[bytes]":
         target = self._base + _resource_bytes(resource)
         conn = self._connect()
         try:
@@ -525,7 +539,7 @@ class DataClient:
         finally:
             conn.close()
 
-    def set(self, resource, value):
+    def set(self, resource: str | bytes, value: "bytes | bytearray | memoryview | str | _Reader") -> None:
         """Write ``value`` (bytes, str, or a binary file object) to ``resource``.
 
         A file object written to ``/response/body`` or ``/response/stream`` is
@@ -553,7 +567,7 @@ class DataClient:
 
     # -- plumbing -----------------------------------------------------------
 
-    def _head(self, method, target, length, close):
+    def _head(self, method: bytes, target: bytes, length: int | None, close: bool) -> bytes:
         head = b"%s %s HTTP/1.1\r\nHost: %s\r\n" % (method, target, self._host)
         if length is not None:
             head += b"Content-Type: application/octet-stream\r\n"
@@ -562,13 +576,13 @@ class DataClient:
             head += b"Connection: close\r\n"
         return head + b"\r\n"
 
-    def _connect(self):
-        family, address = self._family, self._address
+    def _connect(self) -> _Connection:
+        address = self._address
         try:
-            if family is not None:
+            if isinstance(address, bytes):  # a UNIX socket's path
                 if len(address) > _MAX_UNIX_PATH:
                     raise OSError("AF_UNIX path too long")
-                sock = _socket.socket(family, _socket.SOCK_STREAM)
+                sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
                 try:
                     sock.connect(address)
                 except BaseException:
@@ -576,6 +590,7 @@ class DataClient:
                     raise
                 return _Connection(sock)
             host, port = address
+            candidates: list[tuple[int, tuple[object, ...]]]
             if host.lower() == b"localhost":
                 # loopback by definition (RFC 6761 6.3); spares the resolver
                 # (~0.2 ms of NSS loading, a noticeable part of the budget)
@@ -589,7 +604,7 @@ class DataClient:
                 candidates = [
                     (info[0], info[4]) for info in _socket.getaddrinfo(host, port, 0, _socket.SOCK_STREAM)
                 ]
-            error = None
+            error: OSError | None = None
             for family, sockaddr in candidates:
                 try:
                     sock = _socket.socket(family, _socket.SOCK_STREAM)
@@ -607,16 +622,17 @@ class DataClient:
                     raise
                 sock.setsockopt(_socket.IPPROTO_TCP, _socket.TCP_NODELAY, 1)
                 return _Connection(sock)
+            assert error is not None  # getaddrinfo gives an address or raises
             raise error
         except OSError as exc:
             reason = b"cannot reach data API at %s: %s" % (self._url, _strerror(exc))
             raise DataAPIError(None, reason) from None
 
-    def _broken(self, exc):
+    def _broken(self, exc: OSError) -> DataAPIError:
         message = b"connection to data API at %s failed: %s"
         return DataAPIError(None, message % (self._url, _strerror(exc)))
 
-    def _refusal(self, status, reason, body):
+    def _refusal(self, status: int, reason: bytes, body: "Iterator[bytes]") -> DataAPIError:
         data = b""
         try:
             for chunk in body:
@@ -627,7 +643,9 @@ class DataClient:
             pass
         return DataAPIError(status, _reason_of(status, reason, data))
 
-    def _exchange(self, conn, target, body):
+    def _exchange(
+        self, conn: _Connection, target: bytes, body: bytes
+    ) -> tuple[int, bytes, dict[bytes, bytes]]:
         """Send one PUT on ``conn`` and return the response head."""
         try:
             conn.send(self._head(b"PUT", target, len(body), False), body)
@@ -639,7 +657,7 @@ class DataClient:
                 raise send_error from None
         return conn.read_head()
 
-    def _put_all(self, target, chunks):
+    def _put_all(self, target: bytes, chunks: "Iterable[bytes]") -> None:
         """PUT every chunk in turn over one keep-alive connection (at least
         one PUT, empty if there are no chunks), reconnecting when the server
         closed the connection between two of them."""
@@ -656,10 +674,10 @@ class DataClient:
             if conn is not None:
                 conn.close()
 
-    def _put_one(self, conn, target, body):
+    def _put_one(self, conn: _Connection | None, target: bytes, body: bytes) -> _Connection | None:
         while True:
             fresh = conn is None
-            if fresh:
+            if conn is None:
                 conn = self._connect()
             try:
                 status, reason, headers = self._exchange(conn, target, body)
@@ -694,7 +712,7 @@ class DataClient:
             return conn
 
 
-def _read_chunks(fileobj):
+def _read_chunks(fileobj: "_Reader") -> "Iterator[bytes]":
     """Yield the bytes of ``fileobj`` as they become available."""
     read = getattr(fileobj, "read1", None) or fileobj.read
     while True:
@@ -706,7 +724,7 @@ def _read_chunks(fileobj):
         yield chunk
 
 
-def _strerror(exc):
+def _strerror(exc: BaseException) -> bytes:
     """The C library's text for ``exc`` (``strerror``, ``gai_strerror``), as bytes."""
     text = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
     return _bytes(text)
@@ -717,22 +735,22 @@ class _FdFile:
 
     __slots__ = ("fd",)
 
-    def __init__(self, fd):
+    def __init__(self, fd: int) -> None:
         self.fd = fd
 
-    def read1(self, size):
+    def read1(self, size: int) -> bytes:
         return _os.read(self.fd, size)
 
     read = read1
 
-    def write(self, data):
+    def write(self, data: bytes) -> None:
         fd = self.fd
         view = memoryview(data)
         while view:
             view = view[_os.write(fd, view) :]
 
 
-def _error(message):
+def _error(message: str | bytes) -> int:
     try:
         _FdFile(2).write(b"kapow: %s\n" % _one_line(_bytes(message)))
     except OSError:
@@ -740,18 +758,19 @@ def _error(message):
     return 1
 
 
-def is_lean_command(argv):
+def is_lean_command(argv: list[str]) -> bool:
     """True when ``argv`` (like ``sys.argv``) is ``kapow get``, ``kapow set``
     or ``kapow unset``, which :func:`main` handles without importing anything
     heavy."""
     return len(argv) > 1 and argv[1] in ("get", "set", "unset")
 
 
-def _parse_args(args, command):
+def _parse_args(args: list[bytes], command: bytes) -> tuple[bytes | None, bytes | None, list[bytes]] | None:
     """-> (data_url, handler_id, positionals), all bytes, or raises
     ValueError; None for help.  ``args`` are bytes."""
-    data_url = handler_id = None
-    positionals = []
+    data_url: bytes | None = None
+    handler_id: bytes | None = None
+    positionals: list[bytes] = []
     separated = False
     i = 0
     while i < len(args):
@@ -793,7 +812,7 @@ def _parse_args(args, command):
     return data_url, handler_id, positionals
 
 
-def main(argv):
+def main(argv: list[str]) -> int:
     """``kapow get`` / ``kapow set`` / ``kapow unset``; ``argv`` is like
     ``sys.argv``.  Returns the exit status: 0 on success, 1 on any failure
     (reason on stderr)."""

@@ -37,7 +37,7 @@ import sys
 MAX_REQUEST = 4 << 20
 
 
-def _read_request(conn):
+def _read_request(conn: socket.socket) -> tuple[list[int], list[bytes]]:
     """(fds, fields) of the request on ``conn``."""
     head, fds, _flags, _addr = socket.recv_fds(conn, 4, 3)
     while len(head) < 4:
@@ -61,7 +61,7 @@ def _read_request(conn):
     return fds, fields[:-1]
 
 
-def _run(conn):
+def _run(conn: socket.socket) -> int:
     """In the child: take over the caller's descriptors, directory,
     arguments and environment, run the command, and return its status."""
     fds, fields = _read_request(conn)
@@ -94,7 +94,7 @@ def _run(conn):
     return status
 
 
-def _child(conn):
+def _child(conn: socket.socket) -> None:
     status = 1
     try:
         status = _run(conn)
@@ -108,12 +108,13 @@ def _child(conn):
         os._exit(0)
 
 
-def serve(listening, watched):
+def serve(listening: socket.socket, watched: int) -> None:
     """Fork a child for every connection on ``listening`` until ``watched``
     (the pipe from the server) ends."""
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # children are reaped by the kernel
+    both: list[socket.socket | int] = [listening, watched]
     while True:
-        ready, _, _ = select.select([listening, watched], [], [])
+        ready, _, _ = select.select(both, [], [])
         if watched in ready:
             return
         try:
@@ -128,7 +129,7 @@ def serve(listening, watched):
         conn.close()
 
 
-def main(argv):
+def main(argv: list[str]) -> None:
     """``forkserver.py PACKAGE_PARENT LISTENING_FD``: serve the command-line
     calls that connect to the listening socket at descriptor ``LISTENING_FD``."""
     sys.path.insert(0, argv[1])
@@ -136,7 +137,8 @@ def main(argv):
     import ssl
 
     import kapow.cli
-    import kapow.commands.control  # noqa: F401  (imported for the children)
+    import kapow.commands.handlers
+    import kapow.commands.routes  # noqa: F401  (imported for the children)
 
     ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     watched = os.dup(0)

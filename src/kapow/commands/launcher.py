@@ -29,6 +29,8 @@ import shlex
 import shutil
 import sys
 import tempfile
+from collections.abc import Callable
+from typing import IO
 
 import kapow
 
@@ -65,12 +67,12 @@ os.execv({program!r}, {argv_head} + sys.argv[1:])
 """
 
 
-def native_client():
+def native_client() -> str | None:
     """The path of the native data client when the build made it, else None."""
     return NATIVE_CLIENT if os.access(NATIVE_CLIENT, os.X_OK) else None
 
 
-def _full_command(python, launcher_path):
+def _full_command(python: str, launcher_path: str | None) -> list[str]:
     """The argv head that runs the full command line: the console script
     beside ``python``, or ``python -m kapow``.  A console script at
     ``launcher_path`` is not used (it would run itself)."""
@@ -81,7 +83,7 @@ def _full_command(python, launcher_path):
     return [script] if usable else [python, "-m", "kapow"]
 
 
-def launcher_source(python=None, launcher_path=None):
+def launcher_source(python: str | None = None, launcher_path: str | None = None) -> str:
     """The text of the launcher for interpreter ``python`` (absolute path).
 
     ``launcher_path`` is where it will live; a console script at that very
@@ -99,12 +101,12 @@ def launcher_source(python=None, launcher_path=None):
     return _TEMPLATE.format(python=python, package_dir=package_dir, program=head[0], argv_head=repr(head))
 
 
-def _full_cli_source(python, launcher_path):
+def _full_cli_source(python: str, launcher_path: str | None) -> str:
     words = " ".join(shlex.quote(word) for word in _full_command(python, launcher_path))
     return '#!/bin/sh\nexec %s "$@"\n' % words
 
 
-def write_launcher(directory, python=sys.executable, native=None):
+def write_launcher(directory: str, python: str = sys.executable, native: str | None = None) -> str:
     """Write an executable ``kapow`` into ``directory`` (atomically, mode
     0755) and return its path.  ``python`` is the interpreter of the full
     command line.  With ``native`` (the path of the native client), ``kapow``
@@ -123,7 +125,7 @@ def write_launcher(directory, python=sys.executable, native=None):
     return path
 
 
-def _write_atomically(path, fill):
+def _write_atomically(path: str, fill: Callable[[IO[bytes]], object]) -> None:
     fd, tmp = tempfile.mkstemp(prefix=".kapow-", dir=os.path.dirname(path))
     try:
         with os.fdopen(fd, "wb") as f:

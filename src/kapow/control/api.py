@@ -1,6 +1,6 @@
 """
-The control API (SPEC.md §2, §8): list, add, insert, get and remove routes;
-list, show and kill the live handlers.
+The control API (docs/reference/control-api.rst): list, add, insert, get
+and remove routes; list, show and kill the live handlers.
 
 It is served only behind pinned mutual TLS (see :mod:`kapow.web.tls`); nothing in
 this module knows about TLS.
@@ -12,17 +12,38 @@ import json
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar, cast
 
 from klein import Klein
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.logger import Logger
 from twisted.web.iweb import IRequest
+from twisted.web.resource import IResource
 
 from kapow.core.routes import InvalidRoute, Route, RouteTable, route_from_json
+from kapow.handlers.listing import HandlerShown, HandlersListing
 from kapow.web.errors import JSONError, install_json_errors, json_body
 
+__all__ = ["ControlAPI", "NoHandlers", "Stats"]
+
 log = Logger()
+
+#: The fields ``/health`` adds to ``status`` and ``routes``.
+Stats = dict[str, Any]
+_T = TypeVar("_T")
+
+
+class NoHandlers:
+    """The handlers of a control API that has none to show."""
+
+    def listing(self) -> list[HandlerShown]:
+        return []
+
+    def handler_info(self, handler_id: str) -> HandlerShown | None:
+        return None
+
+    def kill(self, handler_id: str) -> bool:
+        return False
 
 
 @dataclass
@@ -36,21 +57,19 @@ class ControlAPI:
         (or a Deferred of them).
     :param publish: called after every change of the table; the change is
         answered once what it returns (``None`` or a Deferred) is done.
-    :param handlers: the live handlers: ``listing()`` (a list of handlers
-        as SPEC §8 shows them), ``handler_info(id)`` (one, or ``None``) and
-        ``kill(id)`` (whether there was one), each answering directly or
-        with a Deferred.
+    :param handlers: the live handlers, listed, shown and killed on
+        ``/handlers``; none by default.
     """
 
     routes: RouteTable
     new_id: Callable[[], str] = field(default=lambda: str(uuid.uuid4()))
-    stats: Callable[[], Any] = field(default=dict)
-    publish: Callable[[], Any] = field(default=lambda: None)
-    handlers: Any = field(default_factory=lambda: NoHandlers())
+    stats: Callable[[], Stats | Deferred[Stats]] = field(default=dict)
+    publish: Callable[[], Deferred[Any] | None] = field(default=lambda: None)
+    handlers: HandlersListing = field(default_factory=NoHandlers)
 
     app = Klein()
 
-    def resource(self) -> Any:
+    def resource(self) -> IResource:
         """The Twisted resource serving this API."""
         return self.app.resource()
 
@@ -59,14 +78,14 @@ class ControlAPI:
         return json_body(request, 200, self.routes.listing())
 
     @app.route("/routes", methods=["POST"])
-    def append_route(self, request: IRequest) -> bytes:
+    def append_route(self, request: IRequest) -> bytes | Deferred[bytes]:
         route = self._route_from_request(request)
         index = self.routes.append(route)
         log.info("route added: {route}", route=route.to_json(index))
         return self._published(lambda: json_body(request, 201, route.to_json(index)))
 
     @app.route("/routes", methods=["PUT"])
-    def insert_route(self, request: IRequest) -> bytes:
+    def insert_route(self, request: IRequest) -> bytes | Deferred[bytes]:
         data = _read_json(request)
         wanted = data.get("index") if isinstance(data, dict) else None
         if wanted is None:
@@ -87,7 +106,7 @@ class ControlAPI:
         return json_body(request, 200, route.to_json(index))
 
     @app.route("/routes/<string:route_id>", methods=["DELETE"])
-    def delete_route(self, request: IRequest, route_id: str) -> bytes:
+    def delete_route(self, request: IRequest, route_id: str) -> bytes | Deferred[bytes]:
         try:
             route = self.routes.remove(route_id)
         except KeyError:
@@ -98,16 +117,16 @@ class ControlAPI:
 
     @app.route("/handlers", methods=["GET"])
     def list_handlers(self, request: IRequest) -> Deferred[bytes]:
-        return maybeDeferred(self.handlers.listing).addCallback(lambda found: json_body(request, 200, found))
+        return _answer(self.handlers.listing).addCallback(lambda found: json_body(request, 200, found))
 
     @app.route("/handlers/<string:handler_id>", methods=["GET"])
     def get_handler(self, request: IRequest, handler_id: str) -> Deferred[bytes]:
-        def answer(info: dict | None) -> bytes:
+        def answer(info: HandlerShown | None) -> bytes:
             if info is None:
                 raise JSONError(404, "Handler Not Found")
             return json_body(request, 200, info)
 
-        return maybeDeferred(self.handlers.handler_info, handler_id).addCallback(answer)
+        return _answer(self.handlers.handler_info, handler_id).addCallback(answer)
 
     @app.route("/handlers/<string:handler_id>", methods=["DELETE"])
     def kill_handler(self, request: IRequest, handler_id: str) -> Deferred[bytes]:
@@ -117,10 +136,10 @@ class ControlAPI:
             request.setResponseCode(204)
             return b""
 
-        return maybeDeferred(self.handlers.kill, handler_id).addCallback(answer)
+        return _answer(self.handlers.kill, handler_id).addCallback(answer)
 
     @app.route("/health", methods=["GET"])
-    def health(self, request: IRequest) -> Any:
+    def health(self, request: IRequest) -> bytes | Deferred[bytes]:
         routes = len(self.routes)
         stats = self.stats()
         if isinstance(stats, Deferred):
@@ -129,7 +148,7 @@ class ControlAPI:
             )
         return json_body(request, 200, {"status": "ok", "routes": routes, **stats})
 
-    def _published(self, answer: Callable[[], bytes]) -> Any:
+    def _published(self, answer: Callable[[], bytes]) -> bytes | Deferred[bytes]:
         """``answer()`` once the change is published (at once when that is immediate)."""
         published = self.publish()
         if isinstance(published, Deferred):
@@ -139,7 +158,7 @@ class ControlAPI:
     def _route_from_request(self, request: IRequest) -> Route:
         return self._route_from_json(_read_json(request))
 
-    def _route_from_json(self, data: Any) -> Route:
+    def _route_from_json(self, data: object) -> Route:
         try:
             return route_from_json(data, self.new_id())
         except InvalidRoute as e:
@@ -149,20 +168,16 @@ class ControlAPI:
     install_json_errors(app)
 
 
-class NoHandlers:
-    """The handlers of a control API that has none to show."""
-
-    def listing(self) -> list[dict]:
-        return []
-
-    def handler_info(self, handler_id: str) -> dict | None:
-        return None
-
-    def kill(self, handler_id: str) -> bool:
-        return False
+def _answer(call: Callable[..., _T | Deferred[_T]], *args: str) -> Deferred[_T]:
+    """
+    What ``call(*args)`` answers, at once or with a Deferred, as a Deferred
+    (its exceptions as failures).
+    """
+    # maybeDeferred waits for a Deferred that call returns; its types cannot say so
+    return cast("Deferred[_T]", maybeDeferred(call, *args))
 
 
-def _read_json(request: IRequest) -> Any:
+def _read_json(request: IRequest) -> object:
     try:
         return json.loads(request.content.read())
     except (ValueError, UnicodeDecodeError):

@@ -1,7 +1,8 @@
 """
-Request authentication of a route (its ``auth`` field, SPEC.md §9): bearer
-tokens, Basic users of an htpasswd file (bcrypt only), an HMAC signature of
-the raw body, and lists of client networks.
+Request authentication of a route (its ``auth`` field: see the control API
+reference, docs/reference/control-api.rst): bearer tokens, Basic users of an
+htpasswd file (bcrypt only), an HMAC signature of the raw body, and lists of
+client networks.
 
 A route's :class:`RouteAuth` is made when the route is, reading the files it
 names, and checks each request before any process starts. Files are read
@@ -20,9 +21,9 @@ import hashlib
 import hmac
 import ipaddress
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import IO, Protocol, TypedDict, TypeVar
 
 __all__ = ["AuthError", "Refusal", "RouteAuth", "parse_networks"]
 
@@ -32,6 +33,11 @@ _BCRYPT = re.compile(rb"\$2[aby]\$[0-9]{2}\$[./A-Za-z0-9]{53}")
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 # a valid bcrypt hash of a random password: an unknown user costs one check too
 _DUMMY_HASH = b"$2b$10$CwTycUXWue0Thq9StjUM0uGAPS7UozKic8WKZt.EuyeNqkR/GXSUO"
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+#: What a pending check gives in the end (see :meth:`RouteAuth.check`).
+_Later = TypeVar("_Later")
 
 
 class AuthError(ValueError):
@@ -53,7 +59,36 @@ class Refusal:
     why: str
 
 
-def parse_networks(values: object) -> tuple[Any, ...]:
+#: What :meth:`RouteAuth.check` decides: (refusal or ``None``, Basic user or ``None``).
+Verdict = tuple[Refusal | None, bytes | None]
+
+
+class HmacSpec(TypedDict):
+    """The ``hmac`` rule of a route's ``auth``, defaults filled in."""
+
+    header: str
+    secret_file: str
+    algorithm: str
+    prefix: str
+
+
+class AuthSpec(TypedDict, total=False):
+    """A route's ``auth``, as :func:`normalize` checks it."""
+
+    bearer_tokens_file: str
+    basic_users_file: str
+    hmac: HmacSpec
+    allow: list[str]
+
+
+class RequestHeaders(Protocol):
+    """The headers of a request, as :class:`twisted.web.http_headers.Headers` gives them."""
+
+    def getRawHeaders(self, name: bytes) -> Sequence[bytes] | None:
+        """Every value of the header ``name``, or ``None`` if it is absent."""
+
+
+def parse_networks(values: object) -> tuple[Network, ...]:
     """
     The networks of a list of CIDR texts (``10.0.0.0/8``, ``::1``; a bare
     address is a network of one).
@@ -73,14 +108,14 @@ def parse_networks(values: object) -> tuple[Any, ...]:
     return tuple(networks)
 
 
-def address_in(host: str, networks: tuple[Any, ...]) -> bool:
+def address_in(host: str, networks: tuple[Network, ...]) -> bool:
     """Whether the address text ``host`` is in one of ``networks`` (``False`` if it is no address)."""
     try:
         address = ipaddress.ip_address(host.split("%", 1)[0])
     except ValueError:
         return False
-    if address.version == 6 and address.ipv4_mapped is not None:  # type: ignore[union-attr]
-        address = address.ipv4_mapped  # type: ignore[union-attr]
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
     return any(address in network for network in networks)
 
 
@@ -136,7 +171,7 @@ def load_secret(path: str) -> bytes:
     return secret
 
 
-def normalize(spec: object) -> dict:
+def normalize(spec: object) -> AuthSpec:
     """
     ``spec`` (a route's ``auth`` JSON) checked and with the HMAC defaults
     filled in (``algorithm`` ``sha256``, ``prefix`` empty).
@@ -148,7 +183,7 @@ def normalize(spec: object) -> dict:
     unknown = set(spec) - _KEYS
     if unknown:
         raise AuthError(f"unknown auth keys: {', '.join(sorted(unknown))}")
-    data: dict = {}
+    data: AuthSpec = {}
     for key in ("bearer_tokens_file", "basic_users_file"):
         if key in spec:
             data[key] = _path(spec[key], key)
@@ -190,7 +225,7 @@ class RouteAuth:
     :raises AuthError: when ``strict`` and a file cannot be loaded.
     """
 
-    def __init__(self, spec: dict, strict: bool = True) -> None:
+    def __init__(self, spec: AuthSpec, strict: bool = True) -> None:
         self.spec = spec
         self.networks = parse_networks(spec["allow"]) if "allow" in spec else None
         rule = spec.get("hmac")
@@ -227,19 +262,21 @@ class RouteAuth:
     def check(
         self,
         remote: str,
-        headers: Any,
-        body: Any,
-        defer_to_thread: Callable[..., Any],
-    ) -> tuple[Refusal | None, bytes | None] | Any:
+        headers: RequestHeaders,
+        body: IO[bytes],
+        defer_to_thread: Callable[[Callable[[], Verdict]], _Later],
+    ) -> Verdict | _Later:
         """
         Check one request.
 
         :param remote: the client's address (after trusted proxies).
-        :param headers: its headers (``getRawHeaders``).
+        :param headers: its headers.
         :param body: its buffered body, a seekable binary file.
-        :param defer_to_thread: runs a function in a thread, giving a Deferred
-            of its result (for the bcrypt check).
-        :return: ``(refusal or None, Basic user or None)``, or a Deferred of that.
+        :param defer_to_thread: runs a function of no arguments in a thread,
+            giving what stands for its result to come (a Deferred), for the
+            bcrypt check.
+        :return: ``(refusal or None, Basic user or None)``, or what
+            ``defer_to_thread`` gave for it.
         """
         if not self.loaded:
             return Refusal(503, None, "the route's auth files could not be loaded"), None
@@ -257,7 +294,7 @@ class RouteAuth:
             return self._check_basic(headers, defer_to_thread)
         return None, None
 
-    def _check_signature(self, headers: Any, body: Any) -> Refusal | None:
+    def _check_signature(self, headers: RequestHeaders, body: IO[bytes]) -> Refusal | None:
         assert self.hmac_header is not None and self.secret is not None
         values = headers.getRawHeaders(self.hmac_header)
         if not values or len(values) != 1:
@@ -272,7 +309,9 @@ class RouteAuth:
             return Refusal(401, None, "the signature does not match the body")
         return None
 
-    def _check_basic(self, headers: Any, defer_to_thread: Callable[..., Any]) -> Any:
+    def _check_basic(
+        self, headers: RequestHeaders, defer_to_thread: Callable[[Callable[[], Verdict]], _Later]
+    ) -> Verdict | _Later:
         assert self.users is not None
         challenge = b'Basic realm="kapow"'
         encoded = _credentials(headers, b"basic")
@@ -284,12 +323,12 @@ class RouteAuth:
             return Refusal(401, challenge, "no valid Basic credentials"), None
         hashed = self.users.get(user)
 
-        def verdict(ok: bool) -> tuple[Refusal | None, bytes | None]:
-            if ok and hashed is not None:
+        def verdict() -> Verdict:
+            if _checkpw(password, hashed or _DUMMY_HASH) and hashed is not None:
                 return None, user
             return Refusal(401, challenge, "wrong Basic user or password"), None
 
-        return defer_to_thread(_checkpw, password, hashed or _DUMMY_HASH).addCallback(verdict)
+        return defer_to_thread(verdict)
 
 
 def _checkpw(password: bytes, hashed: bytes) -> bool:
@@ -301,7 +340,7 @@ def _checkpw(password: bytes, hashed: bytes) -> bool:
         return False
 
 
-def _credentials(headers: Any, scheme: bytes) -> bytes | None:
+def _credentials(headers: RequestHeaders, scheme: bytes) -> bytes | None:
     """The credentials of the ``Authorization`` header of ``scheme`` (case-insensitive), if so."""
     values = headers.getRawHeaders(b"authorization")
     if not values or len(values) != 1:

@@ -1,13 +1,15 @@
 """Control-interface credentials: generation, files and checks.
 
-The control interface (SPEC.md §2, "Mutual TLS with pinned, generated
-certificates") trusts by *pinning*: the server accepts exactly one client
-certificate and the client trusts exactly one server certificate. Both are
-fresh self-signed EC P-256 certificates made on every start by
+The control interface (mutual TLS with pinned, generated certificates: see
+the control API how-to, docs/howto/control-api.rst, and docs/security.rst)
+trusts by *pinning*: the server accepts exactly one client certificate and
+the client trusts exactly one server certificate. Both are fresh self-signed
+EC P-256 certificates made on every start by
 :func:`generate_control_credentials`, or operator-supplied ones read by
 :func:`load_control_credentials`; :func:`write_client_credentials` writes what
-an operator's curl needs. :mod:`kapow.web.tls` (Twisted) and
-:mod:`kapow.commands.control_call` (``kapow route``) turn them into TLS settings.
+an operator's curl needs. :mod:`kapow.web.tls` (the server),
+:mod:`kapow.client` (Twisted programs) and :mod:`kapow.commands.control_call`
+(``kapow route``) turn them into TLS settings.
 
 Pure :mod:`cryptography`; nothing here imports Twisted.  The functions that
 need :mod:`cryptography` import it themselves: ``kapow route`` only reads the
@@ -27,9 +29,9 @@ import stat
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Mapping
-    from typing import Any
 
     from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes, PublicKeyTypes
 
 SERVER_CERT_ENV = "KAPOW_CONTROL_SERVER_CERT"
 CLIENT_CERT_ENV = "KAPOW_CONTROL_CLIENT_CERT"
@@ -448,7 +450,7 @@ def environ_pem_texts(environ: Mapping[str, str]) -> tuple[bytes, bytes, bytes]:
     ``KAPOW_CONTROL_CLIENT_CERT`` and ``KAPOW_CONTROL_CLIENT_KEY`` (the order
     of :data:`CONTROL_ENVIRON`), as :func:`credentials_environ` makes them,
     without parsing them: :func:`kapow.commands.control_call.context_from_environ` and
-    :func:`kapow.web.tls.policy_from_environ` do.
+    :func:`kapow.client.policy_from_environ` do.
 
     :param environ: e.g. ``os.environ``.
     :raises CredentialsError: naming the variable that is missing, empty or
@@ -486,7 +488,7 @@ def parse_certificates(pem: bytes, source: str) -> list[x509.Certificate]:
         raise CredentialsError(f"{source}: no PEM certificate found") from None
 
 
-def parse_key(pem: bytes, source: str) -> Any:
+def parse_key(pem: bytes, source: str) -> PrivateKeyTypes:
     from cryptography.exceptions import UnsupportedAlgorithm
     from cryptography.hazmat.primitives import serialization
 
@@ -500,7 +502,7 @@ def parse_key(pem: bytes, source: str) -> Any:
         raise CredentialsError(f"{source}: no usable PEM private key found") from None
 
 
-def _public_key_der(key: Any) -> bytes:
+def _public_key_der(key: PublicKeyTypes) -> bytes:
     from cryptography.hazmat.primitives import serialization
 
     return key.public_bytes(
@@ -509,7 +511,9 @@ def _public_key_der(key: Any) -> bytes:
     )
 
 
-def require_match(certificate: x509.Certificate, key: Any, cert_source: str, key_source: str) -> None:
+def require_match(
+    certificate: x509.Certificate, key: PrivateKeyTypes, cert_source: str, key_source: str
+) -> None:
     if _public_key_der(key.public_key()) != _public_key_der(certificate.public_key()):
         raise CredentialsError(
             f"the private key in {key_source} does not match the certificate in {cert_source}"

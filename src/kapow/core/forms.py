@@ -28,11 +28,15 @@ import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass
 from dataclasses import field as dataclass_field
-from typing import BinaryIO, Self
+from typing import TYPE_CHECKING, BinaryIO, Self, TypeVar
 
 from python_multipart import MultipartParser, QuerystringParser
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import parse_options_header
+
+if TYPE_CHECKING:
+    from _typeshed import WriteableBuffer
+    from python_multipart.multipart import MultipartCallbacks
 
 __all__ = ["FormError", "ParsedForm", "UploadedFile", "parse_form"]
 
@@ -43,6 +47,8 @@ DEFAULT_CHUNK_SIZE = 65536
 DEFAULT_MAX_MEMORY_FILE = 1 << 20
 
 _RFC2231_CHARSETS = ("utf-8", "us-ascii")
+
+_T = TypeVar("_T")
 
 
 class FormError(ValueError):
@@ -77,7 +83,7 @@ class _PositionalReader(io.RawIOBase):
     def seekable(self) -> bool:
         return True
 
-    def readinto(self, buffer) -> int:
+    def readinto(self, buffer: WriteableBuffer) -> int:
         self._checkClosed()
         view = memoryview(buffer).cast("B")
         wanted = min(len(view), self._size - self._pos)
@@ -319,7 +325,7 @@ def _unquote_plus(raw: bytes) -> str:
     return _text(urllib.parse.unquote_to_bytes(raw.replace(b"+", b" ")))
 
 
-def _add(mapping: dict, key: str, value: object) -> None:
+def _add(mapping: dict[str, list[_T]], key: str, value: _T) -> None:
     mapping.setdefault(key, []).append(value)
 
 
@@ -391,7 +397,7 @@ class _MultipartBuilder:
         self._sink: Callable[[bytes], None] | None = None
         self._finish: Callable[[], None] | None = None
 
-    def callbacks(self) -> dict[str, Callable[..., None]]:
+    def callbacks(self) -> MultipartCallbacks:
         return {
             "on_part_begin": self.on_part_begin,
             "on_header_field": self.on_header_field,

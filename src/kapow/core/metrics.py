@@ -1,5 +1,6 @@
 """
-Prometheus metrics (``--metrics-bind``, SPEC.md §9).
+Prometheus metrics (``--metrics-bind``: see the metrics how-to,
+docs/howto/operations.rst, and docs/reference/cli.rst).
 
 While serving, the server only adds to plain counters keyed by tuples
 (:class:`Metrics`); nothing is formatted per request. A scrape turns them
@@ -14,18 +15,34 @@ import json
 from bisect import bisect_left
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from prometheus_client.metrics_core import Metric
+
+    from kapow.core.routes import Route
 
 #: Upper bounds (seconds) of the request duration histogram's buckets.
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
 
-#: How a handler's process ended.
-OUTCOMES = ("ok", "error", "signal", "timeout", "disconnect", "killed")
 #: Why a request was refused before its handler started.
 REFUSALS = ("concurrency", "queue_full", "queue_timeout", "auth", "stopping")
 
 _COUNTERS = ("requests", "exits", "spawn_failures", "refused", "data_api")
 _GAUGES = ("running", "queued")
+
+#: Counts as JSON: each name of :data:`_COUNTERS`, :data:`_GAUGES` and
+#: ``durations`` to its rows, a row being the labels (texts, or a status code)
+#: then the count (a number, or the bucket counts and sum of a histogram);
+#: a list of mixed JSON values, hence ``Any``.
+Snapshot = dict[str, list[list[Any]]]
+
+
+class Clock(Protocol):
+    """Gives the time, as a reactor's ``IReactorTime`` does."""
+
+    def seconds(self) -> float:
+        """The current time in seconds."""
 
 
 def refusal_kind(reason: str) -> str | None:
@@ -46,10 +63,10 @@ class Metrics:
     :param clock: gives the time (``seconds()``), for request durations.
     """
 
-    def __init__(self, clock: Any) -> None:
+    def __init__(self, clock: Clock) -> None:
         self.clock = clock
         #: returns the route of every request waiting in a queue now, if queues are kept
-        self.queued_now: Callable[[], Iterable[Any]] | None = None
+        self.queued_now: Callable[[], Iterable[Route]] | None = None
         self.requests: Counter[tuple[str, str, str, int]] = Counter()
         self.durations: dict[tuple[str, str], list[float]] = {}
         self.running: Counter[tuple[str, str]] = Counter()
@@ -59,7 +76,7 @@ class Metrics:
         self.refused: Counter[tuple[str, str, str]] = Counter()
         self.data_api: Counter[tuple[int]] = Counter()
 
-    def request_done(self, route: Any, method: bytes, code: int, elapsed: float) -> None:
+    def request_done(self, route: Route | None, method: bytes, code: int, elapsed: float) -> None:
         """A user request was answered (``route``: ``None`` when none matched)."""
         key = ("", "") if route is None else (route.id, route.url_pattern)
         self.requests[(*key, method.decode("latin-1"), code)] += 1
@@ -70,10 +87,10 @@ class Metrics:
         counts[bisect_left(BUCKETS, elapsed)] += 1
         counts[-1] += elapsed
 
-    def handler_started(self, route: Any) -> None:
+    def handler_started(self, route: Route) -> None:
         self.running[(route.id, route.url_pattern)] += 1
 
-    def handler_ended(self, route: Any, outcome: str | None) -> None:
+    def handler_ended(self, route: Route, outcome: str | None) -> None:
         """A started handler is over: exited with ``outcome``, or never started (``None``)."""
         key = (route.id, route.url_pattern)
         self.running[key] -= 1
@@ -82,19 +99,19 @@ class Metrics:
         else:
             self.exits[(*key, outcome)] += 1
 
-    def spawn_failed(self, route: Any) -> None:
+    def spawn_failed(self, route: Route) -> None:
         """A handler that was not counted as started could not start."""
         self.spawn_failures[(route.id, route.url_pattern)] += 1
 
-    def refused_request(self, route: Any, why: str) -> None:
+    def refused_request(self, route: Route, why: str) -> None:
         self.refused[(route.id, route.url_pattern, why)] += 1
 
     def data_request(self, code: int) -> None:
         self.data_api[(code,)] += 1
 
-    def snapshot(self) -> dict:
+    def snapshot(self) -> Snapshot:
         """Every count as JSON-able lists of ``[*labels, value]``."""
-        data: dict = {name: [[*key, n] for key, n in getattr(self, name).items()] for name in _COUNTERS}
+        data: Snapshot = {name: [[*key, n] for key, n in getattr(self, name).items()] for name in _COUNTERS}
         if self.queued_now is not None:
             queued = self.queued
             for key in queued:
@@ -107,9 +124,9 @@ class Metrics:
         return data
 
 
-def merge(snapshots: Iterable[dict]) -> dict:
+def merge(snapshots: Iterable[Snapshot]) -> Snapshot:
     """The counts of several :meth:`Metrics.snapshot` added up."""
-    totals: dict[str, dict] = {name: {} for name in (*_COUNTERS, *_GAUGES, "durations")}
+    totals: dict[str, dict[tuple[Any, ...], Any]] = {name: {} for name in (*_COUNTERS, *_GAUGES, "durations")}
     for snapshot in snapshots:
         for name in (*_COUNTERS, *_GAUGES):
             into = totals[name]
@@ -124,13 +141,13 @@ def merge(snapshots: Iterable[dict]) -> dict:
     return {name: [[*key, value] for key, value in values.items()] for name, values in totals.items()}
 
 
-def families(snapshot: dict) -> Iterator[Any]:
+def families(snapshot: Snapshot) -> Iterator[Metric]:
     """The metric families of a (merged) snapshot."""
     from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
     route = ["route_id", "pattern"]
 
-    def counter(name: str, doc: str, labels: list[str], rows: list) -> Any:
+    def counter(name: str, doc: str, labels: list[str], rows: list[list[Any]]) -> Metric:
         family = CounterMetricFamily(name, doc, labels=labels)
         for *key, n in rows:
             family.add_metric([str(k) for k in key], n)
@@ -175,7 +192,7 @@ def families(snapshot: dict) -> Iterator[Any]:
     yield counter("kapow_data_api_requests", "Data API requests answered.", ["code"], snapshot["data_api"])
 
 
-def exposition(snapshot: dict) -> bytes:
+def exposition(snapshot: Snapshot) -> bytes:
     """The Prometheus text format of ``snapshot``, with this process's own metrics."""
     from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
 
@@ -183,7 +200,7 @@ def exposition(snapshot: dict) -> bytes:
     ProcessCollector(registry=registry)
 
     class _Collected:
-        def collect(self) -> Iterator[Any]:
+        def collect(self) -> Iterator[Metric]:
             return families(snapshot)
 
     registry.register(_Collected())

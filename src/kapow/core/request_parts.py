@@ -8,12 +8,12 @@ from __future__ import annotations
 import io
 import os
 import re
-from collections.abc import Iterator
-from typing import BinaryIO
+from collections.abc import Iterator, Sequence
+from typing import IO, BinaryIO
 from urllib.parse import unquote_to_bytes
 
 
-def first_cookie(headers: list[bytes], name: bytes) -> bytes | None:
+def first_cookie(headers: Sequence[bytes], name: bytes) -> bytes | None:
     """The first cookie called ``name`` (browsers send the most specific first)."""
     for key, value in cookie_pairs(headers):
         if key == name:
@@ -21,7 +21,7 @@ def first_cookie(headers: list[bytes], name: bytes) -> bytes | None:
     return None
 
 
-def cookie_pairs(headers: list[bytes]) -> Iterator[tuple[bytes, bytes]]:
+def cookie_pairs(headers: Sequence[bytes]) -> Iterator[tuple[bytes, bytes]]:
     """Every (name, value) of ``Cookie`` headers, in order."""
     for header in headers:
         for pair in header.split(b";"):
@@ -64,15 +64,13 @@ class BodySnapshot:
         unlinked temporary file otherwise.
     """
 
-    def __init__(self, content: BinaryIO) -> None:
+    def __init__(self, content: IO[bytes]) -> None:
         self._data: bytes | None = None
         self._fd: int | None = None
-        try:
-            fd = content.fileno()
-        except (AttributeError, OSError, ValueError):
-            self._data = content.getvalue()  # type: ignore[attr-defined]
+        if isinstance(content, io.BytesIO):
+            self._data = content.getvalue()
         else:
-            self._fd = os.dup(fd)
+            self._fd = os.dup(content.fileno())
 
     def open(self) -> BinaryIO:
         """A new reader from the start of the body."""

@@ -187,12 +187,12 @@ def compile_pattern(url_pattern: str) -> Pattern:
         names.append(name)
     parts.append(re.escape(url_pattern[end:]))
     try:
-        regex = re.compile("".join(parts))
+        compiled = re.compile("".join(parts))
     except re.error as e:
         # e.g. a user regex reusing a generated group name or a backreference
         # to a group outside itself.
         raise InvalidRoute(f"bad regex in {url_pattern!r}: {e}") from None
-    return Pattern(url_pattern, tuple(names), regex)
+    return Pattern(url_pattern, tuple(names), compiled)
 
 
 def _check_positive_number(value: object, name: str = "timeout") -> None:
@@ -277,7 +277,7 @@ class Route:
     queue: int | None = None
     queue_timeout: float | None = None
     limits: Mapping[str, int] | None = field(default=None, hash=False)
-    auth: dict | None = field(default=None, hash=False)
+    auth: Mapping[str, object] | None = field(default=None, hash=False)
     strict_auth: bool = field(default=True, repr=False, compare=False)
     _pattern: Pattern = field(init=False, repr=False, compare=False)
     _argv: tuple[str, ...] = field(init=False, repr=False, compare=False)
@@ -365,7 +365,7 @@ class Route:
         """
         return list(self._argv)
 
-    def to_json(self, index: int) -> dict:
+    def to_json(self, index: int) -> dict[str, object]:
         """The route as the control API shows it.
 
         :param index: the route's current position in its table.
@@ -373,7 +373,7 @@ class Route:
             ``command`` and ``index``, plus each of :data:`OPTIONS` that
             is set.
         """
-        data: dict = {
+        data: dict[str, object] = {
             "id": self.id,
             "method": self.method,
             "url_pattern": self.url_pattern,
@@ -402,8 +402,8 @@ def route_from_json(data: object, route_id: str, strict_auth: bool = True) -> Ro
     (integer from 400 to 599), ``queue`` (integer from 0 to
     :data:`MAX_QUEUE`), ``queue_timeout`` (seconds > 0), ``limits`` (an
     object: some of :data:`LIMIT_NAMES`, each a whole number from 1 to
-    :data:`MAX_LIMIT`). Any other key, including ``id`` and ``index``,  ``auth`` (see :mod:`kapow.core.auth`). Any other key, including
-    ``id`` and ``index``, is ignored.
+    :data:`MAX_LIMIT`), ``auth`` (see :mod:`kapow.core.auth`). Any other key,
+    including ``id`` and ``index``, is ignored.
 
     :param data: what :func:`json.loads` returned.
     :param route_id: the id the new route gets.
@@ -538,7 +538,7 @@ class RouteTable:
                 return index, route
         raise KeyError(route_id)
 
-    def listing(self) -> list[dict]:
+    def listing(self) -> list[dict[str, object]]:
         """Every route as :meth:`Route.to_json` shows it, in table order."""
         return [route.to_json(index) for index, route in enumerate(self._routes)]
 

@@ -1,6 +1,7 @@
 """
-The data API (SPEC.md §4, §7): ``GET|PUT|DELETE /handlers/{id}{resource}``,
-through which a handler process reads its request and writes its response.
+The data API (docs/reference/data-api.rst): ``GET|PUT|DELETE
+/handlers/{id}{resource}``, through which a handler process reads its
+request and writes its response.
 
 Body writes arrive as a sequence of appending PUTs (``kapow set`` sends what
 it reads as soon as it reads it); each PUT is answered only once the user's
@@ -21,7 +22,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import BinaryIO, cast
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
@@ -31,6 +32,7 @@ from twisted.web import resource
 from twisted.web.iweb import IRequest
 from twisted.web.server import NOT_DONE_YET
 
+from kapow.core.forms import UploadedFile
 from kapow.handlers.handler import ALREADY_ENDED, Handler, HandlerRegistry, State
 from kapow.web.errors import JSONError, reason_body
 
@@ -119,7 +121,7 @@ class DataAPI(resource.Resource):
         """The Twisted resource serving this API (itself)."""
         return self
 
-    def render(self, request: IRequest) -> Any:
+    def render(self, request: IRequest) -> bytes | int:
         try:
             result = self.handle(request)
         except Exception:
@@ -130,7 +132,7 @@ class DataAPI(resource.Resource):
             return NOT_DONE_YET
         return result
 
-    def handle(self, request: IRequest) -> Any:
+    def handle(self, request: IRequest) -> bytes | Deferred[bytes]:
         """The answer to ``request``: bytes, or a Deferred of them."""
         method = request.method
         if method not in _METHODS:
@@ -165,7 +167,7 @@ class DataAPI(resource.Resource):
             return b""
         return self._read(request, handler, target)
 
-    def _read(self, request: IRequest, handler: Handler, target: Resource) -> Any:
+    def _read(self, request: IRequest, handler: Handler, target: Resource) -> bytes | Deferred[bytes]:
         if target.kind == "body":
             body = handler.body()
             return _send_file(request, body, body.seek(0, 2))
@@ -194,7 +196,7 @@ class DataAPI(resource.Resource):
         request.setHeader(b"Content-Length", b"%d" % len(value))
         return value
 
-    def _write(self, request: IRequest, handler: Handler, target: Resource) -> Any:
+    def _write(self, request: IRequest, handler: Handler, target: Resource) -> bytes | Deferred[bytes]:
         if handler.state is State.ENDED and target.kind != "log":
             raise JSONError(*ALREADY_ENDED)
         if target.kind == "end":
@@ -208,9 +210,9 @@ class DataAPI(resource.Resource):
         if target.kind == "status":
             handler.set_status(data)
         elif target.kind == "headers":
-            handler.add_header(target.name, data)
+            handler.add_header(target.name or "", data)
         elif target.kind == "cookies":
-            handler.add_cookie(target.name, data)
+            handler.add_cookie(target.name or "", data)
         elif target.kind == "reason":
             handler.set_reason(data)
         else:
@@ -221,24 +223,25 @@ class DataAPI(resource.Resource):
 def _error_body(request: IRequest, failure: Failure) -> bytes:
     """The JSON answer for an error: its reason, or 500 for the unexpected
     (logged with its traceback, never sent)."""
-    if failure.check(JSONError):
-        return reason_body(request, failure.value.code, failure.value.reason)
+    error = failure.value
+    if isinstance(error, JSONError):
+        return reason_body(request, error.code, error.reason)
     log.failure("Unhandled error answering {uri}", failure, uri=request.uri)
     return reason_body(request, 500, "Internal Server Error")
 
 
 def _finish(request: IRequest, body: bytes) -> None:
-    if request.finished or request._disconnected:  # type: ignore[attr-defined]
+    if request.finished or request._disconnected:  # type: ignore[attr-defined]  # Request's (and _Call's), not in IRequest
         return
     if body:
         request.write(body)
-    elif not request.startedWriting:  # type: ignore[attr-defined]
+    elif not request.startedWriting:  # type: ignore[attr-defined]  # Request's (and _Call's), not in IRequest
         # as a value answered at once: no content, no type
         request.setHeader(b"Content-Length", b"0")
     request.finish()
 
 
-def _append(handler: Handler, content: Any) -> Any:
+def _append(handler: Handler, content: BinaryIO) -> bytes | Deferred[bytes]:
     """
     Append a PUT's body to the response a chunk at a time, each once the
     user's connection took the one before (a large PUT arrives spooled to
@@ -252,25 +255,25 @@ def _append(handler: Handler, content: Any) -> Any:
         if not taken.called:
             return taken.addCallback(lambda _: _append(handler, content))
         if isinstance(taken.result, Failure):
-            return taken
+            return cast("Deferred[bytes]", taken)  # failed: it never gives a value
     return b""
 
 
-def _file(handler: Handler, name: str | None) -> Any:
+def _file(handler: Handler, name: str | None) -> UploadedFile:
     upload = handler.form().file(name or "")
     if upload is None:
         raise JSONError(404, "Resource Item Not Found")
     return upload
 
 
-def _send_file(request: IRequest, f: Any, size: int) -> Deferred[bytes]:
+def _send_file(request: IRequest, f: BinaryIO, size: int) -> Deferred[bytes]:
     """Stream the ``size`` bytes of ``f`` to ``request`` with a producer, then close it."""
     f.seek(0)
     request.setHeader(b"Content-Type", OCTET_STREAM)
     request.setHeader(b"Content-Length", str(size).encode())
     d = FileSender().beginFileTransfer(f, request)
 
-    def done(result: Any) -> bytes:
+    def done(result: object) -> bytes:
         f.close()
         return b""
 

@@ -17,19 +17,23 @@ line, headers in the same order, the same framing. Anything else — another
 method or version, ``Transfer-Encoding``, ``Expect``, an odd header, a
 larger body, a streamed read of a body or file — and the connection is
 twisted.web's from that byte on, for good, with everything received so far.
-``tests/test_data_channel.py`` sends the same requests both ways and
+``tests/unit/test_data_channel.py`` sends the same requests both ways and
 compares the answers byte for byte.
 """
 
 from __future__ import annotations
 
+import enum
 import io
 import re
-from typing import Any
+from typing import Final
 from urllib.parse import unquote_to_bytes
 
+from twisted.internet.interfaces import ITransport
+from twisted.internet.protocol import connectionDone
+from twisted.python.failure import Failure
 from twisted.web import http
-from twisted.web.server import NOT_DONE_YET, Request, version
+from twisted.web.server import NOT_DONE_YET, Request, Site, version
 
 from kapow.web.connections import BODY, HANDLING, HEADERS, IDLE, GuardedChannel
 
@@ -46,7 +50,19 @@ _PLAIN_TARGET = re.compile(rb"/handlers/[\x21-\x22\x24-\x3e\x40-\x7e]*")  # prin
 _NOT_HERE = (b"transfer-encoding", b"expect", b"content-encoding")
 #: GETs whose value is streamed from a file by a producer: twisted.web's.
 _STREAMED = (b"body", b"content")
-_NEED_MORE = object()
+#: The type twisted.web gives a body of no stated type.
+_DEFAULT_TYPE = Request.defaultContentType or b"text/html"
+
+
+class _Incomplete(enum.Enum):
+    NEED_MORE = enum.auto()
+
+
+#: A request that has not all arrived yet.
+_NEED_MORE: Final = _Incomplete.NEED_MORE
+#: A plain request: method, target, body, whether the connection closes after
+#: it, and how many bytes of what was received it took.
+_Plain = tuple[bytes, bytes, bytes, bool, int]
 
 
 class _Call:
@@ -92,7 +108,7 @@ class _Call:
             headers = self.headers
             length = headers.get(b"content-length")
             if b"content-type" not in headers and not (length and length[1] == b"0"):
-                headers[b"content-type"] = (b"Content-Type", Request.defaultContentType)
+                headers[b"content-type"] = (b"Content-Type", _DEFAULT_TYPE)
             if length is None:
                 headers[b"transfer-encoding"] = (b"Transfer-Encoding", b"chunked")
                 self.chunked = True
@@ -121,6 +137,11 @@ class DataChannel(GuardedChannel):
     that answers the plain requests itself (see the module's description)
     and hands everything else to twisted.web.
     """
+
+    #: set by the site that builds it
+    site: Site
+    #: connected: the channel answers calls only between its connection's making and loss
+    transport: ITransport
 
     _plain = True  # False once twisted.web has the connection
     _pending = b""
@@ -177,7 +198,7 @@ class DataChannel(GuardedChannel):
 
     def call_done(self, call: _Call) -> None:
         """``call`` was answered: on to the next request, or the end of the connection."""
-        self.site.log(call)
+        self.site.log(call)  # type: ignore[arg-type]  # a _Call has all of a request the data sites log
         self._call = None
         if call._disconnected:
             return
@@ -200,7 +221,7 @@ class DataChannel(GuardedChannel):
         pending, self._pending = self._pending, b""
         super().dataReceived(pending)
 
-    def _parse(self, data: bytes) -> Any:
+    def _parse(self, data: bytes) -> _Plain | _Incomplete | None:
         """
         ``(method, uri, body, close, length)`` of the plain request at the
         start of ``data``; ``_NEED_MORE`` if it has not all arrived; ``None``
@@ -247,7 +268,7 @@ class DataChannel(GuardedChannel):
             return _NEED_MORE
         return method, uri, data[start : start + length], close, start + length
 
-    def connectionLost(self, reason: Any) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         call = self._call
         if call is not None:
             call._disconnected = True

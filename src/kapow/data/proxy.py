@@ -10,16 +10,16 @@ reaches the user's connection as it does without workers.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 from twisted.internet.defer import CancelledError
-from twisted.internet.protocol import Protocol
+from twisted.internet.interfaces import IReactorTCP
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import Agent, FileBodyProducer, HTTPConnectionPool, ResponseDone
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import UNKNOWN_LENGTH
+from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
@@ -44,19 +44,20 @@ class _Relay(Protocol):
         self.request = request
 
     def dataReceived(self, data: bytes) -> None:
-        if not self.request._disconnected:  # type: ignore[attr-defined]
+        if not self.request._disconnected:
             self.request.write(data)
 
-    def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         if not reason.check(ResponseDone, PotentialDataLoss):
             log.info("a forwarded data API answer was cut: {why}", why=reason.getErrorMessage())
-        if not self.request._disconnected and not self.request.finished:  # type: ignore[attr-defined]
+        if not self.request._disconnected and not self.request.finished:
             self.request.finish()
 
 
 class DataProxy(Resource):
     """
-    :param reactor: provides ``connectTCP``.
+    :param reactor: connects to the workers (and, as twisted.web's
+        ``Agent`` needs, provides ``IReactorTime`` too).
     :param address: the ``(host, port)`` of the data API of the worker that
         serves a handler id (any worker for an id of none, which answers as
         the data API does), or ``None`` when that worker is gone.
@@ -64,15 +65,14 @@ class DataProxy(Resource):
 
     isLeaf = True
 
-    def __init__(self, reactor: Any, address: Callable[[str], tuple[str, int] | None]) -> None:
+    def __init__(self, reactor: IReactorTCP, address: Callable[[str], tuple[str, int] | None]) -> None:
         super().__init__()
-        self.reactor = reactor
         self.address = address
         pool = HTTPConnectionPool(reactor, persistent=True)
         pool.maxPersistentPerHost = 16
         self.agent = Agent(reactor, pool=pool)
 
-    def render(self, request: Request) -> Any:
+    def render(self, request: Request) -> bytes | int:
         segments = request.path.split(b"/", 3)
         handler_id = segments[2].decode("latin-1") if len(segments) > 2 and segments[1] == b"handlers" else ""
         address = self.address(handler_id)
@@ -86,10 +86,12 @@ class DataProxy(Resource):
                 if name.lower() not in _HOP
             }
         )
-        request.content.seek(0, 2)
-        size = request.content.tell()
-        request.content.seek(0)
-        body = FileBodyProducer(request.content) if size else None
+        content = request.content
+        assert content is not None  # twisted.web renders a request once its body is in
+        content.seek(0, 2)
+        size = content.tell()
+        content.seek(0)
+        body = FileBodyProducer(content) if size else None
         d = self.agent.request(
             request.method, b"http://%s:%d%s" % (host.encode(), port, request.uri), headers, body
         )
@@ -97,8 +99,8 @@ class DataProxy(Resource):
         request.notifyFinish().addErrback(lambda _: d.cancel())
         return NOT_DONE_YET
 
-    def _answer(self, response: Any, request: Request) -> None:
-        if request._disconnected:  # type: ignore[attr-defined]
+    def _answer(self, response: IResponse, request: Request) -> None:
+        if request._disconnected:
             response.deliverBody(Protocol())
             return
         request.setResponseCode(response.code, response.phrase)
@@ -110,7 +112,7 @@ class DataProxy(Resource):
         response.deliverBody(_Relay(request))
 
     def _unreachable(self, failure: Failure, request: Request) -> None:
-        if failure.check(CancelledError) or request._disconnected:  # type: ignore[attr-defined]
+        if failure.check(CancelledError) or request._disconnected:
             return
         log.info("data API call not forwarded: {why}", why=failure.getErrorMessage())
         request.write(reason_body(request, 404, "Handler ID Not Found"))  # its worker is gone, and it with it

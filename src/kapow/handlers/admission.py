@@ -12,20 +12,43 @@ process is ever started for it then.
 
 :class:`Slots` is the bookkeeping, the same in a server of one process and
 in the main process of ``--workers N``, which decides for every worker.
+What the user interface asks of admission is :class:`Admission`:
+:class:`LocalAdmission` in a server of one process, the worker's
+``MainAdmission`` (:mod:`kapow.server.workers.worker`) under ``--workers N``,
+and a :class:`~kapow.handlers.governor.Governor` alone where no limit applies.
 """
 
 from __future__ import annotations
 
 from collections import Counter, deque
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Protocol
 
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
 from kapow.core.routes import DEFAULT_QUEUE_TIMEOUT, Route
 
+if TYPE_CHECKING:
+    from kapow.handlers.governor import Governor
+
 #: Why a request that waited is refused, by way of its queue.
 TIMED_OUT = "waited {timeout:g}s in the queue"
+
+
+class Admission(Protocol):
+    """Decides whether a handler of a route may start, and is told when one has ended."""
+
+    def admit(self, route: Route) -> str | Deferred[str | None] | None:
+        """
+        Ask to start a handler of ``route``: ``None`` if it may start now; a
+        reason if it is refused now; else a Deferred that fires with ``None``
+        once it may start or with the reason it was refused. Cancelling that
+        Deferred withdraws the request: it never starts then.
+        """
+
+    def release(self, route: Route) -> None:
+        """A handler that :meth:`admit` let start has exited (or never started)."""
 
 
 @dataclass(frozen=True)
@@ -73,7 +96,7 @@ class _Waiter:
     #: whose queue it counts in: the route's (``True``) or the server's
     on_route: bool
     answer: Deferred[str | None]
-    timer: Any = None
+    timer: IDelayedCall | None = None
 
 
 @dataclass
@@ -81,11 +104,11 @@ class Slots:
     """
     The handlers running under a limit, and the requests waiting for one.
 
-    :param clock: provides ``callLater``, for the queue timeouts.
+    :param clock: times the queue timeouts.
     :param server: the server's limit and queue.
     """
 
-    clock: Any
+    clock: IReactorTime
     server: ServerQueue = field(default_factory=ServerQueue)
     total: int = 0
     per_route: Counter[str] = field(default_factory=Counter)
@@ -204,7 +227,7 @@ class LocalAdmission:
     :param slots: the limits and queues.
     """
 
-    def __init__(self, governor: Any, slots: Slots) -> None:
+    def __init__(self, governor: Governor, slots: Slots) -> None:
         self.governor = governor
         self.slots = slots
         self._unlimited = slots.server.max_handlers is None

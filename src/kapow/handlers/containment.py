@@ -26,14 +26,16 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any
+from typing import cast
 
 from twisted.application.service import Service
+from twisted.internet.interfaces import IReactorFDSet, IReactorTime
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from kapow.handlers import reaper
-from kapow.handlers.spawn import close_on_exec_from, spawn_in_session
+from kapow.handlers.spawn import SessionProcess, close_on_exec_from, spawn_in_session
 
 log = Logger()
 
@@ -84,7 +86,7 @@ class _Reaper(ProcessProtocol):
     def __init__(self, containment: Containment) -> None:
         self.containment = containment
 
-    def processEnded(self, reason: Any) -> None:
+    def processEnded(self, reason: Failure) -> None:
         self.containment.reaper_ended(self)
 
 
@@ -93,7 +95,9 @@ class Containment(Service):
     Puts the server into a cgroup of its own if it can and starts the
     reaper that ends whatever is left of it when the server is gone.
 
-    :param reactor: spawns the reaper.
+    :param reactor: a POSIX reactor: spawns the reaper (as
+        :func:`~kapow.handlers.spawn.spawn_in_session` does) and times the
+        removal of a worker's cgroup.
     :param parent: the cgroup below which to make the server's; the one this
         process is in by default.
     :ivar group: the server's cgroup directory, or ``None`` (environment mode).
@@ -101,12 +105,12 @@ class Containment(Service):
 
     name = "containment"
 
-    def __init__(self, reactor: Any, parent: str | None = None) -> None:
+    def __init__(self, reactor: IReactorFDSet, parent: str | None = None) -> None:
         self.reactor = reactor
         self.base = parent
         self.group: str | None = None
         self.outside: str | None = None
-        self._reaper: Any = None
+        self._reaper: SessionProcess | None = None
         self._pipe: int | None = None
         self._urls: list[str] = []
         self._workers: dict[int, str] = {}
@@ -156,7 +160,7 @@ class Containment(Service):
             os.close(read)
         if self.group is not None and self.outside is not None:
             try:  # born inside, like everything started from here: it must not kill itself
-                enter_cgroup(self.outside, self._reaper.pid)
+                enter_cgroup(self.outside, self._reaper.pgid)  # its pid, kept after it is reaped
             except OSError as e:
                 log.warn("the reaper could not leave {path}: {why}", path=self.group, why=e.strerror)
         for url in self._urls:
@@ -214,7 +218,7 @@ class Containment(Service):
     def _remove(self, path: str, tries: int) -> None:
         # a killed process leaves its cgroup only once it is fully gone
         if not reaper.remove_cgroup(path, wait=0) and tries > 0:
-            self.reactor.callLater(0.05, self._remove, path, tries - 1)
+            cast(IReactorTime, self.reactor).callLater(0.05, self._remove, path, tries - 1)  # it has a clock
 
     def stopService(self) -> None:
         # the reaper stays: it ends whatever is left once this process is gone

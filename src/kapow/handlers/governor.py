@@ -14,9 +14,10 @@ import os
 import signal
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TypeVar
 
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
@@ -28,6 +29,8 @@ log = Logger()
 
 #: How often group membership is checked while waiting for groups to end.
 POLL_INTERVAL = 0.05
+
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -55,7 +58,7 @@ class _Run:
     pgid: int | None  # None while its process is being spawned
     route: Route
     started: float
-    timer: Any = None
+    timer: IDelayedCall | None = None
     #: ended as soon as its process group is known
     doomed: bool = False
 
@@ -63,7 +66,7 @@ class _Run:
 @dataclass
 class Governor:
     """
-    :param reactor: provides ``callLater`` and ``seconds``.
+    :param reactor: times the deadlines and the grace periods.
     :param limits: the server's limits.
     :param group_alive: tells whether a process group still has a live
         (non-zombie) member; :func:`group_alive` by default.
@@ -71,7 +74,7 @@ class Governor:
         whether the group exists; :func:`kapow.handlers.spawn.signal_group` by default.
     """
 
-    reactor: Any
+    reactor: IReactorTime
     limits: Limits = field(default_factory=Limits)
     group_alive: Callable[[int], bool] = field(default=lambda pgid: group_alive(pgid))
     signal_group: Callable[[int, int], bool] = field(default=signal_group)
@@ -229,14 +232,25 @@ class Governor:
             return succeed(None)
         d: Deferred[None] = Deferred()
         self._idle.append(d)
-        call = self.reactor.callLater(timeout, lambda: d.called or d.callback(None))
-        return d.addBoth(lambda r: (call.active() and call.cancel(), r)[1])
+
+        def time_up() -> None:
+            if not d.called:
+                d.callback(None)
+
+        call = self.reactor.callLater(timeout, time_up)
+
+        def stop_timer(result: _T) -> _T:
+            if call.active():
+                call.cancel()
+            return result
+
+        return d.addBoth(stop_timer)
 
     def end_all(self, grace: float | None = None) -> Deferred[None]:
         """End every handler group still alive, running or left behind
         (once every process being spawned is there)."""
         if any(run.pgid is None for run in self._runs.values()):
-            return deferLater(self.reactor, POLL_INTERVAL, self.end_all, grace)
+            return deferLater(self.reactor, POLL_INTERVAL).addCallback(lambda _: self.end_all(grace))
         groups = {run.pgid for run in self._runs.values() if run.pgid is not None} | self._groups
         return self.end_groups(groups, grace)
 

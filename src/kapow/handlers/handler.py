@@ -18,13 +18,14 @@ import json
 import os
 import re
 import tempfile
-from collections.abc import Callable
-from typing import Any, BinaryIO
+from collections.abc import Callable, Mapping
+from typing import BinaryIO
 from urllib.parse import unquote_to_bytes
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.server import Request
 from zope.interface import implementer
 
@@ -96,9 +97,9 @@ class Handler:
     #: why the server ended its process, if it did: ``timeout``, ``disconnect`` or ``killed``
     ended_by: str | None = None
     #: the body a ``buffer`` route holds until the response is complete
-    _held: Any = None
+    _held: tempfile.SpooledTemporaryFile[bytes] | None = None
     #: the held body while it is being sent
-    _sending: Any = None
+    _sending: tempfile.SpooledTemporaryFile[bytes] | None = None
 
     def __init__(self, handler_id: str, route: Route, matches: dict[str, str], request: Request) -> None:
         self.id = handler_id
@@ -113,6 +114,7 @@ class Handler:
         self.on_client_lost: Callable[[], None] | None = None
         self._form: ParsedForm | None = None
         self._query: dict[bytes, bytes] | None = None
+        assert request.content is not None  # the body was received, and is kept until the request ends
         self._body = BodySnapshot(request.content)
         self._paused = False
         self._waiting: list[Deferred[None]] = []
@@ -171,21 +173,25 @@ class Handler:
 
     def request_collection(self, kind: str) -> bytes:
         """
-        Every item of a named kind of the request, as JSON (SPEC.md §7):
-        ``params``, ``headers``, ``cookies``, ``form`` (name to its values),
-        ``files`` (name to its uploads' descriptions) or ``matches`` (name to
-        its value). Bytes that are not UTF-8 become U+FFFD.
+        Every item of a named kind of the request, as JSON (see "Collections"
+        in the data API reference, docs/reference/data-api.rst): ``params``,
+        ``headers``, ``cookies``, ``form`` (name to its values), ``files``
+        (name to its uploads' descriptions) or ``matches`` (name to its
+        value). Bytes that are not UTF-8 become U+FFFD.
         """
-        value: dict[str, Any] = {}
-        if kind == "params":
-            for name, item in query_pairs(self.request.uri):
-                value.setdefault(_json_text(name), []).append(_json_text(item))
-        elif kind == "headers":
-            for name, items in self.request.requestHeaders.getAllRawHeaders():
-                value.setdefault(_json_text(name).lower(), []).extend(_json_text(item) for item in items)
-        elif kind == "cookies":
-            for name, item in cookie_pairs(self.request.requestHeaders.getRawHeaders(b"cookie", [])):
-                value.setdefault(_json_text(name), []).append(_json_text(item))
+        value: Mapping[str, object]
+        if kind in ("params", "headers", "cookies"):
+            texts: dict[str, list[str]] = {}
+            if kind == "params":
+                for name, item in query_pairs(self.request.uri):
+                    texts.setdefault(_json_text(name), []).append(_json_text(item))
+            elif kind == "headers":
+                for name, items in self.request.requestHeaders.getAllRawHeaders():
+                    texts.setdefault(_json_text(name).lower(), []).extend(_json_text(item) for item in items)
+            else:
+                for name, item in cookie_pairs(self.request.requestHeaders.getRawHeaders(b"cookie", [])):
+                    texts.setdefault(_json_text(name), []).append(_json_text(item))
+            value = texts
         elif kind == "form":
             value = self.form().fields
         elif kind == "files":
@@ -417,7 +423,9 @@ class Handler:
         self.state = State.FINISHED
         self._release()
         self.request.unregisterProducer()
-        self.request.channel.transport.loseConnection()
+        transport = self.request.channel.transport
+        assert transport is not None  # the client is still there
+        transport.loseConnection()
 
     def _commit(self, first: bytes, length: int | None = None) -> None:
         """
@@ -455,7 +463,7 @@ class Handler:
     def stopProducing(self) -> None:
         self._lost(None)
 
-    def _lost(self, reason: Any) -> None:
+    def _lost(self, reason: Failure | None) -> None:
         if self.client_gone:
             return
         self.client_gone = True

@@ -25,7 +25,7 @@ import ctypes
 import ctypes.util
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 # <spawn.h> flags: the same values in glibc and musl on Linux
 POSIX_SPAWN_SETSIGDEF = 0x04
@@ -71,7 +71,10 @@ class Spawn:
         for target in (0, 1, 2):
             _check(libc.posix_spawn_file_actions_adddup2(self._actions, stdio, target), "adddup2")
         # kept for the life of the prepared attributes, which C code still reads
-        self._destroy = (libc.posix_spawnattr_destroy, libc.posix_spawn_file_actions_destroy)
+        self._destroy: tuple[Callable[..., int], Callable[..., int]] | None = (
+            libc.posix_spawnattr_destroy,
+            libc.posix_spawn_file_actions_destroy,
+        )
 
     def __call__(self, argv: Sequence[str], env: Sequence[bytes], stdin: int | None = None) -> int:
         """
@@ -102,9 +105,9 @@ class Spawn:
 
     def close(self) -> None:
         """Free the C library's part of the prepared attributes."""
-        if self._destroy:
+        if self._destroy is not None:
             destroy_attr, destroy_actions = self._destroy
-            self._destroy = ()
+            self._destroy = None
             destroy_attr(self._attr)
             destroy_actions(self._actions)
 

@@ -64,7 +64,7 @@ def kill_cgroup(path: str) -> int:
 
 def cgroup_pids(path: str) -> list[int]:
     """Every process in the cgroup ``path`` and the cgroups below it."""
-    pids = []
+    pids: list[int] = []
     for here, _dirs, files in os.walk(path):
         if "cgroup.procs" in files:
             try:

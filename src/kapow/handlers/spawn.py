@@ -41,12 +41,12 @@ import signal
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from queue import SimpleQueue
-from typing import Any
+from typing import TypeVar, cast
 
 from twisted.internet import process as _process
 from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.interfaces import IReadDescriptor
-from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.interfaces import IReactorFDSet, IReactorFromThreads, IReactorTime, IReadDescriptor
+from twisted.internet.protocol import ProcessProtocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -58,6 +58,8 @@ log = Logger()
 
 #: Threads a server alone waits in for spawns while other handlers live.
 SPAWN_THREADS = 4
+
+_T = TypeVar("_T")
 
 
 class SpawnError(Exception):
@@ -95,12 +97,31 @@ class SessionProcess(_process.Process):
 
     pgid: int
 
-    def __init__(self, *args: Any, reset_signals: Sequence[int] = (), **kwargs: Any) -> None:
+    def __init__(
+        self,
+        reactor: IReactorFDSet,
+        executable: str,
+        args: list[str],
+        environment: Mapping[str, str],
+        path: str | None,
+        proto: ProcessProtocol,
+        childFDs: dict[int, int | str],
+        reset_signals: Sequence[int] = (),
+    ) -> None:
         self._reset_signals = reset_signals
-        super().__init__(*args, **kwargs)
+        super().__init__(reactor, executable, args, environment, path, proto, childFDs=childFDs)
 
+    # Twisted's private hook (twisted.internet.process, 23.8 and later),
+    # pinned by tests/e2e/test_spawn.py.
     def _trySpawnInsteadOfFork(
-        self, path: Any, uid: Any, gid: Any, executable: Any, args: Any, environment: Any, kwargs: Any
+        self,
+        path: str | None,
+        uid: int | None,
+        gid: int | None,
+        executable: str,
+        args: list[str],
+        environment: Mapping[str, str] | None,
+        kwargs: Mapping[str, dict[int, int]],
     ) -> bool:
         if uid is not None or gid is not None or path is not None:
             raise SpawnError("uid, gid and path are not supported for handlers")
@@ -108,7 +129,7 @@ class SessionProcess(_process.Process):
         fdState = []
         for fd in {0, 1, 2, *fdmap, *fdmap.values()}:
             try:
-                fdState.append((fd, fcntl.fcntl(fd, fcntl.F_GETFD) & fcntl.FD_CLOEXEC))
+                fdState.append((fd, bool(fcntl.fcntl(fd, fcntl.F_GETFD) & fcntl.FD_CLOEXEC)))
             except OSError:
                 pass  # not open
         self.pid = self.pgid = os.posix_spawnp(
@@ -126,11 +147,11 @@ class SessionProcess(_process.Process):
 
 
 def spawn_in_session(
-    reactor: Any,
+    reactor: IReactorFDSet,
     protocol: ProcessProtocol,
     argv: Sequence[str],
     env: Mapping[str, str],
-    child_fds: Mapping[int, Any],
+    child_fds: Mapping[int, int | str],
     reset_signals: Sequence[int] = (),
 ) -> SessionProcess:
     """
@@ -139,8 +160,8 @@ def spawn_in_session(
     one of this process from 3 up must be close-on-exec
     (:func:`close_on_exec_from`).
 
-    :param reactor: a POSIX reactor (the process is reaped by its SIGCHLD
-        handling).
+    :param reactor: a POSIX reactor: the child's pipes are its readers and
+        writers, and the process is reaped by its SIGCHLD handling.
     :param child_fds: as ``childFDs`` of ``spawnProcess``: ``"r"``/``"w"``
         for pipes, or a parent descriptor to share.
     :param reset_signals: signals to set back to their default in the child
@@ -189,7 +210,7 @@ def quiet_sigchld() -> None:
 class _ExitWatcher:
     """Reaps one child when its pidfd becomes readable (it exited) and reports how."""
 
-    def __init__(self, reactor: Any, pid: int, on_exit: ExitCallback) -> None:
+    def __init__(self, reactor: IReactorFDSet, pid: int, on_exit: ExitCallback) -> None:
         self.reactor = reactor
         self.pid = pid
         self.on_exit = on_exit
@@ -217,7 +238,7 @@ class _ExitWatcher:
         else:
             self.on_exit(os.WEXITSTATUS(status), None)
 
-    def connectionLost(self, reason: Any) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._close()  # the reactor stops; a handler still running was ended before
 
     def _close(self) -> None:
@@ -228,7 +249,7 @@ class _ExitWatcher:
 
 
 def spawn_watched(
-    reactor: Any,
+    reactor: IReactorFDSet,
     argv: Sequence[str],
     env: Mapping[str, str],
     stdio: int,
@@ -278,12 +299,18 @@ class SpawnThreads:
     """
 
     def __init__(
-        self, reactor: Any, spawn: Callable[[Sequence[str], Sequence[bytes], int | None], int], threads: int
+        self,
+        reactor: IReactorFromThreads,
+        spawn: Callable[[Sequence[str], Sequence[bytes], int | None], int],
+        threads: int,
     ) -> None:
         self.reactor = reactor
         self.spawn = spawn
         self.size = threads
-        self._jobs: SimpleQueue[Any] = SimpleQueue()
+        #: (result, argv, env, stdin) of each spawn asked for; ``None`` ends a thread
+        self._jobs: SimpleQueue[tuple[Deferred[int], Sequence[str], Sequence[bytes], int | None] | None] = (
+            SimpleQueue()
+        )
         self._threads: list[threading.Thread] = []
 
     def __call__(self, argv: Sequence[str], env: Sequence[bytes], stdin: int | None) -> Deferred[int]:
@@ -404,7 +431,7 @@ class HandlerProcess(LineLogger):
         else:
             self.on_exit(*how)
 
-    def release(self, reactor: Any) -> None:
+    def release(self, reactor: IReactorTime) -> None:
         """Report exits from now on (one that already happened, soon)."""
         self._holding = False
         if self._held is not None:
@@ -415,7 +442,10 @@ class Spawner:
     """
     Starts handler processes with the handler environment.
 
-    :param reactor: a POSIX reactor.
+    :param reactor: a POSIX reactor: handlers' pipes and exits are watched
+        as its readers (``IReactorFDSet``), a spawn in a thread is answered
+        through it (``IReactorFromThreads``) and an early exit reported
+        through its clock (``IReactorTime``).
     :param environ: returns the server's environment, given to every
         handler; called once, at the first spawn.
     :param urls: returns ``(data URL, control URL)``; called once, at the
@@ -437,7 +467,7 @@ class Spawner:
 
     def __init__(
         self,
-        reactor: Any,
+        reactor: IReactorFDSet,
         environ: Callable[[], Mapping[str, str]],
         urls: Callable[[], tuple[str, str]],
         debug: bool = False,
@@ -505,6 +535,8 @@ class Spawner:
         """
         if self._devnull is None:
             self._prepare()
+        devnull = self._devnull
+        assert devnull is not None  # prepared
         if limits or self.default_limits:
             try:
                 argv = self._limited(argv, {**self.default_limits, **(limits or {})})
@@ -516,21 +548,21 @@ class Spawner:
         try:
             if self._watch:
                 return succeed(
-                    spawn_watched(self.reactor, argv, env, self._devnull, self._reset_signals, on_exit, stdin)
+                    spawn_watched(self.reactor, argv, env, devnull, self._reset_signals, on_exit, stdin)
                 )
-            out: Any = "r" if self.debug else self._devnull
+            out: int | str = "r" if self.debug else devnull
             protocol = HandlerProcess(handler_id, log, on_exit)
             process = spawn_in_session(
                 self.reactor,
                 protocol,
                 argv,
                 env,
-                {0: self._devnull if stdin is None else stdin, 1: out, 2: out},
+                {0: devnull if stdin is None else stdin, 1: out, 2: out},
                 self._reset_signals,
             )
         except SpawnError:
             return fail()
-        protocol.release(self.reactor)
+        protocol.release(cast(IReactorTime, self.reactor))  # a POSIX reactor has a clock
         return succeed(process.pgid)
 
     def _spawn_libc(
@@ -544,6 +576,8 @@ class Spawner:
         """
         if not argv or not argv[0]:
             return fail(SpawnError("empty entrypoint"))
+        libc = self._libc
+        assert libc is not None  # prepared, on a system where it works
 
         def exited(status: int | None, sig: int | None) -> None:
             self._live -= 1
@@ -555,17 +589,20 @@ class Spawner:
 
         if self.threads and (self._live or self._spawning):
             if self._spawn_threads is None:
-                self._spawn_threads = SpawnThreads(self.reactor, self._libc, self.threads)
+                # a POSIX reactor has threads to answer from
+                self._spawn_threads = SpawnThreads(
+                    cast(IReactorFromThreads, self.reactor), libc, self.threads
+                )
             self._spawning += 1
             spawned = self._spawn_threads(argv, env, stdin)
 
-            def done(result: Any) -> Any:
+            def done(result: _T) -> _T:
                 self._spawning -= 1
                 return result
 
             return spawned.addBoth(done).addCallbacks(watch, lambda failure: _spawn_failed(argv, failure))
         try:
-            pid = self._libc(argv, env, stdin)
+            pid = libc(argv, env, stdin)
         except OSError:
             return fail(_spawn_failed(argv, Failure()))
         return succeed(watch(pid))

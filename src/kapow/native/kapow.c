@@ -2,10 +2,10 @@
  * kapow -- the data client that handlers run: `kapow get`, `kapow set` and
  * `kapow unset`.
  *
- * Its behaviour is defined by the Python lean client, src/kapow/data_client.py:
+ * Its behaviour is defined by the Python lean client, src/kapow/commands/data_client.py:
  * the same requests on the wire, the same output, the same messages and the
- * same exit status, down to the byte.  tests/test_data_client.py runs every
- * case against both clients, and tests/test_data_client_differential.py
+ * same exit status, down to the byte.  tests/e2e/test_data_client.py runs every
+ * case against both clients, and tests/e2e/test_data_client_differential.py
  * feeds both the same random arguments, input and answers and compares them.
  * Read that module first; the functions here are named after its own.
  *
@@ -13,7 +13,7 @@
  * with the same arguments, to the Python command line: `kapow-cli` in the
  * directory of this executable, which the server writes beside it.  For
  * `kapow route ...`, the server's pre-started command line is asked first
- * when its socket is there beside this executable (src/kapow/forkserver.py
+ * when its socket is there beside this executable (src/kapow/commands/forkserver.py
  * describes it and the request written here).
  *
  * One more mode, for the server only: `kapow --with-limits NAME=VALUE ... --

@@ -1,5 +1,6 @@
 """
-Running the operator's init programs once the listeners are up.
+Running the operator's init programs once the listeners are up
+(``INIT_PROGRAM``, docs/reference/cli.rst).
 
 Each program is executed directly (no shell), all of them concurrently; every
 line they print goes to the server log prefixed with the program's name, and
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, gatherResults
@@ -30,10 +31,17 @@ STOP_GRACE = 3.0
 
 
 def _signal(program: _InitProgram, name: str) -> None:
+    if program.transport is None:
+        return  # not started
     try:
         program.transport.signalProcess(name)
-    except (ProcessExitedAlready, AttributeError):
+    except ProcessExitedAlready:
         pass
+
+
+def _kill_all(programs: list[_InitProgram]) -> None:
+    for program in programs:
+        _signal(program, "KILL")
 
 
 class _InitProgram(LineLogger):
@@ -56,7 +64,9 @@ class InitProgramsService(Service):
     """
     Runs each init program once, when the reactor is running.
 
-    :param reactor: provides process spawning and ``callWhenRunning``.
+    :param reactor: spawns the programs; the server's reactor, which also
+        provides ``IReactorCore`` (to run them once it runs) and ``IReactorTime``
+        (to kill those that outstay the stop).
     :param programs: paths of the executables to run, in order.
     :param environ: returns the environment for the programs; called at run
         time, once the listeners know their real addresses.
@@ -78,8 +88,7 @@ class InitProgramsService(Service):
     def startService(self) -> None:
         super().startService()
         if self.programs:
-            reactor: IReactorCore = self.reactor  # type: ignore[assignment]
-            reactor.callWhenRunning(self.run_all)
+            cast(IReactorCore, self.reactor).callWhenRunning(self.run_all)
 
     def stopService(self) -> Deferred[Any]:
         """
@@ -91,10 +100,13 @@ class InitProgramsService(Service):
         for program in running:
             log.info("init program {name} still running: SIGTERM", name=program.name)
             _signal(program, "TERM")
-        reactor: IReactorTime = self.reactor  # type: ignore[assignment]
-        kill = reactor.callLater(STOP_GRACE, lambda: [_signal(p, "KILL") for p in running])
-        done = gatherResults([program.ended for program in running])
-        return done.addBoth(lambda result: kill.active() and kill.cancel())
+        kill = cast(IReactorTime, self.reactor).callLater(STOP_GRACE, _kill_all, running)
+
+        def stopped(_: object) -> None:
+            if kill.active():
+                kill.cancel()
+
+        return gatherResults([program.ended for program in running]).addBoth(stopped)
 
     def run_all(self) -> None:
         """Start every init program with the environment of the moment."""

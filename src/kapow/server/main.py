@@ -1,4 +1,7 @@
-"""``kapow server``: the reference's command line for the twist plugin."""
+"""
+``kapow server``: the reference's command line for the twist plugin
+(docs/reference/cli.rst), logging text lines to stdout.
+"""
 
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ def main(args: list[str]) -> int:
         sys.stderr.write(f"kapow server: error: {e}\n")
         return 1
 
+    from twisted.application.twist._options import TwistOptions
     from twisted.application.twist._twist import Twist
     from twisted.internet import reactor
     from twisted.logger import LogLevel
@@ -29,12 +33,12 @@ def main(args: list[str]) -> int:
 
     service = makeService(options)
     Twist.startService(reactor, service)
-    Twist.run(
-        {
-            "reactor": reactor,
-            "logLevel": LogLevel.info,
-            "logFile": sys.stdout,
-            "fileLogObserverFactory": text_log_observer,
-        }
+    run = TwistOptions()  # what Twist.run reads of twist's own command line
+    run.update(
+        reactor=reactor,
+        logLevel=LogLevel.info,
+        logFile=sys.stdout,
+        fileLogObserverFactory=text_log_observer,
     )
+    Twist.run(run)
     return 0

@@ -1,5 +1,6 @@
 """
-Running under systemd: readiness, stop and watchdog notifications.
+Running under systemd (docs/howto/systemd.rst): readiness, stop and
+watchdog notifications.
 
 :func:`notify` is the ``sd_notify`` protocol (one datagram to
 ``$NOTIFY_SOCKET``); :func:`watchdog_interval` reads the watchdog settings
@@ -20,7 +21,11 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from twisted.application.internet import TimerService
+    from twisted.internet.interfaces import IReactorTime
 
 __all__ = [
     "SERVICE_VARIABLES",
@@ -94,14 +99,14 @@ def watchdog_interval(environ: Mapping[str, str] | None = None) -> float | None:
     return usec / 2_000_000
 
 
-def watchdog_service(reactor: Any, environ: Mapping[str, str] | None = None) -> Any:
+def watchdog_service(reactor: IReactorTime, environ: Mapping[str, str] | None = None) -> TimerService | None:
     """
     A service that sends ``WATCHDOG=1`` every :func:`watchdog_interval`
     seconds while it runs, from the reactor thread: a reactor that stops
     turning stops the pings, and systemd restarts the server (with
     ``WatchdogSec=`` and ``Restart=on-failure``).
 
-    :param reactor: provides ``IReactorTime``.
+    :param reactor: times the pings.
     :param environ: where to look up the watchdog and notification
         variables; read now, so they may be removed from the environment
         afterwards. ``os.environ`` by default.

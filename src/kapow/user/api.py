@@ -1,37 +1,50 @@
 """
-The user interface: match each request against the route table, start the
-route's process for it and complete the response when that process exits.
+The user interface: match each request against the route table, check the
+route's ``auth``, admit it under the concurrency limits (or queue it), start
+the route's process for it and complete the response when that process
+exits; and show and end its live handlers for the control API.
 
 A plain leaf resource rather than a Klein app: routes change at runtime and
 matching is the route table's (werkzeug's routing would merge slashes and
-redirect, changing the paths operators match on).
+redirect, changing the paths operators match on). Its site and access log
+are :mod:`kapow.user.site`'s.
 """
 
 from __future__ import annotations
 
 import io
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
-from typing import Any
-from urllib.parse import unquote, unquote_to_bytes
+from typing import TypeVar, cast
+from urllib.parse import unquote
 
 from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.interfaces import IReactorThreads
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
-from twisted.web import http
+from twisted.python.failure import Failure
 from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET, Request, Site
+from twisted.web.server import NOT_DONE_YET, Request
 
 from kapow.core.auth import Refusal, RouteAuth
-from kapow.core.metrics import refusal_kind
-from kapow.core.routes import METHOD_NOT_ALLOWED, Match, RouteTable
+from kapow.core.metrics import Metrics, refusal_kind
+from kapow.core.routes import METHOD_NOT_ALLOWED, Match, Route, RouteTable
+from kapow.handlers.admission import Admission
 from kapow.handlers.governor import Governor
-from kapow.handlers.handler import Handler, HandlerRegistry, State
+from kapow.handlers.handler import Handler, HandlerRegistry
+from kapow.handlers.listing import HandlerShown
 from kapow.handlers.spawn import Spawner
+from kapow.user.handler_object import STATES, handler_object
+from kapow.user.proxies import TrustedProxies
+
+__all__ = ["UserAPI"]
 
 log = Logger()
-access_log = Logger(namespace="kapow.access")
+
+#: What rendering a request answers: its body, or ``NOT_DONE_YET``.
+Rendered = bytes | int
+_T = TypeVar("_T")
 
 
 @dataclass(eq=False)
@@ -45,10 +58,6 @@ class _Waiting:
     since: float
 
 
-#: The ``state`` the control API shows for each state of a handler's response.
-STATES = {State.PENDING: "running", State.STREAMING: "streaming", State.ENDED: "ended"}
-
-
 class UserAPI(Resource):
     """
     :param routes: the live route table.
@@ -60,9 +69,11 @@ class UserAPI(Resource):
         withdraw the request; ``release(route)`` when an admitted handler
         exited); the governor by default.
     :param proxies: the trusted proxies whose forwarding headers name the
-        client (:class:`kapow.user.proxies.TrustedProxies`), if any.
-    :param metrics: where requests and handlers are counted
-        (:class:`kapow.core.metrics.Metrics`), if anywhere.
+        client, if any.
+    :param metrics: where requests and handlers are counted, if anywhere.
+
+    It is also the control API's view of its handlers
+    (:class:`kapow.handlers.listing.HandlersListing`).
     """
 
     isLeaf = True
@@ -73,9 +84,9 @@ class UserAPI(Resource):
         handlers: HandlerRegistry,
         spawner: Spawner,
         governor: Governor,
-        admission: Any = None,
-        proxies: Any = None,
-        metrics: Any = None,
+        admission: Admission | None = None,
+        proxies: TrustedProxies | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         super().__init__()
         self.proxies = proxies
@@ -84,13 +95,13 @@ class UserAPI(Resource):
         self.handlers = handlers
         self.spawner = spawner
         self.governor = governor
-        self.admission = governor if admission is None else admission
+        self.admission: Admission = governor if admission is None else admission
         self._waiting: dict[str, _Waiting] = {}
 
-    def render(self, request: Request) -> Any:
+    def render(self, request: Request) -> Rendered:
         metrics = self.metrics
         if metrics is not None:
-            request.kapow_started = metrics.clock.seconds()  # type: ignore[attr-defined]
+            request.kapow_started = metrics.clock.seconds()  # type: ignore[attr-defined]  # our mark, read by the site
         if self.proxies is not None:
             self.proxies.apply(request)
         path = unquote(request.path.decode("latin-1"), errors="surrogateescape")
@@ -101,19 +112,18 @@ class UserAPI(Resource):
             request.setHeader(b"Allow", ", ".join(self.routes.methods_for(path)).encode())
             return _plain(request, 405, b"Method Not Allowed\n")
         if metrics is not None:
-            request.kapow_route = found.route  # type: ignore[attr-defined]
+            request.kapow_route = found.route  # type: ignore[attr-defined]  # our mark, read by the site
         guard = found.route.guard
         if guard is not None:
             return self._authenticate(request, found, guard)
         return self._admit(request, found)
 
-    def _authenticate(self, request: Request, found: Match, guard: RouteAuth) -> Any:
+    def _authenticate(self, request: Request, found: Match, guard: RouteAuth) -> Rendered:
         """Check the route's ``auth`` before anything else happens for the request."""
+        body = request.content
+        assert body is not None  # twisted.web renders a request once its body is in
         checked = guard.check(
-            getattr(request.getClientAddress(), "host", ""),
-            request.requestHeaders,
-            request.content,
-            self._in_thread,
+            getattr(request.getClientAddress(), "host", ""), request.requestHeaders, body, self._in_thread
         )
         if isinstance(checked, Deferred):
             checked.addCallback(self._authenticated_later, request, found)
@@ -121,16 +131,16 @@ class UserAPI(Resource):
             return NOT_DONE_YET
         return self._authenticated(request, found, *checked)
 
-    def _in_thread(self, f: Any, *args: Any) -> Deferred[Any]:
-        reactor = self.spawner.reactor
+    def _in_thread(self, f: Callable[..., _T], *args: object) -> Deferred[_T]:
+        reactor = cast(IReactorThreads, self.spawner.reactor)  # a POSIX reactor, which has threads
         return deferToThreadPool(reactor, reactor.getThreadPool(), f, *args)
 
     def _authenticated(
         self, request: Request, found: Match, refusal: Refusal | None, user: bytes | None
-    ) -> Any:
+    ) -> Rendered:
         if refusal is None:
             if user is not None:
-                request.kapow_auth_user = user  # type: ignore[attr-defined]
+                request.kapow_auth_user = user  # type: ignore[attr-defined]  # our mark, read by the site
             return self._admit(request, found)
         log.info(
             "refused {method} {path} (route {route}): {why}",
@@ -145,8 +155,10 @@ class UserAPI(Resource):
             request.setHeader(b"WWW-Authenticate", refusal.challenge)
         return _plain(request, refusal.code, _REFUSED.get(refusal.code, b"Refused\n"))
 
-    def _authenticated_later(self, checked: Any, request: Request, found: Match) -> None:
-        if request._disconnected:  # type: ignore[attr-defined]
+    def _authenticated_later(
+        self, checked: tuple[Refusal | None, bytes | None], request: Request, found: Match
+    ) -> None:
+        if request._disconnected:
             _drop_body(request)
             return
         body = self._authenticated(request, found, *checked)
@@ -154,19 +166,19 @@ class UserAPI(Resource):
             request.write(body)
             request.finish()
 
-    def _authentication_failed(self, failure: Any, request: Request) -> None:
+    def _authentication_failed(self, failure: Failure, request: Request) -> None:
         log.failure("checking credentials failed", failure)
         _drop_body(request)
-        if not request._disconnected and not request.finished:  # type: ignore[attr-defined]
+        if not request._disconnected and not request.finished:
             request.write(_plain(request, 500, b"Internal Server Error\n"))
             request.finish()
 
-    def _refused(self, route: Any, why: str | None) -> None:
+    def _refused(self, route: Route, why: str | None) -> None:
         """A request for ``route`` was refused (``why``: auth, concurrency, ...; ``None``: not counted)."""
         if self.metrics is not None and why is not None:
             self.metrics.refused_request(route, why)
 
-    def _admit(self, request: Request, found: Match) -> Any:
+    def _admit(self, request: Request, found: Match) -> Rendered:
         verdict = self.admission.admit(found.route)
         if isinstance(verdict, Deferred):
             self._wait(request, found, verdict)
@@ -178,7 +190,7 @@ class UserAPI(Resource):
     def _wait(self, request: Request, found: Match, verdict: Deferred[str | None]) -> None:
         waiting = _Waiting(self.handlers.new_id(), found, request, verdict, self.governor.reactor.seconds())
         self._waiting[waiting.id] = waiting
-        request.kapow_handler_id = waiting.id  # type: ignore[attr-defined]
+        request.kapow_handler_id = waiting.id  # type: ignore[attr-defined]  # our mark, read by the site
         request.notifyFinish().addErrback(lambda _: self._withdraw(waiting, "its client left"))
         verdict.addCallbacks(self._admitted_later, lambda f: f.trap(CancelledError), (waiting,))
 
@@ -204,19 +216,19 @@ class UserAPI(Resource):
             request.write(body)
             request.finish()
 
-    def queued_routes(self) -> list[Any]:
+    def queued_routes(self) -> list[Route]:
         """The route of every request waiting in a queue now."""
         return [waiting.found.route for waiting in self._waiting.values()]
 
     # -- handlers as the control API shows them ------------------------------
 
-    def listing(self) -> list[dict]:
-        """Every live handler, queued or running, oldest first (SPEC §8)."""
+    def listing(self) -> list[HandlerShown]:
+        """Every live handler, queued or running, oldest first."""
         found = [self._waiting_info(w) for w in list(self._waiting.values())]
         found += [info for h in self.handlers.live() if (info := self._handler_info(h)) is not None]
         return sorted(found, key=lambda info: info["started"])
 
-    def handler_info(self, handler_id: str) -> dict | None:
+    def handler_info(self, handler_id: str) -> HandlerShown | None:
         """One live handler, or ``None``."""
         waiting = self._waiting.get(handler_id)
         if waiting is not None:
@@ -249,15 +261,17 @@ class UserAPI(Resource):
         self.governor.terminate(handler_id)
         return True
 
-    def _waiting_info(self, waiting: _Waiting) -> dict:
-        return _info(waiting.id, waiting.found.route.id, waiting.request, None, waiting.since, "queued")
+    def _waiting_info(self, waiting: _Waiting) -> HandlerShown:
+        return handler_object(
+            waiting.id, waiting.found.route.id, waiting.request, None, waiting.since, "queued"
+        )
 
-    def _handler_info(self, handler: Handler) -> dict | None:
+    def _handler_info(self, handler: Handler) -> HandlerShown | None:
         started = self.governor.started_at(handler.id)
         if started is None:
             return None
         state = STATES.get(handler.state, handler.state.value)
-        return _info(
+        return handler_object(
             handler.id, handler.route.id, handler.request, self.governor.pid(handler.id), started, state
         )
 
@@ -265,7 +279,7 @@ class UserAPI(Resource):
 
     def _start(
         self, request: Request, found: Match, refusal: str | None, handler_id: str | None = None
-    ) -> Any:
+    ) -> Rendered:
         if refusal is not None:
             log.info(
                 "refused {method} {path}: {why}",
@@ -277,7 +291,7 @@ class UserAPI(Resource):
             request.setHeader(b"Retry-After", b"1")
             return _plain(request, 503, b"Service Unavailable\n")
         handler = self.handlers.create(found.route, found.matches, request, handler_id)
-        request.kapow_handler_id = handler.id  # type: ignore[attr-defined]
+        request.kapow_handler_id = handler.id  # type: ignore[attr-defined]  # our mark, read by the site
         try:
             stdin = handler.stdin() if found.route.stdin else None
         except OSError as e:
@@ -311,7 +325,7 @@ class UserAPI(Resource):
             log.debug("handler {id} started: pid {pid}", id=handler.id, pid=pgid)
         self.governor.spawned(handler.id, pgid)
 
-    def _spawn_failed(self, request: Request, handler: Handler, failure: Any) -> None:
+    def _spawn_failed(self, request: Request, handler: Handler, failure: Failure) -> None:
         self.governor.exited(handler.id)
         self._not_started(handler, failure.getErrorMessage())
         if self.metrics is not None:
@@ -375,31 +389,10 @@ class UserAPI(Resource):
         self.governor.terminate(handler.id)
 
 
-def _closing(result: Any, fd: int) -> Any:
+def _closing(result: _T, fd: int) -> _T:
     """Close ``fd`` and pass ``result`` on."""
     os.close(fd)
     return result
-
-
-def _info(
-    handler_id: str, route_id: str, request: Request, pid: int | None, started: float, state: str
-) -> dict:
-    return {
-        "id": handler_id,
-        "route_id": route_id,
-        "method": request.method.decode("latin-1"),
-        "path": unquote_to_bytes(request.path).decode("utf-8", "replace"),
-        "remote": getattr(request.getClientAddress(), "host", ""),
-        "pid": pid,
-        "started": rfc3339(started),
-        "state": state,
-    }
-
-
-def rfc3339(seconds: float) -> str:
-    """``seconds`` since the epoch as RFC 3339 UTC text, to the millisecond."""
-    moment = datetime.fromtimestamp(seconds, UTC)
-    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 _REFUSED = {401: b"Unauthorized\n", 403: b"Forbidden\n", 503: b"Service Unavailable\n"}
@@ -417,88 +410,3 @@ def _plain(request: Request, code: int, body: bytes) -> bytes:
     request.setResponseCode(code)
     request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
     return body
-
-
-class UserRequest(Request):
-    """
-    A user request that is access-logged even when its connection is lost
-    before the response completed (client gone, or a streamed response cut
-    by a timeout); one never started is logged with status 499, "client
-    closed request".
-    """
-
-    def connectionLost(self, reason: Any) -> None:
-        unfinished = not self.finished and not self._disconnected
-        super().connectionLost(reason)
-        if unfinished and getattr(self, "site", None) is not None:
-            if not self.startedWriting:
-                self.code = 499
-            self.site.log(self)
-
-
-class UserSite(Site):
-    """
-    The user interface's site: bodies are never parsed as forms by
-    twisted.web (handlers parse them lazily), and every request leaves one
-    Common Log Format line with the handler id as identity (and, in a
-    worker of ``--workers``, the worker's number as the event's ``worker``).
-
-    :param worker: the number of the worker it serves in, if any.
-    :param metrics: where answered requests are counted, if anywhere.
-    """
-
-    requestFactory = UserRequest
-
-    def __init__(self, resource: Any, worker: int | None = None, metrics: Any = None, **kwargs: Any) -> None:
-        super().__init__(resource, parsePOSTFormSubmission=False, **kwargs)
-        self.worker = worker
-        self.metrics = metrics
-        self._log_second: int | None = None
-        self._log_date = ""
-
-    def log(self, request: Request) -> None:
-        now = self.reactor.seconds()
-        if int(now) != self._log_second:  # one log date per second, as twisted.web keeps one
-            self._log_second = int(now)
-            self._log_date = http.datetimeToLogString(now)
-        access_log.info("{line}", line=access_line(request, self._log_date), worker=self.worker)
-        if self.metrics is not None:
-            started = getattr(request, "kapow_started", now)
-            self.metrics.request_done(
-                getattr(request, "kapow_route", None), request.method, request.code, now - started
-            )
-
-
-def access_line(request: Request, date: str | None = None) -> str:
-    """
-    The Common Log Format line (with referrer and agent) for ``request``.
-
-    :param date: the date field as :func:`twisted.web.http.datetimeToLogString`
-        gives it; now by default.
-    """
-    host = getattr(request.getClientAddress(), "host", "-")
-    identity = getattr(request, "kapow_handler_id", "-")
-    return '{} {} {} {} "{} {} {}" {} {} "{}" "{}"'.format(
-        host,
-        identity,
-        _quoted(getattr(request, "kapow_auth_user", None)),
-        date or http.datetimeToLogString(),
-        _quoted(request.method),
-        _quoted(request.uri),
-        _quoted(request.clientproto),
-        request.code,
-        request.sentLength,
-        _quoted(request.getHeader(b"referer")),
-        _quoted(request.getHeader(b"user-agent")),
-    )
-
-
-def _quoted(value: bytes | None) -> str:
-    """A field of the log line, escaped as twisted.web escapes it."""
-    if not value:
-        return "-"
-    if value.isascii():
-        text = value.decode("ascii")
-        if text.isprintable() and '"' not in text and "'" not in text and "\\" not in text:
-            return text  # nothing to escape: the common case, without repr
-    return http._escape(value)  # type: ignore[attr-defined]

@@ -1,6 +1,6 @@
 """
-The client's address behind trusted reverse proxies (``--trusted-proxies``,
-SPEC.md §9).
+The client's address behind trusted reverse proxies (``--trusted-proxies``;
+see docs/howto/scale-out.rst).
 
 On a connection from a trusted proxy, the client is the rightmost address of
 ``X-Forwarded-For`` that is not itself a trusted proxy (or, without that
@@ -15,16 +15,18 @@ wrapper gives the proxied client as the connection's peer.
 from __future__ import annotations
 
 import ipaddress
-from typing import Any
+from collections.abc import Sequence
 
 from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.web.http import Request
+from twisted.web.http_headers import Headers
 
-from kapow.core.auth import AuthError, address_in, parse_networks
+from kapow.core.auth import AuthError, Network, address_in, parse_networks
 
 __all__ = ["TrustedProxies", "parse_trusted_proxies"]
 
 
-def parse_trusted_proxies(text: str) -> tuple[Any, ...]:
+def parse_trusted_proxies(text: str) -> tuple[Network, ...]:
     """
     The networks of ``--trusted-proxies CIDR[,CIDR...]``.
 
@@ -49,7 +51,7 @@ def _address(text: str) -> str | None:
         return None
 
 
-def _forwarded_for(values: list[bytes]) -> list[str | None]:
+def _forwarded_for(values: Sequence[bytes]) -> list[str | None]:
     """The ``for=`` hops of ``Forwarded`` headers (RFC 7239), in order; ``None`` for one that is not an address."""
     hops: list[str | None] = []
     for value in values:
@@ -66,10 +68,10 @@ class TrustedProxies:
     :param networks: the trusted proxies' networks.
     """
 
-    def __init__(self, networks: tuple[Any, ...]) -> None:
+    def __init__(self, networks: tuple[Network, ...]) -> None:
         self.networks = networks
 
-    def client(self, peer: str, headers: Any) -> str | None:
+    def client(self, peer: str, headers: Headers) -> str | None:
         """
         The client's address for a request from ``peer`` with ``headers``,
         or ``None`` to keep the peer's.
@@ -93,7 +95,7 @@ class TrustedProxies:
                 break
         return found
 
-    def apply(self, request: Any) -> None:
+    def apply(self, request: Request) -> None:
         """Make the client of ``request`` (``getClientAddress()``) the one its trusted proxy names."""
         peer = request.getClientAddress()
         host = getattr(peer, "host", None)

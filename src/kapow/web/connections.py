@@ -17,12 +17,27 @@ import json
 import resource
 import socket
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, cast
 
+from twisted.internet.interfaces import (
+    IAddress,
+    IListeningPort,
+    IProtocol,
+    IProtocolFactory,
+    IReactorTime,
+    IStreamServerEndpoint,
+)
+from twisted.internet.protocol import connectionDone
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.protocols.basic import LineReceiver
+from twisted.python.failure import Failure
 from twisted.web import http
+from zope.interface import implementer
+
+if TYPE_CHECKING:
+    from twisted.internet.defer import Deferred
+    from twisted.web._http2 import H2Connection
 
 log = Logger()
 
@@ -83,7 +98,7 @@ def with_backlog(description: str, backlog: int) -> str:
     return f"{description}:backlog={backlog}"
 
 
-def is_loopback(address: Any) -> bool:
+def is_loopback(address: IAddress) -> bool:
     """Whether a peer ``address`` is this machine (loopback IP, or a UNIX socket)."""
     host = getattr(address, "host", None)
     if host is None:
@@ -143,7 +158,7 @@ class Guard:
     :param clock: the reactor's time.
     """
 
-    def __init__(self, timeouts: Timeouts, clock: Any) -> None:
+    def __init__(self, timeouts: Timeouts, clock: IReactorTime) -> None:
         self.timeouts = timeouts
         self.clock = clock
         self.channels: set[GuardedChannel] = set()
@@ -197,7 +212,7 @@ class GuardedChannel(http.HTTPChannel):
     """
 
     guard: Guard
-    _host: Any = None
+    _host: IAddress | None = None
     phase = IDLE
     since = 0.0
     body_received = 0
@@ -207,15 +222,17 @@ class GuardedChannel(http.HTTPChannel):
     def connectionMade(self) -> None:
         self.timeOut = None  # no twisted.web timer: the guard's check does it
         timeouts = self.guard.timeouts
+        assert self.transport is not None  # connected
         self.idle_applies = timeouts.idle_on_loopback or not is_loopback(self.transport.getPeer())
         self.since = self.guard.clock.seconds()
         self.guard.opened(self)
         self._guarded = True
         super().connectionMade()
 
-    def getHost(self) -> Any:
+    def getHost(self) -> IAddress:
         """This end's address, asked of the system once per connection, not per request."""
         if self._host is None:
+            assert self.transport is not None  # asked by a request, on a connection
             self._host = self.transport.getHost()
         return self._host
 
@@ -238,7 +255,7 @@ class GuardedChannel(http.HTTPChannel):
         self.phase = HANDLING  # a request being handled is never timed out
         super().allContentReceived()
 
-    def requestDone(self, request: Any) -> None:
+    def requestDone(self, request: http.Request) -> None:
         self.phase = IDLE
         self.since = self.guard.clock.seconds()
         super().requestDone(request)
@@ -247,6 +264,7 @@ class GuardedChannel(http.HTTPChannel):
         """Past its limit: 408 if a request was arriving, then close."""
         self.phase = HANDLING  # closing: no second verdict
         if answer:
+            assert self.transport is not None  # guarded until the connection is lost
             self.transport.write(_TIMEOUT_RESPONSE)
         self.timeoutConnection()
 
@@ -256,7 +274,7 @@ class GuardedChannel(http.HTTPChannel):
             self._guarded = False
             self.guard.closed(self)
 
-    def connectionLost(self, reason: Any) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self._guarded:
             self._guarded = False
             self.guard.closed(self)
@@ -264,8 +282,8 @@ class GuardedChannel(http.HTTPChannel):
 
 
 def guarded_protocol(
-    timeouts: Timeouts, clock: Any, tls: bool = True, channel: type[GuardedChannel] = GuardedChannel
-) -> Callable[..., Any]:
+    timeouts: Timeouts, clock: IReactorTime, tls: bool = True, channel: type[GuardedChannel] = GuardedChannel
+) -> Callable[[], GuardedChannel | _Negotiating]:
     """
     A ``protocol`` for a :class:`twisted.web.server.Site`: its connections
     get a :class:`GuardedChannel` (or ``channel``); over TLS, in the wrapper twisted.web
@@ -279,7 +297,7 @@ def guarded_protocol(
     """
     guard = Guard(timeouts, clock)
 
-    def build(*_factory: Any) -> Any:
+    def build() -> GuardedChannel | _Negotiating:
         # set on the instance, so not bound: called without the factory
         made = channel()
         made.guard = guard
@@ -288,7 +306,7 @@ def guarded_protocol(
     return build
 
 
-class _Negotiating(http._GenericHTTPChannelProtocol):  # type: ignore[misc]
+class _Negotiating(http._GenericHTTPChannelProtocol):
     """
     twisted.web's wrapper that turns a connection into HTTP/2 when ALPN
     chose it, keeping the connection within its limits then too: the
@@ -306,7 +324,7 @@ class _Negotiating(http._GenericHTTPChannelProtocol):  # type: ignore[misc]
             _idle_only(self._channel, before.guard.timeouts.idle)
 
 
-def _idle_only(connection: Any, idle: float) -> None:
+def _idle_only(connection: H2Connection, idle: float) -> None:
     """Let the HTTP/2 ``connection`` time out after ``idle`` seconds only without open streams."""
     timed_out = connection.timeoutConnection
 
@@ -316,10 +334,11 @@ def _idle_only(connection: Any, idle: float) -> None:
         else:
             timed_out()
 
-    connection.timeoutConnection = timeout_when_idle
+    connection.timeoutConnection = timeout_when_idle  # type: ignore[method-assign]  # twisted.web made it: no subclass
     connection.setTimeout(idle)
 
 
+@implementer(IStreamServerEndpoint)
 class ConnectionLimit:
     """
     An endpoint whose listening port takes at most ``limit`` connections at
@@ -332,7 +351,7 @@ class ConnectionLimit:
     :param clock: the reactor's time.
     """
 
-    def __init__(self, endpoint: Any, limit: int, label: str, clock: Any) -> None:
+    def __init__(self, endpoint: IStreamServerEndpoint, limit: int, label: str, clock: IReactorTime) -> None:
         self.endpoint = endpoint
         self.limit = limit
         self.label = label
@@ -341,8 +360,9 @@ class ConnectionLimit:
         self._refused = 0
         self._logged_at: float | None = None
 
-    def listen(self, factory: Any) -> Any:
-        return self.endpoint.listen(_LimitedFactory(self, factory))
+    def listen(self, factory: IProtocolFactory) -> Deferred[IListeningPort]:
+        # a provider of IProtocolFactory: see _LimitedFactory
+        return self.endpoint.listen(cast(IProtocolFactory, _LimitedFactory(self, factory)))
 
     def admit(self) -> bool:
         """Count one more connection, or refuse it (and say so, now and then)."""
@@ -365,13 +385,19 @@ class ConnectionLimit:
 
 
 class _LimitedFactory:
-    """The factory a :class:`ConnectionLimit` listens with, around the real one."""
+    """The factory a :class:`ConnectionLimit` listens with, around the real one.
 
-    def __init__(self, limit: ConnectionLimit, factory: Any) -> None:
+    It declares no interface of its own: zope.interface finds
+    ``__providedBy__`` through :meth:`__getattr__`, so it provides what the
+    real factory provides (``IProtocolNegotiationFactory`` too, which TLS
+    asks for to offer HTTP/2 by ALPN).
+    """
+
+    def __init__(self, limit: ConnectionLimit, factory: IProtocolFactory) -> None:
         self._limit = limit
         self._factory = factory
 
-    def __getattr__(self, name: str) -> Any:
+    def __getattr__(self, name: str) -> object:
         return getattr(self._factory, name)
 
     def doStart(self) -> None:
@@ -380,19 +406,18 @@ class _LimitedFactory:
     def doStop(self) -> None:
         self._factory.doStop()
 
-    def buildProtocol(self, addr: Any) -> Any:
+    def buildProtocol(self, addr: IAddress) -> IProtocol | None:
         if not self._limit.admit():
             return None  # the port closes the connection
         protocol = self._factory.buildProtocol(addr)
         if protocol is None:
             self._limit.closed()
             return None
-        lost: Callable[[Any], None] = protocol.connectionLost
+        lost = protocol.connectionLost
 
-        def connection_lost(reason: Any) -> None:
+        def connection_lost(reason: Failure) -> None:
             self._limit.closed()
             lost(reason)
 
-        # no wrapper around the protocol: nothing is added to each read and write
-        protocol.connectionLost = connection_lost
+        protocol.connectionLost = connection_lost  # type: ignore[method-assign]  # no wrapper: nothing added per read
         return protocol

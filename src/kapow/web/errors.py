@@ -6,11 +6,17 @@ class that refuses oversized bodies before buffering them.
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import TYPE_CHECKING
 
 from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web import http
+from twisted.web.iweb import IRequest
 from twisted.web.server import Request, Site
 from werkzeug.exceptions import HTTPException
+
+if TYPE_CHECKING:
+    from klein import Klein
 
 log = Logger()
 
@@ -31,7 +37,7 @@ class JSONError(Exception):
         self.reason = reason
 
 
-def json_body(request: Any, code: int, value: Any, phrase: bytes | None = None) -> bytes:
+def json_body(request: IRequest, code: int, value: object, phrase: bytes | None = None) -> bytes:
     """
     Set ``code`` and the JSON content type on ``request`` and return the
     encoded ``value``.
@@ -43,40 +49,44 @@ def json_body(request: Any, code: int, value: Any, phrase: bytes | None = None) 
     return json.dumps(value).encode("utf-8")
 
 
-def reason_body(request: Any, code: int, reason: str) -> bytes:
+def reason_body(request: IRequest, code: int, reason: str) -> bytes:
     """
     The contract's error shape: ``{"reason": reason}`` with ``code``, and
-    the reason as the status line's reason phrase (SPEC.md §7).
+    the reason as the status line's reason phrase (see the data API
+    reference, docs/reference/data-api.rst).
     """
     return json_body(request, code, {"reason": reason}, reason.encode("utf-8"))
 
 
-def install_json_errors(app: Any) -> None:
+def install_json_errors(app: Klein) -> None:
     """
     Make every error that leaves ``app`` a JSON ``{"reason": ...}`` body:
     ours (:class:`JSONError`), routing errors from werkzeug (404, 405) and
     anything unexpected (500, logged with its traceback, never sent).
 
-    :param app: a :class:`klein.Klein` application; call this after its
-        routes are defined.
+    :param app: the :class:`klein.Klein` application of a class (``app =
+        Klein()`` as a class attribute, so its handlers are given the
+        instance first); call this after its routes are defined.
     """
 
+    # ``self`` is the app's owner, named as Klein's KleinErrorMethod names it.
     @app.handle_errors(JSONError)
-    def _ours(*args: Any) -> bytes:
-        request, failure = args[-2:]
-        return reason_body(request, failure.value.code, failure.value.reason)
+    def _ours(self: object, request: IRequest, failure: Failure) -> bytes:
+        exc = failure.value
+        assert isinstance(exc, JSONError)
+        return reason_body(request, exc.code, exc.reason)
 
     @app.handle_errors(HTTPException)
-    def _routing(*args: Any) -> bytes:
-        request, failure = args[-2:]
+    def _routing(self: object, request: IRequest, failure: Failure) -> bytes:
         exc = failure.value
-        if exc.code == 405 and getattr(exc, "valid_methods", None):
-            request.setHeader(b"Allow", ", ".join(exc.valid_methods).encode())
+        assert isinstance(exc, HTTPException) and exc.code is not None
+        valid_methods = getattr(exc, "valid_methods", None)
+        if exc.code == 405 and valid_methods:
+            request.setHeader(b"Allow", ", ".join(valid_methods).encode())
         return reason_body(request, exc.code, _REASONS.get(exc.code, exc.name))
 
     @app.handle_errors(Exception)
-    def _unexpected(*args: Any) -> bytes:
-        request, failure = args[-2:]
+    def _unexpected(self: object, request: IRequest, failure: Failure) -> bytes:
         log.failure("Unhandled error answering {uri}", failure, uri=request.uri)
         return reason_body(request, 500, "Internal Server Error")
 
@@ -119,7 +129,9 @@ def bounded_request_factory(max_body: int) -> type[Request]:
         def _refuse(self) -> None:
             self._refused = True
             body = json.dumps({"reason": "Request Entity Too Large"}).encode()
-            self.channel.transport.write(
+            transport = self.channel.transport
+            assert transport is not None  # the body is arriving on it
+            transport.write(
                 b"HTTP/1.1 413 Request Entity Too Large\r\n"
                 b"Content-Type: application/json\r\n"
                 b"Content-Length: %d\r\n"
@@ -139,5 +151,5 @@ class QuietSite(Site):
 
     noisy = False
 
-    def log(self, request: Request) -> None:
+    def log(self, request: http.Request) -> None:
         pass

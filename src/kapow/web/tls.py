@@ -1,15 +1,9 @@
-"""TLS for Kapow!: pinned mutual TLS on the control interface, and user HTTPS.
+"""Server-side TLS for Kapow!: pinned mutual TLS on the control interface, and user HTTPS.
 
-- Server side: :func:`control_server_options` wrapped around any stream server
-  endpoint by :func:`tls_server_endpoint`.
-- Client side, for Twisted programs that call the control API with
-  :func:`kapow.client.call`: :class:`PinnedControlPolicy`, usually
-  built by :func:`policy_from_environ` from the variables that
-  :func:`kapow.core.credentials.credentials_environ` produces (as init programs
-  get them), or by :func:`policy_from_directory` from a credentials
-  directory.  ``kapow route`` does not use it: it applies the same policy
-  with the standard library's :mod:`ssl` (:mod:`kapow.commands.control_call`), so as
-  to start without Twisted or :mod:`cryptography`.
+:func:`control_server_options` makes the control listener's settings, which
+:func:`tls_server_endpoint` wraps around any stream server endpoint.  The
+clients' side of the pin is :class:`kapow.client.PinnedControlPolicy`
+(Twisted) and :mod:`kapow.commands.control_call` (``kapow route``).
 
 The user interface may also be served over HTTPS with operator certificates,
 optionally demanding client certificates (:func:`user_server_options`); the
@@ -21,10 +15,9 @@ friends cannot change what the control interface trusts.
 
 from __future__ import annotations
 
-import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -39,24 +32,15 @@ from twisted.internet.ssl import (
     Certificate,
     CertificateOptions,
     TLSVersion,
-    optionsForClientTLS,
     trustRootFromCertificates,
 )
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
-from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
 
 from kapow.core.credentials import (
-    CLIENT_CERT_ENV,
-    CLIENT_CERT_FILE,
-    CLIENT_KEY_ENV,
-    CLIENT_KEY_FILE,
-    SERVER_CERT_ENV,
-    SERVER_CERT_FILE,
     ControlCredentials,
     CredentialsError,
-    environ_pem_texts,
     parse_certificate,
     parse_certificates,
     parse_key,
@@ -66,16 +50,13 @@ from kapow.core.credentials import (
 
 if TYPE_CHECKING:
     from twisted.internet.defer import Deferred
-    from twisted.internet.interfaces import IListeningPort
-    from twisted.internet.protocol import Factory
+    from twisted.internet.interfaces import IListeningPort, IProtocolFactory
     from twisted.protocols.tls import TLSMemoryBIOProtocol
 
 __all__ = [
-    "PinnedControlPolicy",
+    "ReloadableServerOptions",
     "control_server_options",
     "peer_subject_dn",
-    "policy_from_directory",
-    "policy_from_environ",
     "tls_server_endpoint",
     "user_server_options",
 ]
@@ -110,8 +91,8 @@ def control_server_options(
     require_match(server_cert, server_key, "control server certificate", "control server key")
     client_cert = parse_certificate(creds.client_cert_pem, "control client certificate")
     options = CertificateOptions(
-        privateKey=server_key,
-        certificate=server_cert,
+        privateKey=server_key,  # type: ignore[arg-type]  # pyOpenSSL takes cryptography keys; Twisted's hint is older
+        certificate=server_cert,  # type: ignore[arg-type]  # pyOpenSSL takes cryptography certificates; Twisted's hint is older
         trustRoot=_twisted_certificate(client_cert),
         raiseMinimumTo=TLSVersion.TLSv1_2,
     )
@@ -166,7 +147,7 @@ class _TLSServerEndpoint:
         self._endpoint = endpoint
         self._options = options
 
-    def listen(self, protocolFactory: Factory) -> Deferred[IListeningPort]:
+    def listen(self, protocolFactory: IProtocolFactory) -> Deferred[IListeningPort]:
         """Listen on the wrapped endpoint with TLS around ``protocolFactory``."""
         return self._endpoint.listen(TLSMemoryBIOFactory(self._options, False, protocolFactory))
 
@@ -195,8 +176,8 @@ class ReloadableServerOptions:
             return str(e)
         return None
 
-    def serverConnectionForTLS(self, protocol: Any) -> Any:
-        return self.current.serverConnectionForTLS(protocol)
+    def serverConnectionForTLS(self, tlsProtocol: TLSMemoryBIOProtocol) -> SSL.Connection:
+        return self.current.serverConnectionForTLS(tlsProtocol)
 
 
 def tls_server_endpoint(
@@ -232,102 +213,16 @@ def user_server_options(
     chain = parse_certificates(read_file(certfile), certfile)
     key = parse_key(read_file(keyfile), keyfile)
     require_match(chain[0], key, certfile, keyfile)
-    kwargs: dict[str, Any] = {}
+    trust_root = None
     if clientcafile is not None:
         authorities = parse_certificates(read_file(clientcafile), clientcafile)
-        kwargs["trustRoot"] = trustRootFromCertificates(
-            [_twisted_certificate(authority) for authority in authorities]
-        )
+        trust_root = trustRootFromCertificates([_twisted_certificate(authority) for authority in authorities])
     return CertificateOptions(
-        privateKey=key,
-        certificate=chain[0],
-        extraCertChain=chain[1:],
+        privateKey=key,  # type: ignore[arg-type]  # pyOpenSSL takes cryptography keys; Twisted's hint is older
+        certificate=chain[0],  # type: ignore[arg-type]  # pyOpenSSL takes cryptography certificates; Twisted's hint is older
+        extraCertChain=chain[1:],  # type: ignore[arg-type]  # the same: cryptography certificates
         raiseMinimumTo=TLSVersion.TLSv1_2,
-        **kwargs,
-    )
-
-
-# -- client side -------------------------------------------------------------------
-
-
-@implementer(IPolicyForHTTPS)
-class PinnedControlPolicy:
-    """HTTPS policy for clients of the control interface.
-
-    Connections trust exactly the pinned server certificate (never a default
-    trust store), check that it names the host or IP address of the URL, and
-    present the pinned client certificate.
-
-    :param server_cert_pem: the control server certificate, PEM.
-    :param client_cert_pem: the control client certificate, PEM.
-    :param client_key_pem: the control client private key, PEM.
-    :raises CredentialsError: if a text is not PEM or the key does not match
-        the client certificate.
-    """
-
-    def __init__(self, server_cert_pem: bytes, client_cert_pem: bytes, client_key_pem: bytes) -> None:
-        server_cert = parse_certificate(server_cert_pem, "control server certificate")
-        client_cert = parse_certificate(client_cert_pem, "control client certificate")
-        client_key = parse_key(client_key_pem, "control client key")
-        require_match(client_cert, client_key, "control client certificate", "control client key")
-        self._trust_root = _twisted_certificate(server_cert)
-        self._client_cert = client_cert
-        self._client_key = client_key
-
-    def creatorForNetloc(self, hostname: bytes, port: int) -> Any:
-        """Client TLS settings for a connection to ``hostname``.
-
-        :param hostname: host of the URL (an IPv6 literal without brackets).
-        :param port: port of the URL (unused: the pin does not depend on it).
-        """
-        # The client certificate goes in as cryptography objects: Twisted's
-        # clientCertificate= hands pyOpenSSL objects to pyOpenSSL, which warns.
-        return optionsForClientTLS(
-            hostname.decode("ascii"),
-            trustRoot=self._trust_root,
-            extraCertificateOptions={
-                "privateKey": self._client_key,
-                "certificate": self._client_cert,
-                "raiseMinimumTo": TLSVersion.TLSv1_2,
-            },
-        )
-
-
-def policy_from_environ(environ: Mapping[str, str]) -> PinnedControlPolicy:
-    """Build the control client policy from the environment.
-
-    Reads ``KAPOW_CONTROL_SERVER_CERT``, ``KAPOW_CONTROL_CLIENT_CERT`` and
-    ``KAPOW_CONTROL_CLIENT_KEY`` (PEM texts, as :func:`credentials_environ`
-    makes them).
-
-    :param environ: e.g. ``os.environ``.
-    :raises CredentialsError: naming the variable that is missing, empty or
-        unusable.
-    """
-    server_cert_pem, client_cert_pem, client_key_pem = environ_pem_texts(environ)
-    parse_certificate(server_cert_pem, SERVER_CERT_ENV)
-    require_match(
-        parse_certificate(client_cert_pem, CLIENT_CERT_ENV),
-        parse_key(client_key_pem, CLIENT_KEY_ENV),
-        CLIENT_CERT_ENV,
-        CLIENT_KEY_ENV,
-    )
-    return PinnedControlPolicy(server_cert_pem, client_cert_pem, client_key_pem)
-
-
-def policy_from_directory(directory: str) -> PinnedControlPolicy:
-    """Build the control client policy from a credentials directory.
-
-    Reads the files :func:`write_client_credentials` writes (the server
-    certificate, the client certificate and its key), e.g. for an operator's
-    shell.
-
-    :raises CredentialsError: naming the file that is missing or unusable.
-    """
-    return PinnedControlPolicy(
-        read_file(os.path.join(directory, SERVER_CERT_FILE)),
-        read_file(os.path.join(directory, CLIENT_CERT_FILE)),
-        read_file(os.path.join(directory, CLIENT_KEY_FILE), private=True),
+        trustRoot=trust_root,
     )
 
 
@@ -361,10 +256,10 @@ def peer_subject_dn(transport: object) -> str | None:
     if transport is None or not ISSLTransport.providedBy(transport):
         return None
     certificate = transport.getPeerCertificate()
-    if certificate is None:
-        return None
     if isinstance(certificate, X509):
         certificate = certificate.to_cryptography()
+    if not isinstance(certificate, x509.Certificate):
+        return None  # the peer sent none
     return _go_name_string(certificate.subject)
 
 

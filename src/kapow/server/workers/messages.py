@@ -1,5 +1,6 @@
 """
-The messages between the main process and its workers (``--workers N``).
+The messages between the main process and its workers (``--workers N``,
+docs/howto/scale-out.rst).
 
 Both sides import the commands from here, and nothing else crosses the
 connection: routes travel as their JSON form (:meth:`kapow.core.routes.Route.to_json`),
@@ -20,7 +21,10 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable
+from typing import Any
 
+from twisted.internet.interfaces import IAddress
+from twisted.internet.protocol import ServerFactory
 from twisted.protocols import amp
 
 from kapow.handlers.handler import handler_ids
@@ -44,7 +48,6 @@ class Routes(amp.Command):
     """
 
     arguments = [(b"part", amp.String()), (b"last", amp.Boolean())]
-    response: list = []
 
 
 class Serve(amp.Command):
@@ -57,7 +60,6 @@ class Serve(amp.Command):
 class Running(amp.Command):
     """How many handler processes the worker runs."""
 
-    arguments: list = []
     response = [(b"handlers", amp.Integer())]
 
 
@@ -75,8 +77,6 @@ class MetricsPart(amp.Command):
 class Reload(amp.Command):
     """Read the certificates and the routes' auth files again, as ``SIGHUP`` does."""
 
-    arguments: list = []
-    response: list = []
     requiresAnswer = False
 
 
@@ -84,7 +84,6 @@ class Stop(amp.Command):
     """Stop gracefully, as the main process does; ``now``: end the handlers at once."""
 
     arguments = [(b"now", amp.Boolean())]
-    response: list = []
     requiresAnswer = False
 
 
@@ -117,7 +116,6 @@ class Withdraw(amp.Command):
     """The request of an :class:`Admit` still waiting in a queue no longer wants a slot."""
 
     arguments = [(b"ticket", amp.Integer())]
-    response: list = []
     requiresAnswer = False
 
 
@@ -125,7 +123,6 @@ class Release(amp.Command):
     """A handler :class:`Admit` let start has exited."""
 
     arguments = [(b"route_id", amp.Unicode()), (b"limited", amp.Boolean())]
-    response: list = []
     requiresAnswer = False
 
 
@@ -154,7 +151,7 @@ class Kill(amp.Command):
     response = [(b"killed", amp.Boolean())]
 
 
-def handlers_page(handlers: list[dict], after: str) -> tuple[bytes, bool]:
+def handlers_page(handlers: list[dict[str, Any]], after: str) -> tuple[bytes, bool]:
     """The answer of :class:`Handlers` from every live handler of a worker."""
     rest = sorted((h for h in handlers if h["id"] > after), key=lambda h: h["id"])
     parts: list[bytes] = []
@@ -187,3 +184,16 @@ def handler_worker(handler_id: str) -> int | None:
     if _HANDLER_ID.fullmatch(handler_id) is None:
         return None
     return int(handler_id[:4], 16)
+
+
+class _Connecting(ServerFactory):
+    def __init__(self, link: amp.AMP) -> None:
+        self.link = link
+
+    def buildProtocol(self, addr: IAddress | None) -> amp.AMP:
+        return self.link
+
+
+def link_factory(link: amp.AMP) -> ServerFactory:
+    """The factory that connects ``link`` to the end of the ``socketpair`` adopted for it."""
+    return _Connecting(link)

@@ -1,9 +1,9 @@
 """
-The main process's side of ``--workers N``: it opens the user interface's
-listening socket but never accepts on it, starts N worker processes that do,
-sends each the whole route table and every change to it, decides the limits
-that must hold across workers, replaces a worker that dies, and stops them
-all gracefully with itself.
+The main process's side of ``--workers N`` (docs/howto/scale-out.rst): it
+opens the user interface's listening socket but never accepts on it, starts
+N worker processes that do, sends each the whole route table and every
+change to it, decides the limits that must hold across workers, replaces a
+worker that dies, and stops them all gracefully with itself.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import signal
 import socket
 import sys
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Generator, Mapping, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -28,15 +28,23 @@ from twisted.internet.defer import (
     succeed,
 )
 from twisted.internet.error import ProcessExitedAlready
-from twisted.internet.protocol import Factory, ProcessProtocol
+from twisted.internet.interfaces import (
+    IProcessTransport,
+    IReactorProcess,
+    IReactorSocket,
+    IReactorTime,
+)
+from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from twisted.protocols import amp
 from twisted.python.failure import Failure
 
+from kapow.core.metrics import Snapshot
 from kapow.core.routes import DEFAULT_QUEUE_TIMEOUT, RouteTable
 from kapow.handlers.admission import ServerQueue, Slots, Want
+from kapow.handlers.containment import Containment
+from kapow.handlers.listing import HandlerShown
 from kapow.handlers.procfs import processes
-from kapow.server.service import Listener
 from kapow.server.workers.messages import (
     MAIN_FD,
     USER_FD,
@@ -53,8 +61,11 @@ from kapow.server.workers.messages import (
     Stop,
     Withdraw,
     handler_worker,
+    link_factory,
     table_parts,
 )
+
+__all__ = ["STOP_MARGIN", "IWorkersReactor", "MainLink", "WorkerPool", "handler_groups"]
 
 log = Logger()
 
@@ -66,20 +77,12 @@ QUICK_DEATH = 5.0
 STOP_MARGIN = 5.0
 
 
-class HeldListener(Listener):
+class IWorkersReactor(IReactorProcess, IReactorSocket, IReactorTime):
     """
-    A listener whose socket is opened here and accepted on elsewhere: it
-    never reads, its descriptor is handed to the workers.
+    What :class:`WorkerPool` needs of the reactor: it spawns the workers,
+    adopts its end of the connection to each, and times their restarts and
+    their stop.
     """
-
-    def _listening(self, port: Any) -> Any:
-        port.stopReading()
-        return super()._listening(port)
-
-    def fileno(self) -> int:
-        """The listening socket's descriptor."""
-        assert self.port is not None
-        return self.port.fileno()  # type: ignore[attr-defined]
 
 
 class MainLink(amp.AMP):
@@ -106,7 +109,7 @@ class MainLink(amp.AMP):
         queue: int | None = None,
         queue_timeout: float | None = None,
         ticket: int | None = None,
-    ) -> dict | Deferred[dict]:
+    ) -> dict[str, Any] | Deferred[dict[str, Any]]:
         timeout = DEFAULT_QUEUE_TIMEOUT if queue_timeout is None else queue_timeout
         want = Want(route_id, limit, queue or 0, timeout)
         verdict = self.slots.admit(want)
@@ -115,31 +118,32 @@ class MainLink(amp.AMP):
         if ticket is not None:
             self._waiting[ticket] = verdict
 
-        def answered(refusal: str | None) -> dict:
-            self._waiting.pop(ticket, None)  # type: ignore[arg-type]
+        def answered(refusal: str | None) -> dict[str, Any]:
+            if ticket is not None:
+                self._waiting.pop(ticket, None)
             return self._answer(refusal, want)
 
-        def withdrawn(failure: Failure) -> dict:
+        def withdrawn(failure: Failure) -> dict[str, Any]:
             failure.trap(CancelledError)
             return {"refusal": "withdrawn"}
 
         return verdict.addCallbacks(answered, withdrawn)
 
-    def _answer(self, refusal: str | None, want: Want) -> dict:
+    def _answer(self, refusal: str | None, want: Want) -> dict[str, Any]:
         if refusal is not None:
             return {"refusal": refusal}
         self._held[(want.key, want.limit is not None)] += 1
         return {}
 
     @Withdraw.responder
-    def withdraw(self, ticket: int) -> dict:
+    def withdraw(self, ticket: int) -> dict[str, Any]:
         waiting = self._waiting.pop(ticket, None)
         if waiting is not None:
             waiting.cancel()
         return {}
 
     @Release.responder
-    def release(self, route_id: str, limited: bool) -> dict:
+    def release(self, route_id: str, limited: bool) -> dict[str, Any]:
         key = (route_id, limited)
         if self._held[key] > 0:
             self._held[key] -= 1
@@ -156,7 +160,7 @@ class MainLink(amp.AMP):
             for _ in range(count):
                 self.slots.release(Want(route_id, 1 if limited else None))
 
-    def push_routes(self, text: bytes) -> Deferred[Any]:
+    def push_routes(self, text: bytes) -> Deferred[dict[str, Any]]:
         """Send the whole route table; fires once the worker has it."""
         parts = table_parts(text)
         sent = [self.callRemote(Routes, part=part, last=n == len(parts) - 1) for n, part in enumerate(parts)]
@@ -176,7 +180,7 @@ class _Worker:
         self.number = number
         self.link = link
         self.started = started
-        self.process: Any = None
+        self.process: IProcessTransport | None = None
         self.pid: int | None = None
         self.data_address: tuple[str, int] | None = None
         self.serving: Deferred[None] = Deferred()
@@ -185,9 +189,11 @@ class _Worker:
 
 class WorkerPool(Service):
     """
-    N worker processes serving the user interface.
+    N worker processes serving the user interface; also the control API's
+    view of the handlers, which they run
+    (:class:`kapow.handlers.listing.HandlersListing`).
 
-    :param reactor: provides process spawning, descriptor adoption and time.
+    :param reactor: spawns the workers, adopts descriptors, keeps time.
     :param count: how many workers.
     :param command: the command line of worker number N.
     :param environ: the workers' environment.
@@ -199,14 +205,15 @@ class WorkerPool(Service):
     :param end_groups: ends process groups (SIGTERM, a grace period, SIGKILL),
         for the handlers a dead worker left behind.
     :param containment: gives each worker a cgroup of its own and ends what
-        a dead worker left in it (:class:`kapow.handlers.containment.Containment`).
+        a dead worker left in it, if the server contains its handlers.
     """
 
     name = "workers"
 
     def __init__(
         self,
-        reactor: Any,
+        reactor: IWorkersReactor,
+        *,
         count: int,
         command: Callable[[int], Sequence[str]],
         environ: Mapping[str, str],
@@ -215,8 +222,8 @@ class WorkerPool(Service):
         control_url: Callable[[], str],
         server_queue: ServerQueue,
         stop_timeout: float,
-        end_groups: Callable[[set[int]], Any],
-        containment: Any = None,
+        end_groups: Callable[[set[int]], Deferred[None]],
+        containment: Containment | None = None,
     ) -> None:
         self.reactor = reactor
         self.containment = containment
@@ -240,7 +247,7 @@ class WorkerPool(Service):
         for number in range(1, self.count + 1):
             self._first.append(self._start(number).serving)
 
-    def serving(self) -> Deferred[Any]:
+    def serving(self) -> Deferred[list[None]]:
         """Fires once every worker of the first start serves."""
         return gatherResults(self._first)
 
@@ -249,11 +256,9 @@ class WorkerPool(Service):
         worker = _Worker(number, link, self.reactor.seconds())
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         stdin = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
-        factory = Factory()
-        factory.buildProtocol = lambda addr: link  # type: ignore[method-assign]
         try:
-            self.reactor.adoptStreamConnection(ours.fileno(), socket.AF_UNIX, factory)
-            worker.process = self.reactor.spawnProcess(
+            self.reactor.adoptStreamConnection(ours.fileno(), socket.AF_UNIX, link_factory(link))
+            process = worker.process = self.reactor.spawnProcess(
                 _WorkerProcess(lambda reason: self._ended(worker, reason)),
                 sys.executable,
                 [sys.executable, *self.command(number)],
@@ -265,10 +270,11 @@ class WorkerPool(Service):
             theirs.close()
             os.close(stdin)
         self.workers[number] = worker
-        worker.pid = worker.process.pid
+        worker.pid = pid = process.pid
+        assert pid is not None  # just started
         if self.containment is not None:
             # before it has the routes, hence before it can start any handler
-            self.containment.enter_worker(number, worker.pid)
+            self.containment.enter_worker(number, pid)
         log.info("worker {n} started (pid {pid})", n=number, pid=worker.pid)
         link.push_routes(self._table())
         link.callRemote(Serve, control_url=self.control_url()).addCallbacks(
@@ -290,7 +296,7 @@ class WorkerPool(Service):
 
     def _ended(self, worker: _Worker, reason: Failure) -> None:
         worker.link.release_all()
-        ended: Any = None
+        ended: Deferred[None] | None = None
         if worker.link.data_url is not None:
             orphans = handler_groups(worker.link.data_url)
             if orphans:
@@ -299,12 +305,13 @@ class WorkerPool(Service):
                     n=worker.number, count=len(orphans),
                 )  # fmt: skip
                 ended = self.end_groups(orphans)
-        if self.containment is not None:
+        containment = self.containment
+        if containment is not None:
             # whatever escaped its process group, once the groups had their grace period
             if ended is None:
-                self._end_cgroup(worker)
+                self._end_cgroup(containment, worker)
             else:
-                ended.addBoth(lambda _: self._end_cgroup(worker))
+                ended.addBoth(lambda _: self._end_cgroup(containment, worker))
         if worker.link.transport is not None:
             worker.link.transport.loseConnection()
         if self.workers.get(worker.number) is worker:
@@ -321,8 +328,9 @@ class WorkerPool(Service):
             self.reactor.callLater(RESTART_DELAY if quick else 0, self._restart, worker)
         worker.ended.callback(None)
 
-    def _end_cgroup(self, worker: _Worker) -> None:
-        left = self.containment.end_worker(worker.pid)
+    def _end_cgroup(self, containment: Containment, worker: _Worker) -> None:
+        assert worker.pid is not None  # it was started
+        left = containment.end_worker(worker.pid)
         if left:
             log.warn("worker {n}: killed {count} processes left in its cgroup", n=worker.number, count=left)
 
@@ -338,7 +346,7 @@ class WorkerPool(Service):
     def _table(self) -> bytes:
         return json.dumps(self.routes.listing()).encode()
 
-    def publish(self) -> Deferred[Any]:
+    def publish(self) -> Deferred[list[dict[str, Any] | None]]:
         """Send the route table to every worker; fires once each has it (or is gone)."""
         text = self._table()
 
@@ -349,7 +357,7 @@ class WorkerPool(Service):
             [w.link.push_routes(text).addErrback(failed, w.number) for w in list(self.workers.values())]
         )
 
-    def stats(self) -> Deferred[dict]:
+    def stats(self) -> Deferred[dict[str, Any]]:
         """The fields of ``/health``: handlers of every worker, and the workers serving."""
         serving = [w for w in self.workers.values() if w.serving.called]
         answers = [w.link.callRemote(Running).addErrback(lambda _: {"handlers": 0}) for w in serving]
@@ -357,11 +365,11 @@ class WorkerPool(Service):
             lambda found: {"handlers": sum(a["handlers"] for a in found), "workers": len(serving)}
         )
 
-    def metrics_snapshots(self) -> Deferred[list[dict]]:
+    def metrics_snapshots(self) -> Deferred[list[dict[str, Any]]]:
         """The metrics snapshot of every serving worker (one that does not answer is left out)."""
 
         @inlineCallbacks
-        def fetch(worker: _Worker) -> Any:
+        def fetch(worker: _Worker) -> Generator[Deferred[dict[str, Any]], dict[str, Any], Snapshot]:
             first = yield worker.link.callRemote(MetricsPart, part=0)
             texts = [first["text"]]
             for part in range(1, first["parts"]):
@@ -369,7 +377,7 @@ class WorkerPool(Service):
                 texts.append(answer["text"])
             return json.loads("".join(texts) or "{}")
 
-        def failed(failure: Failure, number: int) -> dict:
+        def failed(failure: Failure, number: int) -> dict[str, Any]:
             log.warn("worker {n} gave no metrics: {why}", n=number, why=failure.getErrorMessage())
             return {}
 
@@ -398,24 +406,24 @@ class WorkerPool(Service):
 
     # -- handlers on the control API -------------------------------------------
 
-    def listing(self) -> Deferred[list[dict]]:
+    def listing(self) -> Deferred[list[HandlerShown]]:
         """The live handlers of every worker, oldest first."""
         serving = [w for w in self.workers.values() if w.serving.called]
         return gatherResults([self._handlers_of(w) for w in serving]).addCallback(
             lambda found: sorted((h for part in found for h in part), key=lambda h: h["started"])
         )
 
-    def _handlers_of(self, worker: _Worker) -> Deferred[list[dict]]:
-        found: list[dict] = []
+    def _handlers_of(self, worker: _Worker) -> Deferred[list[HandlerShown]]:
+        found: list[HandlerShown] = []
 
-        def page(answer: dict) -> Any:
+        def page(answer: dict[str, Any]) -> list[HandlerShown] | Deferred[list[HandlerShown]]:
             part = json.loads(answer["handlers"])
             found.extend(part)
             if answer["more"] and part:
                 return maybeDeferred(worker.link.callRemote, Handlers, after=part[-1]["id"]).addCallback(page)
             return found
 
-        def failed(failure: Failure) -> list[dict]:
+        def failed(failure: Failure) -> list[HandlerShown]:
             log.warn(
                 "worker {n} did not list its handlers: {why}", n=worker.number, why=failure.getErrorMessage()
             )
@@ -423,7 +431,7 @@ class WorkerPool(Service):
 
         return maybeDeferred(worker.link.callRemote, Handlers, after="").addCallback(page).addErrback(failed)
 
-    def handler_info(self, handler_id: str) -> Deferred[dict | None] | None:
+    def handler_info(self, handler_id: str) -> Deferred[HandlerShown | None] | None:
         """One live handler, asked of the worker that runs it."""
         worker = self._worker_of(handler_id)
         if worker is None:
@@ -448,7 +456,7 @@ class WorkerPool(Service):
 
     # -- stopping -------------------------------------------------------------
 
-    def stopService(self) -> Deferred[Any]:
+    def stopService(self) -> Deferred[None]:
         """Every worker stops gracefully; SIGKILL for any that outlives the stop timeout."""
         super().stopService()
         self._stopping = True
@@ -458,8 +466,12 @@ class WorkerPool(Service):
         for worker in workers:
             worker.link.callRemote(Stop, now=False)
         kill = self.reactor.callLater(self.stop_timeout, self._kill, workers)
-        done = gatherResults([w.ended for w in workers])
-        return done.addBoth(lambda result: kill.active() and kill.cancel())
+
+        def stopped(_: object) -> None:
+            if kill.active():
+                kill.cancel()
+
+        return gatherResults([w.ended for w in workers]).addBoth(stopped)
 
     def hurry(self) -> None:
         """Tell every worker to end its handlers now."""
@@ -470,33 +482,11 @@ class WorkerPool(Service):
         for worker in workers:
             if not worker.ended.called:
                 log.warn("worker {n} did not stop in time: SIGKILL", n=worker.number)
+                assert worker.process is not None  # it was started
                 try:
                     worker.process.signalProcess(signal.SIGKILL)
                 except ProcessExitedAlready:
                     pass
-
-
-class HandlersOfWorkers:
-    """
-    The control API's view of the handlers when workers run them.
-
-    :param pool: returns the :class:`WorkerPool` (made after the control API).
-    """
-
-    def __init__(self, pool: Callable[[], WorkerPool | None]) -> None:
-        self.pool = pool
-
-    def listing(self) -> Any:
-        pool = self.pool()
-        return [] if pool is None else pool.listing()
-
-    def handler_info(self, handler_id: str) -> Any:
-        pool = self.pool()
-        return None if pool is None else pool.handler_info(handler_id)
-
-    def kill(self, handler_id: str) -> Any:
-        pool = self.pool()
-        return False if pool is None else pool.kill(handler_id)
 
 
 def handler_groups(data_url: str) -> set[int]:

@@ -1,29 +1,47 @@
 """
-The worker's side of ``--workers N``: a worker is the server of
-``--workers 1`` without the control API and the init programs. It serves the
-user interface on the listening socket the main process handed over, keeps
-the route table the main process sends, asks it before starting a handler
-whose limit must hold across workers, and stops when told to, or at once when
-the main process is gone.
+The worker's side of ``--workers N`` (docs/howto/scale-out.rst): a worker
+is the server of ``--workers 1`` without the control API and the init
+programs. It serves the user interface on the listening socket the main
+process handed over, keeps the route table the main process sends, asks it
+before starting a handler whose limit must hold across workers, and stops
+when told to, or at once when the main process is gone.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import socket
 from collections.abc import Callable
 from typing import Any
 
+from twisted.application.service import Service
 from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
+from twisted.internet.endpoints import AdoptedStreamServerEndpoint
 from twisted.internet.error import ConnectionLost
+from twisted.internet.interfaces import (
+    IListeningPort,
+    IProtocolFactory,
+    IReactorSocket,
+    IStreamServerEndpoint,
+)
+from twisted.internet.protocol import connectionDone
+from twisted.internet.tcp import Port
 from twisted.logger import Logger
 from twisted.protocols import amp
+from twisted.protocols.haproxy import proxyEndpoint
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
-from kapow.core.metrics import snapshot_parts
+from kapow.core.metrics import Metrics, snapshot_parts
 from kapow.core.routes import DEFAULT_QUEUE_TIMEOUT, Route, RouteTable, route_from_json
+from kapow.handlers.admission import Admission
 from kapow.handlers.governor import Governor
+from kapow.server.service import KapowService
 from kapow.server.workers.messages import (
+    MAIN_FD,
     ROUTES_PART,
+    USER_FD,
     Admit,
     HandlerInfo,
     Handlers,
@@ -37,11 +55,56 @@ from kapow.server.workers.messages import (
     Stop,
     Withdraw,
     handlers_page,
+    link_factory,
 )
+from kapow.user.api import UserAPI
+
+__all__ = [
+    "GatedEndpoint",
+    "HandedOverSocket",
+    "MainAdmission",
+    "MainProcessConnection",
+    "WorkerLink",
+    "accept_one_at_a_time",
+]
 
 log = Logger()
 
 
+@implementer(IStreamServerEndpoint)
+class HandedOverSocket:
+    """
+    The listening socket of the user interface that the main process handed
+    over as descriptor ``fd``, behind ``haproxy:`` when ``--bind`` is;
+    looked at only when listened on.
+
+    :param reactor: adopts the socket.
+    """
+
+    def __init__(self, reactor: IReactorSocket, fd: int = USER_FD, proxied: bool = False) -> None:
+        self.reactor = reactor
+        self.fd = fd
+        self.proxied = proxied
+
+    def listen(self, factory: IProtocolFactory) -> Deferred[IListeningPort]:
+        endpoint: IStreamServerEndpoint = AdoptedStreamServerEndpoint(
+            self.reactor, self.fd, _socket_family(self.fd)
+        )
+        if self.proxied:
+            endpoint = proxyEndpoint(endpoint)
+        return endpoint.listen(factory)
+
+
+def _socket_family(fd: int) -> int:
+    """The address family of the socket ``fd``."""
+    sock = socket.socket(fileno=fd)
+    try:
+        return sock.family
+    finally:
+        sock.detach()
+
+
+@implementer(IStreamServerEndpoint)
 class GatedEndpoint:
     """
     A stream server endpoint that listens only once :meth:`open` was called:
@@ -52,19 +115,19 @@ class GatedEndpoint:
     :param endpoint: the endpoint to listen on then.
     """
 
-    def __init__(self, endpoint: Any) -> None:
+    def __init__(self, endpoint: IStreamServerEndpoint) -> None:
         self.endpoint = endpoint
         self._opened = False
-        self._waiting: list[tuple[Deferred[Any], Any]] = []
+        self._waiting: list[tuple[Deferred[IListeningPort], IProtocolFactory]] = []
 
-    def listen(self, factory: Any) -> Deferred[Any]:
+    def listen(self, factory: IProtocolFactory) -> Deferred[IListeningPort]:
         if self._opened:
             return self.endpoint.listen(factory).addCallback(accept_one_at_a_time)
-        d: Deferred[Any] = Deferred()
+        d: Deferred[IListeningPort] = Deferred()
         self._waiting.append((d, factory))
         return d
 
-    def open(self) -> Deferred[Any]:
+    def open(self) -> Deferred[list[IListeningPort]]:
         """Listen now (and from now on at once); fires once listening."""
         self._opened = True
         waiting, self._waiting = self._waiting, []
@@ -73,7 +136,7 @@ class GatedEndpoint:
         return gatherResults([d for d, _ in waiting])
 
 
-def accept_one_at_a_time(port: Any) -> Any:
+def accept_one_at_a_time(port: IListeningPort) -> IListeningPort:
     """
     Make a listening ``port`` that workers share accept one connection each
     time its socket is ready, instead of all that are waiting: every worker
@@ -85,18 +148,19 @@ def accept_one_at_a_time(port: Any) -> Any:
 
     :return: ``port``.
     """
-    if hasattr(port, "numberAccepts"):  # a TCP or UNIX port (not another endpoint's)
-        read = port.doRead
+    if isinstance(port, Port):  # a TCP or UNIX port (not another endpoint's)
+        tcp_port = port
+        read = tcp_port.doRead
 
-        def doRead() -> Any:
-            port.numberAccepts = 1  # Twisted raises it after each read that used it all
+        def doRead() -> object:
+            tcp_port.numberAccepts = 1  # Twisted raises it after each read that used it all
             return read()
 
-        port.doRead = doRead
+        tcp_port.doRead = doRead  # type: ignore[method-assign]  # this port's reads, not every Port's
     return port
 
 
-class MainAdmission:
+class MainAdmission(Admission):
     """
     Admission of a worker's handlers: the worker's own governor first (is it
     stopping?), then the main process, but only when a limit that must hold
@@ -167,7 +231,7 @@ class MainAdmission:
         if self._limited(route):
             self._tell(Release, route_id=route.id, limited=route.max_concurrency is not None)
 
-    def _tell(self, command: type[amp.Command], **arguments: Any) -> None:
+    def _tell(self, command: type[amp.Command], **arguments: object) -> None:
         try:
             self.link.callRemote(command, **arguments)
         except ConnectionLost:
@@ -181,23 +245,27 @@ class WorkerLink(amp.AMP):
     :param number: the worker's number, for logs.
     :param routes: the worker's route table, replaced by each :class:`Routes`.
     :param governor: the worker's governor.
-    :param service: the worker's :class:`kapow.server.service.KapowService`.
+    :param service: the worker's service, stopped when the main process says
+        so (its :meth:`~kapow.server.service.KapowService.reload` on :class:`Reload`).
     :param user_endpoint: opened on :class:`Serve`.
     :param data_url: returns the URL of the worker's data listener.
-    :param metrics: the worker's counts (:class:`kapow.core.metrics.Metrics`), if it keeps any.
-    :param reload: reads certificates and auth files again.
+    :param metrics: the worker's counts, if it keeps any.
+    :ivar user_api: the worker's user interface, whose handlers the control
+        API lists; set once it is made (it asks the main process through
+        this link: :class:`MainAdmission`).
+    :ivar control_url: the control API's URL, as :class:`Serve` said.
     """
 
     def __init__(
         self,
         number: int,
+        *,
         routes: RouteTable,
         governor: Governor,
-        service: Any,
+        service: KapowService,
         user_endpoint: GatedEndpoint,
         data_url: Callable[[], str],
-        metrics: Any = None,
-        reload: Callable[[], None] = lambda: None,
+        metrics: Metrics | None = None,
     ) -> None:
         super().__init__()
         self.number = number
@@ -207,15 +275,22 @@ class WorkerLink(amp.AMP):
         self.user_endpoint = user_endpoint
         self.data_url = data_url
         self.control_url = ""
-        #: the worker's user interface (:class:`kapow.user.api.UserAPI`), for the control API
-        self.user_api: Any = None
+        self.user_api: UserAPI | None = None
         self._parts: list[bytes] = []
         self.metrics = metrics
-        self.reload = reload
         self._metrics_parts: list[str] = [""]
 
+    def handler_urls(self) -> tuple[str, str]:
+        """The data and control URLs the worker's handlers get (once it serves)."""
+        return self.data_url(), self.control_url
+
+    def _user_api(self) -> UserAPI:
+        if self.user_api is None:
+            raise RuntimeError("the worker has no user interface")
+        return self.user_api
+
     @Routes.responder
-    def replace_routes(self, part: bytes, last: bool) -> dict:
+    def replace_routes(self, part: bytes, last: bool) -> dict[str, Any]:
         self._parts.append(part)
         if last:
             text, self._parts = b"".join(self._parts), []
@@ -230,42 +305,42 @@ class WorkerLink(amp.AMP):
         return {}
 
     @Serve.responder
-    def serve(self, control_url: str) -> Deferred[dict]:
+    def serve(self, control_url: str) -> Deferred[dict[str, Any]]:
         self.control_url = control_url
         return self.user_endpoint.open().addCallback(lambda _: {"data_url": self.data_url()})
 
     @Running.responder
-    def running(self) -> dict:
+    def running(self) -> dict[str, Any]:
         return {"handlers": self.governor.running()}
 
     @Handlers.responder
-    def handlers(self, after: str) -> dict:
-        page, more = handlers_page(self.user_api.listing(), after)
+    def handlers(self, after: str) -> dict[str, Any]:
+        page, more = handlers_page(self._user_api().listing(), after)
         return {"handlers": page, "more": more}
 
     @HandlerInfo.responder
-    def handler_info(self, handler_id: str) -> dict:
-        info = self.user_api.handler_info(handler_id)
+    def handler_info(self, handler_id: str) -> dict[str, Any]:
+        info = self._user_api().handler_info(handler_id)
         return {} if info is None else {"handler": json.dumps(info).encode()}
 
     @Kill.responder
-    def kill(self, handler_id: str) -> dict:
-        return {"killed": self.user_api.kill(handler_id)}
+    def kill(self, handler_id: str) -> dict[str, Any]:
+        return {"killed": self._user_api().kill(handler_id)}
 
     @MetricsPart.responder
-    def metrics_part(self, part: int) -> dict:
+    def metrics_part(self, part: int) -> dict[str, Any]:
         if part == 0:
             self._metrics_parts = [""] if self.metrics is None else snapshot_parts(self.metrics, ROUTES_PART)
         parts = self._metrics_parts
         return {"text": parts[part] if part < len(parts) else "", "parts": len(parts)}
 
     @Reload.responder
-    def reload_files(self) -> dict:
-        self.reload()
+    def reload_files(self) -> dict[str, Any]:
+        self.service.reload()
         return {}
 
     @Stop.responder
-    def stop(self, now: bool) -> dict:
+    def stop(self, now: bool) -> dict[str, Any]:
         if now:
             log.info("worker {n}: told to end its handlers now", n=self.number)
             self.service.stop_now()
@@ -274,8 +349,30 @@ class WorkerLink(amp.AMP):
             self.service.stop_gracefully()
         return {}
 
-    def connectionLost(self, reason: Failure) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         super().connectionLost(reason)
         if not self.service.stop_requested:
             log.warn("worker {n}: lost the main process: ending its handlers and stopping", n=self.number)
         self.service.stop_now()
+
+
+class MainProcessConnection(Service):
+    """
+    Connects a worker's :class:`WorkerLink` to the main process when it
+    starts: adopts its end of their ``socketpair``, the descriptor ``fd``,
+    which is closed then (the reactor keeps its own copy).
+
+    :param reactor: adopts the connection.
+    """
+
+    name = "main-process"
+
+    def __init__(self, reactor: IReactorSocket, link: WorkerLink, fd: int = MAIN_FD) -> None:
+        self.reactor = reactor
+        self.link = link
+        self.fd = fd
+
+    def startService(self) -> None:
+        super().startService()
+        self.reactor.adoptStreamConnection(self.fd, socket.AF_UNIX, link_factory(self.link))
+        os.close(self.fd)

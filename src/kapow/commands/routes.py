@@ -1,0 +1,263 @@
+"""
+``kapow route ...``: list, add, get and remove the routes of a running server.
+
+See the command line reference (docs/reference/cli.rst) for the flags and the
+control API reference (docs/reference/control-api.rst) for the calls they
+make.  An init program runs ``kapow route add`` once per route, so this
+command's start-up delays the server's readiness: it runs on the standard
+library only (:mod:`kapow.commands.control`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from kapow.commands.control import (
+    CommandError,
+    Formatter,
+    Parser,
+    add_list_and_by_id,
+    common_options,
+    quote,
+    run,
+)
+from kapow.core.resource_limits import InvalidLimit, parse_limits
+
+# typing.TYPE_CHECKING without importing typing, which this command needs
+# only for annotations; type checkers know the name.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from kapow.commands.control import ControlRequest
+
+EPILOG_ADD = """\
+examples:
+  kapow route add /hello -c 'echo Hello | kapow set /response/body'
+  kapow route add -X POST '/echo/{name}' - <<'EOF'
+    kapow get /request/matches/name | kapow set /response/body
+  EOF
+"""
+
+
+def _parser() -> tuple[Parser, Parser]:
+    parser = Parser(
+        prog="kapow route",
+        description="Manage the routes of a running server over its control API (mutual TLS).",
+        epilog="examples:\n  kapow route list\n  kapow route add /hello -c 'echo hi | kapow set /response/body'\n"
+        "  kapow route remove 3f1c9a52-...\n\n"
+        "From an operator shell, point KAPOW_CONTROL_CREDENTIALS at the directory written by\n"
+        "`kapow server --write-control-credentials DIR`.",
+        formatter_class=Formatter,
+    )
+    common = common_options()
+    sub = parser.add_subparsers(dest="action", required=True, parser_class=Parser)
+
+    add = sub.add_parser(
+        "add",
+        parents=[common],
+        help="append (or insert) a route",
+        epilog=EPILOG_ADD,
+        formatter_class=Formatter,
+    )
+    add.add_argument("-X", "--method", default="GET", help="HTTP method [GET]")
+    add.add_argument("-e", "--entrypoint", default="/bin/sh -c", help="program to run [/bin/sh -c]")
+    add.add_argument("-c", "--command", help="command given to the entrypoint")
+    add.add_argument("--index", type=int, help="insert at this position instead of appending")
+    add.add_argument("--timeout", type=float, help="kill the handler after this many seconds")
+    add.add_argument("--max-concurrency", type=int, help="at most this many handlers at once")
+    add.add_argument(
+        "--queue",
+        type=int,
+        metavar="N",
+        help="with --max-concurrency: up to N requests wait instead of a 503",
+    )
+    add.add_argument(
+        "--queue-timeout", type=float, metavar="S", help="seconds a request may wait in the queue [30]"
+    )
+    add.add_argument(
+        "--limit",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a resource limit of the handler (memory, cpu, open_files, file_size, processes; "
+        "sizes take K, M, G), repeatable: --limit memory=256M --limit cpu=10",
+    )
+    on_disconnect = add.add_mutually_exclusive_group()
+    on_disconnect.add_argument(
+        "--keep-running-on-disconnect",
+        dest="keep_running",
+        action="store_const",
+        const=True,
+        help="let handlers finish when their client hangs up",
+    )
+    on_disconnect.add_argument(
+        "--kill-on-disconnect",
+        dest="keep_running",
+        action="store_const",
+        const=False,
+        help="end handlers when their client hangs up",
+    )
+    add.add_argument("--stdin", choices=("body",), help="give the handler the request body as its stdin")
+    add.add_argument(
+        "--buffer",
+        action="store_const",
+        const=True,
+        help="hold the response until the handler exits, then send it with Content-Length",
+    )
+    add.add_argument(
+        "--error-status",
+        type=int,
+        metavar="CODE",
+        help="status (400-599) of a handler that exits non-zero before its response started",
+    )
+    add.add_argument(
+        "--auth-bearer",
+        metavar="FILE",
+        help="require Authorization: Bearer with one of the tokens in FILE (one per line)",
+    )
+    add.add_argument(
+        "--auth-basic",
+        metavar="FILE",
+        help="require Basic credentials of a user of the htpasswd FILE (bcrypt lines only)",
+    )
+    add.add_argument(
+        "--auth-hmac",
+        metavar="HEADER:FILE[:ALGORITHM[:PREFIX]]",
+        help="require HEADER to be PREFIX + the hex HMAC (sha256 by default) of the body, "
+        "keyed with the secret in FILE",
+    )
+    add.add_argument(
+        "--allow",
+        metavar="CIDR",
+        action="append",
+        help="accept only clients in this network (repeatable)",
+    )
+    add.add_argument("url_pattern", metavar="URL_PATTERN", help="e.g. /greet/{name}")
+    add.add_argument(
+        "command_file", metavar="COMMAND_FILE", nargs="?", help="file with the command, or - for stdin"
+    )
+
+    add_list_and_by_id(
+        sub,
+        common,
+        "route",
+        "print the routes as JSON",
+        "'.[] | \"\\(.index) \\(.method) \\(.url_pattern)\"'",
+        (("get", "print one route as JSON"), ("remove", "remove a route")),
+        "route_id",
+    )
+    return parser, add
+
+
+def _parse(argv: Sequence[str]) -> argparse.Namespace:
+    """
+    Parse ``argv``; options of ``route add`` may come before or after the
+    URL pattern, as with the reference's command line.
+    """
+    parser, add = _parser()
+    if argv[:1] == ["add"]:
+        return add.parse_intermixed_args(argv[1:], argparse.Namespace(action="add"))
+    return parser.parse_args(argv)
+
+
+def _command(args: argparse.Namespace) -> str:
+    if args.command is not None and args.command_file is not None:
+        raise CommandError("give the command with -c or in COMMAND_FILE, not both")
+    if args.command_file == "-":
+        return sys.stdin.read()
+    if args.command_file is not None:
+        try:
+            with open(args.command_file, encoding="utf-8") as f:
+                return f.read()
+        except OSError as e:
+            raise CommandError(f"cannot read {args.command_file}: {e.strerror}") from None
+    return args.command or ""
+
+
+#: (flag's attribute, route field) of the optional fields, sent only when given
+_OPTIONAL_FIELDS = (
+    ("timeout", "timeout"),
+    ("max_concurrency", "max_concurrency"),
+    ("keep_running", "keep_running_on_disconnect"),
+    ("stdin", "stdin"),
+    ("buffer", "buffer"),
+    ("error_status", "error_status"),
+    ("queue", "queue"),
+    ("queue_timeout", "queue_timeout"),
+)
+
+
+def _request(args: argparse.Namespace) -> ControlRequest:
+    """(``args``, method, path, JSON body or None, expected status) for ``args``."""
+    if args.action == "add":
+        body: dict[str, object] = {
+            "method": args.method,
+            "url_pattern": args.url_pattern,
+            "entrypoint": args.entrypoint,
+            "command": _command(args),
+        }
+        for name, field in _OPTIONAL_FIELDS:
+            if getattr(args, name) is not None:
+                body[field] = getattr(args, name)
+        if args.limit:
+            try:
+                body["limits"] = parse_limits(args.limit)
+            except InvalidLimit as e:
+                raise CommandError(str(e)) from None
+        auth = _auth(args)
+        if auth:
+            body["auth"] = auth
+        if args.index is None:
+            return args, "POST", "/routes", body, 201
+        body["index"] = args.index
+        return args, "PUT", "/routes", body, 201
+    if args.action == "list":
+        return args, "GET", "/routes", None, 200
+    path = "/routes/" + quote(args.route_id)
+    if args.action == "get":
+        return args, "GET", path, None, 200
+    return args, "DELETE", path, None, 204
+
+
+def _auth(args: argparse.Namespace) -> dict[str, object]:
+    """The route's ``auth`` from the ``--auth-*`` and ``--allow`` flags; file names made absolute,
+    since the server reads them from its own working directory."""
+    auth: dict[str, object] = {}
+    if args.auth_bearer is not None:
+        auth["bearer_tokens_file"] = _absolute(args.auth_bearer, "--auth-bearer")
+    if args.auth_basic is not None:
+        auth["basic_users_file"] = _absolute(args.auth_basic, "--auth-basic")
+    if args.auth_hmac is not None:
+        parts = args.auth_hmac.split(":", 3)
+        if len(parts) < 2 or not parts[0] or not parts[1]:
+            raise CommandError(f"--auth-hmac {args.auth_hmac!r}: expected HEADER:FILE[:ALGORITHM[:PREFIX]]")
+        rule = {"header": parts[0], "secret_file": _absolute(parts[1], "--auth-hmac")}
+        if len(parts) > 2 and parts[2]:
+            rule["algorithm"] = parts[2]
+        if len(parts) > 3:
+            rule["prefix"] = parts[3]
+        auth["hmac"] = rule
+    if args.allow:
+        import ipaddress  # only here: most routes have no --allow
+
+        for network in args.allow:
+            try:
+                ipaddress.ip_network(network.strip(), strict=False)
+            except ValueError as e:
+                raise CommandError(f"--allow {network!r}: {e}") from None
+        auth["allow"] = [network.strip() for network in args.allow]
+    return auth
+
+
+def _absolute(path: str, flag: str) -> str:
+    if not path:
+        raise CommandError(f"{flag}: the file name is empty")
+    return os.path.abspath(path)
+
+
+def main(argv: Sequence[str]) -> int:
+    """Run ``kapow route`` with ``argv`` (without the leading words)."""
+    return run(lambda: _request(_parse(argv)))

@@ -1,0 +1,608 @@
+"""
+The data API in memory (StubTreq) against handlers of real user requests:
+every resource, every error code and reason of SPEC.md §4.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import time
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from treq.testing import StubTreq
+from twisted.internet import reactor
+from twisted.internet.interfaces import ISSLTransport
+from twisted.internet.task import deferLater
+from twisted.internet.testing import StringTransport
+from twisted.logger import formatEvent, globalLogPublisher
+from twisted.python import log as twisted_log
+from twisted.trial.unittest import TestCase
+from zope.interface import implementer
+
+from kapow.core.routes import Route
+from kapow.data import api as data_api
+from kapow.data.api import DataAPI
+from kapow.handlers.handler import Handler, HandlerRegistry, State
+from tests.support.user_connection import (
+    MULTIPART,
+    PEER,
+    ROUTE,
+    URLENCODED,
+    UserConnection,
+    header_values,
+    http_request,
+    multipart_body,
+)
+
+DATA = "http://data/handlers/"
+OCTET_STREAM = b"application/octet-stream"
+
+
+@implementer(ISSLTransport)
+class TLSTransport(StringTransport):
+    """A user connection over TLS whose client presented ``certificate``."""
+
+    def __init__(self, certificate: x509.Certificate) -> None:
+        super().__init__(peerAddress=PEER)
+        self.certificate = certificate
+
+    def getPeerCertificate(self) -> x509.Certificate:
+        return self.certificate
+
+    def setTcpNoDelay(self, enabled: bool) -> None:
+        pass
+
+
+def client_certificate() -> x509.Certificate:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Example"),
+            x509.NameAttribute(NameOID.COMMON_NAME, "alice"),
+        ]
+    )
+    now = datetime.datetime.now(datetime.UTC)
+    return (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now)
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .sign(key, hashes.SHA256())
+    )
+
+
+class DataAPITests(TestCase):
+    def setUp(self) -> None:
+        self.registry = HandlerRegistry()
+        self.treq = StubTreq(DataAPI(self.registry).resource())
+
+    def user(
+        self,
+        raw: bytes | None = None,
+        matches: dict[str, str] | None = None,
+        transport: StringTransport | None = None,
+    ) -> tuple[Handler, UserConnection]:
+        connection = UserConnection(http_request() if raw is None else raw, transport=transport)
+        return self.registry.create(ROUTE, matches or {}, connection.request), connection
+
+    async def settle(self, d: Any) -> Any:
+        """
+        The result of ``d``, pumping the in-memory connection. Streamed reads
+        (``FileSender``) are pulled by twisted.web's cooperator, which the
+        reactor drives, so the reactor turns between pumps.
+        """
+        out: list[Any] = []
+
+        def keep(result: Any) -> Any:
+            out.append(result)
+            return result
+
+        d.addBoth(keep)
+        deadline = time.monotonic() + 10
+        while not out:
+            self.assertLess(time.monotonic(), deadline, "no answer")
+            self.treq.flush()
+            await deferLater(reactor, 0, lambda: None)
+        return await d
+
+    async def call(
+        self,
+        method: str,
+        handler: Handler | str,
+        resource: str,
+        data: bytes | None = None,
+    ) -> tuple[int, bytes, bytes]:
+        """(status, Content-Type, body) of one data API call."""
+        handler_id = handler if isinstance(handler, str) else handler.id
+        response = await self.settle(self.treq.request(method, DATA + handler_id + resource, data=data))
+        body = await self.settle(response.content())
+        self.phrase = response.phrase
+        return (
+            response.code,
+            b", ".join(response.headers.getRawHeaders(b"content-type", [])),
+            body,
+        )
+
+    async def read(self, handler: Handler, resource: str) -> bytes:
+        code, kind, body = await self.call("GET", handler, resource)
+        self.assertEqual((code, kind), (200, OCTET_STREAM), (resource, body[:200]))
+        return body
+
+    async def write(self, handler: Handler, resource: str, data: bytes) -> None:
+        code, _, body = await self.call("PUT", handler, resource, data)
+        self.assertEqual((code, body), (200, b""), resource)
+
+    async def assertError(
+        self,
+        code: int,
+        reason: str,
+        method: str,
+        handler: Handler | str,
+        resource: str,
+        data: bytes | None = None,
+    ) -> None:
+        actual, kind, body = await self.call(method, handler, resource, data)
+        self.assertEqual(
+            (actual, self.phrase, kind, json.loads(body) if kind == b"application/json" else body),
+            (code, reason.encode(), b"application/json", {"reason": reason}),
+            f"{method} {resource}",
+        )
+
+    # reads
+
+    async def test_request_values(self) -> None:
+        handler, _ = self.user(
+            http_request(
+                b"PATCH",
+                b"/caf%C3%A9/a%20b/%FF?q=1&q=2&sp=a+b",
+                [
+                    (b"Host", b"localhost:8080"),
+                    (b"X-Token", b"secret"),
+                    (b"Cookie", b"session=abc; Other=1"),
+                    (b"Content-Type", URLENCODED),
+                ],
+                b"f=v&f=w&g=%C3%A9",
+            ),
+            matches={"name": "world", "rest": "a/b"},
+        )
+        expected = {
+            "/request/method": b"PATCH",
+            "/request/host": b"localhost:8080",
+            "/request/version": b"HTTP/1.1",
+            "/request/path": b"/caf\xc3\xa9/a b/\xff",
+            "/request/remote": b"192.0.2.7",
+            "/request/matches/name": b"world",
+            "/request/matches/rest": b"a/b",
+            "/request/params/q": b"1",
+            "/request/params/sp": b"a b",
+            "/request/headers/X-Token": b"secret",
+            "/request/headers/x-token": b"secret",
+            "/request/headers/Host": b"localhost:8080",
+            "/request/cookies/session": b"abc",
+            "/request/cookies/Other": b"1",
+            "/request/form/f": b"v",
+            "/request/form/g": "é".encode(),
+            "/route/id": b"route-1",
+        }
+        for resource, value in expected.items():
+            self.assertEqual(await self.read(handler, resource), value, resource)
+
+    async def test_encoded_item_names(self) -> None:
+        handler, _ = self.user(http_request(target=b"/x?a%20b=1&c%2Fd=2"))
+        self.assertEqual(await self.read(handler, "/request/params/a%20b"), b"1")
+
+    async def test_body_streams_exact_bytes(self) -> None:
+        for size in (0, 1000, 300_000):
+            body = os.urandom(size)
+            handler, _ = self.user(http_request(b"POST", b"/x", [(b"Host", b"h")], body))
+            self.assertEqual(await self.read(handler, "/request/body"), body, size)
+            self.assertEqual(await self.read(handler, "/request/body"), body, size)
+
+    async def test_files(self) -> None:
+        big = os.urandom(1_100_000)
+        small = bytes(range(256)) * 300
+        handler, _ = self.user(
+            http_request(
+                b"POST",
+                b"/upload",
+                [(b"Host", b"h"), (b"Content-Type", MULTIPART)],
+                multipart_body(
+                    (b'form-data; name="title"', b"hello"),
+                    (b'form-data; name="big"; filename="../../report.bin"', big),
+                    (b'form-data; name="small"; filename="s.txt"', small),
+                ),
+            )
+        )
+        self.assertEqual(await self.read(handler, "/request/form/title"), b"hello")
+        self.assertEqual(await self.read(handler, "/request/files/big/filename"), b"report.bin")
+        self.assertEqual(await self.read(handler, "/request/files/big/content"), big)
+        self.assertEqual(await self.read(handler, "/request/files/small/filename"), b"s.txt")
+        self.assertEqual(await self.read(handler, "/request/files/small/content"), small)
+        self.assertEqual(await self.read(handler, "/request/files/big/content"), big)
+
+    async def test_client_certificate_dn(self) -> None:
+        handler, _ = self.user(transport=TLSTransport(client_certificate()))
+        self.assertEqual(await self.read(handler, "/ssl/client/i/dn"), b"CN=alice,O=Example")
+
+    # errors
+
+    async def test_unknown_handler(self) -> None:
+        handler, _ = self.user()
+        for method, resource, data in (
+            ("GET", "/request/method", None),
+            ("GET", "/request/body", None),
+            ("PUT", "/response/body", b"x"),
+            ("PUT", "/response/status", b"201"),
+        ):
+            await self.assertError(404, "Handler ID Not Found", method, "0" * 32, resource, data)
+        self.assertEqual(await self.read(handler, "/request/method"), b"GET")
+        self.registry.forget(handler)
+        await self.assertError(404, "Handler ID Not Found", "GET", handler, "/request/method")
+        await self.assertError(404, "Handler ID Not Found", "PUT", handler, "/response/body", b"x")
+
+    async def test_invalid_resource_path(self) -> None:
+        handler, _ = self.user()
+        for method, resource in (
+            ("GET", "/request/nope"),
+            ("GET", "/request/headers/"),
+            ("GET", "/request/body/x"),
+            ("GET", "/request/files/"),
+            ("GET", "/request/method/extra"),
+            ("GET", "/request/files/x"),
+            ("GET", "/request/files/x/other"),
+            ("GET", "/request/files//content"),
+            ("GET", "/request"),
+            ("GET", "/response"),
+            ("PUT", "/response"),
+            ("PUT", "/response/headers"),
+            ("PUT", "/response/nope"),
+            ("PUT", "/server/log/a/b"),
+            ("GET", "/foo/bar"),
+            ("GET", "/route"),
+            ("GET", "/ssl/client/i"),
+        ):
+            await self.assertError(
+                400,
+                "Invalid Resource Path",
+                method,
+                handler,
+                resource,
+                b"x" if method == "PUT" else None,
+            )
+
+    async def test_absent_items(self) -> None:
+        handler, _ = self.user(
+            http_request(
+                target=b"/x?q=1",
+                headers=[(b"Host", b"h"), (b"Cookie", b"session=abc")],
+            ),
+            matches={"name": "v"},
+        )
+        for resource in (
+            "/request/params/absent",
+            "/request/headers/X-Absent",
+            "/request/cookies/absent",
+            "/request/cookies/Session",
+            "/request/matches/absent",
+            "/request/form/absent",
+            "/request/files/absent/filename",
+            "/request/files/absent/content",
+            "/ssl/client/i/dn",
+        ):
+            await self.assertError(404, "Resource Item Not Found", "GET", handler, resource)
+
+    async def test_wrong_direction(self) -> None:
+        handler, connection = self.user()
+        for method, resource in (
+            ("GET", "/response/status"),
+            ("GET", "/response/body"),
+            ("GET", "/response/stream"),
+            ("GET", "/response/headers/X-A"),
+            ("GET", "/response/cookies/c"),
+            ("GET", "/server/log"),
+            ("PUT", "/request/method"),
+            ("PUT", "/request/body"),
+            ("PUT", "/request/headers/Host"),
+            ("PUT", "/route/id"),
+            ("PUT", "/ssl/client/i/dn"),
+            ("POST", "/request/method"),
+            ("POST", "/response/body"),
+            ("POST", "/response/status"),
+            ("DELETE", "/request/method"),
+            ("DELETE", "/request/headers/Host"),
+            ("DELETE", "/response/status"),
+            ("DELETE", "/response/body"),
+            ("DELETE", "/response/reason"),
+            ("DELETE", "/response/end"),
+            ("DELETE", "/server/log"),
+            ("PUT", "/request/headers"),
+            ("PUT", "/request/params"),
+            ("GET", "/response/reason"),
+            ("GET", "/response/end"),
+            ("PATCH", "/response/body"),
+        ):
+            await self.assertError(
+                405,
+                "Method Not Allowed",
+                method,
+                handler,
+                resource,
+                None if method == "GET" else b"500",
+            )
+        handler.finish()
+        code, _, body = connection.response()
+        self.assertEqual((code, body), (200, b""))
+
+    async def test_status_writes(self) -> None:
+        handler, connection = self.user()
+        await self.assertError(422, "Non Integer Value", "PUT", handler, "/response/status", b"abc")
+        await self.assertError(422, "Non Integer Value", "PUT", handler, "/response/status", b"")
+        await self.assertError(400, "Invalid Status Code", "PUT", handler, "/response/status", b"42")
+        await self.assertError(400, "Invalid Status Code", "PUT", handler, "/response/status", b"1000")
+        await self.write(handler, "/response/status", b"201")
+        await self.write(handler, "/response/status", b" 418\n")
+        handler.finish()
+        code, _, body = connection.response()
+        self.assertEqual((code, body), (418, b""))
+
+    async def test_header_and_cookie_writes(self) -> None:
+        handler, connection = self.user()
+        await self.write(handler, "/response/headers/X-Multi", b"one\n")
+        await self.write(handler, "/response/headers/X-Multi", b"two")
+        await self.write(handler, "/response/cookies/session", b"abc\n")
+        for bad in (b"a\rb", b"v\r\n", b"a\nb", b"a\x00b"):
+            actual, kind, body = await self.call("PUT", handler, "/response/headers/X-Bad", bad)
+            self.assertEqual(
+                (actual, kind, list(json.loads(body))),
+                (400, b"application/json", ["reason"]),
+            )
+        handler.finish()
+        _, headers, _ = connection.response()
+        self.assertEqual(header_values(headers, b"X-Multi"), [b"one", b"two"])
+        self.assertEqual(header_values(headers, b"Set-Cookie"), [b"session=abc"])
+        self.assertEqual(header_values(headers, b"X-Bad"), [])
+
+    async def test_body_writes_append_and_start_the_response(self) -> None:
+        handler, connection = self.user()
+        await self.write(handler, "/response/status", b"202")
+        big = b"0123456789abcdef" * 8192
+        await self.write(handler, "/response/body", b"hello ")
+        code, headers, body = connection.response()
+        self.assertEqual((code, body), (202, b"hello "))
+        self.assertEqual(header_values(headers, b"Content-Type"), [b"text/plain; charset=utf-8"])
+        await self.write(handler, "/response/stream", b"world\n")
+        await self.write(handler, "/response/body", big)
+        await self.assertError(409, "Response Already Started", "PUT", handler, "/response/status", b"500")
+        await self.assertError(
+            409,
+            "Response Already Started",
+            "PUT",
+            handler,
+            "/response/headers/X-A",
+            b"1",
+        )
+        await self.assertError(409, "Response Already Started", "PUT", handler, "/response/cookies/c", b"1")
+        handler.finish()
+        code, headers, body = connection.response()
+        self.assertEqual((code, body), (202, b"hello world\n" + big))
+        self.assertEqual(header_values(headers, b"X-A"), [])
+
+    async def test_body_write_waits_for_the_user_connection(self) -> None:
+        handler, connection = self.user()
+        await self.write(handler, "/response/body", b"first")
+        connection.pause()
+        pending = self.treq.put(DATA + handler.id + "/response/body", data=b"second")
+        for _ in range(5):
+            self.treq.flush()
+            await deferLater(reactor, 0, lambda: None)
+        self.assertNoResult(pending)
+        self.assertEqual(connection.response()[2], b"firstsecond")
+        connection.resume()
+        answer = await self.settle(pending)
+        at_once = await self.settle(self.treq.put(DATA + handler.id + "/response/body", data=b"!"))
+        self.assertEqual(connection.response()[2], b"firstsecond!")
+        # answered later or at once, the same answer: empty, of no type
+        for found in (answer, at_once):
+            self.assertEqual(found.code, 200)
+            self.assertEqual(found.length, 0)  # a Content-Length of 0, not an empty chunked body
+            self.assertFalse(found.headers.hasHeader(b"Content-Type"))
+
+    async def test_a_large_body_write_waits_between_chunks(self) -> None:
+        handler, connection = self.user()
+        await self.write(handler, "/response/body", b"first")
+        connection.pause()
+        big = bytes(range(256)) * (3 * data_api.CHUNK_SIZE // 256) + b"tail"
+        pending = self.treq.put(DATA + handler.id + "/response/body", data=big)
+        for _ in range(5):
+            self.treq.flush()
+            await deferLater(reactor, 0, lambda: None)
+        self.assertNoResult(pending)
+        self.assertEqual(connection.response()[2], b"first" + big[: data_api.CHUNK_SIZE])
+        connection.resume()
+        self.assertEqual((await self.settle(pending)).code, 200)
+        self.assertEqual(connection.response()[2], b"first" + big)
+
+    async def test_server_log(self) -> None:
+        events: list[dict[str, Any]] = []
+        self.patch(data_api.server_log, "observer", events.append)
+        handler, _ = self.user()
+        await self.write(handler, "/server/log/backup", b"line one\nline two\n")
+        await self.write(handler, "/server/log", b"no prefix")
+        await self.write(handler, "/server/log/a%1Bb%07c%0Ad%7F%00", b"msg")
+        self.assertEqual({e["log_namespace"] for e in events}, {"kapow.handler"})
+        self.assertEqual(
+            [formatEvent(e) for e in events],
+            [
+                f"{handler.id} backup: line one",
+                f"{handler.id} backup: line two",
+                f"{handler.id}: no prefix",
+                f"{handler.id} abcd: msg",
+            ],
+        )
+
+    async def test_server_log_next_to_a_legacy_observer(self) -> None:
+        events: list[dict[str, Any]] = []
+
+        def legacy(event: dict[str, Any]) -> None:
+            pass
+
+        twisted_log.addObserver(legacy)
+        self.addCleanup(twisted_log.removeObserver, legacy)
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        handler, _ = self.user()
+        await self.write(handler, "/server/log/backup", b"done")
+        lines = [formatEvent(e) for e in events if e.get("log_namespace") == "kapow.handler"]
+        self.assertEqual(lines, [f"{handler.id} backup: done"])
+
+    # SPEC.md §7
+
+    async def test_success_keeps_the_standard_phrase(self) -> None:
+        handler, _ = self.user()
+        await self.read(handler, "/request/method")
+        self.assertEqual(self.phrase, b"OK")
+
+    async def test_collections(self) -> None:
+        handler, _ = self.user(
+            http_request(
+                b"POST",
+                b"/x?p=a%ffb&p=2&q",
+                [
+                    (b"Host", b"h"),
+                    (b"X-Rep", b"1"),
+                    (b"X-Rep", b"2"),
+                    (b"Cookie", b"a=1; a=2"),
+                    (b"Content-Type", URLENCODED),
+                ],
+                b"f=1&f=2",
+            ),
+            matches={"name": "world"},
+        )
+        expected = {
+            "/request/params": {"p": ["a\ufffdb", "2"], "q": [""]},
+            "/request/headers": {
+                "host": ["h"],
+                "x-rep": ["1", "2"],
+                "cookie": ["a=1; a=2"],
+                "content-type": [URLENCODED.decode()],
+                "content-length": ["7"],
+            },
+            "/request/cookies": {"a": ["1", "2"]},
+            "/request/form": {"f": ["1", "2"]},
+            "/request/files": {},
+            "/request/matches": {"name": "world"},
+        }
+        for resource, value in expected.items():
+            code, kind, body = await self.call("GET", handler, resource)
+            self.assertEqual((code, kind, json.loads(body)), (200, b"application/json", value), resource)
+        self.assertEqual(await self.read(handler, "/request/params/p"), b"a\xffb")
+
+    async def test_files_collection(self) -> None:
+        body = multipart_body(
+            (b'form-data; name="up"; filename="a.txt"\r\nContent-Type: text/plain', b"hello"),
+        )
+        handler, _ = self.user(
+            http_request(b"POST", b"/x", [(b"Host", b"h"), (b"Content-Type", MULTIPART)], body)
+        )
+        code, _, data = await self.call("GET", handler, "/request/files")
+        self.assertEqual(
+            (code, json.loads(data)),
+            (200, {"up": [{"filename": "a.txt", "content_type": "text/plain", "size": 5}]}),
+        )
+
+    async def test_delete_header_and_cookie(self) -> None:
+        handler, connection = self.user()
+        await self.write(handler, "/response/headers/X-A", b"1")
+        await self.write(handler, "/response/headers/X-A", b"2")
+        await self.write(handler, "/response/headers/X-B", b"kept")
+        await self.write(handler, "/response/cookies/c", b"1")
+        for resource in ("/response/headers/x-a", "/response/cookies/c", "/response/cookies/never"):
+            self.assertEqual(await self.call("DELETE", handler, resource), (200, b"", b""), resource)
+        await self.assertError(400, "Invalid Resource Path", "DELETE", handler, "/response/headers/a%20b")
+        await self.assertError(400, "Invalid Resource Path", "DELETE", handler, "/response/headers/")
+        await self.assertError(404, "Handler ID Not Found", "DELETE", "nope", "/response/headers/X-A")
+        await self.write(handler, "/response/body", b"x")
+        await self.assertError(409, "Response Already Started", "DELETE", handler, "/response/headers/X-B")
+        await self.assertError(409, "Response Already Started", "DELETE", handler, "/response/cookies/c")
+        handler.finish()
+        _, headers, _ = connection.response()
+        self.assertEqual(header_values(headers, b"X-A"), [])
+        self.assertEqual(header_values(headers, b"X-B"), [b"kept"])
+        self.assertEqual(header_values(headers, b"Set-Cookie"), [])
+
+    async def test_reason(self) -> None:
+        handler, connection = self.user()
+        await self.write(handler, "/response/reason", b"Still Thinking\n")
+        for bad in (b"a\r\nX-Injected: 1", b"x" * 257, b"nul\x00"):
+            await self.assertError(400, "Invalid Reason Phrase", "PUT", handler, "/response/reason", bad)
+        await self.write(handler, "/response/status", b"202")
+        await self.write(handler, "/response/body", b"x")
+        await self.assertError(409, "Response Already Started", "PUT", handler, "/response/reason", b"Late")
+        handler.finish()
+        self.assertTrue(connection.transport.value().startswith(b"HTTP/1.1 202 Still Thinking\r\n"))
+
+    async def test_end(self) -> None:
+        handler, connection = self.user(http_request(b"POST", b"/x?q=1", body=b"payload"))
+        await self.write(handler, "/response/status", b"202")
+        await self.write(handler, "/response/end", b"anything, ignored")
+        self.assertTrue(connection.request.finished)
+        self.assertIs(handler.state, State.ENDED)
+        self.assertEqual(connection.response()[::2], (202, b""))
+        for method, resource in (
+            ("PUT", "/response/status"),
+            ("PUT", "/response/reason"),
+            ("PUT", "/response/headers/X-A"),
+            ("PUT", "/response/cookies/c"),
+            ("PUT", "/response/body"),
+            ("PUT", "/response/stream"),
+            ("PUT", "/response/end"),
+            ("DELETE", "/response/headers/X-A"),
+            ("DELETE", "/response/cookies/c"),
+        ):
+            await self.assertError(409, "Response Already Ended", method, handler, resource, b"1")
+        await self.assertError(409, "Response Already Ended", "PUT", handler, "/response/body", b"")
+        self.assertEqual(await self.read(handler, "/request/params/q"), b"1")
+        self.assertEqual(await self.read(handler, "/request/body"), b"payload")
+        await self.write(handler, "/server/log", b"still logging")
+        self.assertEqual(connection.response()[::2], (202, b""))
+
+    async def test_end_a_large_value_is_ignored(self) -> None:
+        handler, connection = self.user()
+        await self.write(handler, "/response/end", b"x" * (data_api.MAX_VALUE + 10))
+        self.assertTrue(connection.request.finished)
+
+    async def test_buffer_route_takes_a_late_status(self) -> None:
+        connection = UserConnection(http_request())
+        route = Route(id="route-b", method="GET", url_pattern="/x", buffer=True)
+        handler = self.registry.create(route, {}, connection.request)
+        await self.write(handler, "/response/body", b"held")
+        await self.write(handler, "/response/status", b"201")
+        await self.write(handler, "/response/headers/X-Late", b"1")
+        self.assertEqual(connection.transport.value(), b"")
+        handler.finish()
+        code, headers, body = connection.response()
+        self.assertEqual((code, body), (201, b"held"))
+        self.assertEqual(header_values(headers, b"X-Late"), [b"1"])
+        self.assertEqual(header_values(headers, b"Content-Length"), [b"4"])
+
+    async def test_paths_that_are_not_utf8_or_broken_escapes(self) -> None:
+        handler, _ = self.user()
+        for method, resource in (
+            ("GET", "/request/headers/%ff"),
+            ("GET", "/request/params/%zz"),
+            ("GET", "/request/params/a%4"),
+            ("GET", "/request/params/a%"),
+            ("PUT", "/response/headers/%c3%28"),
+            ("DELETE", "/response/headers/%zz"),
+        ):
+            await self.assertError(400, "Invalid Resource Path", method, handler, resource, b"1")
+        await self.assertError(400, "Invalid Resource Path", "GET", "bad%zzid", "/request/method")
