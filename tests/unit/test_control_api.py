@@ -125,6 +125,10 @@ class ControlAPITests(SynchronousTestCase):
             self.assertEqual(self.phrase, reason.encode(), (method, path))
         self.assertEqual(len(self.routes), 0)
 
+    def test_a_path_that_is_not_utf8_is_a_json_404(self) -> None:
+        for path in ("/routes/%ff%fe", "/%c3%28", "/handlers/%80"):
+            self.assertEqual(self.call("GET", path), (404, "application/json", {"reason": "Not Found"}))
+
     def test_success_keeps_the_standard_phrase(self) -> None:
         self.call("POST", "/routes", {"method": "GET", "url_pattern": "/a"})
         self.assertEqual(self.phrase, b"Created")

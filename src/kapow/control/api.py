@@ -22,7 +22,7 @@ from twisted.web.resource import IResource
 
 from kapow.core.routes import InvalidRoute, Route, RouteTable, route_from_json
 from kapow.handlers.listing import HandlerShown, HandlersListing
-from kapow.web.errors import JSONError, install_json_errors, json_body
+from kapow.web.errors import JSONError, install_json_errors, json_body, json_resource
 
 __all__ = ["ControlAPI", "NoHandlers", "Stats"]
 
@@ -71,7 +71,7 @@ class ControlAPI:
 
     def resource(self) -> IResource:
         """The Twisted resource serving this API."""
-        return self.app.resource()
+        return json_resource(self.app, JSONError(404, "Not Found"))
 
     @app.route("/routes", methods=["GET"])
     def list_routes(self, request: IRequest) -> bytes:

@@ -8,10 +8,16 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING
 
+from klein import KleinRenderable
+
+# not exported by klein: how its resource decodes a request's URL
+from klein._resource import URLDecodeError, extractURLparts
+from klein.resource import KleinResource
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http
 from twisted.web.iweb import IRequest
+from twisted.web.resource import IResource
 from twisted.web.server import Request, Site
 from werkzeug.exceptions import HTTPException
 
@@ -92,6 +98,29 @@ def install_json_errors(app: Klein) -> None:
 
 
 _REASONS = {404: "Not Found", 405: "Method Not Allowed"}
+
+
+def json_resource(app: Klein, bad_url: JSONError) -> IResource:
+    """
+    The resource of ``app`` (bound to its owner, as ``self.app`` gives it),
+    answering a URL that werkzeug cannot route, because its path or host is
+    not UTF-8 once percent-decoded, with ``bad_url`` as JSON instead of
+    Klein's ``text/html`` page.
+    """
+    return _JSONKleinResource(app, bad_url)
+
+
+class _JSONKleinResource(KleinResource):
+    def __init__(self, app: Klein, bad_url: JSONError) -> None:
+        super().__init__(app)
+        self._bad_url = bad_url
+
+    def render(self, request: IRequest) -> KleinRenderable:
+        try:
+            extractURLparts(request)
+        except URLDecodeError:
+            return reason_body(request, self._bad_url.code, self._bad_url.reason)
+        return super().render(request)
 
 
 def bounded_request_factory(max_body: int) -> type[Request]:
