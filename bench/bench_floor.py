@@ -6,10 +6,11 @@ with ``--reference``, the Go reference, in alternating rounds of ``wrk`` at
 one concurrency, so that all three meet the same machine.
 
 The floor server does only this: a twisted.web leaf that spawns the route's
-``/bin/sh -c`` with :mod:`kapow.handlers.libc_spawn` (in a thread while another
-handler lives, as ``kapow server`` does), a plain Protocol on the data port
-that writes each PUT's body to the waiting request and answers 200, and the
-response finished when the process's pidfd says it exited. No access log,
+``/bin/sh -c`` through :class:`kapow.handlers.fast_processes.FastProcesses` (in
+a thread while another handler lives, as ``kapow server`` does), a plain
+Protocol on the data port that writes each PUT's body to the waiting request
+and answers 200, and the response finished when the process's protocol hears
+it exited (through its pidfd). No access log,
 limits, timeouts, back-pressure, response state or error handling: what is
 left is twisted.web, the reactor and the processes.
 
@@ -45,42 +46,36 @@ def serve(user_port: int, data_port: int) -> None:
     from twisted.web import resource, server
 
     from kapow.commands.launcher import native_client
-    from kapow.handlers.libc_spawn import Spawn
-    from kapow.handlers.spawn import SpawnThreads, _ExitWatcher
+    from kapow.handlers.fast_processes import FastProcesses
+    from kapow.handlers.processes import Environ
 
     client = native_client()
     if client is None:
         sys.exit("bench_floor: the native client was not built")
-    spawn = Spawn(os.open(os.devnull, os.O_RDWR), ())
-    threads = SpawnThreads(reactor, spawn, 4)
+    processes = FastProcesses(reactor)
+    devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+    stdio = {0: devnull, 1: devnull, 2: devnull}
     environ = {**os.environ, "KAPOW_DATA_URL": f"http://127.0.0.1:{data_port}"}
     environ["PATH"] = os.path.dirname(client) + os.pathsep + environ.get("PATH", os.defpath)
-    base = [os.fsencode(k) + b"=" + os.fsencode(v) for k, v in environ.items()]
+    base = Environ(environ)
     argv = ["/bin/sh", "-c", HELLO]
     waiting: dict[bytes, Any] = {}
-    live = [0]
+
+    class Exited(protocol.ProcessProtocol):
+        def __init__(self, handler_id: bytes) -> None:
+            self.handler_id = handler_id
+
+        def processExited(self, reason: Any) -> None:
+            waiting.pop(self.handler_id).finish()
 
     class Hello(resource.Resource):
         isLeaf = True
 
         def render_GET(self, request: Any) -> Any:
-            handler_id = secrets.token_hex(16).encode()
-            waiting[handler_id] = request
-            env = [*base, b"KAPOW_HANDLER_ID=" + handler_id]
-
-            def exited(status: int | None, sig: int | None) -> None:
-                live[0] -= 1
-                del waiting[handler_id]
-                request.finish()
-
-            def watch(pid: int) -> None:
-                live[0] += 1
-                _ExitWatcher(reactor, pid, exited)
-
-            if live[0]:
-                threads(argv, env, None).addCallback(watch)
-            else:
-                watch(spawn(argv, env, None))
+            handler_id = secrets.token_hex(16)
+            waiting[handler_id.encode()] = request
+            env = base.adding("KAPOW_HANDLER_ID", handler_id)
+            processes.spawnProcess(Exited(handler_id.encode()), argv[0], argv, env, childFDs=stdio)
             return server.NOT_DONE_YET
 
     class Data(protocol.Protocol):

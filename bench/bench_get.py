@@ -126,7 +126,7 @@ def _start_real_server():
     from pathlib import Path
 
     sys.path.insert(0, os.path.dirname(HERE))
-    from tests.kapowserver import KapowServer, wait_for
+    from tests.support.kapowserver import KapowServer, wait_for
 
     tmp = Path(tempfile.mkdtemp(prefix="kapow-bench-"))
     real = KapowServer(tmp, extra=("--shutdown-timeout", "0"))

@@ -24,7 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.kapowserver import KapowServer  # noqa: E402
+from tests.support.kapowserver import KapowServer  # noqa: E402
 
 
 def open_fds(pid: int) -> int:

@@ -2,14 +2,16 @@
 """
 The cost of starting one handler: the server's own CPU time and the wall
 time per handler, for N handlers running /bin/true through
-:class:`kapow.handlers.spawn.Spawner` on a real reactor, C at a time (the lean path:
-posix_spawn with setsid and a pidfd exit watcher; ``--debug`` for the
-Process path).
+:class:`kapow.handlers.spawn.Spawner` on a real reactor, C at a time, started by
+the fast provider (``--spawn fast``: posix_spawn through the C library, exits
+seen through pidfds) or the reactor's (``--spawn reactor``: Twisted's own
+processes); ``--debug`` reads their output through pipes, as the server's does.
 
 ``--contained`` first moves this process into a cgroup of its own, as the
 server does when it can, to show what a handler's start costs there.
 
-Usage: python bench/bench_spawn.py [-n 3000] [-c 1] [--contained] [--debug] [--wrap PROGRAM]
+Usage: python bench/bench_spawn.py [-n 3000] [-c 1] [--spawn fast|reactor] [--contained] [--debug]
+                                   [--wrap PROGRAM]
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ def main() -> None:
     parser.add_argument("-n", type=int, default=3000, help="handlers to start")
     parser.add_argument("-c", type=int, default=1, help="handlers running at once")
     parser.add_argument("--contained", action="store_true", help="run inside a cgroup of our own")
-    parser.add_argument("--debug", action="store_true", help="the Process path (pipes, SIGCHLD)")
+    parser.add_argument("--spawn", choices=("fast", "reactor"), default="fast", help="the provider")
+    parser.add_argument("--debug", action="store_true", help="output through pipes")
     parser.add_argument(
         "--wrap",
         default="",
@@ -41,7 +44,7 @@ def main() -> None:
 
     from twisted.internet import reactor
 
-    from kapow.handlers.spawn import Spawner
+    from kapow.handlers.spawn import Spawner, handler_processes
 
     containment = None
     if args.contained:
@@ -52,7 +55,11 @@ def main() -> None:
         if containment.group is None:
             sys.exit("no writable cgroup here")
     spawner = Spawner(
-        reactor, lambda: {"PATH": "/usr/bin:/bin"}, lambda: ("http://x", "https://y"), args.debug
+        reactor,
+        lambda: {"PATH": "/usr/bin:/bin"},
+        lambda: ("http://x", "https://y"),
+        processes=handler_processes(reactor, args.spawn),
+        debug=args.debug,
     )
     argv = [*args.wrap.split(), "/bin/true"]
     started = ended = 0
@@ -83,7 +90,7 @@ def main() -> None:
     if containment is not None:
         containment.stopService()
     where = "in a cgroup of its own" if args.contained else "where it was started"
-    path = "Process path" if args.debug else "lean path"
+    path = f"{args.spawn} provider" + (", output through pipes" if args.debug else "")
     if args.wrap:
         path += f", through {args.wrap}"
     print(

@@ -1,8 +1,9 @@
 """
 The data API of ``--data-bind`` under ``--workers``, on loopback: a real
-DataProxy in front of a real worker's DataAPI, both on 127.0.0.1 port 0,
-with handlers of in-memory user requests. What the proxy must carry as the
-worker answered it: every method, the status code and its reason phrase.
+DataProxy in front of a real worker's data app (DataAPI), both on 127.0.0.1
+port 0, with handlers of in-memory user requests. What the proxy must carry
+as the worker answered it: every method, the status code and its reason
+phrase.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from tests.support.user_connection import ROUTE, UserConnection, header_values, 
 class DataProxyTests(TestCase):
     def setUp(self) -> None:
         self.registry = HandlerRegistry()
-        worker = reactor.listenTCP(0, Site(DataAPI(self.registry)), interface="127.0.0.1")
+        worker = reactor.listenTCP(0, Site(DataAPI(self.registry).resource()), interface="127.0.0.1")
         self.addCleanup(worker.stopListening)
         address = ("127.0.0.1", worker.getHost().port)
         self.proxy = DataProxy(reactor, lambda handler_id: None if handler_id == "gone" * 8 else address)

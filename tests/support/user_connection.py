@@ -1,5 +1,5 @@
 """
-A client connection to the user interface's real site over an in-memory
+Client connections to the user interface's real site over an in-memory
 transport, and the HTTP bytes of requests and responses.
 """
 
@@ -13,7 +13,7 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET, Request
+from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from kapow.core.routes import Route
 from kapow.user.site import UserSite
@@ -64,20 +64,19 @@ class _Capture(Resource):
         return NOT_DONE_YET
 
 
-class UserConnection:
+class SiteConnection:
     """
-    One client connection to the user interface's real site over an
-    in-memory transport; ``request`` is the request it carried, still open.
+    One client connection to ``site`` over an in-memory transport, which
+    has sent ``raw``.
     """
 
-    def __init__(self, raw: bytes, peer: Any = PEER, transport: StringTransport | None = None) -> None:
-        capture = _Capture()
-        site = UserSite(capture, reactor=Clock())
+    def __init__(
+        self, site: Site, raw: bytes, peer: Any = PEER, transport: StringTransport | None = None
+    ) -> None:
         self.protocol = site.buildProtocol(peer)
         self.transport = StringTransport(peerAddress=peer) if transport is None else transport
         self.protocol.makeConnection(self.transport)
         self.protocol.dataReceived(raw)
-        [self.request] = capture.requests
 
     def pause(self) -> None:
         """The client stops reading: the transport pauses its producer."""
@@ -93,6 +92,18 @@ class UserConnection:
     def response(self) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
         """(status, [(lower-case name, value)], body so far) as sent on the wire."""
         return parse_response(self.transport.value())
+
+
+class UserConnection(SiteConnection):
+    """
+    One client connection to the user interface's real site over an
+    in-memory transport; ``request`` is the request it carried, still open.
+    """
+
+    def __init__(self, raw: bytes, peer: Any = PEER, transport: StringTransport | None = None) -> None:
+        capture = _Capture()
+        super().__init__(UserSite(capture, reactor=Clock()), raw, peer, transport)
+        [self.request] = capture.requests
 
 
 def parse_response(raw: bytes) -> tuple[int, list[tuple[bytes, bytes]], bytes]:

@@ -27,8 +27,8 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.web.server import Site
 
 import kapow
-from kapow.data.api import DataAPI
 from kapow.data.proxy import DataProxy
+from kapow.data.resource import DataResource
 from kapow.handlers.admission import LocalAdmission
 from kapow.handlers.containment import Containment
 from kapow.server.assembly import THIS_HOST, Host, Options, build_service
@@ -44,7 +44,7 @@ from kapow.server.workers.worker import (
     MainProcessConnection,
     WorkerLink,
 )
-from kapow.user.api import UserAPI
+from kapow.user.api import UserAPI, UserResource
 from kapow.web.connections import ConnectionLimit, default_max_connections, raise_open_files_limit
 
 OPEN_FILES = 4096
@@ -294,9 +294,11 @@ def test_a_server_of_one_process(tmp_path: Path) -> None:
     assert [process.args for process in reactor.processes] == [forkserver_argv()]
     assert reactor.processes[0].child_fds[0] == "w"  # its end: the server closes its stdin
 
-    user_api = site_of(service, "user").resource
+    user_resource = site_of(service, "user").resource
+    assert isinstance(user_resource, UserResource)
+    user_api = user_resource.api
     assert isinstance(user_api, UserAPI) and isinstance(user_api.admission, LocalAdmission)
-    assert isinstance(site_of(service, "data").resource, DataAPI)
+    assert isinstance(site_of(service, "data").resource, DataResource)
     assert isinstance(site_of(service, "metrics").resource, MetricsResource)
     assert user_api.spawner.urls() == ("http://127.0.0.1:18082", "https://localhost:18081")
 
@@ -394,7 +396,7 @@ def test_one_worker_of_them() -> None:
     data.privilegedStartService()
     # its own data API on a port of its own; the user interface waits for the routes
     assert listening(reactor) == [("127.0.0.1", 0, BACKLOG, [MAX, "QuietSite"])]
-    assert isinstance(site_of(service, "data").resource, DataAPI)
+    assert isinstance(site_of(service, "data").resource, DataResource)
     assert reactor.adoptedPorts == []
     limited = user.endpoint
     assert isinstance(limited, ConnectionLimit) and isinstance(limited.endpoint, GatedEndpoint)
@@ -406,7 +408,9 @@ def test_one_worker_of_them() -> None:
     assert isinstance(connection, MainProcessConnection) and connection.fd == 4
     link = connection.link
     assert isinstance(link, WorkerLink) and link.service is service
-    user_api = site_of(service, "user").resource
+    user_resource = site_of(service, "user").resource
+    assert isinstance(user_resource, UserResource)
+    user_api = user_resource.api
     assert link.user_api is user_api
     assert isinstance(user_api.admission, MainAdmission) and user_api.admission.link is link
     assert user_api.spawner.threads == 0

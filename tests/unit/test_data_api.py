@@ -15,20 +15,25 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from klein import Klein
 from treq.testing import StubTreq
 from twisted.internet import reactor
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.interfaces import ISSLTransport
 from twisted.internet.task import deferLater
 from twisted.internet.testing import StringTransport
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python import log as twisted_log
 from twisted.trial.unittest import TestCase
+from twisted.web.iweb import IRequest
 from zope.interface import implementer
 
 from kapow.core.routes import Route
 from kapow.data import api as data_api
 from kapow.data.api import DataAPI
+from kapow.data.resource import DataResource
 from kapow.handlers.handler import Handler, HandlerRegistry, State
+from kapow.web.errors import JSONError, install_json_errors
 from tests.support.user_connection import (
     MULTIPART,
     PEER,
@@ -606,3 +611,178 @@ class DataAPITests(TestCase):
         ):
             await self.assertError(400, "Invalid Resource Path", method, handler, resource, b"1")
         await self.assertError(400, "Invalid Resource Path", "GET", "bad%zzid", "/request/method")
+
+    # the Klein app's routing
+
+    async def test_refusals_before_any_route(self) -> None:
+        handler, _ = self.user()
+        await self.assertError(400, "Invalid Resource Path", "GET", "%ff", "/request/method")
+        await self.assertError(400, "Invalid Resource Path", "GET", handler, "/request/method%zz")
+        await self.assertError(400, "Invalid Resource Path", "PUT", handler, "/response/headers/X%e9", b"1")
+        for method in ("POST", "PATCH", "OPTIONS"):
+            response = await self.settle(self.treq.request(method, DATA + handler.id + "/request/method"))
+            self.assertEqual(
+                (response.code, response.phrase, response.headers.getRawHeaders(b"allow")),
+                (405, b"Method Not Allowed", [b"GET, HEAD, PUT, DELETE"]),
+            )
+            self.assertEqual(
+                json.loads(await self.settle(response.content())), {"reason": "Method Not Allowed"}
+            )
+
+    async def test_wrong_direction_names_no_methods(self) -> None:
+        handler, _ = self.user()
+        for method, resource in (
+            ("GET", "/response/status"),
+            ("PUT", "/request/method"),
+            ("DELETE", "/route/id"),
+        ):
+            response = await self.settle(self.treq.request(method, DATA + handler.id + resource, data=b"1"))
+            self.assertEqual((response.code, response.headers.getRawHeaders(b"allow")), (405, None), resource)
+
+    async def test_outside_any_handler(self) -> None:
+        for path in ("", "other", "handlers", "handlers/", "handlers/x", "handlers/x/"):
+            response = await self.settle(self.treq.get("http://data/" + path))
+            body = await self.settle(response.content())
+            self.assertEqual((response.code, json.loads(body)), (404, {"reason": "Not Found"}), path)
+
+    async def test_every_answer_has_a_length(self) -> None:
+        handler, _ = self.user(http_request(b"POST", b"/x", [(b"Host", b"h")], b"payload"))
+        for method, resource, data in (
+            ("GET", "/request/method", None),
+            ("GET", "/request/headers", None),
+            ("GET", "/request/body", None),
+            ("GET", "/request/nope", None),
+            ("GET", "/request/headers/absent", None),
+            ("PUT", "/response/status", b"201"),
+            ("PUT", "/response/status", b"abc"),
+            ("PUT", "/response/body", b"x"),
+            ("DELETE", "/response/headers/X-A", None),
+        ):
+            response = await self.settle(self.treq.request(method, DATA + handler.id + resource, data=data))
+            body = await self.settle(response.content())
+            self.assertEqual(response.length, len(body), resource)  # a Content-Length, not chunks
+
+    async def test_head_reads_without_a_body(self) -> None:
+        handler, _ = self.user(http_request(b"POST", b"/x", [(b"Host", b"h")], b"payload"))
+        for resource, length in (
+            ("/request/method", b"4"),
+            ("/request/body", b"7"),
+            ("/request/nope", b"35"),
+        ):
+            response = await self.settle(self.treq.head(DATA + handler.id + resource))
+            self.assertEqual(response.headers.getRawHeaders(b"content-length"), [length], resource)
+            self.assertEqual(await self.settle(response.content()), b"", resource)
+
+    async def test_a_route_serves_every_handler(self) -> None:
+        """A route looked up for one handler's call answers another's with that one."""
+        get, _ = self.user()
+        post, _ = self.user(http_request(b"POST", b"/x", body=b"x"))
+        for handler, method in ((get, b"GET"), (post, b"POST"), (get, b"GET"), (post, b"POST")):
+            self.assertEqual(await self.read(handler, "/request/method"), method)
+        await self.write(post, "/response/status", b"201")
+        await self.assertError(404, "Handler ID Not Found", "PUT", "-", "/response/status", b"201")
+        await self.assertError(404, "Handler ID Not Found", "GET", get.id[:-1], "/request/method")
+        self.assertEqual(post.status, 201)
+        self.assertEqual(get.status, 200)
+
+    async def test_a_long_name(self) -> None:
+        name = b"X-" + b"n" * 400
+        handler, _ = self.user(http_request(headers=[(b"Host", b"h"), (name, b"long")]))
+        other, _ = self.user()
+        self.assertEqual(await self.read(handler, "/request/headers/" + name.decode()), b"long")
+        await self.assertError(
+            404, "Resource Item Not Found", "GET", other, "/request/headers/" + name.decode()
+        )
+        await self.assertError(400, "Invalid Resource Path", "GET", handler, "/request/headers/" + "n/" * 200)
+
+    async def test_a_handler_id_holding_a_slash(self) -> None:
+        handler, _ = self.user()
+        await self.assertError(400, "Invalid Resource Path", "GET", handler.id + "%2F", "/request/method")
+        await self.assertError(400, "Invalid Resource Path", "GET", "a%2Fb", "/request/method")
+
+    async def test_an_unexpected_error_is_a_json_500(self) -> None:
+        class Broken(HandlerRegistry):
+            def get(self, handler_id: str) -> Handler | None:
+                raise RuntimeError("broken")
+
+        self.treq = StubTreq(DataAPI(Broken()).resource())
+        await self.assertError(500, "Internal Server Error", "GET", "x", "/request/method")
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+
+class Later:
+    """A Klein app served by DataResource whose answers come later, or fail."""
+
+    app = Klein()
+
+    def __init__(self) -> None:
+        self.pending: list[Deferred[bytes]] = []
+
+    @app.route("/h/<name>/later", methods=["GET"])
+    def later(self, request: IRequest, name: str) -> Deferred[bytes]:
+        d: Deferred[bytes] = Deferred()
+        self.pending.append(d)
+        return d
+
+    @app.route("/h/<name>/fails", methods=["GET"])
+    def fails(self, request: IRequest, name: str) -> Deferred[bytes]:
+        return fail(JSONError(409, "Too Late"))
+
+    install_json_errors(app)
+
+
+class DataResourceTests(TestCase):
+    """What the data app's resource does with answers that come later."""
+
+    def setUp(self) -> None:
+        self.app = Later()
+        self.treq = StubTreq(DataResource(self.app.app, JSONError(400, "Bad URL"), "/h/<name>"))
+
+    def test_an_answer_written_when_it_comes(self) -> None:
+        answered = self.treq.get("http://data/h/x/later")
+        self.treq.flush()
+        self.assertNoResult(answered)
+        self.app.pending.pop().callback(b"done")
+        self.treq.flush()
+        response = self.successResultOf(answered)
+        self.assertEqual((response.code, self.successResultOf(response.content())), (200, b"done"))
+
+    def test_an_empty_answer_has_no_type(self) -> None:
+        answered = self.treq.get("http://data/h/x/later")
+        self.treq.flush()
+        self.app.pending.pop().callback(b"")
+        self.treq.flush()
+        response = self.successResultOf(answered)
+        self.assertEqual((response.code, response.length), (200, 0))
+        self.assertFalse(response.headers.hasHeader(b"content-type"))
+
+    def test_a_failed_answer_is_the_apps_error(self) -> None:
+        answered = self.treq.get("http://data/h/x/fails")
+        self.treq.flush()
+        response = self.successResultOf(answered)
+        self.assertEqual(
+            (response.code, response.phrase, self.successResultOf(response.content())),
+            (409, b"Too Late", b'{"reason": "Too Late"}'),
+        )
+
+    def test_an_answer_is_not_cancelled_when_the_caller_goes(self) -> None:
+        answered = self.treq.get("http://data/h/x/later")
+        self.treq.flush()
+        [d] = self.app.pending
+        answered.cancel()
+        self.failureResultOf(answered)
+        self.treq.flush()
+        self.assertFalse(d.called)
+        d.callback(b"done")  # written to nobody, without an error
+        self.treq.flush()
+
+    def test_a_path_that_does_not_decode(self) -> None:
+        for path in ("h/%ff/later", "h/x/later%zz", "%e9t%e9"):
+            response = self.successResultOf(self.treq.get("http://data/" + path))
+            self.assertEqual((response.code, response.phrase), (400, b"Bad URL"), path)
+
+    def test_routes_that_do_not_share_the_prefix(self) -> None:
+        with self.assertRaises(ValueError):
+            DataResource(self.app.app, JSONError(400, "Bad URL"), "/other/<name>")
+        with self.assertRaises(ValueError):
+            DataResource(self.app.app, JSONError(400, "Bad URL"), "/h/x")

@@ -12,7 +12,7 @@ import.  The policy is that of
 server certificate (never a default trust store, so ``SSL_CERT_FILE`` and
 friends change nothing), check that it names the host or IP address of the
 URL, and present the control client certificate.  Twisted programs use
-:func:`kapow.client.call` instead.
+:class:`kapow.client.ControlClient` instead.
 """
 
 from __future__ import annotations
@@ -64,7 +64,47 @@ _CLIENT_CERT_REFUSED = frozenset(
 
 
 class ControlError(Exception):
-    """The call failed; ``str()`` is the server's reason or the connection error."""
+    """A control API call failed; ``str()`` is the server's reason or the connection error.
+
+    :param message: what ``str()`` gives: the line ``kapow route`` prints
+        after ``kapow:``.
+    :param status: the HTTP status of the answer that refused the call;
+        ``None`` if there was no such answer.
+    :param reason: the ``reason`` of that answer's JSON body (e.g.
+        ``"Route Not Found"``); ``None`` if it carries none.
+    :param detail: the ``detail`` of that JSON body, when it carries one.
+    """
+
+    def __init__(
+        self, message: str, *, status: int | None = None, reason: str | None = None, detail: str | None = None
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.reason = reason
+        self.detail = detail
+
+    @classmethod
+    def refused(cls, content: bytes, status: int) -> ControlError:
+        """The error of an answer with ``status``, not the one that means success, and body ``content``."""
+        try:
+            fields = json.loads(content)
+        except ValueError:
+            fields = None
+        if not isinstance(fields, dict):
+            fields = {}
+        reason, detail = fields.get("reason"), fields.get("detail")
+        return cls(
+            refusal_reason(content, status),
+            status=status,
+            reason=str(reason) if reason else None,
+            detail=str(detail) if detail else None,
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}({str(self)!r}, status={self.status!r}, "
+            f"reason={self.reason!r}, detail={self.detail!r})"
+        )
 
 
 # -- the pinned TLS settings ----------------------------------------------------------
@@ -266,7 +306,7 @@ def call(
     except (OSError, _BadAnswer) as e:
         raise ControlError(f"cannot reach control API at {control_url}: {failure_reason(e)}") from None
     if status != expected:
-        raise ControlError(refusal_reason(content, status))
+        raise ControlError.refused(content, status)
     return content.decode("utf-8", "replace")
 
 

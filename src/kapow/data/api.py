@@ -1,244 +1,236 @@
+# -*- test-case-name: tests.unit.test_data_api,tests.unit.test_data_app_wire -*-
 """
 The data API (docs/reference/data-api.rst): ``GET|PUT|DELETE
 /handlers/{id}{resource}``, through which a handler process reads its
 request and writes its response.
+
+The resource tree is the routes of :class:`DataAPI`: one Klein route for each
+family of resources (the simple values of the request, its named items, the
+response's fields, the log...), a werkzeug ``any`` converter naming the
+members of a family. A path outside the tree is 400 ``Invalid Resource
+Path``; a resource asked with the wrong method (a read of a write-only one,
+``DELETE`` of one that cannot be removed) is 405.
 
 Body writes arrive as a sequence of appending PUTs (``kapow set`` sends what
 it reads as soon as it reads it); each PUT is answered only once the user's
 connection has taken its bytes, which gives end-to-end flow control with
 about one chunk per handler in memory. A single large PUT from another
 client works too: twisted.web spools it to disk before it is appended.
-
-Handlers make several calls per request, so this is a plain twisted.web leaf
-resource, as the user interface is: routing a call through Klein and
-werkzeug cost more than answering it. :func:`parse_resource` is the one
-place that knows the resource tree. The plain requests of handlers' clients
-reach it without twisted.web's request machinery, through
-:class:`kapow.data.channel.DataChannel`, which answers them as twisted.web
-would.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import BinaryIO, cast
+from typing import BinaryIO, NoReturn, cast
 
+from klein import Klein
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.protocols.basic import FileSender
 from twisted.python.failure import Failure
-from twisted.web import resource
 from twisted.web.iweb import IRequest
-from twisted.web.server import NOT_DONE_YET
+from twisted.web.resource import IResource
+from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from kapow.core.forms import UploadedFile
+from kapow.data.resource import DataResource
 from kapow.handlers.handler import ALREADY_ENDED, Handler, HandlerRegistry, State
-from kapow.web.errors import JSONError, reason_body
+from kapow.web.errors import JSONError, install_json_errors
+from kapow.web.tls import peer_subject_dn
 
-log = Logger()
+__all__ = ["DataAPI"]
+
 server_log = Logger(namespace="kapow.handler")
 
 OCTET_STREAM = b"application/octet-stream"
+JSON = b"application/json"
 #: Largest value a status, header, cookie or log write may carry.
 MAX_VALUE = 1024 * 1024
 #: Size of the pieces a large body write is appended in.
 CHUNK_SIZE = 64 * 1024
 _UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f]")
 
-# resource -> (direction, arity); arity counts the name segments after it
-_READ_SIMPLE = {"method", "host", "version", "path", "remote"}
-_READ_NAMED = {"matches", "params", "headers", "cookies", "form"}
-_COLLECTIONS = {*_READ_NAMED, "files"}
-_BROKEN_ESCAPE = re.compile(rb"%(?![0-9A-Fa-f]{2})")
-JSON = b"application/json"
-
-
-@dataclass(frozen=True)
-class Resource:
-    """A parsed resource path: what to do, in which direction, with what name."""
-
-    kind: str
-    writable: bool
-    name: str | None = None
-    #: whether ``DELETE`` removes it
-    removable: bool = False
-
-
-def parse_resource(segments: list[str]) -> Resource:
-    """
-    Parse the resource path after the handler id.
-
-    :raises JSONError: 400 ``Invalid Resource Path`` outside the tree.
-    """
-    match segments:
-        case ["request", kind] if kind in _READ_SIMPLE:
-            return Resource(kind, False)
-        case ["request", "body"]:
-            return Resource("body", False)
-        case ["request", kind] if kind in _COLLECTIONS:
-            return Resource("all_" + kind, False)
-        case ["request", kind, name] if kind in _READ_NAMED and name:
-            return Resource(kind, False, name)
-        case ["request", "files", name, ("filename" | "content") as part] if name:
-            return Resource("file_" + part, False, name)
-        case ["request", "auth", "user"]:
-            return Resource("auth_user", False)
-        case ["route", "id"]:
-            return Resource("route_id", False)
-        case ["ssl", "client", "i", "dn"]:
-            return Resource("client_dn", False)
-        case ["response", ("status" | "body" | "stream" | "reason" | "end") as kind]:
-            return Resource(kind, True)
-        case ["response", ("headers" | "cookies") as kind, name] if name:
-            return Resource(kind, True, name, removable=True)
-        case ["server", "log"]:
-            return Resource("log", True)
-        case ["server", "log", prefix] if prefix:
-            return Resource("log", True, prefix)
-    raise JSONError(400, "Invalid Resource Path")
-
-
-_ALLOWED = b"GET, HEAD, PUT, DELETE"
+#: Every method the data API answers; any other is refused before its path is looked at.
 _METHODS = (b"GET", b"HEAD", b"PUT", b"DELETE")
+_ALLOWED = b", ".join(_METHODS)
+#: The methods of a read (werkzeug adds ``HEAD``) and of a write.
+_READ = ["GET"]
+_WRITE = ["PUT"]
+#: The start of every resource's path.
+_HANDLER = "/handlers/<handler_id>"
+_INVALID_PATH = (400, "Invalid Resource Path")
 
 
-class DataAPI(resource.Resource):
+@dataclass
+class DataAPI:
     """
-    The data interface: ``GET|PUT|DELETE /handlers/{id}{resource}``; every
-    error is a JSON reason.
+    The data interface as a Klein application; every error is a JSON reason.
 
     :param handlers: the live handlers, by id.
     """
 
-    isLeaf = True
+    handlers: HandlerRegistry
 
-    def __init__(self, handlers: HandlerRegistry) -> None:
-        super().__init__()
-        self.handlers = handlers
+    app = Klein()
+    # the path is matched as sent: an empty segment is outside the tree, never merged away
+    app.url_map.merge_slashes = False
 
-    def resource(self) -> DataAPI:
-        """The Twisted resource serving this API (itself)."""
-        return self
+    def resource(self) -> IResource:
+        """The Twisted resource serving this API."""
+        return DataResource(self.app, JSONError(*_INVALID_PATH), _HANDLER)
 
-    def render(self, request: IRequest) -> bytes | int:
-        try:
-            result = self.handle(request)
-        except Exception:
-            return _error_body(request, Failure())
-        if isinstance(result, Deferred):
-            result.addErrback(lambda failure: _error_body(request, failure))
-            result.addCallback(lambda body: _finish(request, body))
-            return NOT_DONE_YET
-        return result
+    # -- reads ----------------------------------------------------------------
 
-    def handle(self, request: IRequest) -> bytes | Deferred[bytes]:
-        """The answer to ``request``: bytes, or a Deferred of them."""
-        method = request.method
-        if method not in _METHODS:
+    @app.route(_HANDLER + "/request/<any(method, host, version, path, remote):kind>", methods=_READ)
+    def request_value(self, request: IRequest, handler_id: str, kind: str) -> bytes:
+        return _value(request, self._handler(handler_id).request_value(kind))
+
+    @app.route(
+        _HANDLER + "/request/<any(matches, params, headers, cookies, form):kind>/<name>", methods=_READ
+    )
+    def request_item(self, request: IRequest, handler_id: str, kind: str, name: str) -> bytes:
+        return _value(request, self._handler(handler_id).request_value(kind, name))
+
+    @app.route(
+        _HANDLER + "/request/<any(matches, params, headers, cookies, form, files):kind>", methods=_READ
+    )
+    def request_collection(self, request: IRequest, handler_id: str, kind: str) -> bytes:
+        collection = self._handler(handler_id).request_collection(kind)
+        request.setHeader(b"Content-Type", JSON)
+        return collection  # never empty: twisted.web gives its length
+
+    @app.route(_HANDLER + "/request/body", methods=_READ)
+    def request_body(self, request: IRequest, handler_id: str) -> Deferred[bytes]:
+        body = self._handler(handler_id).body()
+        return _send_file(request, body, body.seek(0, 2))
+
+    @app.route(_HANDLER + "/request/files/<name>/filename", methods=_READ)
+    def file_name(self, request: IRequest, handler_id: str, name: str) -> bytes:
+        return _value(request, _file(self._handler(handler_id), name).filename.encode())
+
+    @app.route(_HANDLER + "/request/files/<name>/content", methods=_READ)
+    def file_content(self, request: IRequest, handler_id: str, name: str) -> Deferred[bytes]:
+        upload = _file(self._handler(handler_id), name)
+        return _send_file(request, upload.open(), upload.size)
+
+    @app.route(_HANDLER + "/request/auth/user", methods=_READ)
+    def auth_user(self, request: IRequest, handler_id: str) -> bytes:
+        return _value(request, self._handler(handler_id).request_value("auth_user"))
+
+    @app.route(_HANDLER + "/route/id", methods=_READ)
+    def route_id(self, request: IRequest, handler_id: str) -> bytes:
+        return _value(request, self._handler(handler_id).route.id.encode())
+
+    @app.route(_HANDLER + "/ssl/client/i/dn", methods=_READ)
+    def client_dn(self, request: IRequest, handler_id: str) -> bytes:
+        user = self._handler(handler_id).request
+        dn = peer_subject_dn(user.transport or user.channel)
+        return _value(request, None if dn is None else dn.encode())
+
+    # -- writes ---------------------------------------------------------------
+
+    @app.route(_HANDLER + "/response/status", methods=_WRITE)
+    def set_status(self, request: IRequest, handler_id: str) -> bytes:
+        self._writable(handler_id).set_status(_small_value(request))
+        return b""
+
+    @app.route(_HANDLER + "/response/reason", methods=_WRITE)
+    def set_reason(self, request: IRequest, handler_id: str) -> bytes:
+        self._writable(handler_id).set_reason(_small_value(request))
+        return b""
+
+    @app.route(_HANDLER + "/response/headers/<name>", methods=_WRITE)
+    def add_header(self, request: IRequest, handler_id: str, name: str) -> bytes:
+        self._writable(handler_id).add_header(name, _small_value(request))
+        return b""
+
+    @app.route(_HANDLER + "/response/cookies/<name>", methods=_WRITE)
+    def add_cookie(self, request: IRequest, handler_id: str, name: str) -> bytes:
+        self._writable(handler_id).add_cookie(name, _small_value(request))
+        return b""
+
+    @app.route(_HANDLER + "/response/headers/<name>", methods=["DELETE"])
+    def remove_header(self, request: IRequest, handler_id: str, name: str) -> bytes:
+        self._handler(handler_id).remove_header(name)
+        return b""
+
+    @app.route(_HANDLER + "/response/cookies/<name>", methods=["DELETE"])
+    def remove_cookie(self, request: IRequest, handler_id: str, name: str) -> bytes:
+        self._handler(handler_id).remove_cookie(name)
+        return b""
+
+    @app.route(_HANDLER + "/response/<any(body, stream):kind>", methods=_WRITE)
+    def append_body(self, request: IRequest, handler_id: str, kind: str) -> bytes | Deferred[bytes]:
+        return _append(self._writable(handler_id), request.content)
+
+    @app.route(_HANDLER + "/response/end", methods=_WRITE)
+    def end(self, request: IRequest, handler_id: str) -> bytes:
+        self._writable(handler_id).end()
+        return b""
+
+    @app.route(_HANDLER + "/server/log", methods=_WRITE)
+    def log_line(self, request: IRequest, handler_id: str) -> bytes:
+        _log_lines(self._handler(handler_id), None, _small_value(request))
+        return b""
+
+    @app.route(_HANDLER + "/server/log/<prefix>", methods=_WRITE)
+    def log_line_with_prefix(self, request: IRequest, handler_id: str, prefix: str) -> bytes:
+        _log_lines(self._handler(handler_id), prefix, _small_value(request))
+        return b""
+
+    # -- what is not in the tree ----------------------------------------------
+
+    @app.handle_errors(NotFound, MethodNotAllowed)
+    def refused(self, request: IRequest, failure: Failure) -> NoReturn:
+        """
+        A request no route answers: another method than the data API's
+        (``Allow`` lists them); a resource asked with the wrong method; a
+        path outside the tree (in a handler's) or outside any handler.
+        """
+        if request.method not in _METHODS:
             request.setHeader(b"Allow", _ALLOWED)
             raise JSONError(405, "Method Not Allowed")
-        if b"%" in request.path and _BROKEN_ESCAPE.search(request.path):
-            raise JSONError(400, "Invalid Resource Path")
-        try:
-            path = b"/".join(request.postpath).decode("utf-8")
-        except UnicodeDecodeError:
-            raise JSONError(400, "Invalid Resource Path") from None
-        top, _, rest = path.partition("/")
-        handler_id, _, rest = rest.partition("/")
-        if top != "handlers" or not handler_id or not rest:
-            raise JSONError(404, "Not Found")
-        target = parse_resource(rest.split("/"))
-        if method == b"DELETE":
-            if not target.removable:
-                raise JSONError(405, "Method Not Allowed")
-        elif (method == b"PUT") != target.writable:
+        if failure.check(MethodNotAllowed):
             raise JSONError(405, "Method Not Allowed")
+        top, _, rest = b"/".join(request.postpath).partition(b"/")
+        handler_id, _, rest = rest.partition(b"/")
+        if top == b"handlers" and handler_id and rest:
+            raise JSONError(*_INVALID_PATH)
+        raise JSONError(404, "Not Found")
+
+    install_json_errors(app)
+
+    def _handler(self, handler_id: str) -> Handler:
         handler = self.handlers.get(handler_id)
         if handler is None:
             raise JSONError(404, "Handler ID Not Found")
-        if method == b"PUT":
-            return self._write(request, handler, target)
-        if method == b"DELETE":
-            if target.kind == "headers":
-                handler.remove_header(target.name or "")
-            else:
-                handler.remove_cookie(target.name or "")
-            return b""
-        return self._read(request, handler, target)
+        return handler
 
-    def _read(self, request: IRequest, handler: Handler, target: Resource) -> bytes | Deferred[bytes]:
-        if target.kind == "body":
-            body = handler.body()
-            return _send_file(request, body, body.seek(0, 2))
-        if target.kind == "file_content":
-            upload = _file(handler, target.name)
-            return _send_file(request, upload.open(), upload.size)
-        if target.kind.startswith("all_"):
-            collection = handler.request_collection(target.kind[4:])
-            request.setHeader(b"Content-Type", JSON)
-            request.setHeader(b"Content-Length", b"%d" % len(collection))
-            return collection
-        if target.kind == "file_filename":
-            value: bytes | None = _file(handler, target.name).filename.encode()
-        elif target.kind == "route_id":
-            value = handler.route.id.encode()
-        elif target.kind == "client_dn":
-            from kapow.web.tls import peer_subject_dn
-
-            dn = peer_subject_dn(handler.request.transport or handler.request.channel)
-            value = None if dn is None else dn.encode()
-        else:
-            value = handler.request_value(target.kind, target.name)
-        if value is None:
-            raise JSONError(404, "Resource Item Not Found")
-        request.setHeader(b"Content-Type", OCTET_STREAM)
-        request.setHeader(b"Content-Length", b"%d" % len(value))
-        return value
-
-    def _write(self, request: IRequest, handler: Handler, target: Resource) -> bytes | Deferred[bytes]:
-        if handler.state is State.ENDED and target.kind != "log":
+    def _writable(self, handler_id: str) -> Handler:
+        """The handler, if its response may still be written."""
+        handler = self._handler(handler_id)
+        if handler.state is State.ENDED:
             raise JSONError(*ALREADY_ENDED)
-        if target.kind == "end":
-            handler.end()
-            return b""
-        if target.kind in ("body", "stream"):
-            return _append(handler, request.content)
-        data = request.content.read(MAX_VALUE + 1)
-        if len(data) > MAX_VALUE:
-            raise JSONError(413, "Request Entity Too Large")
-        if target.kind == "status":
-            handler.set_status(data)
-        elif target.kind == "headers":
-            handler.add_header(target.name or "", data)
-        elif target.kind == "cookies":
-            handler.add_cookie(target.name or "", data)
-        elif target.kind == "reason":
-            handler.set_reason(data)
-        else:
-            _log_lines(handler, target.name, data)
-        return b""
+        return handler
 
 
-def _error_body(request: IRequest, failure: Failure) -> bytes:
-    """The JSON answer for an error: its reason, or 500 for the unexpected
-    (logged with its traceback, never sent)."""
-    error = failure.value
-    if isinstance(error, JSONError):
-        return reason_body(request, error.code, error.reason)
-    log.failure("Unhandled error answering {uri}", failure, uri=request.uri)
-    return reason_body(request, 500, "Internal Server Error")
-
-
-def _finish(request: IRequest, body: bytes) -> None:
-    if request.finished or request._disconnected:  # type: ignore[attr-defined]  # Request's (and _Call's), not in IRequest
-        return
-    if body:
-        request.write(body)
-    elif not request.startedWriting:  # type: ignore[attr-defined]  # Request's (and _Call's), not in IRequest
-        # as a value answered at once: no content, no type
+def _value(request: IRequest, value: bytes | None) -> bytes:
+    """The answer of a read of one value, 404 if the item is absent."""
+    if value is None:
+        raise JSONError(404, "Resource Item Not Found")
+    request.setHeader(b"Content-Type", OCTET_STREAM)
+    if not value:  # twisted.web gives the length of an answer that has a body, even to HEAD
         request.setHeader(b"Content-Length", b"0")
-    request.finish()
+    return value
+
+
+def _small_value(request: IRequest) -> bytes:
+    """The body of a write of a status, header, cookie, reason or log line."""
+    data = request.content.read(MAX_VALUE + 1)
+    if len(data) > MAX_VALUE:
+        raise JSONError(413, "Request Entity Too Large")
+    return data
 
 
 def _append(handler: Handler, content: BinaryIO) -> bytes | Deferred[bytes]:
@@ -259,8 +251,8 @@ def _append(handler: Handler, content: BinaryIO) -> bytes | Deferred[bytes]:
     return b""
 
 
-def _file(handler: Handler, name: str | None) -> UploadedFile:
-    upload = handler.form().file(name or "")
+def _file(handler: Handler, name: str) -> UploadedFile:
+    upload = handler.form().file(name)
     if upload is None:
         raise JSONError(404, "Resource Item Not Found")
     return upload

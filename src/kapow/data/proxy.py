@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.e2e.test_data_proxy -*-
 """
 The data API of ``--data-bind`` with ``--workers N``: every handler lives in
 a worker, with the worker's own data API on loopback; the main process

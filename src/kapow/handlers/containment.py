@@ -35,7 +35,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from kapow.handlers import reaper
-from kapow.handlers.spawn import SessionProcess, close_on_exec_from, spawn_in_session
+from kapow.handlers.processes import ReactorProcesses, SessionProcess
 
 log = Logger()
 
@@ -95,8 +95,8 @@ class Containment(Service):
     Puts the server into a cgroup of its own if it can and starts the
     reaper that ends whatever is left of it when the server is gone.
 
-    :param reactor: a POSIX reactor: spawns the reaper (as
-        :func:`~kapow.handlers.spawn.spawn_in_session` does) and times the
+    :param reactor: a POSIX reactor: spawns the reaper (through
+        :class:`~kapow.handlers.processes.ReactorProcesses`) and times the
         removal of a worker's cgroup.
     :param parent: the cgroup below which to make the server's; the one this
         process is in by default.
@@ -145,15 +145,15 @@ class Containment(Service):
         read, self._pipe = os.pipe()  # both close-on-exec: the reaper gets only its copy of the read end
         devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
         try:
-            close_on_exec_from(3)  # as for handlers: it gets 0, 1 and 2 only
-            # a session of its own: what kills the server's process group
-            # (kill -9 -PGID, a terminal's signals) does not reach it
-            self._reaper = spawn_in_session(
-                self.reactor,
+            # as for handlers, it gets 0, 1 and 2 only, and a session of its own:
+            # what kills the server's process group (kill -9 -PGID, a
+            # terminal's signals) does not reach it
+            self._reaper = ReactorProcesses(self.reactor).spawnProcess(
                 protocol,
+                sys.executable,
                 [sys.executable, "-m", "kapow.handlers.reaper", self.group or "-", str(os.getpid())],
                 os.environ,
-                {0: read, 1: devnull, 2: 2},
+                childFDs={0: read, 1: devnull, 2: 2},
             )
         finally:
             os.close(devnull)

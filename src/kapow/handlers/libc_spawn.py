@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.e2e.test_processes -*-
 """
 ``posix_spawnp`` called through the C library, so that a thread can wait in it
 without holding the interpreter lock.
@@ -12,17 +13,17 @@ spawn in a worker thread leaves the reactor serving other requests
 meanwhile (measured here on 2 cores: a spawning web server served about
 1.75 times as many requests at 8 concurrent clients).
 
-The attributes are those :func:`kapow.handlers.spawn.spawn_watched` gives
-:func:`os.posix_spawnp`: a new session, an empty signal mask, the given
-signals back to their default, and one descriptor as 0, 1 and 2. They are
-prepared once by :class:`Spawn` and only read by each spawn, which POSIX
-allows from several threads at once.
+The attributes are those :class:`kapow.handlers.processes.SessionProcess`
+gives :func:`os.posix_spawnp`: a new session, an empty signal mask and the
+given signals back to their default. They are prepared once by
+:class:`Spawn`, and the file actions once per layout of descriptors
+(:meth:`Spawn.file_actions`); each spawn only reads them, which POSIX allows
+from several threads at once.
 """
 
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -37,25 +38,81 @@ _ATTR_SIZE = 1024
 _ACTIONS_SIZE = 1024
 _SIGSET_SIZE = 256
 
+#: File actions as :func:`os.posix_spawnp` takes them: ``(os.POSIX_SPAWN_DUP2,
+#: fd, new_fd)`` and ``(os.POSIX_SPAWN_CLOSE, fd)``, in order.
+FileSteps = tuple[tuple[int, ...], ...]
+
+#: Layouts of descriptors whose file actions are kept for the next spawns.
+KEPT_FILE_ACTIONS = 64
+
+
+def unavailable() -> str | None:
+    """Why :class:`Spawn` cannot work on this system, or ``None`` if it can."""
+    if not sys.platform.startswith("linux"):
+        return "flag values are known for Linux only"
+    try:
+        _libc().posix_spawnp  # noqa: B018  # AttributeError: a C library without it
+    except (OSError, AttributeError) as e:
+        return str(e)
+    return None
+
+
+def _libc() -> ctypes.CDLL:
+    # the C library the interpreter runs on, found without ldconfig (a process)
+    return ctypes.CDLL(None, use_errno=True)
+
+
+class FileActions:
+    """
+    A ``posix_spawn_file_actions_t`` made from :data:`FileSteps`.
+
+    :ivar kept: kept by its :class:`Spawn` for other spawns, which frees it
+        when it is closed; otherwise freed by :meth:`release` after its one spawn.
+    """
+
+    def __init__(self, libc: ctypes.CDLL, steps: FileSteps, kept: bool) -> None:
+        self._libc = libc
+        self.kept = kept
+        self.buffer: ctypes.Array[ctypes.c_char] | None = ctypes.create_string_buffer(_ACTIONS_SIZE)
+        _check(libc.posix_spawn_file_actions_init(self.buffer), "posix_spawn_file_actions_init")
+        for step in steps:
+            if step[0] == os.POSIX_SPAWN_DUP2:
+                _check(libc.posix_spawn_file_actions_adddup2(self.buffer, step[1], step[2]), "adddup2")
+            elif step[0] == os.POSIX_SPAWN_CLOSE:
+                _check(libc.posix_spawn_file_actions_addclose(self.buffer, step[1]), "addclose")
+            else:
+                raise ValueError(f"unknown file action {step!r}")
+
+    def release(self) -> None:
+        """Free it, unless it is kept for other spawns."""
+        if not self.kept:
+            self.free()
+
+    def free(self) -> None:
+        """Free it; no spawn may be using it."""
+        if self.buffer is not None:
+            self._libc.posix_spawn_file_actions_destroy(self.buffer)
+            self.buffer = None
+
 
 class Spawn:
     """
-    A prepared ``posix_spawnp``: ``Spawn(stdio, reset_signals)(argv, env)``
-    starts ``argv`` and returns its pid, from any thread. A handler with its
-    own stdin gets file actions of its own.
+    A prepared ``posix_spawnp``: ``Spawn(reset_signals)(executable, argv,
+    env, actions)`` starts ``executable`` as the leader of a new session and
+    returns its pid, from any thread.
 
     :raises OSError: from the constructor, if the C library lacks what is needed.
     """
 
-    def __init__(self, stdio: int, reset_signals: Sequence[int]) -> None:
-        if not sys.platform.startswith("linux"):
-            raise OSError("flag values are known for Linux only")
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+    def __init__(self, reset_signals: Sequence[int]) -> None:
+        why = unavailable()
+        if why is not None:
+            raise OSError(why)
+        libc = _libc()
         self._libc = libc
-        self._stdio = stdio
         self._spawnp = libc.posix_spawnp
         self._attr = ctypes.create_string_buffer(_ATTR_SIZE)
-        self._actions = ctypes.create_string_buffer(_ACTIONS_SIZE)
+        self._kept: dict[FileSteps, FileActions] = {}
         defaults = ctypes.create_string_buffer(_SIGSET_SIZE)
         empty = ctypes.create_string_buffer(_SIGSET_SIZE)
         _check(libc.sigemptyset(defaults), "sigemptyset")
@@ -67,49 +124,50 @@ class Spawn:
         _check(libc.posix_spawnattr_setflags(self._attr, ctypes.c_short(flags)), "posix_spawnattr_setflags")
         _check(libc.posix_spawnattr_setsigmask(self._attr, empty), "posix_spawnattr_setsigmask")
         _check(libc.posix_spawnattr_setsigdefault(self._attr, defaults), "posix_spawnattr_setsigdefault")
-        _check(libc.posix_spawn_file_actions_init(self._actions), "posix_spawn_file_actions_init")
-        for target in (0, 1, 2):
-            _check(libc.posix_spawn_file_actions_adddup2(self._actions, stdio, target), "adddup2")
         # kept for the life of the prepared attributes, which C code still reads
-        self._destroy: tuple[Callable[..., int], Callable[..., int]] | None = (
-            libc.posix_spawnattr_destroy,
-            libc.posix_spawn_file_actions_destroy,
-        )
+        self._destroy: Callable[..., int] | None = libc.posix_spawnattr_destroy
 
-    def __call__(self, argv: Sequence[str], env: Sequence[bytes], stdin: int | None = None) -> int:
+    def file_actions(self, steps: FileSteps) -> FileActions:
         """
-        Start ``argv`` with the environment ``env`` (``NAME=value`` entries),
-        and ``stdin`` as its 0 when given; its pid. Raises :class:`OSError`
+        The file actions of ``steps``: the same object for the same steps
+        (up to :data:`KEPT_FILE_ACTIONS` layouts), else one of its own to
+        :meth:`~FileActions.release` after its spawn. Call it from one thread only.
+        """
+        actions = self._kept.get(steps)
+        if actions is None:
+            actions = FileActions(self._libc, steps, kept=len(self._kept) < KEPT_FILE_ACTIONS)
+            if actions.kept:
+                self._kept[steps] = actions
+        return actions
+
+    def __call__(
+        self, executable: bytes | str, argv: Sequence[bytes | str], env: Sequence[bytes], actions: FileActions
+    ) -> int:
+        """
+        Start ``executable`` (found on ``PATH`` unless it names a path) with
+        ``argv``, the environment ``env`` (``NAME=value`` entries) and the
+        descriptors ``actions`` sets up; its pid. Raises :class:`OSError`
         if it cannot run.
         """
         args = [os.fsencode(a) for a in argv]
         c_argv = (ctypes.c_char_p * (len(args) + 1))(*args, None)
         c_env = (ctypes.c_char_p * (len(env) + 1))(*env, None)
         pid = ctypes.c_int()
-        actions = self._actions if stdin is None else self._file_actions(stdin)
-        try:
-            err = self._spawnp(ctypes.byref(pid), args[0], actions, self._attr, c_argv, c_env)
-        finally:
-            if actions is not self._actions:
-                self._libc.posix_spawn_file_actions_destroy(actions)
+        err = self._spawnp(
+            ctypes.byref(pid), os.fsencode(executable), actions.buffer, self._attr, c_argv, c_env
+        )
         if err:
             raise OSError(err, os.strerror(err))
         return pid.value
 
-    def _file_actions(self, stdin: int) -> ctypes.Array[ctypes.c_char]:
-        actions = ctypes.create_string_buffer(_ACTIONS_SIZE)
-        _check(self._libc.posix_spawn_file_actions_init(actions), "posix_spawn_file_actions_init")
-        for source, target in ((stdin, 0), (self._stdio, 1), (self._stdio, 2)):
-            _check(self._libc.posix_spawn_file_actions_adddup2(actions, source, target), "adddup2")
-        return actions
-
     def close(self) -> None:
-        """Free the C library's part of the prepared attributes."""
+        """Free the C library's part of what was prepared; no spawn may be running."""
         if self._destroy is not None:
-            destroy_attr, destroy_actions = self._destroy
-            self._destroy = None
-            destroy_attr(self._attr)
-            destroy_actions(self._actions)
+            destroy, self._destroy = self._destroy, None
+            destroy(self._attr)
+            kept, self._kept = self._kept, {}
+            for actions in kept.values():
+                actions.free()
 
 
 def _check(result: int, what: str) -> None:

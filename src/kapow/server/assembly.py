@@ -34,6 +34,7 @@ from twisted.internet.interfaces import (
     IReactorCore,
     IReactorFDSet,
     IReactorFromThreads,
+    IReactorProcess,
 )
 from twisted.logger import Logger
 from twisted.web.resource import IResource
@@ -46,13 +47,13 @@ from kapow.core.metrics import Metrics
 from kapow.core.resource_limits import LimitedCommand
 from kapow.core.routes import RouteTable
 from kapow.data.api import DataAPI
-from kapow.data.channel import DataChannel
 from kapow.data.proxy import DataProxy
 from kapow.handlers.admission import Admission, LocalAdmission, ServerQueue, Slots
 from kapow.handlers.containment import Containment
+from kapow.handlers.fast_processes import SPAWN_THREADS, FastProcesses, quiet_sigchld
 from kapow.handlers.governor import Governor, Limits
 from kapow.handlers.handler import HandlerRegistry
-from kapow.handlers.spawn import SPAWN_THREADS, Spawner, pidfds_work, quiet_sigchld
+from kapow.handlers.spawn import Spawner, handler_processes
 from kapow.server import systemd
 from kapow.server.forkserver import start_forkserver
 from kapow.server.init_programs import InitProgramsService
@@ -75,7 +76,6 @@ from kapow.user.proxies import TrustedProxies
 from kapow.user.site import UserSite
 from kapow.web import tls
 from kapow.web.connections import (
-    GuardedChannel,
     Timeouts,
     default_max_connections,
     raise_open_files_limit,
@@ -198,8 +198,6 @@ def build_worker(options: Options, reactor: IServerReactor, host: Host = THIS_HO
     service = make_kapow_service(parts)
     parts.launcher.setServiceParent(service)
     handlers = HandlerRegistry(worker_handler_ids(number))
-    if not options["debug"] and pidfds_work():
-        reactor.callWhenRunning(quiet_sigchld)
     own_port = with_backlog("tcp:0:interface=127.0.0.1", parts.listening.backlog)
     data = make_data_listener(
         parts, Address(serverFromString(reactor, own_port), None), make_data_site(parts, handlers)
@@ -491,6 +489,22 @@ class ServerURLs:
         return self.data(), self.control()
 
 
+def make_handler_processes(parts: Parts) -> IReactorProcess:
+    """
+    Where handlers' processes come from (``--spawn``). A worker spawns in the
+    reactor's thread (the other workers serve meanwhile), and its only
+    children are its handlers: with the fast provider, each is reaped through
+    its pidfd, and ``SIGCHLD`` need not wake the worker.
+    """
+    worker = parts.listening.worker is not None
+    processes = handler_processes(
+        parts.reactor, parts.options.get("spawn"), threads=0 if worker else SPAWN_THREADS
+    )
+    if worker and isinstance(processes, FastProcesses):
+        parts.reactor.callWhenRunning(quiet_sigchld)
+    return processes
+
+
 def make_user_api(
     parts: Parts,
     *,
@@ -504,10 +518,10 @@ def make_user_api(
         parts.reactor,
         partial(parts.launcher.environ, os.environ),
         urls,
+        processes=make_handler_processes(parts),
         debug=options["debug"],
         limited=LimitedCommand.find(native_client()),
         default_limits=options["limits"],
-        threads=SPAWN_THREADS if parts.listening.worker is None else 0,
     )
     proxies = options["trusted-proxies"]
     user_api = UserAPI(
@@ -516,6 +530,7 @@ def make_user_api(
         spawner=spawner,
         governor=parts.governor,
         admission=admission,
+        reactor=parts.reactor,
         proxies=TrustedProxies(proxies) if proxies else None,
         metrics=metrics,
     )
@@ -526,7 +541,9 @@ def make_user_api(
 
 def make_user_listener(parts: Parts, address: Address, user_api: UserAPI) -> Listener:
     """The user interface's listener, with its access log."""
-    site = UserSite(user_api, worker=parts.listening.worker, metrics=parts.metrics, reactor=parts.reactor)
+    site = UserSite(
+        user_api.resource(), worker=parts.listening.worker, metrics=parts.metrics, reactor=parts.reactor
+    )
     return parts.listening.listener(address, site, "user", tls_options=parts.user_tls)
 
 
@@ -559,15 +576,8 @@ def make_data_site(parts: Parts, handlers: HandlerRegistry) -> Site:
 
 
 def make_data_listener(parts: Parts, address: Address, site: Site) -> Listener:
-    """The data API's listener: its own channel where it serves handlers (not forwarded to workers)."""
-    serves_handlers = isinstance(site.resource, DataAPI)
-    return parts.listening.listener(
-        address,
-        site,
-        "data",
-        timeouts=parts.listening.data_timeouts,
-        channel=DataChannel if serves_handlers else GuardedChannel,
-    )
+    """The data API's listener (of this process's handlers, or forwarding to the workers')."""
+    return parts.listening.listener(address, site, "data", timeouts=parts.listening.data_timeouts)
 
 
 def make_metrics_listener(parts: Parts, metrics: Metrics, others: Others) -> Listener:

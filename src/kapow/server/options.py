@@ -24,6 +24,8 @@ from kapow.core import credentials
 from kapow.core.auth import Network
 from kapow.core.resource_limits import InvalidLimit, LimitedCommand, parse_limit
 from kapow.core.routes import DEFAULT_QUEUE_TIMEOUT, MAX_QUEUE
+from kapow.handlers.fast_processes import FastProcesses
+from kapow.handlers.spawn import SPAWN_KINDS
 from kapow.server.service import StartupError
 from kapow.user.proxies import parse_trusted_proxies
 
@@ -418,6 +420,15 @@ class Options(usage.Options):
         except InvalidLimit as e:
             raise usage.UsageError(str(e)) from None
         self["limits"][name] = number
+
+    def opt_spawn(self, value: str) -> None:
+        """How handlers are started: fast (through the C library, off the reactor's thread, exits seen through pidfds) or reactor (Twisted's own processes) [default: fast where this system has it]."""
+        if value not in SPAWN_KINDS:
+            raise usage.UsageError(f"--spawn must be fast or reactor, not {value!r}")
+        why = FastProcesses.unavailable() if value == "fast" else None
+        if why is not None:
+            raise usage.UsageError(f"--spawn fast: not on this system: {why}")
+        self["spawn"] = value
 
     def opt_version(self) -> None:
         """Print the version and exit."""

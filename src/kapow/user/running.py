@@ -1,0 +1,206 @@
+# -*- test-case-name: tests.unit.test_user_api -*-
+"""
+A handler's life in the user interface: its process started, its deadline
+and its client watched, ended when the control API kills it, and its
+response completed when the process exits (SPEC.md §3).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol, TypeVar
+
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.server import Request
+
+from kapow.core.metrics import Metrics
+from kapow.core.routes import Match
+from kapow.handlers.admission import Admission
+from kapow.handlers.governor import Governor
+from kapow.handlers.handler import Handler, HandlerRegistry
+from kapow.user.answers import internal_error
+
+__all__ = ["ExitCallback", "HandlerSpawner", "Runner"]
+
+log = Logger()
+_T = TypeVar("_T")
+
+#: Told a process's exit: its status, or the signal that killed it.
+ExitCallback = Callable[[int | None, int | None], None]
+
+
+class HandlerSpawner(Protocol):
+    """What starts the handlers' processes (:class:`kapow.handlers.spawn.Spawner`)."""
+
+    #: whether handlers' output is logged (and so are their starts)
+    debug: bool
+
+    def start(
+        self,
+        handler_id: str,
+        argv: Sequence[str],
+        on_exit: ExitCallback,
+        stdin: int | None = None,
+        limits: Mapping[str, int] | None = None,
+    ) -> Deferred[int]:
+        """
+        Start ``argv`` for handler ``handler_id`` in a process group of its
+        own; ``on_exit`` is never called before the result fires.
+
+        :param stdin: a descriptor for its stdin, closed by the caller once
+            the result fired; ``/dev/null`` if ``None``.
+        :param limits: its resource limits.
+        :return: fires with the process group id, or fails if it cannot start.
+        """
+
+
+@dataclass(eq=False)
+class Runner:
+    """
+    Starts the handlers' processes and sees each through to its exit.
+
+    :param handlers: where handlers are registered by id.
+    :param spawner: starts their processes.
+    :param governor: times them and ends their process groups.
+    :param admission: is told when an admitted handler is over.
+    :param metrics: where handlers are counted, if anywhere.
+    """
+
+    handlers: HandlerRegistry
+    spawner: HandlerSpawner
+    governor: Governor
+    admission: Admission
+    metrics: Metrics | None = None
+
+    def start(self, request: Request, found: Match, handler_id: str | None = None) -> bytes | None:
+        """
+        Create the handler of an admitted ``request`` (under ``handler_id``,
+        or a fresh id) and start its process.
+
+        :return: a 500 answer if it cannot start now; else ``None``: the
+            request is the handler's, answered 500 here if its process
+            cannot start after all.
+        """
+        route = found.route
+        handler = self.handlers.create(route, found.matches, request, handler_id)
+        request.kapow_handler_id = handler.id  # type: ignore[attr-defined]  # our mark, read by the site
+        try:
+            stdin = handler.stdin() if route.stdin else None
+        except OSError as e:
+            self._not_started(handler, str(e))
+            if self.metrics is not None:
+                self.metrics.spawn_failed(route)
+            return internal_error(request)
+        self.governor.started(handler.id, route, None, lambda elapsed: self._timed_out(handler, elapsed))
+        handler.on_client_lost = lambda: self._client_lost(handler)
+        if self.metrics is not None:
+            self.metrics.handler_started(route)
+        spawned = self.spawner.start(
+            handler.id,
+            route.argv(),
+            lambda status, sig: self._exited(handler, status, sig),
+            stdin,
+            limits=route.limits,
+        )
+        if stdin is not None:  # the child has its own once the spawn is over
+            spawned.addBoth(_closing, stdin)
+        spawned.addCallbacks(
+            self._spawned, self._spawn_failed, callbackArgs=(handler,), errbackArgs=(handler,)
+        )
+        return None
+
+    def kill(self, handler_id: str) -> bool:
+        """
+        End a running handler: SIGTERM to its process group now, SIGKILL
+        after the grace period; its response completes when its process
+        exits. ``False`` if no such handler runs.
+        """
+        handler = self.handlers.get(handler_id)
+        if handler is None or self.governor.started_at(handler_id) is None:
+            return False
+        log.info(
+            "handler {id} of route {route}: killed over the control API: ending its process group",
+            id=handler.id, route=handler.route.id,
+        )  # fmt: skip
+        handler.ended_by = "killed"
+        self.governor.terminate(handler_id)
+        return True
+
+    def _spawned(self, pgid: int, handler: Handler) -> None:
+        if self.spawner.debug:  # an event per request costs, even filtered out
+            log.debug("handler {id} started: pid {pid}", id=handler.id, pid=pgid)
+        self.governor.spawned(handler.id, pgid)
+
+    def _spawn_failed(self, failure: Failure, handler: Handler) -> None:
+        self.governor.exited(handler.id)
+        self._not_started(handler, failure.getErrorMessage())
+        if self.metrics is not None:
+            self.metrics.handler_ended(handler.route, None)
+        request = handler.request
+        if not request._disconnected and not request.finished:
+            request.write(internal_error(request))
+            request.finish()
+
+    def _not_started(self, handler: Handler, why: str) -> None:
+        """Give up a handler whose process could not start."""
+        log.error(
+            "handler {id}: route {route} cannot start: {why}",
+            id=handler.id, route=handler.route.id, why=why,
+        )  # fmt: skip
+        self.handlers.forget(handler)
+        handler.abandon()
+        self.admission.release(handler.route)
+
+    def _exited(self, handler: Handler, status: int | None, signal: int | None) -> None:
+        elapsed = self.governor.exited(handler.id)
+        self.admission.release(handler.route)
+        if self.metrics is not None:
+            outcome = handler.ended_by or ("signal" if signal is not None else "error" if status else "ok")
+            self.metrics.handler_ended(handler.route, outcome)
+        if signal is not None:
+            log.info(
+                "handler {id} killed by signal {signal} after {elapsed:.3f}s",
+                id=handler.id, signal=signal, elapsed=elapsed,
+            )  # fmt: skip
+        elif status:
+            log.info("handler {id} exited with status {status}", id=handler.id, status=status)
+        error_status = handler.route.error_status
+        if error_status is not None and (status or signal is not None) and not handler.fail(error_status):
+            log.info(
+                "handler {id} failed after its response started: status {code} not applied",
+                id=handler.id, code=error_status,
+            )  # fmt: skip
+        self.handlers.forget(handler)
+        handler.finish()
+
+    def _timed_out(self, handler: Handler, elapsed: float) -> None:
+        log.warn(
+            "handler {id} of route {route} timed out after {elapsed:.3f}s: ending its process group",
+            id=handler.id, route=handler.route.id, elapsed=elapsed,
+        )  # fmt: skip
+        self.handlers.forget(handler)
+        handler.ended_by = "timeout"
+        handler.time_out()
+        self.governor.terminate(handler.id)
+
+    def _client_lost(self, handler: Handler) -> None:
+        if self.governor.keeps_running_on_disconnect(handler.route):
+            log.info("handler {id}: client disconnected; the handler keeps running", id=handler.id)
+            return
+        log.info(
+            "handler {id} of route {route}: client disconnected: ending its process group",
+            id=handler.id, route=handler.route.id,
+        )  # fmt: skip
+        self.handlers.forget(handler)
+        handler.ended_by = "disconnect"
+        self.governor.terminate(handler.id)
+
+
+def _closing(result: _T, fd: int) -> _T:
+    """Close ``fd`` and pass ``result`` on."""
+    os.close(fd)
+    return result
