@@ -32,7 +32,7 @@ from twisted.web.server import Site
 from kapow.server.options import parse_listen_address
 from kapow.server.service import StartupError, startup_message
 from kapow.web import tls
-from kapow.web.connections import ConnectionLimit, GuardedChannel, Timeouts, guarded_protocol, with_backlog
+from kapow.web.connections import ConnectionLimit, Timeouts, guarded_protocol, with_backlog
 
 __all__ = ["Address", "HeldListener", "IListeningReactor", "Listener", "Listening", "listener_named"]
 
@@ -200,7 +200,6 @@ class Listening:
         *,
         tls_options: IOpenSSLServerConnectionCreator | None = None,
         timeouts: Timeouts | None = None,
-        channel: type[GuardedChannel] = GuardedChannel,
     ) -> Listener:
         """
         The listener serving ``site`` at ``address``, over TLS with
@@ -209,9 +208,7 @@ class Listening:
         endpoint = address.endpoint
         if tls_options is not None:
             endpoint = tls.tls_server_endpoint(endpoint, tls_options)
-        protocol = guarded_protocol(
-            timeouts or self.timeouts, self.reactor, tls=tls_options is not None, channel=channel
-        )
+        protocol = guarded_protocol(timeouts or self.timeouts, self.reactor, tls=tls_options is not None)
         site.protocol = protocol  # type: ignore[method-assign,assignment]  # typed as twisted.web's own channel factory; any callable making a channel does
         limited = ConnectionLimit(endpoint, self.max_connections, label, self.reactor)
         scheme = "http" if tls_options is None else "https"

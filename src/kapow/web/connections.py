@@ -282,24 +282,23 @@ class GuardedChannel(http.HTTPChannel):
 
 
 def guarded_protocol(
-    timeouts: Timeouts, clock: IReactorTime, tls: bool = True, channel: type[GuardedChannel] = GuardedChannel
+    timeouts: Timeouts, clock: IReactorTime, tls: bool = True
 ) -> Callable[[], GuardedChannel | _Negotiating]:
     """
     A ``protocol`` for a :class:`twisted.web.server.Site`: its connections
-    get a :class:`GuardedChannel` (or ``channel``); over TLS, in the wrapper twisted.web
+    get a :class:`GuardedChannel`; over TLS, in the wrapper twisted.web
     itself uses, which turns to HTTP/2 when ALPN chose it. Without TLS
     there is nothing to negotiate (twisted.web speaks HTTP/2 only after
     ALPN), so the channel serves the connection itself, a layer fewer on
     every read.
 
     :param tls: whether the listener's connections are TLS.
-    :param channel: the class of the channels.
     """
     guard = Guard(timeouts, clock)
 
     def build() -> GuardedChannel | _Negotiating:
         # set on the instance, so not bound: called without the factory
-        made = channel()
+        made = GuardedChannel()
         made.guard = guard
         return _Negotiating(made) if tls else made
 
