@@ -27,6 +27,7 @@ from zope.interface.verify import verifyObject
 
 from kapow.core.resource_limits import LimitedCommand
 from kapow.handlers.fast_processes import FastProcesses, child_file_steps
+from kapow.handlers.libc_spawn import SharedStrings, c_strings
 from kapow.handlers.processes import Environ, ReactorProcesses
 from kapow.handlers.spawn import HandlerProtocol, Spawner, SpawnError, exit_description, handler_processes
 from kapow.server.options import Options
@@ -362,6 +363,14 @@ def test_the_spawn_option(monkeypatch: pytest.MonkeyPatch) -> None:
 # -- the child's environment and descriptors -----------------------------------------
 
 
+def test_shared_strings_are_copied_with_the_rest_after_them() -> None:
+    shared = SharedStrings([b"PATH=/bin", b"HOME=/h"])
+    for more in ([b"KAPOW_HANDLER_ID=a"], [b"KAPOW_HANDLER_ID=b", b"X=1"], []):
+        array = shared.followed_by(more)
+        assert list(array) == [b"PATH=/bin", b"HOME=/h", *more, None]
+    assert list(c_strings([b"a", b"b"])) == [b"a", b"b", None]
+
+
 def test_an_environ_adding_a_variable_shares_the_rest() -> None:
     base = Environ({"PATH": "/bin", "HOME": "/h"})
     assert base.entries == [b"PATH=/bin", b"HOME=/h"]
@@ -372,6 +381,7 @@ def test_an_environ_adding_a_variable_shares_the_rest() -> None:
     assert replaced["PATH"] == "/usr/bin"
     assert sorted(replaced.entries) == [b"HOME=/h", b"KAPOW_HANDLER_ID=a", b"PATH=/usr/bin"]
     assert base == {"PATH": "/bin", "HOME": "/h"} and len(base.entries) == 2
+    assert one.shared is base.shared and one.adding("X", "1").shared is base.shared  # encoded once
 
 
 @pytest.mark.parametrize(
@@ -397,6 +407,7 @@ def test_file_actions_give_the_child_exactly_its_layout(layout: tuple[tuple[int,
             fds.pop(step[1], None)
     given = {fd: fds[fd] for fd in fds if fd in dict(layout) or fd <= 2}
     assert given == dict(layout)
-    # every descriptor the steps used or the layout named, and not given, is closed
-    left = set(fds) - set(dict(layout))
-    assert left <= open_in_parent - {0, 1, 2} - set(dict(layout).values())
+    # what else is left open is what the exec closes: this process's own from 3 up
+    left = {fd: fds[fd] for fd in set(fds) - set(dict(layout))}
+    assert set(left) <= open_in_parent - {0, 1, 2}
+    assert all(origin == fd for fd, origin in left.items()), left

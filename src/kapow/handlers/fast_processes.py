@@ -51,7 +51,15 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from kapow.handlers.libc_spawn import FileActions, FileSteps, Spawn, unavailable
+from kapow.handlers.libc_spawn import (
+    CStrings,
+    FileActions,
+    FileSteps,
+    SharedStrings,
+    Spawn,
+    c_strings,
+    unavailable,
+)
 from kapow.handlers.processes import (
     NO_ENVIRONMENT,
     STDIO_PIPES,
@@ -76,6 +84,9 @@ log = Logger()
 #: Threads a server alone waits in for spawns while other handlers live.
 SPAWN_THREADS = 4
 
+#: Environments whose shared entries are kept converted for the C library.
+KEPT_ENVIRONS = 8
+
 
 def quiet_sigchld() -> None:
     """
@@ -94,13 +105,14 @@ def child_file_steps(layout: tuple[tuple[int, int], ...]) -> FileSteps:
     """
     The file actions that give a child exactly the descriptors of ``layout``
     (pairs of its descriptor and the one of this process it gets), whatever
-    their numbers, and of 0, 1 and 2 only those: every other descriptor of
-    this process is close-on-exec.
+    their numbers, and of 0, 1 and 2 only those. Every other descriptor of
+    this process from 3 up is close-on-exec, so the exec closes it: the
+    sources of a handler's usual layout take a ``dup2`` each and nothing more.
     """
     dup, close = os.POSIX_SPAWN_DUP2, os.POSIX_SPAWN_CLOSE
     targets = {target for target, _ in layout}
     sources = {source for _, source in layout}
-    closed = (sources | {0, 1, 2}) - targets
+    closed = {0, 1, 2} - targets
     if sources.isdisjoint(targets):  # no source is overwritten before it is read
         steps = [(dup, source, target) for target, source in layout]
     else:  # every source first out of the way, above all of them
@@ -166,7 +178,7 @@ def _spawn_once(
     spawn: Spawn,
     executable: bytes | str,
     args: Sequence[bytes | str],
-    env: Sequence[bytes],
+    env: CStrings,
     actions: FileActions,
 ) -> int:
     try:
@@ -429,6 +441,7 @@ class FastProcesses:
         self._spawning = 0  # spawns waiting in a thread
         self._spawn: Spawn | None = None
         self._kept_actions: dict[tuple[tuple[int, int | str], ...], FileActions] = {}
+        self._shared_environs: dict[int, SharedStrings] = {}
         self._spawn_threads: SpawnThreads | None = None
 
     @staticmethod
@@ -461,9 +474,7 @@ class FastProcesses:
         if path is not None or uid is not None or gid is not None or usePTY:
             raise ValueError("path, uid, gid and usePTY are not supported")
         spawn = self._spawn if self._spawn is not None else self._prepare()
-        entries = (
-            env.entries if isinstance(env, Environ) else encoded_environ(os.environ if env is None else env)
-        )
+        c_env = self._c_environ(os.environ if env is None else env)
         child_fds = STDIO_PIPES if childFDs is None else childFDs
         key = tuple(child_fds.items())
         actions = self._kept_actions.get(key)  # descriptors only, laid out so before
@@ -481,18 +492,30 @@ class FastProcesses:
             self._spawning += 1
             process._waiting = []
             self._spawn_threads.run(
-                functools.partial(_spawn_once, spawn, executable, args, entries, actions),
+                functools.partial(_spawn_once, spawn, executable, args, c_env, actions),
                 functools.partial(self._spawned, process),
                 functools.partial(self._not_spawned, process),
             )
             return process
         try:
-            pid = _spawn_once(spawn, executable, args, entries, actions)
+            pid = _spawn_once(spawn, executable, args, c_env, actions)
         except OSError:
             process._close_new_pipes()  # raised to the caller: its protocol is never called
             raise
         process._run(pid)
         return process
+
+    def _c_environ(self, env: Mapping[str, str] | Mapping[bytes, bytes]) -> CStrings:
+        """``env`` for the C library; what an :class:`Environ` shares with others, converted once."""
+        if not isinstance(env, Environ):
+            return c_strings(encoded_environ(env))
+        shared = self._shared_environs.get(id(env.shared))
+        if shared is None:
+            if len(self._shared_environs) >= KEPT_ENVIRONS:
+                return c_strings(env.entries)
+            # kept, never dropped: a spawn in a thread may be reading a copy of it
+            shared = self._shared_environs[id(env.shared)] = SharedStrings(env.shared)
+        return shared.followed_by(env.own)
 
     def _spawned(self, process: SpawnedProcess, pid: int) -> None:
         self._spawning -= 1
@@ -516,6 +539,7 @@ class FastProcesses:
             self._spawn_threads = None
         if self._spawn is not None:
             self._kept_actions.clear()
+            self._shared_environs.clear()
             self._spawn.close()
             self._spawn = None
 

@@ -46,6 +46,38 @@ FileSteps = tuple[tuple[int, ...], ...]
 KEPT_FILE_ACTIONS = 64
 
 
+#: A NULL-terminated ``char *[]``, as ``argv`` and ``envp``.
+CStrings = ctypes.Array[ctypes.c_char_p]
+
+
+def c_strings(strings: Sequence[bytes]) -> CStrings:
+    """``strings`` as a NULL-terminated ``char *[]``."""
+    return (ctypes.c_char_p * (len(strings) + 1))(*strings, None)
+
+
+class SharedStrings:
+    """
+    Strings that many spawns start their ``char *[]`` with (the part of the
+    environment every handler has), converted once: each spawn's array is a
+    copy of the pointers with its own strings after them, which costs a
+    fraction of converting them all again.
+    """
+
+    def __init__(self, strings: list[bytes]) -> None:
+        #: kept as long as this: every copy points into them
+        self.strings = strings
+        self._array = (ctypes.c_char_p * len(strings))(*strings)
+
+    def followed_by(self, more: Sequence[bytes]) -> CStrings:
+        """A NULL-terminated ``char *[]`` of these strings and ``more``; valid while this lives."""
+        n = len(self.strings)
+        array = (ctypes.c_char_p * (n + len(more) + 1))()
+        ctypes.memmove(array, self._array, n * ctypes.sizeof(ctypes.c_char_p))
+        for i, string in enumerate(more, n):
+            array[i] = string
+        return array
+
+
 def unavailable() -> str | None:
     """Why :class:`Spawn` cannot work on this system, or ``None`` if it can."""
     if not sys.platform.startswith("linux"):
@@ -141,20 +173,19 @@ class Spawn:
         return actions
 
     def __call__(
-        self, executable: bytes | str, argv: Sequence[bytes | str], env: Sequence[bytes], actions: FileActions
+        self, executable: bytes | str, argv: Sequence[bytes | str], env: CStrings, actions: FileActions
     ) -> int:
         """
         Start ``executable`` (found on ``PATH`` unless it names a path) with
-        ``argv``, the environment ``env`` (``NAME=value`` entries) and the
-        descriptors ``actions`` sets up; its pid. Raises :class:`OSError`
+        ``argv``, the environment ``env`` (``NAME=value`` entries, as
+        :func:`c_strings` or :meth:`SharedStrings.followed_by` make it) and
+        the descriptors ``actions`` sets up; its pid. Raises :class:`OSError`
         if it cannot run.
         """
-        args = [os.fsencode(a) for a in argv]
-        c_argv = (ctypes.c_char_p * (len(args) + 1))(*args, None)
-        c_env = (ctypes.c_char_p * (len(env) + 1))(*env, None)
+        c_argv = c_strings([os.fsencode(a) for a in argv])
         pid = ctypes.c_int()
         err = self._spawnp(
-            ctypes.byref(pid), os.fsencode(executable), actions.buffer, self._attr, c_argv, c_env
+            ctypes.byref(pid), os.fsencode(executable), actions.buffer, self._attr, c_argv, env
         )
         if err:
             raise OSError(err, os.strerror(err))

@@ -221,13 +221,23 @@ class Environ(dict[str, str]):
     """
     A child's environment that keeps its ``NAME=value`` entries, encoded
     once: :class:`~kapow.handlers.fast_processes.FastProcesses` hands them to
-    the C library as they are (any other mapping is encoded at each spawn). Read it, never change it:
-    :meth:`adding` makes one with a variable more, sharing the encoding.
+    the C library as they are (any other mapping is encoded at each spawn).
+    Read it, never change it: :meth:`adding` makes one with a variable more,
+    which shares this one's entries.
+
+    :ivar shared: the entries it shares with those :meth:`adding` made.
+    :ivar own: the entries it has on top of them.
     """
 
     def __init__(self, variables: Mapping[str, str] = NO_ENVIRONMENT) -> None:
         super().__init__(variables)
-        self.entries: list[bytes] = encoded_environ(self)
+        self.shared: list[bytes] = encoded_environ(self)
+        self.own: tuple[bytes, ...] = ()
+
+    @property
+    def entries(self) -> list[bytes]:
+        """All its ``NAME=value`` entries."""
+        return [*self.shared, *self.own]
 
     def adding(self, name: str, value: str) -> Environ:
         """This environment with ``name`` set to ``value``."""
@@ -235,11 +245,12 @@ class Environ(dict[str, str]):
         extended = Environ.__new__(Environ)
         dict.__init__(extended, self)
         dict.__setitem__(extended, name, value)
-        if name in self:
+        if name in self:  # its entry goes: nothing is shared
             prefix = os.fsencode(name) + b"="
-            extended.entries = [e for e in self.entries if not e.startswith(prefix)] + [entry]
+            extended.shared = [e for e in self.entries if not e.startswith(prefix)]
+            extended.own = (entry,)
         else:
-            extended.entries = [*self.entries, entry]
+            extended.shared, extended.own = self.shared, (*self.own, entry)
         return extended
 
 
