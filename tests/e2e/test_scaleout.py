@@ -20,6 +20,7 @@ import queue
 import re
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -28,6 +29,7 @@ import pytest
 
 from tests.support.kapowserver import KapowServer, curl, write_program
 from tests.support.nginx import CONTRIB_CONF, NGINX, Nginx, hostport
+from tests.support.websocket import TEXT, WebSocketClient
 
 INIT_PROGRAM = r"""#!/bin/sh
 set -e
@@ -55,6 +57,9 @@ kapow route add -X POST /upload - <<'EOF_COMMAND'
 sum=$(kapow get /request/body | sha256sum)
 printf '%s %s\n' "$KAPOW_INSTANCE" "${sum%% *}" | kapow set /response/body
 EOF_COMMAND
+
+kapow route add --mode websocket /cat -c 'exec cat'
+kapow route add --mode events /events -c 'echo one; sleep 3; echo two'
 """
 
 
@@ -87,13 +92,20 @@ def test_contrib_conf_keeps_what_scale_out_needs() -> None:
     for needed in (
         "proxy_pass http://kapow;",
         "proxy_http_version 1.1;",
-        'proxy_set_header Connection "";',
+        "map $http_upgrade $connection_upgrade {",
+        "default upgrade;",
+        "'' \"\";",  # no Connection header but for an upgrade: keep-alive stays
+        "proxy_set_header Upgrade $http_upgrade;",
+        "proxy_set_header Connection $connection_upgrade;",
         "proxy_set_header Host $http_host;",
         "proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;",
         "proxy_buffering off;",
     ):
         assert needed in directives, needed
     assert any(d.startswith("keepalive ") for d in directives)
+    # above the default --ping (30 s) and --heartbeat (15 s)
+    timeouts = [d for d in directives if d.startswith("proxy_read_timeout ")]
+    assert timeouts == ["proxy_read_timeout 300s;"]
 
 
 def test_requests_are_spread_over_both_instances(cluster: Any) -> None:
@@ -171,3 +183,63 @@ def test_uploads_larger_than_nginx_buffers(cluster: Any, tmp_path: Path) -> None
         answers.add(marker)
     assert answers == {"a", "b"}
     assert "buffered to a temporary file" in proxy.errors()
+
+
+def test_a_websocket_upgrade_goes_through(cluster: Any) -> None:
+    _instances, proxy, _gate = cluster
+    url = proxy.url.replace("http://", "ws://") + "/cat"
+    client = WebSocketClient(url)
+    try:
+        # Host reaches the instance as the client sent it: its own origin is nginx's
+        status, headers, _ = client.handshake({"Origin": proxy.url})
+        assert status == 101, proxy.errors()
+        assert headers["upgrade"].lower() == "websocket"
+        client.send_text("through nginx")
+        frame = client.recv()
+        assert (frame.opcode, frame.text) == (TEXT, "through nginx")
+        client.send_text("and back")
+        assert client.recv().text == "and back"
+        client.close()
+        frames, closing = client.messages_until_close()
+        assert (frames, closing.close_code) == ([], 1000)
+    finally:
+        client.shutdown()
+    # the upgrade's checks answer through nginx as well
+    foreign = WebSocketClient(url)
+    try:
+        assert foreign.handshake({"Origin": "http://elsewhere.example"})[0] == 403
+    finally:
+        foreign.shutdown()
+    plain = curl("-o", "/dev/null", "-w", "%{http_code}", proxy.url + "/cat")
+    assert plain.stdout == "426"
+
+
+def test_an_event_stream_goes_through_unbuffered(cluster: Any) -> None:
+    _instances, proxy, _gate = cluster
+    started = time.monotonic()
+    request = subprocess.Popen(
+        ["curl", "-sS", "-N", "-i", "--max-time", "20", proxy.url + "/events"],
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert request.stdout is not None
+        lines = _lines(request.stdout)
+        head = []
+        while (line := lines.get(timeout=5)) not in (b"\r\n", b""):
+            head.append(line.decode().strip().lower())
+        assert head[0].startswith("http/1.1 200"), head
+        assert "content-type: text/event-stream" in head
+        # the handler sleeps 3 s between its two lines: the first one is not held back
+        assert lines.get(timeout=max(0.1, started + 1.5 - time.monotonic())) == b"data: one\n"
+        first = time.monotonic()
+        assert first - started < 1.5
+        assert lines.get(timeout=1) == b"\n"
+        assert lines.get(timeout=5) == b"data: two\n"
+        assert time.monotonic() - first > 2.5
+        assert lines.get(timeout=5) == b"\n"
+        assert lines.get(timeout=5) == b""
+        assert request.wait(5) == 0
+    finally:
+        if request.poll() is None:
+            request.kill()
+            request.wait()

@@ -436,6 +436,23 @@ class DataAPITests(TestCase):
         self.assertEqual((await self.settle(pending)).code, 200)
         self.assertEqual(connection.response()[2], b"first" + big)
 
+    async def test_an_end_while_a_large_body_write_waits_answers_that_write(self) -> None:
+        handler, connection = self.user()
+        await self.write(handler, "/response/body", b"first")
+        connection.pause()
+        big = bytes(range(256)) * (3 * data_api.CHUNK_SIZE // 256)
+        pending = self.treq.put(DATA + handler.id + "/response/body", data=big)
+        for _ in range(5):
+            self.treq.flush()
+            await deferLater(reactor, 0, lambda: None)
+        self.assertNoResult(pending)
+        ended = await self.settle(self.treq.put(DATA + handler.id + "/response/end", data=b""))
+        self.assertEqual(ended.code, 200)
+        answer = await self.settle(pending)
+        self.assertEqual((answer.code, await answer.json()), (409, {"reason": "Response Already Ended"}))
+        connection.resume()
+        self.assertEqual(connection.response()[2], b"first" + big[: data_api.CHUNK_SIZE])
+
     async def test_server_log(self) -> None:
         events: list[dict[str, Any]] = []
         self.patch(data_api.server_log, "observer", events.append)

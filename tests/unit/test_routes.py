@@ -1,14 +1,23 @@
 """Tests for kapow.core.routes: patterns, route validation and the route table."""
 
 import copy
+import dataclasses
 import json
 import math
 import pickle
+import re
 
 import pytest
 
 from kapow.core.routes import (
+    DEFAULT_HEARTBEAT,
+    DEFAULT_MAX_MESSAGE,
+    DEFAULT_PING,
+    MESSAGE_KINDS,
     METHOD_NOT_ALLOWED,
+    MODES,
+    OPTIONS,
+    STREAMING_REFUSES,
     InvalidRoute,
     Match,
     Route,
@@ -703,3 +712,284 @@ def test_method_not_allowed_is_a_singleton():
     assert METHOD_NOT_ALLOWED is not None
     assert not isinstance(METHOD_NOT_ALLOWED, Match)
     assert "METHOD_NOT_ALLOWED" in repr(METHOD_NOT_ALLOWED)
+
+
+# Modes: websocket and events routes (SPEC section 11)
+
+MODE_FIELDS = ("mode", "origins", "messages", "max_message", "ping", "heartbeat")
+
+
+def test_mode_constants():
+    assert (DEFAULT_MAX_MESSAGE, DEFAULT_PING, DEFAULT_HEARTBEAT) == (1 << 20, 30.0, 15.0)
+    assert MODES == ("http", "websocket", "events")
+    assert MESSAGE_KINDS == ("lines", "binary")
+    assert STREAMING_REFUSES == ("stdin", "buffer", "error_status", "job")
+    assert set(MODE_FIELDS) <= set(OPTIONS)
+
+
+def test_mode_helpers_defaults():
+    route = make("r")
+    assert (route.mode, route.origins, route.messages, route.max_message, route.ping, route.heartbeat) == (
+        (None,) * 6
+    )
+    assert route.mode_name == "http"
+    assert route.messages_kind == "lines"
+    assert route.effective_max_message == DEFAULT_MAX_MESSAGE
+    assert route.effective_ping == DEFAULT_PING
+    assert route.effective_heartbeat == DEFAULT_HEARTBEAT
+    assert not route.allows_origin("https://a.example")
+    assert not set(MODE_FIELDS) & set(route.to_json(0))
+
+
+def test_mode_helpers_with_values():
+    websocket = make("w", mode="websocket", messages="binary", max_message=2048, ping=0)
+    assert (websocket.mode_name, websocket.messages_kind) == ("websocket", "binary")
+    assert (websocket.effective_max_message, websocket.effective_ping) == (2048, 0.0)
+    assert isinstance(websocket.effective_ping, float)
+    assert websocket.effective_heartbeat == DEFAULT_HEARTBEAT
+    events = make("e", mode="events", heartbeat=2)
+    assert (events.mode_name, events.effective_heartbeat) == ("events", 2.0)
+    assert isinstance(events.effective_heartbeat, float)
+    assert make("h", mode="http").mode_name == "http"
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"mode": "http"},
+        {"mode": "http", "method": "POST", "stdin": "body", "buffer": True, "error_status": 502},
+        {"mode": "websocket"},
+        {"mode": "websocket", "method": "get"},
+        {"mode": "websocket", "origins": ["*"]},
+        {"mode": "websocket", "origins": ["https://a.example"]},
+        {
+            "mode": "websocket",
+            "origins": ["https://a.example/", "http://b.example:8080", "ws://c", "wss://[::1]:9"],
+        },
+        {"mode": "websocket", "origins": ["HTTPS://A.Example", "*"]},
+        {"mode": "websocket", "messages": "lines"},
+        {"mode": "websocket", "messages": "binary"},
+        {"mode": "websocket", "max_message": 1},
+        {"mode": "websocket", "max_message": 2**40},
+        {"mode": "websocket", "ping": 0},
+        {"mode": "websocket", "ping": 0.5},
+        {"mode": "websocket", "ping": 30},
+        {
+            "mode": "websocket",
+            "origins": ["https://a.example"],
+            "messages": "binary",
+            "max_message": 2048,
+            "ping": 5,
+            "timeout": 60,
+            "max_concurrency": 2,
+            "queue": 1,
+            "keep_running_on_disconnect": False,
+        },
+        {"mode": "events"},
+        {"mode": "events", "heartbeat": 0},
+        {"mode": "events", "heartbeat": 0.25},
+        {"mode": "events", "heartbeat": 15, "timeout": 3600, "max_concurrency": 10},
+    ],
+)
+def test_modes_accepted(fields):
+    data = {**GOOD, **fields}
+    route = route_from_json(data, "r")
+    shown = route.to_json(0)
+    for name in MODE_FIELDS:
+        if name in fields:
+            assert shown[name] == fields[name]
+        else:
+            assert name not in shown
+    assert json.loads(json.dumps(shown)) == shown
+    assert route_from_json(json.loads(json.dumps(shown)), "r") == route
+
+
+def test_modes_round_trip_shows_the_fields():
+    data = {
+        "method": "GET",
+        "url_pattern": "/ws",
+        "command": "cat",
+        "mode": "websocket",
+        "origins": ["https://a.example", "*"],
+        "messages": "binary",
+        "max_message": 2048,
+        "ping": 5,
+    }
+    route = route_from_json(data, "w")
+    assert route.origins == ("https://a.example", "*")
+    shown = json.loads(json.dumps(route.to_json(4)))
+    assert shown == {"id": "w", "index": 4, "entrypoint": "/bin/sh -c", **data}
+    assert isinstance(route.to_json(4)["origins"], list)
+    assert route_from_json(shown, "w") == route
+    assert hash(route_from_json(shown, "w")) == hash(route)
+    events = route_from_json({"method": "GET", "url_pattern": "/e", "mode": "events", "heartbeat": 2.5}, "e")
+    assert {k: events.to_json(0)[k] for k in ("mode", "heartbeat")} == {"mode": "events", "heartbeat": 2.5}
+    assert route_from_json(events.to_json(0), "e") == events
+
+
+def test_empty_origins_count_as_absent():
+    route = route_from_json({**GOOD, "mode": "websocket", "origins": []}, "r")
+    assert route.origins is None
+    assert "origins" not in route.to_json(0)
+
+
+def test_nulls_mean_defaults_for_mode_fields():
+    data = {**GOOD, **dict.fromkeys(MODE_FIELDS)}
+    assert route_from_json(data, "r") == make("r")
+
+
+@pytest.mark.parametrize(
+    "origins, origin, allowed",
+    [
+        (["*"], "https://anything.example", True),
+        (["*"], "null", True),
+        (["https://a.example"], "https://a.example", True),
+        (["https://a.example"], "https://A.EXAMPLE", True),
+        (["https://a.example"], "https://a.example:443", True),
+        (["https://a.example:443/"], "https://a.example", True),
+        (["http://a.example:8080"], "http://a.example:8080", True),
+        (["https://a.example"], "http://a.example", False),
+        (["https://a.example"], "https://a.example:8443", False),
+        (["https://a.example"], "https://b.example", False),
+        (["https://a.example"], "https://a.example.evil", False),
+        (["https://a.example"], "null", False),
+        (["https://a.example"], "", False),
+        (["https://a.example"], "https://a.example/path", False),
+        (["https://a.example", "https://b.example"], "https://b.example", True),
+    ],
+)
+def test_allows_origin(origins, origin, allowed):
+    route = make("r", mode="websocket", origins=origins)
+    assert route.allows_origin(origin) is allowed
+
+
+@pytest.mark.parametrize(
+    "changes, reason",
+    [
+        # mode
+        ({"mode": "ws"}, "mode must be"),
+        ({"mode": "WebSocket"}, "mode must be"),
+        ({"mode": ""}, "mode must be"),
+        ({"mode": True}, "mode must be"),
+        ({"mode": ["websocket"]}, "mode must be"),
+        # a streaming route: GET only, none of stdin, buffer, error_status (job)
+        ({"mode": "websocket", "method": "POST"}, "mode websocket needs method GET, not POST"),
+        ({"mode": "events", "method": "POST"}, "mode events needs method GET, not POST"),
+        ({"mode": "events", "method": "HEAD"}, "needs method GET"),
+        ({"mode": "websocket", "stdin": "body"}, "mode websocket takes no stdin"),
+        ({"mode": "websocket", "buffer": True}, "mode websocket takes no buffer"),
+        ({"mode": "websocket", "buffer": False}, "mode websocket takes no buffer"),
+        ({"mode": "websocket", "error_status": 500}, "mode websocket takes no error_status"),
+        ({"mode": "events", "stdin": "body"}, "mode events takes no stdin"),
+        ({"mode": "events", "buffer": True}, "mode events takes no buffer"),
+        ({"mode": "events", "error_status": 502}, "mode events takes no error_status"),
+        # websocket only
+        ({"origins": ["*"]}, "origins needs mode websocket, not http"),
+        ({"mode": "http", "origins": ["https://a.example"]}, "origins needs mode websocket, not http"),
+        ({"mode": "events", "origins": ["*"]}, "origins needs mode websocket, not events"),
+        ({"messages": "lines"}, "messages needs mode websocket"),
+        ({"mode": "events", "messages": "binary"}, "messages needs mode websocket"),
+        ({"max_message": 1024}, "max_message needs mode websocket"),
+        ({"mode": "events", "max_message": 1024}, "max_message needs mode websocket"),
+        ({"ping": 5}, "ping needs mode websocket"),
+        ({"mode": "events", "ping": 5}, "ping needs mode websocket"),
+        # events only
+        ({"heartbeat": 5}, "heartbeat needs mode events, not http"),
+        ({"mode": "websocket", "heartbeat": 5}, "heartbeat needs mode events, not websocket"),
+        # origins
+        ({"mode": "websocket", "origins": "https://a.example"}, "origins must be a list of strings"),
+        ({"mode": "websocket", "origins": {"https://a.example": 1}}, "origins must be a list of strings"),
+        ({"mode": "websocket", "origins": [1]}, "origins must be a list of strings"),
+        ({"mode": "websocket", "origins": [None]}, "origins must be a list of strings"),
+        ({"mode": "websocket", "origins": ["*", ["*"]]}, "origins must be a list of strings"),
+        ({"mode": "websocket", "origins": True}, "origins must be a list of strings"),
+        ({"mode": "websocket", "origins": 1}, "origins must be a list of strings"),
+        ({"mode": "websocket", "origins": ["not-a-url"]}, "origin 'not-a-url' is not"),
+        ({"mode": "websocket", "origins": [""]}, "is not"),
+        ({"mode": "websocket", "origins": ["**"]}, "is not"),
+        ({"mode": "websocket", "origins": ["a.example"]}, "is not"),
+        ({"mode": "websocket", "origins": ["//a.example"]}, "is not"),
+        ({"mode": "websocket", "origins": ["ftp://a.example"]}, "is not"),
+        ({"mode": "websocket", "origins": ["file:///etc"]}, "is not"),
+        ({"mode": "websocket", "origins": ["https://"]}, "is not"),
+        ({"mode": "websocket", "origins": ["https://:443"]}, "is not"),
+        ({"mode": "websocket", "origins": ["https://a.example/app"]}, "is not"),
+        ({"mode": "websocket", "origins": ["https://a.example//"]}, "is not"),
+        ({"mode": "websocket", "origins": ["https://a.example?x=1"]}, "is not"),
+        ({"mode": "websocket", "origins": ["https://a.example?"]}, "is not"),
+        ({"mode": "websocket", "origins": ["https://a.example#top"]}, "is not"),
+        ({"mode": "websocket", "origins": ["https://a.example#"]}, "is not"),
+        ({"mode": "websocket", "origins": ["https://user@a.example"]}, "is not"),
+        ({"mode": "websocket", "origins": ["https://a.example:99999"]}, "is not"),
+        ({"mode": "websocket", "origins": ["https://a.example:port"]}, "is not"),
+        ({"mode": "websocket", "origins": ["https://a.exa mple"]}, "is not"),
+        ({"mode": "websocket", "origins": ["https://a.exa\tmple"]}, "is not"),
+        ({"mode": "websocket", "origins": [" https://a.example"]}, "is not"),
+        ({"mode": "websocket", "origins": ["https://a.example\n"]}, "is not"),
+        ({"mode": "websocket", "origins": ["https://[::1"]}, "is not"),
+        ({"mode": "websocket", "origins": ["*", "nope"]}, "origin 'nope' is not"),
+        # messages
+        ({"mode": "websocket", "messages": "text"}, 'messages must be "lines" or "binary"'),
+        ({"mode": "websocket", "messages": "Binary"}, "messages must be"),
+        ({"mode": "websocket", "messages": ""}, "messages must be"),
+        ({"mode": "websocket", "messages": True}, "messages must be"),
+        ({"mode": "websocket", "messages": ["lines"]}, "messages must be"),
+        # max_message
+        ({"mode": "websocket", "max_message": 0}, "max_message must be an integer >= 1"),
+        ({"mode": "websocket", "max_message": -1}, "max_message must be an integer >= 1"),
+        ({"mode": "websocket", "max_message": True}, "max_message must be an integer >= 1"),
+        ({"mode": "websocket", "max_message": 1024.0}, "max_message must be an integer >= 1"),
+        ({"mode": "websocket", "max_message": 1.5}, "max_message must be an integer >= 1"),
+        ({"mode": "websocket", "max_message": "1024"}, "max_message must be an integer >= 1"),
+        ({"mode": "websocket", "max_message": [1024]}, "max_message must be an integer >= 1"),
+        # ping
+        ({"mode": "websocket", "ping": -1}, "ping must be a finite number of seconds >= 0"),
+        ({"mode": "websocket", "ping": -0.1}, "ping must be a finite number of seconds >= 0"),
+        ({"mode": "websocket", "ping": math.inf}, "ping must be a finite number"),
+        ({"mode": "websocket", "ping": math.nan}, "ping must be a finite number"),
+        ({"mode": "websocket", "ping": 10**400}, "ping is too large"),
+        ({"mode": "websocket", "ping": True}, "ping must be a number"),
+        ({"mode": "websocket", "ping": False}, "ping must be a number"),
+        ({"mode": "websocket", "ping": "30"}, "ping must be a number"),
+        ({"mode": "websocket", "ping": [30]}, "ping must be a number"),
+        # heartbeat
+        ({"mode": "events", "heartbeat": -1}, "heartbeat must be a finite number of seconds >= 0"),
+        ({"mode": "events", "heartbeat": math.inf}, "heartbeat must be a finite number"),
+        ({"mode": "events", "heartbeat": math.nan}, "heartbeat must be a finite number"),
+        ({"mode": "events", "heartbeat": True}, "heartbeat must be a number"),
+        ({"mode": "events", "heartbeat": "15"}, "heartbeat must be a number"),
+    ],
+)
+def test_modes_refused(changes, reason):
+    data = {**GOOD, **changes}
+    with pytest.raises(InvalidRoute, match=re.escape(reason)) as caught:
+        route_from_json(data, "r")
+    assert "\n" not in str(caught.value)
+
+
+def test_timeout_still_refuses_zero():
+    # ping and heartbeat take 0; the other numbers of seconds still do not
+    for name in ("timeout", "queue_timeout"):
+        with pytest.raises(InvalidRoute, match=f"{name} must be a finite number of seconds > 0"):
+            route_from_json({**GOOD, name: 0}, "r")
+
+
+def test_a_streaming_route_refuses_a_job_field_when_routes_have_one():
+    @dataclasses.dataclass(frozen=True)
+    class WithJob(Route):
+        job: bool | None = None
+
+    assert WithJob(id="r", method="GET", url_pattern="/", job=True).job is True
+    assert WithJob(id="r", method="GET", url_pattern="/", mode="events").job is None
+    for mode in ("websocket", "events"):
+        with pytest.raises(InvalidRoute, match=f"mode {mode} takes no job"):
+            WithJob(id="r", method="GET", url_pattern="/", mode=mode, job=True)
+
+
+def test_mode_fields_validated_on_direct_construction():
+    with pytest.raises(InvalidRoute):
+        Route(id="r", method="GET", url_pattern="/", mode="websocket", origins=("nope",))
+    with pytest.raises(InvalidRoute):
+        Route(id="r", method="POST", url_pattern="/", mode="events")
+    route = Route(id="r", method="GET", url_pattern="/", mode="websocket", origins=["https://a.example"])
+    assert route.origins == ("https://a.example",)

@@ -61,6 +61,7 @@ class FakeSpawner:
         on_exit: ExitCallback,
         stdin: int | None = None,
         limits: Any = None,
+        stream: Any = None,
     ) -> Deferred[int]:
         content = None
         if stdin is not None:  # read now: the caller closes it once the result fired

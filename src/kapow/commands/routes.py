@@ -23,6 +23,7 @@ from kapow.commands.control import (
     quote,
     run,
 )
+from kapow.core.resource_limits import _SUFFIXES as SIZE_SUFFIXES
 from kapow.core.resource_limits import InvalidLimit, parse_limits
 
 # typing.TYPE_CHECKING without importing typing, which this command needs
@@ -39,6 +40,8 @@ examples:
   kapow route add -X POST '/echo/{name}' - <<'EOF'
     kapow get /request/matches/name | kapow set /response/body
   EOF
+  kapow route add --mode websocket --origin https://app.example /chat -c 'exec ./chat'
+  kapow route add --mode events --heartbeat 10 /ticks -c 'exec ./ticks'
 """
 
 
@@ -135,6 +138,39 @@ def _parser() -> tuple[Parser, Parser]:
         action="append",
         help="accept only clients in this network (repeatable)",
     )
+    add.add_argument(
+        "--mode",
+        choices=("http", "websocket", "events"),
+        help="serve a matching request as one response (http, the default), a WebSocket "
+        "connection to the handler's stdin and stdout, or a Server-Sent Events stream of its stdout",
+    )
+    add.add_argument(
+        "--origin",
+        dest="origins",
+        action="append",
+        metavar="URL",
+        help="with --mode websocket: also accept upgrades from this origin, * for any (repeatable)",
+    )
+    add.add_argument(
+        "--messages",
+        choices=("lines", "binary"),
+        help="with --mode websocket: a message per line (the default) or the bytes as they come",
+    )
+    add.add_argument(
+        "--max-message",
+        type=_size,
+        metavar="BYTES",
+        help="with --mode websocket: the largest message (K, M, G suffixes) [1M]",
+    )
+    add.add_argument(
+        "--ping", type=float, metavar="S", help="with --mode websocket: seconds between pings, 0 never [30]"
+    )
+    add.add_argument(
+        "--heartbeat",
+        type=float,
+        metavar="S",
+        help="with --mode events: seconds between keep-alive comments, 0 never [15]",
+    )
     add.add_argument("url_pattern", metavar="URL_PATTERN", help="e.g. /greet/{name}")
     add.add_argument(
         "command_file", metavar="COMMAND_FILE", nargs="?", help="file with the command, or - for stdin"
@@ -150,6 +186,23 @@ def _parser() -> tuple[Parser, Parser]:
         "route_id",
     )
     return parser, add
+
+
+def _size(text: str) -> int:
+    """
+    A number of bytes with an optional K, M or G suffix (powers of 1024, as
+    ``--limit`` takes them): ``2K`` is 2048. Whether the number suits its
+    field is the server's to say.
+    """
+    digits, scale = text.strip(), 1
+    if digits[-1:].upper() in SIZE_SUFFIXES:
+        digits, scale = digits[:-1], SIZE_SUFFIXES[digits[-1:].upper()]
+    try:
+        return int(digits) * scale
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"invalid size {text!r} (a whole number of bytes, or with K, M or G)"
+        ) from None
 
 
 def _parse(argv: Sequence[str]) -> argparse.Namespace:
@@ -187,6 +240,12 @@ _OPTIONAL_FIELDS = (
     ("error_status", "error_status"),
     ("queue", "queue"),
     ("queue_timeout", "queue_timeout"),
+    ("mode", "mode"),
+    ("origins", "origins"),
+    ("messages", "messages"),
+    ("max_message", "max_message"),
+    ("ping", "ping"),
+    ("heartbeat", "heartbeat"),
 )
 
 

@@ -28,8 +28,8 @@ BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 
 #: Why a request was refused before its handler started.
 REFUSALS = ("concurrency", "queue_full", "queue_timeout", "auth", "stopping")
 
-_COUNTERS = ("requests", "exits", "spawn_failures", "refused", "data_api")
-_GAUGES = ("running", "queued")
+_COUNTERS = ("requests", "exits", "spawn_failures", "refused", "data_api", "websocket_messages")
+_GAUGES = ("running", "queued", "websocket_connections")
 
 #: Counts as JSON: each name of :data:`_COUNTERS`, :data:`_GAUGES` and
 #: ``durations`` to its rows, a row being the labels (texts, or a status code)
@@ -75,6 +75,8 @@ class Metrics:
         self.spawn_failures: Counter[tuple[str, str]] = Counter()
         self.refused: Counter[tuple[str, str, str]] = Counter()
         self.data_api: Counter[tuple[int]] = Counter()
+        self.websocket_connections: Counter[tuple[str, str]] = Counter()
+        self.websocket_messages: Counter[tuple[str, str, str]] = Counter()
 
     def request_done(self, route: Route | None, method: bytes, code: int, elapsed: float) -> None:
         """A user request was answered (``route``: ``None`` when none matched)."""
@@ -108,6 +110,14 @@ class Metrics:
 
     def data_request(self, code: int) -> None:
         self.data_api[(code,)] += 1
+
+    def websocket_open(self, route: Route, now: bool) -> None:
+        """A WebSocket connection of ``route`` opened (``now``), or closed."""
+        self.websocket_connections[(route.id, route.url_pattern)] += 1 if now else -1
+
+    def websocket_message(self, route: Route, direction: str) -> None:
+        """A WebSocket message of ``route`` went ``in`` or ``out``."""
+        self.websocket_messages[(route.id, route.url_pattern, direction)] += 1
 
     def snapshot(self) -> Snapshot:
         """Every count as JSON-able lists of ``[*labels, value]``."""
@@ -169,6 +179,7 @@ def families(snapshot: Snapshot) -> Iterator[Metric]:
     for name, field, doc in (
         ("kapow_handlers_running", "running", "Handler processes running."),
         ("kapow_handlers_queued", "queued", "Requests waiting for a free handler slot."),
+        ("kapow_websocket_connections", "websocket_connections", "WebSocket connections open."),
     ):
         gauge = GaugeMetricFamily(name, doc, labels=route)
         for *key, n in snapshot[field]:
@@ -190,6 +201,12 @@ def families(snapshot: Snapshot) -> Iterator[Metric]:
         snapshot["refused"],
     )
     yield counter("kapow_data_api_requests", "Data API requests answered.", ["code"], snapshot["data_api"])
+    yield counter(
+        "kapow_websocket_messages",
+        "WebSocket messages received (in) and sent (out).",
+        [*route, "direction"],
+        snapshot["websocket_messages"],
+    )
 
 
 def exposition(snapshot: Snapshot) -> bytes:

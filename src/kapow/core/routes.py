@@ -14,6 +14,15 @@ Matching is done against the path exactly as the caller gives it (the user
 interface passes the percent-decoded path, like gorilla/mux), and captured
 values are returned as they appear in that string.
 
+A route's ``mode`` (SPEC section 11) says how a matching request is
+served: ``"http"`` (the default: one response), ``"websocket"`` (the
+process's stdin and stdout are a WebSocket connection) or ``"events"`` (its
+stdout is a Server-Sent Events stream). :class:`Route` checks the fields of
+each mode; the server asks it :attr:`Route.mode_name`,
+:attr:`Route.messages_kind`, :attr:`Route.effective_max_message`,
+:attr:`Route.effective_ping`, :attr:`Route.effective_heartbeat` and
+:meth:`Route.allows_origin`.
+
 This module is pure Python and holds no global mutable state.
 """
 
@@ -26,19 +35,28 @@ import shlex
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
+from urllib.parse import urlsplit
 
 from kapow.core.auth import AuthError, RouteAuth, normalize
 
 __all__ = [
     "DEFAULT_ENTRYPOINT",
+    "DEFAULT_HEARTBEAT",
+    "DEFAULT_MAX_MESSAGE",
+    "DEFAULT_PING",
+    "MESSAGE_KINDS",
     "METHOD_NOT_ALLOWED",
+    "MODES",
     "OPTIONS",
+    "STREAMING_MODES",
+    "STREAMING_REFUSES",
     "InvalidRoute",
     "Match",
     "Pattern",
     "Route",
     "RouteTable",
     "compile_pattern",
+    "origin_key",
     "route_from_json",
 ]
 
@@ -61,6 +79,12 @@ OPTIONS = (
     "queue_timeout",
     "limits",
     "auth",
+    "mode",
+    "origins",
+    "messages",
+    "max_message",
+    "ping",
+    "heartbeat",
 )
 
 #: Seconds a queued request waits for a slot when its route sets no ``queue_timeout``.
@@ -68,6 +92,38 @@ DEFAULT_QUEUE_TIMEOUT = 30.0
 
 #: The longest queue a route may have: a longer one is taken for a mistake.
 MAX_QUEUE = 1_000_000
+
+#: The values of a route's ``mode``; ``None`` (absent) means ``"http"``.
+MODES = ("http", "websocket", "events")
+
+#: The modes in which a matching request gets a long-lived stream, not one response.
+STREAMING_MODES = ("websocket", "events")
+
+#: The fields a route of :data:`STREAMING_MODES` must not set (given as anything
+#: but ``null``). ``job`` is checked by name, for when routes have it.
+STREAMING_REFUSES = ("stdin", "buffer", "error_status", "job")
+
+#: The fields only a ``"websocket"`` route may set.
+_WEBSOCKET_ONLY = ("origins", "messages", "max_message", "ping")
+
+#: The fields only an ``"events"`` route may set.
+_EVENTS_ONLY = ("heartbeat",)
+
+#: The values of a WebSocket route's ``messages``; ``None`` (absent) means ``"lines"``.
+MESSAGE_KINDS = ("lines", "binary")
+
+#: The largest WebSocket message, in bytes, when a route sets no ``max_message`` (1 MiB).
+DEFAULT_MAX_MESSAGE = 1 << 20
+
+#: Seconds between WebSocket pings when a route sets no ``ping`` (0 would mean never).
+DEFAULT_PING = 30.0
+
+#: Seconds between event-stream keep-alive comments when a route sets no
+#: ``heartbeat`` (0 would mean never).
+DEFAULT_HEARTBEAT = 15.0
+
+#: The schemes an entry of ``origins`` may have, with their default ports.
+_ORIGIN_SCHEMES = {"http": 80, "https": 443, "ws": 80, "wss": 443}
 
 #: The resource limits a route may set (:mod:`kapow.core.resource_limits` applies them).
 LIMIT_NAMES = ("memory", "cpu", "open_files", "file_size", "processes")
@@ -195,15 +251,57 @@ def compile_pattern(url_pattern: str) -> Pattern:
     return Pattern(url_pattern, tuple(names), compiled)
 
 
-def _check_positive_number(value: object, name: str = "timeout") -> None:
+def _check_positive_number(value: object, name: str = "timeout", zero: bool = False) -> None:
+    """``value`` checked: a finite number of seconds > 0 (>= 0 if ``zero``), not a bool."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise InvalidRoute(f"{name} must be a number")
     try:
         as_float = float(value)
     except OverflowError:
         raise InvalidRoute(f"{name} is too large") from None
-    if not math.isfinite(as_float) or as_float <= 0:
-        raise InvalidRoute(f"{name} must be a finite number of seconds > 0")
+    if not math.isfinite(as_float) or as_float < 0 or (as_float == 0 and not zero):
+        raise InvalidRoute(f"{name} must be a finite number of seconds {'>=' if zero else '>'} 0")
+
+
+def origin_key(origin: str) -> tuple[str, str, int] | None:
+    """
+    ``origin`` as (scheme, host, port), lower-cased and with the scheme's
+    default port filled in, if it is an absolute http, https, ws or wss URL
+    with a host, no user information, no path beyond ``/``, no query and no
+    fragment; else ``None``.
+    """
+    if any(char <= " " or char == "\x7f" for char in origin) or "?" in origin or "#" in origin:
+        return None
+    try:
+        parts = urlsplit(origin)
+        port = parts.port
+    except ValueError:
+        return None
+    scheme = parts.scheme.lower()
+    if (
+        scheme not in _ORIGIN_SCHEMES
+        or not parts.hostname
+        or "@" in parts.netloc
+        or parts.path not in ("", "/")
+    ):
+        return None
+    return scheme, parts.hostname, _ORIGIN_SCHEMES[scheme] if port is None else port
+
+
+def _checked_origins(origins: object) -> tuple[str, ...]:
+    """``origins`` checked: a list of strings, each ``"*"`` or an origin URL (:func:`origin_key`)."""
+    if isinstance(origins, (str, bytes, Mapping)) or not isinstance(origins, Iterable):
+        raise InvalidRoute("origins must be a list of strings")
+    checked = tuple(origins)
+    for origin in checked:
+        if not isinstance(origin, str):
+            raise InvalidRoute("origins must be a list of strings")
+        if origin != "*" and origin_key(origin) is None:
+            raise InvalidRoute(
+                f"origin {origin!r} is not '*' or an http, https, ws or wss URL of a host "
+                "(scheme://host[:port], no path, query or fragment)"
+            )
+    return checked
 
 
 def _checked_limits(limits: object) -> dict[str, int]:
@@ -260,6 +358,27 @@ class Route:
         files are read when the route is made.
     :ivar strict_auth: whether an auth file that cannot be read makes the
         route invalid (else the route refuses every request until a reload).
+    :ivar mode: one of :data:`MODES`: ``"http"`` (one response, SPEC
+        section 3), ``"websocket"`` or ``"events"`` (SPEC section 11);
+        ``None``: ``"http"`` (not shown). A websocket or events route must
+        have method ``GET`` and sets none of :data:`STREAMING_REFUSES`.
+        :attr:`mode_name` is the mode with the default applied.
+    :ivar origins: websocket only: the origins, besides the request's own,
+        whose upgrades are accepted; each ``"*"`` (any) or an absolute
+        http, https, ws or wss URL of a host (``https://a.example``,
+        ``http://b.example:8080/``). A tuple here, a JSON list in
+        :meth:`to_json`; ``None`` (or empty): only the request's own origin.
+        :meth:`allows_origin` checks an ``Origin`` against it.
+    :ivar messages: websocket only: one of :data:`MESSAGE_KINDS`
+        (``None``: ``"lines"``; see :attr:`messages_kind`).
+    :ivar max_message: websocket only: the largest message in bytes, an
+        integer >= 1 (``None``: :data:`DEFAULT_MAX_MESSAGE`; see
+        :attr:`effective_max_message`).
+    :ivar ping: websocket only: seconds between pings, a number >= 0, 0 for
+        never (``None``: :data:`DEFAULT_PING`; see :attr:`effective_ping`).
+    :ivar heartbeat: events only: seconds between keep-alive comments, a
+        number >= 0, 0 for never (``None``: :data:`DEFAULT_HEARTBEAT`; see
+        :attr:`effective_heartbeat`).
     :raises InvalidRoute: if a field is invalid.
     """
 
@@ -279,9 +398,18 @@ class Route:
     limits: Mapping[str, int] | None = field(default=None, hash=False)
     auth: Mapping[str, object] | None = field(default=None, hash=False)
     strict_auth: bool = field(default=True, repr=False, compare=False)
+    mode: str | None = None
+    origins: tuple[str, ...] | None = None
+    messages: str | None = None
+    max_message: int | None = None
+    ping: float | None = None
+    heartbeat: float | None = None
     _pattern: Pattern = field(init=False, repr=False, compare=False)
     _argv: tuple[str, ...] = field(init=False, repr=False, compare=False)
     _guard: RouteAuth | None = field(init=False, repr=False, compare=False, default=None)
+    _origin_keys: frozenset[tuple[str, str, int]] | None = field(
+        init=False, repr=False, compare=False, default=None
+    )
 
     def __post_init__(self) -> None:
         if not isinstance(self.id, str):
@@ -338,6 +466,7 @@ class Route:
             _check_positive_number(self.queue_timeout, "queue_timeout")
         if self.limits is not None:
             object.__setattr__(self, "limits", _checked_limits(self.limits) or None)
+        self._check_mode()
         if self.auth is not None:
             try:
                 spec = normalize(self.auth)
@@ -345,6 +474,83 @@ class Route:
                 object.__setattr__(self, "_guard", RouteAuth(spec, strict=self.strict_auth))
             except AuthError as e:
                 raise InvalidRoute(f"auth: {e}") from None
+
+    def _check_mode(self) -> None:
+        """Check :attr:`mode` and the fields that belong to one mode."""
+        if self.mode is not None and (not isinstance(self.mode, str) or self.mode not in MODES):
+            raise InvalidRoute('mode must be "http", "websocket" or "events"')
+        if self.origins is not None:
+            object.__setattr__(self, "origins", _checked_origins(self.origins) or None)
+        if self.messages is not None and (
+            not isinstance(self.messages, str) or self.messages not in MESSAGE_KINDS
+        ):
+            raise InvalidRoute('messages must be "lines" or "binary"')
+        if self.max_message is not None and (
+            isinstance(self.max_message, bool)
+            or not isinstance(self.max_message, int)
+            or self.max_message < 1
+        ):
+            raise InvalidRoute("max_message must be an integer >= 1 (bytes)")
+        if self.ping is not None:
+            _check_positive_number(self.ping, "ping", zero=True)
+        if self.heartbeat is not None:
+            _check_positive_number(self.heartbeat, "heartbeat", zero=True)
+        mode = self.mode_name
+        if mode in STREAMING_MODES:
+            if self.method != "GET":
+                raise InvalidRoute(f"mode {mode} needs method GET, not {self.method}")
+            for name in STREAMING_REFUSES:
+                if getattr(self, name, None) is not None:
+                    raise InvalidRoute(f"mode {mode} takes no {name}")
+        for names, needed in ((_WEBSOCKET_ONLY, "websocket"), (_EVENTS_ONLY, "events")):
+            for name in names:
+                if mode != needed and getattr(self, name) is not None:
+                    raise InvalidRoute(f"{name} needs mode {needed}, not {mode}")
+        if self.origins is not None and "*" not in self.origins:
+            keys = frozenset(key for key in map(origin_key, self.origins) if key is not None)
+            object.__setattr__(self, "_origin_keys", keys)
+
+    @property
+    def mode_name(self) -> str:
+        """:attr:`mode`, ``"http"`` when absent: one of :data:`MODES`."""
+        return self.mode or "http"
+
+    @property
+    def messages_kind(self) -> str:
+        """:attr:`messages`, ``"lines"`` when absent: one of :data:`MESSAGE_KINDS`."""
+        return self.messages or "lines"
+
+    @property
+    def effective_max_message(self) -> int:
+        """:attr:`max_message`, :data:`DEFAULT_MAX_MESSAGE` when absent."""
+        return DEFAULT_MAX_MESSAGE if self.max_message is None else self.max_message
+
+    @property
+    def effective_ping(self) -> float:
+        """:attr:`ping` in seconds, :data:`DEFAULT_PING` when absent; 0 means never."""
+        return DEFAULT_PING if self.ping is None else float(self.ping)
+
+    @property
+    def effective_heartbeat(self) -> float:
+        """:attr:`heartbeat` in seconds, :data:`DEFAULT_HEARTBEAT` when absent; 0 means never."""
+        return DEFAULT_HEARTBEAT if self.heartbeat is None else float(self.heartbeat)
+
+    def allows_origin(self, origin: str) -> bool:
+        """Whether :attr:`origins` lists ``origin`` (an ``Origin`` header's value).
+
+        ``"*"`` in :attr:`origins` allows any value (even ``null`` or a
+        malformed one); otherwise scheme and host compare without regard
+        to case and an absent port is the scheme's default, so
+        ``https://A.example:443`` lists ``https://a.example``. Whether the
+        origin is the request's own (scheme + ``Host``), which is always
+        allowed, is the caller's to check.
+        """
+        if self.origins is None:
+            return False
+        if self._origin_keys is None:  # "*" is listed
+            return True
+        key = origin_key(origin)
+        return key is not None and key in self._origin_keys
 
     @property
     def guard(self) -> RouteAuth | None:
@@ -384,7 +590,11 @@ class Route:
         for name in OPTIONS:
             value = getattr(self, name)
             if value is not None:
-                data[name] = dict(value) if isinstance(value, Mapping) else value
+                if isinstance(value, Mapping):
+                    value = dict(value)
+                elif isinstance(value, tuple):
+                    value = list(value)
+                data[name] = value
         return data
 
 
@@ -402,8 +612,12 @@ def route_from_json(data: object, route_id: str, strict_auth: bool = True) -> Ro
     (integer from 400 to 599), ``queue`` (integer from 0 to
     :data:`MAX_QUEUE`), ``queue_timeout`` (seconds > 0), ``limits`` (an
     object: some of :data:`LIMIT_NAMES`, each a whole number from 1 to
-    :data:`MAX_LIMIT`), ``auth`` (see :mod:`kapow.core.auth`). Any other key,
-    including ``id`` and ``index``, is ignored.
+    :data:`MAX_LIMIT`), ``auth`` (see :mod:`kapow.core.auth`), ``mode``
+    (one of :data:`MODES`), ``origins`` (a list of ``"*"`` or origin URLs),
+    ``messages`` (one of :data:`MESSAGE_KINDS`), ``max_message`` (integer
+    >= 1), ``ping`` and ``heartbeat`` (seconds >= 0); see :class:`Route`
+    for which mode takes which. Any other key, including ``id`` and
+    ``index``, is ignored.
 
     :param data: what :func:`json.loads` returned.
     :param route_id: the id the new route gets.

@@ -8,7 +8,9 @@ appends are possible) → ``FINISHED`` (the process exited). A handler may
 complete its response early (``/response/end``): it is then ``ENDED`` until
 its process exits, its request still readable, every response write
 refused. On a ``buffer`` route body writes are held and the response stays
-``PENDING`` until the process exits or ends it.
+``PENDING`` until the process exits or ends it. On a WebSocket or
+event-stream route the response is its :class:`ResponseStream`'s: it is
+``STREAMING`` from the start, and every response write refused.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import os
 import re
 import tempfile
 from collections.abc import Callable, Mapping
-from typing import BinaryIO
+from typing import BinaryIO, Protocol
 from urllib.parse import unquote_to_bytes
 
 from twisted.internet.defer import Deferred, succeed
@@ -80,6 +82,19 @@ def handler_ids(prefix: str = "", batch: int = 64) -> Callable[[], str]:
     return new_id
 
 
+class ResponseStream(Protocol):
+    """The response of a WebSocket or event-stream route, as its handler drives it."""
+
+    def process_exited(self, failed: bool) -> None:
+        """The process exited (``failed``: non-zero, or by a signal); end once its output is sent."""
+
+    def time_out(self) -> None:
+        """The route's ``timeout`` is over: end now."""
+
+    def going_away(self) -> None:
+        """A graceful stop began."""
+
+
 @implementer(IPushProducer)
 class Handler:
     """
@@ -100,6 +115,10 @@ class Handler:
     _held: tempfile.SpooledTemporaryFile[bytes] | None = None
     #: the held body while it is being sent
     _sending: tempfile.SpooledTemporaryFile[bytes] | None = None
+    #: the response of a WebSocket or event-stream route
+    stream: ResponseStream | None = None
+    #: ``/response/end`` came: from now on every write is refused, those it releases too
+    _ending = False
 
     def __init__(self, handler_id: str, route: Route, matches: dict[str, str], request: Request) -> None:
         self.id = handler_id
@@ -120,7 +139,10 @@ class Handler:
         self._waiting: list[Deferred[None]] = []
         if route.buffer:
             self._held = tempfile.SpooledTemporaryFile(BUFFER_IN_MEMORY)  # noqa: SIM115 (closed once sent or dropped)
-        request.registerProducer(self, True)
+        if route.mode is None or route.mode == "http":
+            request.registerProducer(self, True)
+        else:  # its stream answers: nothing a handler writes is sent
+            self.state = State.STREAMING
         request.notifyFinish().addErrback(self._lost)
 
     # -- request side -------------------------------------------------------
@@ -293,8 +315,11 @@ class Handler:
         """
         if self.state is State.ENDED:
             raise JSONError(*ALREADY_ENDED)
+        if self.stream is not None:
+            raise JSONError(*ALREADY_STARTED)
         if self.state is State.FINISHED:
             return
+        self._ending = True
         self._complete()
         self.state = State.ENDED
 
@@ -322,8 +347,10 @@ class Handler:
         :return: fires once the user's connection has taken the bytes (at
             once unless it is paused).
         """
-        if self.state is State.ENDED:
+        if self._ending:
             raise JSONError(*ALREADY_ENDED)
+        if self.stream is not None:
+            raise JSONError(*ALREADY_STARTED)
         if self.state is State.FINISHED or self.client_gone:
             return succeed(None)
         if not data:
@@ -340,11 +367,16 @@ class Handler:
         self._waiting.append(d)
         return d
 
-    def finish(self) -> None:
-        """Complete the response (the process has exited)."""
+    def finish(self, failed: bool = False) -> None:
+        """
+        Complete the response (the process has exited; ``failed``: not
+        with status 0).
+        """
         if self.state is State.FINISHED:
             return
-        if self.state is not State.ENDED:
+        if self.stream is not None:
+            self.stream.process_exited(failed)
+        elif self.state is not State.ENDED:
             self._complete()
         self.state = State.FINISHED
         if self._form is not None:
@@ -394,7 +426,8 @@ class Handler:
         holds and leave the request to the caller.
         """
         self.state = State.FINISHED
-        self.request.unregisterProducer()
+        if self.stream is None:
+            self.request.unregisterProducer()
         if self._held is not None:
             self._held.close()
         self._body.close()
@@ -405,6 +438,11 @@ class Handler:
         nothing was sent yet, else the connection is cut so the client sees
         a truncated response rather than a complete-looking one.
         """
+        if self.stream is not None:
+            self.stream.time_out()
+            self.state = State.FINISHED
+            self._body.close()
+            return
         if self.state in (State.FINISHED, State.ENDED) or self.client_gone:
             if self.state is not State.FINISHED:
                 self.finish()

@@ -23,10 +23,10 @@ from __future__ import annotations
 import os
 import shutil
 from collections.abc import Callable, Mapping, Sequence
-from typing import cast
+from typing import Protocol, cast
 
 from twisted.internet.defer import Deferred, fail
-from twisted.internet.interfaces import IReactorFDSet, IReactorProcess, IReactorTime
+from twisted.internet.interfaces import IProcessTransport, IReactorFDSet, IReactorProcess, IReactorTime
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -40,6 +40,7 @@ __all__ = [
     "ExitCallback",
     "HandlerProtocol",
     "LineLogger",
+    "ProcessStream",
     "SpawnError",
     "Spawner",
     "exit_description",
@@ -190,6 +191,51 @@ class HandlerProtocol(LineLogger):
         return self.started
 
 
+class ProcessStream(Protocol):
+    """
+    A connection that a handler's process talks to through pipes (a
+    WebSocket or event-stream route's): its stdout, and its stdin if it
+    :attr:`wants_stdin`.
+    """
+
+    #: whether the process's stdin is a pipe from it (else ``/dev/null``)
+    wants_stdin: bool
+
+    def process_started(self, process: IProcessTransport) -> None:
+        """The process runs: ``process`` takes its stdin, and pauses its stdout."""
+
+    def output(self, data: bytes) -> None:
+        """The process wrote ``data`` to its stdout."""
+
+    def output_ended(self) -> None:
+        """Its stdout closed (every process holding it exited or closed it)."""
+
+
+class StreamProtocol(HandlerProtocol):
+    """A :class:`HandlerProtocol` whose stdout (and stdin) belong to a :class:`ProcessStream`."""
+
+    def __init__(self, handler_id: str, on_exit: ExitCallback, logger: Logger, stream: ProcessStream) -> None:
+        super().__init__(handler_id, on_exit, logger)
+        self.stream = stream
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        assert self.transport is not None  # connected
+        self.stream.process_started(self.transport)
+
+    def childDataReceived(self, childFD: int, data: bytes) -> None:
+        if childFD == 1:
+            self.stream.output(data)
+        else:
+            super().childDataReceived(childFD, data)
+
+    def childConnectionLost(self, childFD: int) -> None:
+        if childFD == 1:
+            self.stream.output_ended()
+        else:
+            super().childConnectionLost(childFD)
+
+
 def _start_failed(failure: Failure, program: str) -> Failure:
     """A failure to start ``program`` as :class:`SpawnError`."""
     error = failure.value
@@ -266,6 +312,7 @@ class Spawner:
         on_exit: ExitCallback,
         stdin: int | None = None,
         limits: Mapping[str, int] | None = None,
+        stream: ProcessStream | None = None,
     ) -> Deferred[int]:
         """
         Start ``argv`` for handler ``handler_id`` in a session of its own.
@@ -274,6 +321,8 @@ class Spawner:
         :param stdin: a descriptor for the handler's stdin (the caller keeps
             it, and closes it once the result fired); ``/dev/null`` by default.
         :param limits: its resource limits (over the server's defaults).
+        :param stream: what its stdout (and stdin, if it wants it) are
+            pipes to, if anything.
 
         :return: fires with the process group id (the process's pid), or
             fails with :class:`SpawnError` if it cannot be started. The spawn
@@ -290,14 +339,18 @@ class Spawner:
             except SpawnError:
                 return fail()
         out: int | str = "r" if self.debug else devnull
-        protocol = HandlerProtocol(handler_id, on_exit, log)
+        child_fds: dict[int, int | str] = {0: devnull if stdin is None else stdin, 1: out, 2: out}
+        protocol: HandlerProtocol
+        if stream is None:
+            protocol = HandlerProtocol(handler_id, on_exit, log)
+        else:
+            protocol = StreamProtocol(handler_id, on_exit, log, stream)
+            child_fds[1] = "r"
+            if stream.wants_stdin:
+                child_fds[0] = "w"
         try:
             self.processes.spawnProcess(
-                protocol,
-                argv[0],
-                argv,
-                self.handler_environ(handler_id),
-                childFDs={0: devnull if stdin is None else stdin, 1: out, 2: out},
+                protocol, argv[0], argv, self.handler_environ(handler_id), childFDs=child_fds
             )
         except OSError as e:
             return fail(SpawnError(f"cannot run {argv[0]}: {e.strerror or e}"))

@@ -39,6 +39,7 @@ from kapow.handlers.admission import Admission
 from kapow.handlers.governor import Governor
 from kapow.handlers.handler import Handler, HandlerRegistry
 from kapow.handlers.listing import HandlerShown
+from kapow.streams.websocket import upgrade_refusal
 from kapow.user.answers import Answer, Later, internal_error, plain
 from kapow.user.handler_object import STATES, handler_object
 from kapow.user.proxies import TrustedProxies
@@ -92,7 +93,10 @@ class UserAPI:
     app.url_map.merge_slashes = False
 
     def __post_init__(self) -> None:
-        self.runner = Runner(self.handlers, self.spawner, self.governor, self.admission, self.metrics)
+        self.runner = Runner(
+            self.handlers, self.spawner, self.governor, self.admission, self.reactor, self.metrics
+        )
+        self.governor.on_stopping.append(self.runner.going_away)
         self.waiting = WaitingRequests(self.reactor, self.admission, self.handlers.new_id, self._admitted)
 
     def resource(self) -> UserResource:
@@ -189,7 +193,15 @@ class UserAPI:
             self.metrics.refused_request(route, why)
 
     def _admit(self, request: Request, found: Match) -> Answer:
-        verdict = self.admission.admit(found.route)
+        route = found.route
+        if route.mode == "websocket":
+            refusal = upgrade_refusal(request, route)
+            if refusal is not None:
+                code, body, headers = refusal
+                for name, value in headers:
+                    request.setHeader(name, value)
+                return plain(request, code, body)
+        verdict = self.admission.admit(route)
         if isinstance(verdict, Deferred):
             return self.waiting.wait(request, found, verdict)
         if verdict is not None:
@@ -257,7 +269,11 @@ class UserAPI:
         started = self.governor.started_at(handler.id)
         if started is None:
             return None
-        state = STATES.get(handler.state, handler.state.value)
+        state = (
+            "websocket"
+            if handler.route.mode == "websocket"
+            else STATES.get(handler.state, handler.state.value)
+        )
         return handler_object(
             handler.id, handler.route.id, handler.request, self.governor.pid(handler.id), started, state
         )

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.server import Request
@@ -22,6 +23,9 @@ from kapow.core.routes import Match
 from kapow.handlers.admission import Admission
 from kapow.handlers.governor import Governor
 from kapow.handlers.handler import Handler, HandlerRegistry
+from kapow.handlers.spawn import ProcessStream
+from kapow.streams.events import EventStream
+from kapow.streams.websocket import SERVER_ERROR, ProcessWebSocket, accept
 from kapow.user.answers import internal_error
 
 __all__ = ["ExitCallback", "HandlerSpawner", "Runner"]
@@ -46,6 +50,7 @@ class HandlerSpawner(Protocol):
         on_exit: ExitCallback,
         stdin: int | None = None,
         limits: Mapping[str, int] | None = None,
+        stream: ProcessStream | None = None,
     ) -> Deferred[int]:
         """
         Start ``argv`` for handler ``handler_id`` in a process group of its
@@ -54,6 +59,7 @@ class HandlerSpawner(Protocol):
         :param stdin: a descriptor for its stdin, closed by the caller once
             the result fired; ``/dev/null`` if ``None``.
         :param limits: its resource limits.
+        :param stream: what its stdout (and stdin) are pipes to, if anything.
         :return: fires with the process group id, or fails if it cannot start.
         """
 
@@ -67,6 +73,7 @@ class Runner:
     :param spawner: starts their processes.
     :param governor: times them and ends their process groups.
     :param admission: is told when an admitted handler is over.
+    :param clock: the reactor's clock, for WebSocket and event-stream routes.
     :param metrics: where handlers are counted, if anywhere.
     """
 
@@ -74,6 +81,7 @@ class Runner:
     spawner: HandlerSpawner
     governor: Governor
     admission: Admission
+    clock: IReactorTime
     metrics: Metrics | None = None
 
     def start(self, request: Request, found: Match, handler_id: str | None = None) -> bytes | None:
@@ -99,12 +107,14 @@ class Runner:
         handler.on_client_lost = lambda: self._client_lost(handler)
         if self.metrics is not None:
             self.metrics.handler_started(route)
+        stream = self._stream(handler)
         spawned = self.spawner.start(
             handler.id,
             route.argv(),
             lambda status, sig: self._exited(handler, status, sig),
             stdin,
             limits=route.limits,
+            stream=stream,
         )
         if stdin is not None:  # the child has its own once the spawn is over
             spawned.addBoth(_closing, stdin)
@@ -112,6 +122,35 @@ class Runner:
             self._spawned, self._spawn_failed, callbackArgs=(handler,), errbackArgs=(handler,)
         )
         return None
+
+    def _stream(self, handler: Handler) -> ProcessWebSocket | EventStream | None:
+        """The stream of a WebSocket route (the upgrade completed now) or an event-stream route."""
+        route, request = handler.route, handler.request
+        stream: ProcessWebSocket | EventStream
+        if route.mode == "websocket":
+            metrics = self.metrics
+            stream = ProcessWebSocket(
+                request,
+                self.clock,
+                binary=route.messages == "binary",
+                max_message=route.effective_max_message,
+                ping=route.effective_ping,
+                counted=None if metrics is None else lambda way: metrics.websocket_message(route, way),
+                opened=None if metrics is None else lambda now: metrics.websocket_open(route, now),
+            )
+            accept(request, stream)
+        elif route.mode == "events":
+            stream = EventStream(request, route.effective_heartbeat, self.clock, route.effective_max_message)
+        else:
+            return None
+        handler.stream = stream
+        return stream
+
+    def going_away(self) -> None:
+        """A graceful stop: every live stream is told (WebSocket connections close with 1001)."""
+        for handler in self.handlers.live():
+            if handler.stream is not None:
+                handler.stream.going_away()
 
     def kill(self, handler_id: str) -> bool:
         """
@@ -140,6 +179,9 @@ class Runner:
         self._not_started(handler, failure.getErrorMessage())
         if self.metrics is not None:
             self.metrics.handler_ended(handler.route, None)
+        if isinstance(handler.stream, ProcessWebSocket):  # upgraded already: no HTTP answer any more
+            handler.stream.close(SERVER_ERROR, "cannot start")
+            return
         request = handler.request
         if not request._disconnected and not request.finished:
             request.write(internal_error(request))
@@ -175,7 +217,7 @@ class Runner:
                 id=handler.id, code=error_status,
             )  # fmt: skip
         self.handlers.forget(handler)
-        handler.finish()
+        handler.finish(failed=bool(status) or signal is not None)
 
     def _timed_out(self, handler: Handler, elapsed: float) -> None:
         log.warn(

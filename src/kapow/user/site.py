@@ -27,7 +27,8 @@ class UserRequest(Request):
     A user request that is access-logged even when its connection is lost
     before the response completed (client gone, or a streamed response cut
     by a timeout); one never started is logged with status 499, "client
-    closed request".
+    closed request". A WebSocket connection is logged when it ends, with
+    status 101 and the bytes of the messages it sent.
     """
 
     def connectionLost(self, reason: Failure) -> None:
@@ -35,7 +36,7 @@ class UserRequest(Request):
         super().connectionLost(reason)
         site = self.site
         if unfinished and site is not None:
-            if not self.startedWriting:
+            if not self.startedWriting and not getattr(self, "kapow_upgraded", False):
                 self.code = 499
             site.log(self)
 
