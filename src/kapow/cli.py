@@ -18,6 +18,7 @@ commands:
   server                 run the server and its init programs
   route                  add, list, get and remove routes (control API)
   handler                list, show and kill live handlers (control API)
+  history                show the runs handlers left (control API)
   get                    read a request resource inside a handler
   set                    write a response resource inside a handler
   unset                  remove a response header or cookie inside a handler
@@ -51,6 +52,10 @@ def main(argv: list[str] | None = None) -> int:
         from kapow.commands.handlers import main as handler_main
 
         return handler_main(argv[2:])
+    if command == "history":
+        from kapow.commands.history import main as history_main
+
+        return history_main(argv[2:])
     if command == "control-credentials":
         from kapow.commands.control_credentials import main as credentials_main
 

@@ -352,7 +352,7 @@ class ControlClient:
         *,
         route_id: str | None = None,
         outcome: str | None = None,
-        since: str | datetime.datetime | None = None,
+        since: str | datetime.datetime | float | None = None,
         limit: int | None = None,
     ) -> Deferred[list[JSONObject]]:
         """The run records that match every filter given, newest first (``GET /history``).
@@ -360,11 +360,16 @@ class ControlClient:
         :param route_id: only the runs of this route.
         :param outcome: only runs that ended so: ``ok``, ``error``,
             ``signal``, ``timeout``, ``disconnect`` or ``killed``.
-        :param since: only runs started at or after this time: RFC 3339 text,
-            or a :class:`~datetime.datetime` with its time zone.
-        :param limit: at most this many records (the server's default: 100).
+        :param since: only runs started at or after this time: RFC 3339 text
+            (sent as it is), a :class:`~datetime.datetime` with its time zone,
+            or seconds since the epoch (``time.time() - 3600``).
+        :param limit: at most this many records (the server's default: 100,
+            at most 10,000).
 
-        400 ``Invalid Query`` for a value the server refuses.
+        Fails with :class:`ValueError`, before asking, for a ``since`` that
+        is a datetime without a time zone or a number that is no time; with
+        :class:`ControlError` 400 ``Invalid Query`` for a value the server
+        refuses.
         """
         query: list[tuple[str, str]] = []
         if route_id is not None:
@@ -428,13 +433,23 @@ def _segment(text: str) -> str:
     return quote(text, safe="")
 
 
-def _rfc3339(moment: str | datetime.datetime) -> str:
-    """``moment`` as RFC 3339 text; a datetime in UTC, with ``Z``.
+def _rfc3339(moment: str | datetime.datetime | float) -> str:
+    """``moment`` as RFC 3339 text; a datetime or seconds since the epoch in UTC, with ``Z``.
 
-    :raises ValueError: for a datetime without a time zone.
+    :raises ValueError: for a datetime without a time zone, or a number that
+        is not a time (``nan``, ``True``, out of the datetime's range).
     """
     if isinstance(moment, str):
         return moment
+    if not isinstance(moment, datetime.datetime):
+        if isinstance(moment, bool) or not isinstance(moment, int | float):
+            raise ValueError(
+                f"since={moment!r}: RFC 3339 text, a datetime or seconds since the epoch is needed"
+            )
+        try:
+            moment = datetime.datetime.fromtimestamp(moment, datetime.UTC)
+        except (OverflowError, OSError, ValueError):
+            raise ValueError(f"since={moment!r}: not a time") from None
     if moment.tzinfo is None or moment.utcoffset() is None:
         raise ValueError(f"since={moment!r}: a datetime with a time zone is needed")
     return moment.astimezone(datetime.UTC).isoformat().replace("+00:00", "Z")

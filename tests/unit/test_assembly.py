@@ -272,6 +272,7 @@ def test_a_server_of_one_process(tmp_path: Path) -> None:
     service = build_service(options("--metrics-bind", "127.0.0.1:19090", str(init)), reactor, HOST)
 
     assert tree(service) == [
+        ("HistoryWriter", "history"),
         ("FakeContainment", "containment"),
         ("LauncherDirectory", "launcher"),
         ("Listener", "user"),
@@ -331,6 +332,7 @@ def test_the_main_process_of_two_workers() -> None:
     service = build_service(parsed, reactor, HOST)
 
     assert tree(service) == [
+        ("HistoryWriter", "history"),
         ("FakeContainment", "containment"),
         ("LauncherDirectory", "launcher"),
         ("HeldListener", "user"),
@@ -386,6 +388,7 @@ def test_one_worker_of_them() -> None:
         ("Listener", "user"),
         ("Listener", "data"),
         ("MainProcessConnection", "main-process"),
+        ("RecordRelay", "history-relay"),
     ]
     assert (reactor.tcpServers, reactor.adoptedPorts, reactor.processes) == ([], [], [])
     launcher = service.getServiceNamed("launcher")

@@ -1,4 +1,5 @@
-"""kapow.client.ControlClient in memory: every call through StubTreq over the real control API."""
+"""kapow.client.ControlClient in memory: every call through StubTreq over the real control API,
+or over a stand-in for its run history."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
 from hyperlink import EncodedURL
+from klein import Klein
 from treq.testing import StubTreq
 from twisted.internet.defer import Deferred
 from twisted.internet.testing import MemoryReactorClock
@@ -23,6 +25,7 @@ from kapow.commands.control_call import refusal_reason
 from kapow.control.api import ControlAPI
 from kapow.core import credentials
 from kapow.core.routes import RouteTable
+from kapow.core.runs import InvalidQuery, RunRecord, parse_query, parse_time
 
 URL = "https://control.test:8081"
 
@@ -220,9 +223,26 @@ class HistoryTests(_Case):
         self.successResultOf(self.client.history(since="2026-03-01T10:30:00.5+01:00"))
         self.assertEqual(self.asked()[2], [("since", "2026-03-01T10:30:00.5+01:00")])
 
+    def test_since_in_epoch_seconds(self) -> None:
+        when = datetime.datetime(2026, 3, 1, 10, 30, tzinfo=datetime.UTC)
+        self.successResultOf(self.client.history(since=when.timestamp()))
+        self.assertEqual(self.asked()[2], [("since", "2026-03-01T10:30:00Z")])
+        self.successResultOf(self.client.history(since=int(when.timestamp()) + 1))
+        self.assertEqual(self.asked()[2], [("since", "2026-03-01T10:30:01Z")])
+        self.successResultOf(self.client.history(since=when.timestamp() + 0.25))
+        self.assertEqual(self.asked()[2], [("since", "2026-03-01T10:30:00.250000Z")])
+        self.successResultOf(self.client.history(since=0))
+        self.assertEqual(self.asked()[2], [("since", "1970-01-01T00:00:00Z")])
+
     def test_naive_since_is_refused_before_asking(self) -> None:
         d = self.client.history(since=datetime.datetime(2026, 3, 1))
         self.assertIn("time zone", str(self.failureResultOf(d, ValueError).value))
+        self.assertEqual(self.server.seen, [])
+
+    def test_since_that_is_no_time_is_refused_before_asking(self) -> None:
+        for since in (float("nan"), float("inf"), 1e20, True, b"2026-03-01T10:30:00Z"):
+            d = self.client.history(since=since)  # type: ignore[arg-type]
+            self.assertIn("since=", str(self.failureResultOf(d, ValueError).value), since)
         self.assertEqual(self.server.seen, [])
 
     def test_run(self) -> None:
@@ -237,6 +257,122 @@ class HistoryTests(_Case):
         self.server.code, self.server.body = 400, b'{"reason": "Invalid Query"}'
         e = self.refusal(self.client.history(limit=-1))
         self.assertEqual((e.status, e.reason), (400, "Invalid Query"))
+
+
+def _record(n: int, route_id: str, outcome: str) -> RunRecord:
+    return {
+        "id": f"run-{n}",
+        "route_id": route_id,
+        "pattern": "/p",
+        "method": "GET",
+        "path": f"/p/{n}",
+        "remote": "127.0.0.1",
+        "started": f"2026-03-01T10:{n:02d}:00.000Z",
+        "duration_s": 0.5,
+        "status": 200 if outcome == "ok" else None,
+        "outcome": outcome,
+        "exit_status": 0 if outcome == "ok" else None,
+        "signal": None,
+        "bytes_in": 0,
+        "bytes_out": 3,
+        "mode": "http",
+        "job": False,
+    }
+
+
+class HistoryServer:
+    """
+    A stand-in for the control API's history (SPEC §12): ``GET /history``
+    finds the records its query names, newest first, ``GET /history/{id}``
+    one of them; 400 ``Invalid Query``, 404 ``Run Not Found``.
+    """
+
+    app = Klein()
+
+    def __init__(self, records: list[RunRecord]) -> None:
+        self.records = records
+
+    def _refuse(self, request: IRequest, code: int, reason: str) -> bytes:
+        request.setResponseCode(code)
+        request.setHeader(b"content-type", b"application/json")
+        return json.dumps({"reason": reason}).encode()
+
+    @app.route("/history", methods=["GET"])
+    def history(self, request: IRequest) -> bytes:
+        args = {name.decode(): [v.decode() for v in values] for name, values in request.args.items()}
+        try:
+            query = parse_query(args)
+        except InvalidQuery:
+            return self._refuse(request, 400, "Invalid Query")
+        found = [
+            record
+            for record in sorted(self.records, key=lambda r: parse_time(r["started"]), reverse=True)
+            if query.route_id in (None, record["route_id"])
+            and query.outcome in (None, record["outcome"])
+            and (query.since is None or parse_time(record["started"]) >= query.since)
+        ]
+        request.setHeader(b"content-type", b"application/json")
+        return json.dumps(found[: query.limit]).encode()
+
+    @app.route("/history/<path:run_id>", methods=["GET"])
+    def run(self, request: IRequest, run_id: str) -> bytes:
+        for record in self.records:
+            if record["id"] == run_id:
+                request.setHeader(b"content-type", b"application/json")
+                return json.dumps(record).encode()
+        return self._refuse(request, 404, "Run Not Found")
+
+
+class HistoryServerTests(_Case):
+    """The history calls against a server that reads their queries as the control API does."""
+
+    def setUp(self) -> None:
+        outcomes = ["ok", "error", "ok", "killed", "error", "ok"]
+        self.records = [_record(n, "r1" if n % 2 else "r 2/x", outcome) for n, outcome in enumerate(outcomes)]
+        self.records.append({**_record(9, "r1", "ok"), "id": "job 1/a", "job": True, "stderr_tail": "oops\n"})
+        self.server = HistoryServer(self.records)
+        self.client = ControlClient(URL, StubTreq(self.server.app.resource()))
+
+    def ids(self, d: Deferred[list[dict[str, Any]]]) -> list[str]:
+        return [record["id"] for record in self.successResultOf(d)]
+
+    def test_everything_newest_first(self) -> None:
+        self.assertEqual(
+            self.ids(self.client.history()), ["job 1/a", "run-5", "run-4", "run-3", "run-2", "run-1", "run-0"]
+        )
+        self.assertEqual(self.successResultOf(self.client.history(limit=1)), [self.records[-1]])
+
+    def test_filters(self) -> None:
+        self.assertEqual(self.ids(self.client.history(route_id="r 2/x")), ["run-4", "run-2", "run-0"])
+        self.assertEqual(self.ids(self.client.history(outcome="error")), ["run-4", "run-1"])
+        self.assertEqual(self.ids(self.client.history(route_id="r1", outcome="ok", limit=1)), ["job 1/a"])
+        self.assertEqual(self.ids(self.client.history(route_id="nope")), [])
+
+    def test_since_in_each_form_finds_the_same(self) -> None:
+        moment = datetime.datetime(2026, 3, 1, 11, 4, tzinfo=datetime.timezone(datetime.timedelta(hours=1)))
+        for since in (moment, moment.timestamp(), "2026-03-01T10:04:00Z", "2026-03-01T11:04:00+01:00"):
+            self.assertEqual(self.ids(self.client.history(since=since)), ["job 1/a", "run-5", "run-4"], since)
+
+    def test_one_run(self) -> None:
+        self.assertEqual(self.successResultOf(self.client.run("run-3")), self.records[3])
+        job = self.successResultOf(self.client.run("job 1/a"))
+        self.assertEqual((job["job"], job["stderr_tail"]), (True, "oops\n"))
+
+    def test_run_not_found(self) -> None:
+        for run_id in ("run-7", "run-1/x", "job 1"):
+            e = self.refusal(self.client.run(run_id))
+            self.assertEqual((e.status, e.reason, str(e)), (404, "Run Not Found", "Run Not Found"))
+
+    def test_invalid_query(self) -> None:
+        for d in (
+            self.client.history(limit=0),
+            self.client.history(limit=10_001),
+            self.client.history(outcome="failed"),
+            self.client.history(since="yesterday"),
+            self.client.history(since="2026-03-01T10:00:00"),
+        ):
+            e = self.refusal(d)
+            self.assertEqual((e.status, e.reason, str(e)), (400, "Invalid Query", "Invalid Query"))
 
 
 class AnswerTests(_Case):

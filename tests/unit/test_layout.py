@@ -28,6 +28,7 @@ ALLOWED = {
     "data": {"core", "web", "handlers"},
     "control": {"core", "web", "handlers"},
     "client": {"core", "commands"},
+    "history": {"core"},
 }
 
 #: Packages that must load without these libraries (``kapow get/set`` and

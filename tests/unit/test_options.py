@@ -11,7 +11,13 @@ import os
 import pytest
 from twisted.python.usage import UsageError
 
-from kapow.server.options import Options, control_reachable_addr, parse_listen_address
+from kapow.server.options import (
+    HISTORY_OFF,
+    Options,
+    control_reachable_addr,
+    history_path,
+    parse_listen_address,
+)
 from kapow.server.service import StartupError
 
 DEFAULTS = {
@@ -43,6 +49,8 @@ DEFAULTS = {
     "backlog": None,
     "max-connections": None,
     "trusted-proxies": None,
+    "history": None,
+    "history-keep": 10_000,
     "metrics-bind": None,
     "init_programs": [],
 }
@@ -75,7 +83,7 @@ def test_every_value_is_coerced_as_it_is_read() -> None:
         "--queue-timeout", "1.5", "--shutdown-timeout", "10", "--limit", "memory=256M", "--limit", "cpu=3",
         "--workers", "3", "--worker", "2", "--header-timeout", "1.5", "--idle-timeout", "2",
         "--body-min-rate", "64", "--backlog", "128", "--max-connections", "10",
-        "--trusted-proxies", "127.0.0.1/32,::1",
+        "--trusted-proxies", "127.0.0.1/32,::1", "--history", "h.sqlite3", "--history-keep", "5",
         "a.pow", "b.pow",
     )  # fmt: skip
     trusted = options.pop("trusted-proxies")
@@ -108,6 +116,8 @@ def test_every_value_is_coerced_as_it_is_read() -> None:
         "body-min-rate": 64.0,
         "backlog": 128,
         "max-connections": 10,
+        "history": "h.sqlite3",
+        "history-keep": 5,
         "init_programs": ["a.pow", "b.pow"],
     }
     assert [str(network) for network in trusted] == ["127.0.0.1/32", "::1/128"]
@@ -265,3 +275,12 @@ def test_where_init_programs_reach_the_control_api(args: list[str], reachable: s
     options = Options()
     options.parseOptions(args)
     assert control_reachable_addr(options) == reachable
+
+
+def test_the_history_lives_where_systemd_keeps_state_unless_told() -> None:
+    state = {"STATE_DIRECTORY": "/var/lib/kapow:/var/lib/other"}
+    assert history_path(parsed(), state) == "/var/lib/kapow/history.sqlite3"
+    assert history_path(parsed(), {}) is None  # in memory
+    assert history_path(parsed("--history", "/tmp/h.db"), state) == "/tmp/h.db"
+    assert history_path(parsed("--history", "off"), state) == HISTORY_OFF
+    assert refusal("--history", " ") == "--history: give a database file, or off"

@@ -1,6 +1,7 @@
 """
 The control API (docs/reference/control-api.rst): list, add, insert, get
-and remove routes; list, show and kill the live handlers.
+and remove routes; list, show and kill the live handlers; query the run
+history.
 
 It is served only behind pinned mutual TLS (see :mod:`kapow.web.tls`); nothing in
 this module knows about TLS.
@@ -12,19 +13,20 @@ import json
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar, cast
+from typing import Any, Protocol, TypeVar, cast
 
 from klein import Klein
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.logger import Logger
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource
 
 from kapow.core.routes import InvalidRoute, Route, RouteTable, route_from_json
+from kapow.core.runs import HistoryQuery, InvalidQuery, RunRecord, parse_query
 from kapow.handlers.listing import HandlerShown, HandlersListing
 from kapow.web.errors import JSONError, install_json_errors, json_body, json_resource
 
-__all__ = ["ControlAPI", "NoHandlers", "Stats"]
+__all__ = ["ControlAPI", "History", "NoHandlers", "NoHistory", "Stats"]
 
 log = Logger()
 
@@ -46,6 +48,26 @@ class NoHandlers:
         return False
 
 
+class History(Protocol):
+    """The run history the control API reads (:class:`kapow.history.writer.HistoryWriter`)."""
+
+    def query(self, query: HistoryQuery) -> Deferred[list[RunRecord]]:
+        """The records ``query`` finds, newest first."""
+
+    def get(self, run_id: str) -> Deferred[RunRecord | None]:
+        """One record, or ``None``."""
+
+
+class NoHistory:
+    """The history of a server that keeps none (``--history off``)."""
+
+    def query(self, query: HistoryQuery) -> Deferred[list[RunRecord]]:
+        return succeed([])
+
+    def get(self, run_id: str) -> Deferred[RunRecord | None]:
+        return succeed(None)
+
+
 @dataclass
 class ControlAPI:
     """
@@ -59,6 +81,7 @@ class ControlAPI:
         answered once what it returns (``None`` or a Deferred) is done.
     :param handlers: the live handlers, listed, shown and killed on
         ``/handlers``; none by default.
+    :param history: the run history of ``/history``; none by default.
     """
 
     routes: RouteTable
@@ -66,6 +89,7 @@ class ControlAPI:
     stats: Callable[[], Stats | Deferred[Stats]] = field(default=dict)
     publish: Callable[[], Deferred[Any] | None] = field(default=lambda: None)
     handlers: HandlersListing = field(default_factory=NoHandlers)
+    history: History = field(default_factory=NoHistory)
 
     app = Klein()
 
@@ -137,6 +161,26 @@ class ControlAPI:
             return b""
 
         return _answer(self.handlers.kill, handler_id).addCallback(answer)
+
+    @app.route("/history", methods=["GET"])
+    def list_history(self, request: IRequest) -> Deferred[bytes]:
+        args = {name.decode("utf-8", "replace"): [v.decode("utf-8", "replace") for v in values]
+                for name, values in (request.args or {}).items()}  # fmt: skip
+        try:
+            query = parse_query(args)
+        except InvalidQuery as e:
+            log.info("refused history query: {why}", why=str(e))
+            raise JSONError(400, "Invalid Query") from None
+        return self.history.query(query).addCallback(lambda found: json_body(request, 200, found))
+
+    @app.route("/history/<string:run_id>", methods=["GET"])
+    def get_run(self, request: IRequest, run_id: str) -> Deferred[bytes]:
+        def answer(record: RunRecord | None) -> bytes:
+            if record is None:
+                raise JSONError(404, "Run Not Found")
+            return json_body(request, 200, record)
+
+        return self.history.get(run_id).addCallback(answer)
 
     @app.route("/health", methods=["GET"])
     def health(self, request: IRequest) -> bytes | Deferred[bytes]:

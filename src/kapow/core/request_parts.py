@@ -62,6 +62,7 @@ class BodySnapshot:
 
     :param content: ``request.content``: a ``BytesIO`` for small bodies, an
         unlinked temporary file otherwise.
+    :ivar size: the body's size in bytes.
     """
 
     def __init__(self, content: IO[bytes]) -> None:
@@ -69,8 +70,10 @@ class BodySnapshot:
         self._fd: int | None = None
         if isinstance(content, io.BytesIO):
             self._data = content.getvalue()
+            self.size = len(self._data)
         else:
             self._fd = os.dup(content.fileno())
+            self.size = os.fstat(self._fd).st_size
 
     def open(self) -> BinaryIO:
         """A new reader from the start of the body."""

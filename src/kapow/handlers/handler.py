@@ -243,6 +243,11 @@ class Handler:
         """A new reader over the whole request body, independent of others."""
         return self._body.open()
 
+    @property
+    def body_size(self) -> int:
+        """The request body's size in bytes."""
+        return self._body.size
+
     def form(self) -> ParsedForm:
         """The request's form fields and files, parsed on first use."""
         if self._form is None:

@@ -33,19 +33,20 @@ from twisted.internet.interfaces import (
     IProcessTransport,
     IReactorCore,
     IReactorFDSet,
-    IReactorFromThreads,
     IReactorProcess,
+    IReactorThreads,
 )
 from twisted.logger import Logger
 from twisted.web.resource import IResource
 from twisted.web.server import Site
 
 from kapow.commands.launcher import native_client
-from kapow.control.api import ControlAPI, Stats
+from kapow.control.api import ControlAPI, History, NoHistory, Stats
 from kapow.core import credentials
 from kapow.core.metrics import Metrics
 from kapow.core.resource_limits import LimitedCommand
 from kapow.core.routes import RouteTable
+from kapow.core.runs import RunRecord
 from kapow.data.api import DataAPI
 from kapow.data.proxy import DataProxy
 from kapow.handlers.admission import Admission, LocalAdmission, ServerQueue, Slots
@@ -54,13 +55,15 @@ from kapow.handlers.fast_processes import SPAWN_THREADS, FastProcesses, quiet_si
 from kapow.handlers.governor import Governor, Limits
 from kapow.handlers.handler import HandlerRegistry
 from kapow.handlers.spawn import Spawner, handler_processes
+from kapow.history.store import HistoryError, HistoryStore
+from kapow.history.writer import HistoryWriter
 from kapow.server import systemd
 from kapow.server.forkserver import start_forkserver
 from kapow.server.init_programs import InitProgramsService
 from kapow.server.launcher_directory import LauncherDirectory
 from kapow.server.listeners import Address, IListeningReactor, Listener, Listening, listener_named
 from kapow.server.metrics_http import CountingQuietSite, MetricsResource, Others
-from kapow.server.options import WORKER_OPTION, Options, control_reachable_addr
+from kapow.server.options import HISTORY_OFF, WORKER_OPTION, Options, control_reachable_addr, history_path
 from kapow.server.service import KapowService, StartupError, fatal
 from kapow.server.workers.messages import worker_handler_ids
 from kapow.server.workers.pool import STOP_MARGIN, IWorkersReactor, WorkerPool
@@ -69,6 +72,7 @@ from kapow.server.workers.worker import (
     HandedOverSocket,
     MainAdmission,
     MainProcessConnection,
+    RecordRelay,
     WorkerLink,
 )
 from kapow.user.api import UserAPI
@@ -97,12 +101,13 @@ class IServerReactor(
     IListeningReactor,  # IReactorTCP, IReactorUNIX, IReactorSocket, IReactorTime
     IReactorCore,
     IReactorFDSet,
-    IReactorFromThreads,
+    IReactorThreads,  # IReactorFromThreads too
 ):
     """
     What the server needs of its reactor: it listens (TCP, Unix sockets,
-    sockets handed over), spawns and watches processes, keeps time, and
-    takes work from signal handlers and spawning threads.
+    sockets handed over), spawns and watches processes, keeps time, takes
+    work from signal handlers and spawning threads, and runs the history's
+    reads in its thread pool.
     """
 
 
@@ -151,8 +156,17 @@ def build_service(options: Options, reactor: IServerReactor, host: Host = THIS_H
     """
     if options["worker"] is not None:
         return build_worker(options, reactor, host)
-    parts = make_parts(options, reactor, host, forkserver=partial(start_forkserver, reactor))
+    history = make_history(options, reactor)
+    parts = make_parts(
+        options,
+        reactor,
+        host,
+        forkserver=partial(start_forkserver, reactor),
+        history=None if history is None else history.add,
+    )
     service = make_kapow_service(parts)
+    if history is not None:  # before the rest: it stops last, with the records of the last handlers
+        history.setServiceParent(service)
     containment = host.containment(reactor)
     containment.setServiceParent(service)  # first: everything started from here on is born inside
     parts.launcher.setServiceParent(service)
@@ -163,9 +177,9 @@ def build_service(options: Options, reactor: IServerReactor, host: Host = THIS_H
     # the limits that hold across workers are decided here, in the main process (or the only one)
     server_queue = ServerQueue(options["max-handlers"], options["queue"], options["queue-timeout"])
     if options["workers"] == 1:
-        serving = serve_here(parts, user_address, urls.for_handlers, server_queue)
+        serving = serve_here(parts, user_address, urls.for_handlers, server_queue, history)
     else:
-        serving = serve_in_workers(parts, user_address, urls.control, server_queue, containment)
+        serving = serve_in_workers(parts, user_address, urls.control, server_queue, containment, history)
     serving.user.setServiceParent(service)
     make_control_listener(parts, serving.control_api, creds).setServiceParent(service)
     data = make_data_listener(
@@ -195,6 +209,7 @@ def build_worker(options: Options, reactor: IServerReactor, host: Host = THIS_HO
     number: int = options["worker"]
     # no forkserver: init programs, which run kapow route, are the main process's
     parts = make_parts(options, reactor, host, worker=number)
+    keeps_history = history_path(options, os.environ) != HISTORY_OFF
     service = make_kapow_service(parts)
     parts.launcher.setServiceParent(service)
     handlers = HandlerRegistry(worker_handler_ids(number))
@@ -214,15 +229,18 @@ def build_worker(options: Options, reactor: IServerReactor, host: Host = THIS_HO
     )
     # they need each other: admission asks the main process through the link,
     # which lists the user interface's handlers for the control API
+    relay = RecordRelay(reactor, link)
     link.user_api = user_api = make_user_api(
         parts,
         handlers=handlers,
         admission=MainAdmission(parts.governor, options["max-handlers"], link),
         urls=link.handler_urls,
+        history=relay.add if keeps_history else None,
     )
     make_user_listener(parts, Address(gate, None), user_api).setServiceParent(service)
     data.setServiceParent(service)
     MainProcessConnection(reactor, link).setServiceParent(service)
+    relay.setServiceParent(service)  # after the connection: stopped before it, sending what is left
     return service
 
 
@@ -240,6 +258,8 @@ class Parts:
     launcher: LauncherDirectory
     #: its counts, with --metrics-bind
     metrics: Metrics | None
+    #: takes the run record of every handler whose process ended, if the history is kept
+    history: Callable[[RunRecord], None] | None = None
 
 
 def make_parts(
@@ -249,8 +269,12 @@ def make_parts(
     *,
     worker: int | None = None,
     forkserver: Callable[[str], IProcessTransport] | None = None,
+    history: Callable[[RunRecord], None] | None = None,
 ) -> Parts:
-    """The parts of the process (of worker number ``worker``), with a ``forkserver`` if given."""
+    """
+    The parts of the process (of worker number ``worker``), with a
+    ``forkserver`` and the ``history`` if given.
+    """
     return Parts(
         options,
         reactor,
@@ -260,6 +284,7 @@ def make_parts(
         user_tls=make_user_tls(options),
         launcher=make_launcher_directory(options, forkserver),
         metrics=Metrics(reactor) if options["metrics-bind"] else None,
+        history=history,
     )
 
 
@@ -294,20 +319,28 @@ class Serving:
 
 
 def serve_here(
-    parts: Parts, user_address: Address, urls: Callable[[], tuple[str, str]], server_queue: ServerQueue
+    parts: Parts,
+    user_address: Address,
+    urls: Callable[[], tuple[str, str]],
+    server_queue: ServerQueue,
+    history: History | None = None,
 ) -> Serving:
-    """The user interface and its handlers in this process (``--workers 1``)."""
+    """The user interface and its handlers in this process (``--workers 1``), with the ``history`` kept."""
     handlers = HandlerRegistry()
     user_api = make_user_api(
         parts,
         handlers=handlers,
         admission=LocalAdmission(parts.governor, Slots(parts.reactor, server_queue)),
         urls=urls,
+        history=parts.history,
     )
     return Serving(
         user=make_user_listener(parts, user_address, user_api),
         control_api=ControlAPI(
-            routes=parts.routes, stats=partial(handler_stats, parts.governor), handlers=user_api
+            routes=parts.routes,
+            stats=partial(handler_stats, parts.governor),
+            handlers=user_api,
+            history=history or NoHistory(),
         ),
         data_site=make_data_site(parts, handlers),
     )
@@ -319,11 +352,13 @@ def serve_in_workers(
     control_url: Callable[[], str],
     server_queue: ServerQueue,
     containment: Containment,
+    history: History | None = None,
 ) -> Serving:
     """
     The user interface and its handlers in ``--workers N`` processes: this
     one holds the listening socket they accept on, forwards the data API to
-    them, and shows their handlers on the control API.
+    them, shows their handlers on the control API, and keeps the ``history``
+    of their handlers' runs.
     """
     held = parts.listening.held(user_address, https=parts.user_tls is not None)
     pool = make_worker_pool(
@@ -335,7 +370,13 @@ def serve_in_workers(
     )
     return Serving(
         user=held,
-        control_api=ControlAPI(routes=parts.routes, stats=pool.stats, publish=pool.publish, handlers=pool),
+        control_api=ControlAPI(
+            routes=parts.routes,
+            stats=pool.stats,
+            publish=pool.publish,
+            handlers=pool,
+            history=history or NoHistory(),
+        ),
         data_site=QuietSite(DataProxy(parts.reactor, pool.data_address), reactor=parts.reactor),
         pool=pool,
     )
@@ -511,6 +552,7 @@ def make_user_api(
     handlers: HandlerRegistry,
     admission: Admission,
     urls: Callable[[], tuple[str, str]],
+    history: Callable[[RunRecord], None] | None = None,
 ) -> UserAPI:
     """The user interface with its handlers: the same in a worker as in the whole server."""
     options, metrics = parts.options, parts.metrics
@@ -533,10 +575,29 @@ def make_user_api(
         reactor=parts.reactor,
         proxies=TrustedProxies(proxies) if proxies else None,
         metrics=metrics,
+        history=history,
     )
     if metrics is not None:
         metrics.queued_now = user_api.queued_routes
     return user_api
+
+
+def make_history(options: Options, reactor: IServerReactor) -> HistoryWriter | None:
+    """
+    The run history (``--history``, ``--history-keep``), written in a thread
+    of its own; ``None`` with ``--history off``.
+
+    :raises StartupError: if its database cannot be opened.
+    """
+    path = history_path(options, os.environ)
+    if path == HISTORY_OFF:
+        return None
+    try:
+        store = HistoryStore.open(path)
+    except HistoryError as e:
+        raise StartupError(f"--history {path}: {e}") from None
+    log.info("run history in {where}", where=path or "memory")
+    return HistoryWriter(store, options["history-keep"], reactor)
 
 
 def make_user_listener(parts: Parts, address: Address, user_api: UserAPI) -> Listener:
@@ -614,6 +675,7 @@ def make_worker_pool(
         stop_timeout=options["shutdown-timeout"] + options["kill-grace"] + STOP_MARGIN,
         end_groups=parts.governor.end_groups,
         containment=containment,
+        history=parts.history,
     )
 
 

@@ -15,7 +15,9 @@ import math
 import os
 import re
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from twisted.python import usage
 
@@ -24,6 +26,7 @@ from kapow.core import credentials
 from kapow.core.auth import Network
 from kapow.core.resource_limits import InvalidLimit, LimitedCommand, parse_limit
 from kapow.core.routes import DEFAULT_QUEUE_TIMEOUT, MAX_QUEUE
+from kapow.core.runs import DEFAULT_KEEP
 from kapow.handlers.fast_processes import FastProcesses
 from kapow.handlers.spawn import SPAWN_KINDS
 from kapow.server.service import StartupError
@@ -212,6 +215,30 @@ def trusted_proxies(value: str) -> tuple[Network, ...]:
         raise usage.UsageError(f"--trusted-proxies: {e}") from None
 
 
+#: ``--history``'s value that keeps no history.
+HISTORY_OFF = "off"
+
+
+def history_location(value: str) -> str:
+    """``--history``: ``off``, or the path of a database file (not checked here: it is opened at start)."""
+    if not value.strip():
+        raise usage.UsageError("--history: give a database file, or off")
+    return value
+
+
+def history_path(options: Mapping[str, Any], environ: Mapping[str, str]) -> str | None:
+    """
+    The database file of the history (``None``: in memory), or
+    :data:`HISTORY_OFF`: ``--history``, else ``history.sqlite3`` in the
+    directory systemd's ``StateDirectory=`` gives (``$STATE_DIRECTORY``).
+    """
+    given: str | None = options["history"]
+    if given is not None:
+        return given
+    state = environ.get("STATE_DIRECTORY", "").split(":")[0]
+    return os.path.join(state, "history.sqlite3") if state else None
+
+
 class Options(usage.Options):
     """
     Options of ``kapow server`` / ``twist kapow``.
@@ -348,6 +375,21 @@ class Options(usage.Options):
             30.0,
             "Seconds a graceful stop waits for running handlers before ending them [default: 30].",
             Number("shutdown-timeout", float, minimum=0),
+        ],
+        [
+            "history",
+            None,
+            None,
+            "Where the run history is kept: a SQLite database file, or off [default: "
+            "$STATE_DIRECTORY/history.sqlite3 under systemd, else in memory].",
+            history_location,
+        ],
+        [
+            "history-keep",
+            None,
+            DEFAULT_KEEP,
+            "Run records kept; the oldest beyond are dropped [default: 10000].",
+            Number("history-keep", int, minimum=1),
         ],
         [
             "trusted-proxies",

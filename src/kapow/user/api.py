@@ -35,6 +35,7 @@ from werkzeug.exceptions import NotFound
 from kapow.core.auth import Refusal, RouteAuth, Verdict
 from kapow.core.metrics import Metrics, refusal_kind
 from kapow.core.routes import METHOD_NOT_ALLOWED, Match, Route, RouteTable
+from kapow.core.runs import RunRecord
 from kapow.handlers.admission import Admission
 from kapow.handlers.governor import Governor
 from kapow.handlers.handler import Handler, HandlerRegistry
@@ -72,6 +73,8 @@ class UserAPI:
     :param proxies: the trusted proxies whose forwarding headers name the
         client, if any.
     :param metrics: where requests and handlers are counted, if anywhere.
+    :param history: given the run record of every handler whose process
+        ended, if the history is kept.
 
     It is also the control API's view of its handlers
     (:class:`kapow.handlers.listing.HandlersListing`).
@@ -85,6 +88,7 @@ class UserAPI:
     reactor: IReactorTime
     proxies: TrustedProxies | None = None
     metrics: Metrics | None = None
+    history: Callable[[RunRecord], None] | None = None
     runner: Runner = field(init=False)
     waiting: WaitingRequests = field(init=False)
 
@@ -94,7 +98,13 @@ class UserAPI:
 
     def __post_init__(self) -> None:
         self.runner = Runner(
-            self.handlers, self.spawner, self.governor, self.admission, self.reactor, self.metrics
+            self.handlers,
+            self.spawner,
+            self.governor,
+            self.admission,
+            self.reactor,
+            self.metrics,
+            self.history,
         )
         self.governor.on_stopping.append(self.runner.going_away)
         self.waiting = WaitingRequests(self.reactor, self.admission, self.handlers.new_id, self._admitted)

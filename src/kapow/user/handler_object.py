@@ -5,15 +5,15 @@ handler object" of docs/reference/control-api.rst.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from urllib.parse import unquote_to_bytes
 
 from twisted.web.server import Request
 
+from kapow.core.runs import rfc3339
 from kapow.handlers.handler import State
 from kapow.handlers.listing import HandlerShown
 
-__all__ = ["STATES", "handler_object", "rfc3339"]
+__all__ = ["STATES", "handler_object"]
 
 #: The ``state`` the control API shows for each state of a handler's response.
 STATES = {State.PENDING: "running", State.STREAMING: "streaming", State.ENDED: "ended"}
@@ -41,9 +41,3 @@ def handler_object(
         "started": rfc3339(started),
         "state": state,
     }
-
-
-def rfc3339(seconds: float) -> str:
-    """``seconds`` since the epoch as RFC 3339 UTC text, to the millisecond."""
-    moment = datetime.fromtimestamp(seconds, UTC)
-    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")

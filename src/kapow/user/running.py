@@ -20,6 +20,7 @@ from twisted.web.server import Request
 
 from kapow.core.metrics import Metrics
 from kapow.core.routes import Match
+from kapow.core.runs import RunRecord
 from kapow.handlers.admission import Admission
 from kapow.handlers.governor import Governor
 from kapow.handlers.handler import Handler, HandlerRegistry
@@ -27,6 +28,7 @@ from kapow.handlers.spawn import ProcessStream
 from kapow.streams.events import EventStream
 from kapow.streams.websocket import SERVER_ERROR, ProcessWebSocket, accept
 from kapow.user.answers import internal_error
+from kapow.user.run_record import outcome_of, run_record
 
 __all__ = ["ExitCallback", "HandlerSpawner", "Runner"]
 
@@ -75,6 +77,8 @@ class Runner:
     :param admission: is told when an admitted handler is over.
     :param clock: the reactor's clock, for WebSocket and event-stream routes.
     :param metrics: where handlers are counted, if anywhere.
+    :param history: given the run record of every handler whose process
+        ended, if the history is kept.
     """
 
     handlers: HandlerRegistry
@@ -83,6 +87,7 @@ class Runner:
     admission: Admission
     clock: IReactorTime
     metrics: Metrics | None = None
+    history: Callable[[RunRecord], None] | None = None
 
     def start(self, request: Request, found: Match, handler_id: str | None = None) -> bytes | None:
         """
@@ -198,11 +203,11 @@ class Runner:
         self.admission.release(handler.route)
 
     def _exited(self, handler: Handler, status: int | None, signal: int | None) -> None:
+        started = self.governor.started_at(handler.id)
         elapsed = self.governor.exited(handler.id)
         self.admission.release(handler.route)
         if self.metrics is not None:
-            outcome = handler.ended_by or ("signal" if signal is not None else "error" if status else "ok")
-            self.metrics.handler_ended(handler.route, outcome)
+            self.metrics.handler_ended(handler.route, outcome_of(handler, status, signal))
         if signal is not None:
             log.info(
                 "handler {id} killed by signal {signal} after {elapsed:.3f}s",
@@ -218,6 +223,8 @@ class Runner:
             )  # fmt: skip
         self.handlers.forget(handler)
         handler.finish(failed=bool(status) or signal is not None)
+        if self.history is not None and started is not None:
+            self.history(run_record(handler, started, elapsed, status, signal))
 
     def _timed_out(self, handler: Handler, elapsed: float) -> None:
         log.warn(

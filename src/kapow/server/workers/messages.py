@@ -13,7 +13,8 @@ accepting), :class:`Running`, :class:`MetricsPart`,
 :class:`Reload`, :class:`Stop`, and :class:`Handlers`,
 :class:`HandlerInfo`, :class:`Kill` for the control API. Worker to main:
 :class:`Admit`, :class:`Withdraw` and :class:`Release`, for the limits and
-queues that must hold across workers.
+queues that must hold across workers, and :class:`RunRecords`, for the
+history the main process alone writes.
 """
 
 from __future__ import annotations
@@ -123,6 +124,17 @@ class Release(amp.Command):
     """A handler :class:`Admit` let start has exited."""
 
     arguments = [(b"route_id", amp.Unicode()), (b"limited", amp.Boolean())]
+    requiresAnswer = False
+
+
+#: Largest batch of run records in one :class:`RunRecords` message, in characters.
+RECORDS_PART = 60_000
+
+
+class RunRecords(amp.Command):
+    """Run records of the worker's handlers (a JSON list), for the history."""
+
+    arguments = [(b"records", amp.Unicode())]
     requiresAnswer = False
 
 

@@ -41,6 +41,7 @@ from twisted.python.failure import Failure
 
 from kapow.core.metrics import Snapshot
 from kapow.core.routes import DEFAULT_QUEUE_TIMEOUT, RouteTable
+from kapow.core.runs import RunRecord
 from kapow.handlers.admission import ServerQueue, Slots, Want
 from kapow.handlers.containment import Containment
 from kapow.handlers.listing import HandlerShown
@@ -57,6 +58,7 @@ from kapow.server.workers.messages import (
     Reload,
     Routes,
     Running,
+    RunRecords,
     Serve,
     Stop,
     Withdraw,
@@ -91,12 +93,14 @@ class MainLink(amp.AMP):
 
     :param number: the worker's number.
     :param slots: the limits and queues shared by every worker.
+    :param history: takes the run records the worker sends, if the history is kept.
     """
 
-    def __init__(self, number: int, slots: Slots) -> None:
+    def __init__(self, number: int, slots: Slots, history: Callable[[RunRecord], None] | None = None) -> None:
         super().__init__()
         self.number = number
         self.slots = slots
+        self.history = history
         self.data_url: str | None = None
         self._held: Counter[tuple[str, bool]] = Counter()
         self._waiting: dict[int, Deferred[str | None]] = {}
@@ -133,6 +137,13 @@ class MainLink(amp.AMP):
         if refusal is not None:
             return {"refusal": refusal}
         self._held[(want.key, want.limit is not None)] += 1
+        return {}
+
+    @RunRecords.responder
+    def run_records(self, records: str) -> dict[str, Any]:
+        if self.history is not None:
+            for record in json.loads(records):
+                self.history(record)
         return {}
 
     @Withdraw.responder
@@ -206,6 +217,8 @@ class WorkerPool(Service):
         for the handlers a dead worker left behind.
     :param containment: gives each worker a cgroup of its own and ends what
         a dead worker left in it, if the server contains its handlers.
+    :param history: takes the run records of the workers' handlers, if the
+        history is kept.
     """
 
     name = "workers"
@@ -224,9 +237,11 @@ class WorkerPool(Service):
         stop_timeout: float,
         end_groups: Callable[[set[int]], Deferred[None]],
         containment: Containment | None = None,
+        history: Callable[[RunRecord], None] | None = None,
     ) -> None:
         self.reactor = reactor
         self.containment = containment
+        self.history = history
         self.end_groups = end_groups
         self.count = count
         self.command = command
@@ -252,7 +267,7 @@ class WorkerPool(Service):
         return gatherResults(self._first)
 
     def _start(self, number: int) -> _Worker:
-        link = MainLink(number, self.slots)
+        link = MainLink(number, self.slots, self.history)
         worker = _Worker(number, link, self.reactor.seconds())
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         stdin = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)

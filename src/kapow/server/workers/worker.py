@@ -20,9 +20,11 @@ from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
 from twisted.internet.endpoints import AdoptedStreamServerEndpoint
 from twisted.internet.error import ConnectionLost
 from twisted.internet.interfaces import (
+    IDelayedCall,
     IListeningPort,
     IProtocolFactory,
     IReactorSocket,
+    IReactorTime,
     IStreamServerEndpoint,
 )
 from twisted.internet.protocol import connectionDone
@@ -35,11 +37,13 @@ from zope.interface import implementer
 
 from kapow.core.metrics import Metrics, snapshot_parts
 from kapow.core.routes import DEFAULT_QUEUE_TIMEOUT, Route, RouteTable, route_from_json
+from kapow.core.runs import RunRecord
 from kapow.handlers.admission import Admission
 from kapow.handlers.governor import Governor
 from kapow.server.service import KapowService
 from kapow.server.workers.messages import (
     MAIN_FD,
+    RECORDS_PART,
     ROUTES_PART,
     USER_FD,
     Admit,
@@ -51,6 +55,7 @@ from kapow.server.workers.messages import (
     Reload,
     Routes,
     Running,
+    RunRecords,
     Serve,
     Stop,
     Withdraw,
@@ -376,3 +381,51 @@ class MainProcessConnection(Service):
         super().startService()
         self.reactor.adoptStreamConnection(self.fd, socket.AF_UNIX, link_factory(self.link))
         os.close(self.fd)
+
+
+class RecordRelay(Service):
+    """
+    Sends the run records of a worker's handlers to the main process, which
+    alone writes the history: in batches, each within :attr:`delay` seconds
+    of its first record, and what is left when the worker stops.
+
+    :param clock: times the batches.
+    :param link: the connection to the main process.
+    """
+
+    name = "history-relay"
+    #: seconds a record may wait for others to go with it
+    delay = 0.2
+
+    def __init__(self, clock: IReactorTime, link: amp.AMP) -> None:
+        self.clock = clock
+        self.link = link
+        self._batch: list[str] = []
+        self._size = 0
+        self._later: IDelayedCall | None = None
+
+    def add(self, record: RunRecord) -> None:
+        """Send ``record`` with the next batch."""
+        text = json.dumps(record, separators=(",", ":"))
+        if self._size + len(text) + 2 > RECORDS_PART:
+            self.flush()
+        self._batch.append(text)
+        self._size += len(text) + 1
+        if self._later is None:
+            self._later = self.clock.callLater(self.delay, self.flush)
+
+    def flush(self) -> None:
+        """Send what waits now."""
+        if self._later is not None and self._later.active():
+            self._later.cancel()
+        self._later = None
+        batch, self._batch, self._size = self._batch, [], 0
+        if batch:
+            try:
+                self.link.callRemote(RunRecords, records="[" + ",".join(batch) + "]")
+            except ConnectionLost:
+                log.warn("lost {n} run records: the main process is gone", n=len(batch))
+
+    def stopService(self) -> None:
+        self.flush()
+        super().stopService()
