@@ -24,8 +24,8 @@ from twisted.internet.interfaces import IReactorThreads
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
-from kapow.core.runs import OUTCOMES, HistoryQuery, RunRecord, rfc3339
-from kapow.history.store import SCHEMA_VERSION, HistoryError, HistoryStore, JobResult, query_sql
+from kapow.core.runs import OUTCOMES, HistoryQuery, JobResult, RunRecord, rfc3339
+from kapow.history.store import SCHEMA_VERSION, HistoryError, HistoryStore, query_sql
 from kapow.history.writer import HistoryWriter
 
 T = TypeVar("T")

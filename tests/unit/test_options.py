@@ -51,6 +51,8 @@ DEFAULTS = {
     "trusted-proxies": None,
     "history": None,
     "history-keep": 10_000,
+    "job-output-max": 1 << 20,
+    "jobs-path": "/_jobs",
     "metrics-bind": None,
     "init_programs": [],
 }
@@ -84,6 +86,7 @@ def test_every_value_is_coerced_as_it_is_read() -> None:
         "--workers", "3", "--worker", "2", "--header-timeout", "1.5", "--idle-timeout", "2",
         "--body-min-rate", "64", "--backlog", "128", "--max-connections", "10",
         "--trusted-proxies", "127.0.0.1/32,::1", "--history", "h.sqlite3", "--history-keep", "5",
+        "--job-output-max", "2K", "--jobs-path", "/jobs/",
         "a.pow", "b.pow",
     )  # fmt: skip
     trusted = options.pop("trusted-proxies")
@@ -118,6 +121,8 @@ def test_every_value_is_coerced_as_it_is_read() -> None:
         "max-connections": 10,
         "history": "h.sqlite3",
         "history-keep": 5,
+        "job-output-max": 2048,
+        "jobs-path": "/jobs",
         "init_programs": ["a.pow", "b.pow"],
     }
     assert [str(network) for network in trusted] == ["127.0.0.1/32", "::1/128"]
@@ -284,3 +289,15 @@ def test_the_history_lives_where_systemd_keeps_state_unless_told() -> None:
     assert history_path(parsed("--history", "/tmp/h.db"), state) == "/tmp/h.db"
     assert history_path(parsed("--history", "off"), state) == HISTORY_OFF
     assert refusal("--history", " ") == "--history: give a database file, or off"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--job-output-max", "lots"), "--job-output-max: invalid size 'lots'"),
+        (("--job-output-max", "-1"), "--job-output-max: invalid size '-1'"),
+        (("--jobs-path", "jobs"), "--jobs-path must be a path such as /_jobs, not 'jobs'"),
+    ],
+)
+def test_bad_job_options_are_refused(args: tuple[str, ...], message: str) -> None:
+    assert refusal(*args).startswith(message)

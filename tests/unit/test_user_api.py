@@ -62,6 +62,7 @@ class FakeSpawner:
         stdin: int | None = None,
         limits: Any = None,
         stream: Any = None,
+        stderr_tail: Any = None,
     ) -> Deferred[int]:
         content = None
         if stdin is not None:  # read now: the caller closes it once the result fired

@@ -23,8 +23,7 @@ from kapow.commands.control import (
     quote,
     run,
 )
-from kapow.core.resource_limits import _SUFFIXES as SIZE_SUFFIXES
-from kapow.core.resource_limits import InvalidLimit, parse_limits
+from kapow.core.resource_limits import InvalidLimit, parse_limits, parse_size
 
 # typing.TYPE_CHECKING without importing typing, which this command needs
 # only for annotations; type checkers know the name.
@@ -171,6 +170,12 @@ def _parser() -> tuple[Parser, Parser]:
         metavar="S",
         help="with --mode events: seconds between keep-alive comments, 0 never [15]",
     )
+    add.add_argument(
+        "--job",
+        action="store_const",
+        const=True,
+        help="answer 202 at once and keep the response as a job's result at /_jobs/ID/result",
+    )
     add.add_argument("url_pattern", metavar="URL_PATTERN", help="e.g. /greet/{name}")
     add.add_argument(
         "command_file", metavar="COMMAND_FILE", nargs="?", help="file with the command, or - for stdin"
@@ -194,15 +199,10 @@ def _size(text: str) -> int:
     ``--limit`` takes them): ``2K`` is 2048. Whether the number suits its
     field is the server's to say.
     """
-    digits, scale = text.strip(), 1
-    if digits[-1:].upper() in SIZE_SUFFIXES:
-        digits, scale = digits[:-1], SIZE_SUFFIXES[digits[-1:].upper()]
     try:
-        return int(digits) * scale
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"invalid size {text!r} (a whole number of bytes, or with K, M or G)"
-        ) from None
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _parse(argv: Sequence[str]) -> argparse.Namespace:
@@ -246,6 +246,7 @@ _OPTIONAL_FIELDS = (
     ("max_message", "max_message"),
     ("ping", "ping"),
     ("heartbeat", "heartbeat"),
+    ("job", "job"),
 )
 
 

@@ -50,6 +50,21 @@ class InvalidLimit(ValueError):
     """A limit is refused; the message says why, in one line."""
 
 
+def parse_size(text: str) -> int:
+    """
+    A number of bytes with an optional K, M or G suffix (powers of 1024):
+    ``2K`` is 2048.
+
+    :raises ValueError: if it is not a whole number, with or without one.
+    """
+    digits, scale = text.strip(), 1
+    if digits[-1:].upper() in _SUFFIXES:
+        digits, scale = digits[:-1], _SUFFIXES[digits[-1:].upper()]
+    if not digits.isascii() or not digits.isdigit():
+        raise ValueError(f"invalid size {text!r} (a whole number of bytes, or with K, M or G)")
+    return int(digits) * scale
+
+
 def parse_limit(text: str) -> tuple[str, int]:
     """
     One ``--limit`` of the command line: ``NAME=VALUE``, sizes with an
@@ -65,14 +80,16 @@ def parse_limit(text: str) -> tuple[str, int]:
     if name not in NAMES:
         raise InvalidLimit(f"--limit {text!r}: unknown limit {name!r} (known: {', '.join(NAMES)})")
     value = value.strip()
-    scale = 1
-    if name in SIZES and value[-1:].upper() in _SUFFIXES:
-        scale = _SUFFIXES[value[-1:].upper()]
-        value = value[:-1]
-    if not value.isascii() or not value.isdigit():
+    try:
+        if name in SIZES:
+            number = parse_size(value)
+        elif value.isascii() and value.isdigit():
+            number = int(value)
+        else:
+            raise ValueError(value)
+    except ValueError:
         unit = " (a number of bytes, or with K, M or G)" if name in SIZES else ""
-        raise InvalidLimit(f"--limit {text!r}: {name} must be a whole number{unit}")
-    number = int(value) * scale
+        raise InvalidLimit(f"--limit {text!r}: {name} must be a whole number{unit}") from None
     if not 1 <= number <= MAXIMUM:
         raise InvalidLimit(f"--limit {text!r}: {name} must be from 1 to {MAXIMUM}")
     return name, number

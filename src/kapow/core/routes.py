@@ -85,6 +85,7 @@ OPTIONS = (
     "max_message",
     "ping",
     "heartbeat",
+    "job",
 )
 
 #: Seconds a queued request waits for a slot when its route sets no ``queue_timeout``.
@@ -379,6 +380,8 @@ class Route:
     :ivar heartbeat: events only: seconds between keep-alive comments, a
         number >= 0, 0 for never (``None``: :data:`DEFAULT_HEARTBEAT`; see
         :attr:`effective_heartbeat`).
+    :ivar job: answer 202 at once and keep the response as the result of a
+        job (SPEC section 12); not with a streaming mode.
     :raises InvalidRoute: if a field is invalid.
     """
 
@@ -404,6 +407,7 @@ class Route:
     max_message: int | None = None
     ping: float | None = None
     heartbeat: float | None = None
+    job: bool | None = None
     _pattern: Pattern = field(init=False, repr=False, compare=False)
     _argv: tuple[str, ...] = field(init=False, repr=False, compare=False)
     _guard: RouteAuth | None = field(init=False, repr=False, compare=False, default=None)
@@ -476,7 +480,9 @@ class Route:
                 raise InvalidRoute(f"auth: {e}") from None
 
     def _check_mode(self) -> None:
-        """Check :attr:`mode` and the fields that belong to one mode."""
+        """Check :attr:`mode` and the fields that belong to one mode (:attr:`job` among them)."""
+        if self.job is not None and not isinstance(self.job, bool):
+            raise InvalidRoute("job must be true or false")
         if self.mode is not None and (not isinstance(self.mode, str) or self.mode not in MODES):
             raise InvalidRoute('mode must be "http", "websocket" or "events"')
         if self.origins is not None:
@@ -740,6 +746,13 @@ class RouteTable:
         routes = self._routes
         self._routes = routes[:index] + routes[index + 1 :]
         return route
+
+    def find(self, route_id: str) -> Route | None:
+        """The route with id ``route_id``, or ``None``."""
+        for route in self._routes:
+            if route.id == route_id:
+                return route
+        return None
 
     def get(self, route_id: str) -> tuple[int, Route]:
         """Find the route with id ``route_id``.

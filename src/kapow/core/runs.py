@@ -21,6 +21,7 @@ __all__ = [
     "OUTCOMES",
     "HistoryQuery",
     "InvalidQuery",
+    "JobResult",
     "RunRecord",
     "parse_query",
     "parse_time",
@@ -58,6 +59,22 @@ DEFAULT_LIMIT, MAX_LIMIT = 100, 10_000
 #: A run record as JSON: :data:`FIELDS`, and for a job ``stderr_tail`` (and
 #: ``truncated`` once it is known); ``started`` is RFC 3339 UTC text.
 RunRecord = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class JobResult:
+    """
+    What a job's process answered (SPEC.md §12 "Jobs"), kept to be served by
+    ``GET /_jobs/{id}/result``: the status line, the headers as sent (raw
+    names and values), the body up to ``job_output_max`` bytes, and whether
+    it was cut there.
+    """
+
+    status: int
+    reason: str
+    headers: list[tuple[bytes, bytes]]
+    body: bytes
+    truncated: bool
 
 
 class InvalidQuery(ValueError):

@@ -119,6 +119,8 @@ class Handler:
     stream: ResponseStream | None = None
     #: ``/response/end`` came: from now on every write is refused, those it releases too
     _ending = False
+    #: the end of its process's stderr, kept for a job
+    stderr_tail: bytearray | None = None
 
     def __init__(self, handler_id: str, route: Route, matches: dict[str, str], request: Request) -> None:
         self.id = handler_id

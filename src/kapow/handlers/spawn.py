@@ -50,6 +50,9 @@ __all__ = [
 
 log = Logger()
 
+#: Bytes of a job's stderr kept, its last ones (SPEC.md §12).
+STDERR_TAIL = 4096
+
 #: The providers ``--spawn`` names: :class:`FastProcesses`, :class:`ReactorProcesses`.
 SPAWN_KINDS = ("fast", "reactor")
 
@@ -103,6 +106,9 @@ class LineLogger(ProcessProtocol):
     :param name: the prefix of every logged line.
     :param logger: the logger to use.
     """
+
+    #: whether what it reads is logged
+    logs = True
 
     def __init__(self, name: str, logger: Logger) -> None:
         self.name = name
@@ -158,6 +164,9 @@ class HandlerProtocol(LineLogger):
     :param logger: logs its output.
     """
 
+    #: where the last :data:`STDERR_TAIL` bytes of its stderr are kept, if they are
+    stderr_tail: bytearray | None = None
+
     def __init__(self, handler_id: str, on_exit: ExitCallback, logger: Logger) -> None:
         super().__init__(handler_id, logger)
         self.on_exit = on_exit
@@ -168,6 +177,15 @@ class HandlerProtocol(LineLogger):
     def connectionMade(self) -> None:
         assert self.transport is not None  # connected
         self.started.callback(self.transport.pid)
+
+    def childDataReceived(self, childFD: int, data: bytes) -> None:
+        tail = self.stderr_tail
+        if childFD == 2 and tail is not None:
+            tail += data
+            del tail[:-STDERR_TAIL]
+            if not self.logs:
+                return
+        super().childDataReceived(childFD, data)
 
     def processExited(self, reason: Failure) -> None:
         how = exit_description(reason)
@@ -313,6 +331,7 @@ class Spawner:
         stdin: int | None = None,
         limits: Mapping[str, int] | None = None,
         stream: ProcessStream | None = None,
+        stderr_tail: bytearray | None = None,
     ) -> Deferred[int]:
         """
         Start ``argv`` for handler ``handler_id`` in a session of its own.
@@ -323,6 +342,8 @@ class Spawner:
         :param limits: its resource limits (over the server's defaults).
         :param stream: what its stdout (and stdin, if it wants it) are
             pipes to, if anything.
+        :param stderr_tail: where to keep the last :data:`STDERR_TAIL`
+            bytes of its stderr, if anywhere.
 
         :return: fires with the process group id (the process's pid), or
             fails with :class:`SpawnError` if it cannot be started. The spawn
@@ -348,6 +369,10 @@ class Spawner:
             child_fds[1] = "r"
             if stream.wants_stdin:
                 child_fds[0] = "w"
+        protocol.logs = self.debug
+        if stderr_tail is not None:
+            protocol.stderr_tail = stderr_tail
+            child_fds[2] = "r"
         try:
             self.processes.spawnProcess(
                 protocol, argv[0], argv, self.handler_environ(handler_id), childFDs=child_fds

@@ -19,12 +19,11 @@ import secrets
 import sqlite3
 import threading
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
-from kapow.core.runs import HistoryQuery, RunRecord, parse_time
+from kapow.core.runs import HistoryQuery, JobResult, RunRecord, parse_time
 
-__all__ = ["SCHEMA_VERSION", "HistoryError", "HistoryStore", "JobResult"]
+__all__ = ["SCHEMA_VERSION", "HistoryError", "HistoryStore"]
 
 #: The ``PRAGMA user_version`` of the schema below. A database of a newer
 #: version is refused; an older one (none yet) would be upgraded at open.
@@ -89,22 +88,6 @@ WAL_SIZE_LIMIT = 16 * 1024 * 1024
 
 class HistoryError(Exception):
     """The history's database cannot be used; ``str()`` says why, in one line."""
-
-
-@dataclass(frozen=True)
-class JobResult:
-    """
-    What a job's process answered (SPEC.md §12 "Jobs"), kept to be served by
-    ``GET /_jobs/{id}/result``: the status line, the headers as sent (raw
-    names and values), the body up to ``job_output_max`` bytes, and whether
-    it was cut there.
-    """
-
-    status: int
-    reason: str
-    headers: list[tuple[bytes, bytes]]
-    body: bytes
-    truncated: bool
 
 
 def _row(record: RunRecord, results: Mapping[str, JobResult]) -> tuple[Any, ...]:

@@ -18,8 +18,8 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from kapow.core.runs import HistoryQuery, RunRecord
-from kapow.history.store import HistoryStore, JobResult
+from kapow.core.runs import HistoryQuery, JobResult, RunRecord
+from kapow.history.store import HistoryStore
 
 __all__ = ["BATCH_BYTES", "BATCH_RECORDS", "BATCH_SECONDS", "HistoryWriter"]
 

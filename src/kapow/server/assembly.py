@@ -41,7 +41,7 @@ from twisted.web.resource import IResource
 from twisted.web.server import Site
 
 from kapow.commands.launcher import native_client
-from kapow.control.api import ControlAPI, History, NoHistory, Stats
+from kapow.control.api import ControlAPI, NoHistory, Stats
 from kapow.core import credentials
 from kapow.core.metrics import Metrics
 from kapow.core.resource_limits import LimitedCommand
@@ -71,11 +71,13 @@ from kapow.server.workers.worker import (
     GatedEndpoint,
     HandedOverSocket,
     MainAdmission,
+    MainJobs,
     MainProcessConnection,
     RecordRelay,
     WorkerLink,
 )
 from kapow.user.api import UserAPI
+from kapow.user.jobs import JobBook, Jobs
 from kapow.user.proxies import TrustedProxies
 from kapow.user.site import UserSite
 from kapow.web import tls
@@ -236,6 +238,7 @@ def build_worker(options: Options, reactor: IServerReactor, host: Host = THIS_HO
         admission=MainAdmission(parts.governor, options["max-handlers"], link),
         urls=link.handler_urls,
         history=relay.add if keeps_history else None,
+        jobs=MainJobs(link),
     )
     make_user_listener(parts, Address(gate, None), user_api).setServiceParent(service)
     data.setServiceParent(service)
@@ -323,7 +326,7 @@ def serve_here(
     user_address: Address,
     urls: Callable[[], tuple[str, str]],
     server_queue: ServerQueue,
-    history: History | None = None,
+    history: HistoryWriter | None = None,
 ) -> Serving:
     """The user interface and its handlers in this process (``--workers 1``), with the ``history`` kept."""
     handlers = HandlerRegistry()
@@ -333,6 +336,7 @@ def serve_here(
         admission=LocalAdmission(parts.governor, Slots(parts.reactor, server_queue)),
         urls=urls,
         history=parts.history,
+        jobs=Jobs(history),
     )
     return Serving(
         user=make_user_listener(parts, user_address, user_api),
@@ -352,7 +356,7 @@ def serve_in_workers(
     control_url: Callable[[], str],
     server_queue: ServerQueue,
     containment: Containment,
-    history: History | None = None,
+    history: HistoryWriter | None = None,
 ) -> Serving:
     """
     The user interface and its handlers in ``--workers N`` processes: this
@@ -367,6 +371,7 @@ def serve_in_workers(
         control_url=control_url,
         server_queue=server_queue,
         containment=containment,
+        jobs=Jobs(history),
     )
     return Serving(
         user=held,
@@ -553,6 +558,7 @@ def make_user_api(
     admission: Admission,
     urls: Callable[[], tuple[str, str]],
     history: Callable[[RunRecord], None] | None = None,
+    jobs: JobBook | None = None,
 ) -> UserAPI:
     """The user interface with its handlers: the same in a worker as in the whole server."""
     options, metrics = parts.options, parts.metrics
@@ -576,6 +582,9 @@ def make_user_api(
         proxies=TrustedProxies(proxies) if proxies else None,
         metrics=metrics,
         history=history,
+        jobs=jobs or Jobs(None),
+        jobs_path=options["jobs-path"],
+        job_output_max=options["job-output-max"],
     )
     if metrics is not None:
         metrics.queued_now = user_api.queued_routes
@@ -660,8 +669,9 @@ def make_worker_pool(
     control_url: Callable[[], str],
     server_queue: ServerQueue,
     containment: Containment,
+    jobs: Jobs,
 ) -> WorkerPool:
-    """The ``--workers`` processes serving the user interface on ``user_socket``."""
+    """The ``--workers`` processes serving the user interface on ``user_socket``, keeping their ``jobs``."""
     options = parts.options
     return WorkerPool(
         parts.reactor,
@@ -676,6 +686,7 @@ def make_worker_pool(
         end_groups=parts.governor.end_groups,
         containment=containment,
         history=parts.history,
+        jobs=jobs,
     )
 
 

@@ -24,12 +24,13 @@ from twisted.python import usage
 from kapow.commands.launcher import native_client
 from kapow.core import credentials
 from kapow.core.auth import Network
-from kapow.core.resource_limits import InvalidLimit, LimitedCommand, parse_limit
+from kapow.core.resource_limits import InvalidLimit, LimitedCommand, parse_limit, parse_size
 from kapow.core.routes import DEFAULT_QUEUE_TIMEOUT, MAX_QUEUE
 from kapow.core.runs import DEFAULT_KEEP
 from kapow.handlers.fast_processes import FastProcesses
 from kapow.handlers.spawn import SPAWN_KINDS
 from kapow.server.service import StartupError
+from kapow.user.jobs import DEFAULT_JOB_OUTPUT_MAX, DEFAULT_JOBS_PATH
 from kapow.user.proxies import parse_trusted_proxies
 
 __all__ = ["WORKER_OPTION", "Options", "control_reachable_addr", "parse_listen_address"]
@@ -239,6 +240,22 @@ def history_path(options: Mapping[str, Any], environ: Mapping[str, str]) -> str 
     return os.path.join(state, "history.sqlite3") if state else None
 
 
+def job_output_max(value: str) -> int:
+    """``--job-output-max``: bytes, with an optional K, M or G suffix."""
+    try:
+        return parse_size(value)
+    except ValueError as e:
+        raise usage.UsageError(f"--job-output-max: {e}") from None
+
+
+def jobs_path(value: str) -> str:
+    """``--jobs-path``: a path of its own, such as ``/_jobs``."""
+    path = value.rstrip("/")
+    if not path.startswith("/") or "?" in path or "#" in path or any(c <= " " for c in path):
+        raise usage.UsageError(f"--jobs-path must be a path such as /_jobs, not {value!r}")
+    return path
+
+
 class Options(usage.Options):
     """
     Options of ``kapow server`` / ``twist kapow``.
@@ -390,6 +407,20 @@ class Options(usage.Options):
             DEFAULT_KEEP,
             "Run records kept; the oldest beyond are dropped [default: 10000].",
             Number("history-keep", int, minimum=1),
+        ],
+        [
+            "job-output-max",
+            None,
+            DEFAULT_JOB_OUTPUT_MAX,
+            "Bytes of a job's response body kept; past them it is cut [default: 1M].",
+            job_output_max,
+        ],
+        [
+            "jobs-path",
+            None,
+            DEFAULT_JOBS_PATH,
+            "The path under which jobs are asked for, matched before the routes [default: /_jobs].",
+            jobs_path,
         ],
         [
             "trusted-proxies",

@@ -35,7 +35,7 @@ from werkzeug.exceptions import NotFound
 from kapow.core.auth import Refusal, RouteAuth, Verdict
 from kapow.core.metrics import Metrics, refusal_kind
 from kapow.core.routes import METHOD_NOT_ALLOWED, Match, Route, RouteTable
-from kapow.core.runs import RunRecord
+from kapow.core.runs import JobResult, RunRecord
 from kapow.handlers.admission import Admission
 from kapow.handlers.governor import Governor
 from kapow.handlers.handler import Handler, HandlerRegistry
@@ -43,9 +43,11 @@ from kapow.handlers.listing import HandlerShown
 from kapow.streams.websocket import upgrade_refusal
 from kapow.user.answers import Answer, Later, internal_error, plain
 from kapow.user.handler_object import STATES, handler_object
+from kapow.user.jobs import DEFAULT_JOB_OUTPUT_MAX, DEFAULT_JOBS_PATH, JobBook, JobRequest, Jobs, job_record
 from kapow.user.proxies import TrustedProxies
 from kapow.user.running import HandlerSpawner, Runner
 from kapow.user.waiting import Waiting, WaitingRequests
+from kapow.web.errors import json_body, reason_body
 
 __all__ = ["UserAPI", "UserResource"]
 
@@ -75,6 +77,9 @@ class UserAPI:
     :param metrics: where requests and handlers are counted, if anywhere.
     :param history: given the run record of every handler whose process
         ended, if the history is kept.
+    :param jobs: where jobs are kept (in this process by default, without a history).
+    :param jobs_path: the path under which jobs are asked for (``--jobs-path``).
+    :param job_output_max: the most bytes of a job's body kept (``--job-output-max``).
 
     It is also the control API's view of its handlers
     (:class:`kapow.handlers.listing.HandlersListing`).
@@ -89,6 +94,9 @@ class UserAPI:
     proxies: TrustedProxies | None = None
     metrics: Metrics | None = None
     history: Callable[[RunRecord], None] | None = None
+    jobs: JobBook = field(default_factory=lambda: Jobs(None))
+    jobs_path: str = DEFAULT_JOBS_PATH
+    job_output_max: int = DEFAULT_JOB_OUTPUT_MAX
     runner: Runner = field(init=False)
     waiting: WaitingRequests = field(init=False)
 
@@ -105,8 +113,10 @@ class UserAPI:
             self.reactor,
             self.metrics,
             self.history,
+            self.jobs,
         )
         self.governor.on_stopping.append(self.runner.going_away)
+        self._jobs_prefix = self.jobs_path.rstrip("/") + "/"
         self.waiting = WaitingRequests(self.reactor, self.admission, self.handlers.new_id, self._admitted)
 
     def resource(self) -> UserResource:
@@ -122,6 +132,8 @@ class UserAPI:
         if self.proxies is not None:
             self.proxies.apply(request)
         path = unquote(request.path.decode("latin-1"), errors="surrogateescape")
+        if path.startswith(self._jobs_prefix):
+            return self._job_asked(request, path[len(self._jobs_prefix) :])
         found = self.routes.match(request.method.decode("latin-1"), path)
         if found is None:
             return plain(request, 404, b"Not Found\n")
@@ -149,16 +161,19 @@ class UserAPI:
 
     def _authenticate(self, request: Request, found: Match, guard: RouteAuth) -> Answer:
         """Check the route's ``auth`` before anything else happens for the request."""
-        body = request.content
-        assert body is not None  # twisted.web renders a request once its body is in
-        checked = guard.check(
-            getattr(request.getClientAddress(), "host", ""), request.requestHeaders, body, self._in_thread
-        )
+        checked = self._check(request, guard)
         if isinstance(checked, Deferred):
             later = checked.addCallback(self._authenticated_later, request, found)
             later.addErrback(self._authentication_failed, request)
             return cast(Later, later)  # the answer a callback returns later is waited for
         return self._authenticated(request, found, *checked)
+
+    def _check(self, request: Request, guard: RouteAuth) -> Verdict | Deferred[Verdict]:
+        """What the route's ``allow`` and ``auth`` say of ``request``."""
+        body = request.content
+        assert body is not None  # twisted.web renders a request once its body is in
+        host = getattr(request.getClientAddress(), "host", "")
+        return guard.check(host, request.requestHeaders, body, self._in_thread)
 
     def _in_thread(self, f: Callable[..., _T], *args: object) -> Deferred[_T]:
         reactor = cast(IReactorThreads, self.reactor)  # a POSIX reactor, which has threads
@@ -204,6 +219,8 @@ class UserAPI:
 
     def _admit(self, request: Request, found: Match) -> Answer:
         route = found.route
+        if route.job:
+            return self._start_job(request, found)
         if route.mode == "websocket":
             refusal = upgrade_refusal(request, route)
             if refusal is not None:
@@ -217,6 +234,101 @@ class UserAPI:
         if verdict is not None:
             return self._unavailable(request, found.route, verdict)
         return self.runner.start(request, found)
+
+    # -- jobs ------------------------------------------------------------------
+
+    def _start_job(self, request: Request, found: Match) -> Answer:
+        """
+        A request to a job route: 202 at once (or the usual 503), its
+        process run as usual once admitted, its response kept.
+        """
+        route = found.route
+        verdict = self.admission.admit(route)
+        if isinstance(verdict, Deferred) and not route.queue:
+            # a verdict that takes a question (to the main process of --workers), not a queue: wait for it
+            return cast(Later, verdict.addCallback(self._job_admitted, request, found))
+        return self._job_admitted(verdict, request, found)
+
+    def _job_admitted(
+        self, verdict: str | Deferred[str | None] | None, request: Request, found: Match
+    ) -> Answer:
+        route = found.route
+        if isinstance(verdict, str):
+            return self._unavailable(request, route, verdict)
+        job_id = self.handlers.new_id()
+        job = JobRequest(request, self.job_output_max)
+        self.jobs.started(job_record(job_id, route, request, self.reactor.seconds()), "queued")
+        if verdict is None:
+            answer: Answer = self.runner.start(job.as_request(), found, job_id)
+        else:
+            answer = self.waiting.wait(job.as_request(), found, verdict, job_id)
+        if isinstance(answer, Deferred):
+            answer.addCallback(lambda later: self._job_unanswered(job, job_id, found, later))
+        else:
+            self._job_unanswered(job, job_id, found, answer)
+        request.kapow_handler_id = job_id  # type: ignore[attr-defined]  # our mark, read by the site
+        location = f"{self._jobs_prefix}{job_id}"
+        request.setHeader(b"Location", location.encode())
+        return json_body(request, 202, {"id": job_id, "status_url": location})
+
+    def _job_unanswered(self, job: JobRequest, job_id: str, found: Match, answer: bytes | None) -> None:
+        """A job answered without a process (refused once queued, or unable to start): it is over."""
+        if answer is None:
+            return  # its handler answers it
+        job.write(answer)
+        record = job_record(job_id, found.route, job.as_request(), self.reactor.seconds())
+        record.update(status=job.code, duration_s=0.0, truncated=job.truncated, stderr_tail="")
+        self.jobs.done(record, job.result())
+
+    def _job_asked(self, request: Request, rest: str) -> Answer:
+        """``GET {jobs_path}/{id}`` and ``GET {jobs_path}/{id}/result``."""
+        job_id, slash, what = rest.partition("/")
+        if request.method not in (b"GET", b"HEAD") or (slash and what != "result"):
+            return reason_body(request, 404, "Job Not Found")
+        asked = self.jobs.status(job_id)
+        return cast(Later, asked.addCallback(self._job_found, request, job_id, what == "result"))
+
+    def _job_found(
+        self, found: tuple[str, RunRecord] | None, request: Request, job_id: str, result: bool
+    ) -> Answer:
+        route = None if found is None else self._route_of_job(found[1])
+        if found is None or route is None:
+            return reason_body(request, 404, "Job Not Found")
+        state, record = found
+
+        def answer(checked: Verdict) -> Answer:
+            refusal = checked[0]
+            if refusal is not None:
+                self._refused(route, "auth")
+                if refusal.challenge is not None:
+                    request.setHeader(b"WWW-Authenticate", refusal.challenge)
+                return plain(request, refusal.code, _REFUSED.get(refusal.code, b"Refused\n"))
+            if not result:
+                return json_body(request, 200, {**record, "state": state})
+            if state != "done":
+                return reason_body(request, 409, "Job Not Finished")
+            return cast(Later, self.jobs.result(job_id).addCallback(_job_result, request))
+
+        if route.guard is None:
+            return answer((None, None))
+        checked = self._check(request, route.guard)
+        if isinstance(checked, Deferred):
+            return cast(Later, checked.addCallback(answer))
+        return answer(checked)
+
+    def _route_of_job(self, record: RunRecord) -> Route | None:
+        """
+        The route whose ``allow`` and ``auth`` guard a job: the one that
+        started it, or, after a restart (route ids are new then), the one
+        with its method and pattern.
+        """
+        route = self.routes.find(record["route_id"])
+        if route is not None:
+            return route
+        for route in self.routes:
+            if route.method == record["method"] and route.url_pattern == record["pattern"] and route.job:
+                return route
+        return None
 
     def _admitted(self, waiting: Waiting, refusal: str | None) -> Answer:
         """A queued request's wait is over."""
@@ -361,3 +473,14 @@ def _write(answer: bytes | None, request: IRequest) -> None:
 
 def _unwritten(failure: Failure, request: IRequest) -> None:
     log.failure("Unhandled error writing the answer to {uri}", failure, uri=request.uri)
+
+
+def _job_result(result: JobResult | None, request: Request) -> bytes:
+    """A finished job's kept response, as its route would have answered it."""
+    if result is None:
+        return reason_body(request, 404, "Job Not Found")
+    request.setResponseCode(result.status, result.reason.encode("latin-1"))
+    for name, value in result.headers:
+        request.responseHeaders.addRawHeader(name, value)
+    request.setHeader(b"Content-Length", b"%d" % len(result.body))
+    return result.body

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol, TypeVar
+from typing import Protocol, TypeVar, cast
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
@@ -28,6 +28,7 @@ from kapow.handlers.spawn import ProcessStream
 from kapow.streams.events import EventStream
 from kapow.streams.websocket import SERVER_ERROR, ProcessWebSocket, accept
 from kapow.user.answers import internal_error
+from kapow.user.jobs import JobBook, JobRequest, job_record
 from kapow.user.run_record import outcome_of, run_record
 
 __all__ = ["ExitCallback", "HandlerSpawner", "Runner"]
@@ -53,6 +54,7 @@ class HandlerSpawner(Protocol):
         stdin: int | None = None,
         limits: Mapping[str, int] | None = None,
         stream: ProcessStream | None = None,
+        stderr_tail: bytearray | None = None,
     ) -> Deferred[int]:
         """
         Start ``argv`` for handler ``handler_id`` in a process group of its
@@ -62,6 +64,7 @@ class HandlerSpawner(Protocol):
             the result fired; ``/dev/null`` if ``None``.
         :param limits: its resource limits.
         :param stream: what its stdout (and stdin) are pipes to, if anything.
+        :param stderr_tail: where to keep the end of its stderr, if anywhere.
         :return: fires with the process group id, or fails if it cannot start.
         """
 
@@ -79,6 +82,8 @@ class Runner:
     :param metrics: where handlers are counted, if anywhere.
     :param history: given the run record of every handler whose process
         ended, if the history is kept.
+    :param jobs: told of every job that starts to run, and of its end (its
+        record then goes there, not to ``history``).
     """
 
     handlers: HandlerRegistry
@@ -88,6 +93,7 @@ class Runner:
     clock: IReactorTime
     metrics: Metrics | None = None
     history: Callable[[RunRecord], None] | None = None
+    jobs: JobBook | None = None
 
     def start(self, request: Request, found: Match, handler_id: str | None = None) -> bytes | None:
         """
@@ -113,6 +119,9 @@ class Runner:
         if self.metrics is not None:
             self.metrics.handler_started(route)
         stream = self._stream(handler)
+        if route.job and self.jobs is not None:
+            handler.stderr_tail = bytearray()
+            self.jobs.started(job_record(handler.id, route, request, self.clock.seconds()), "running")
         spawned = self.spawner.start(
             handler.id,
             route.argv(),
@@ -120,6 +129,7 @@ class Runner:
             stdin,
             limits=route.limits,
             stream=stream,
+            stderr_tail=handler.stderr_tail,
         )
         if stdin is not None:  # the child has its own once the spawn is over
             spawned.addBoth(_closing, stdin)
@@ -223,7 +233,15 @@ class Runner:
             )  # fmt: skip
         self.handlers.forget(handler)
         handler.finish(failed=bool(status) or signal is not None)
-        if self.history is not None and started is not None:
+        if started is None:
+            return
+        if handler.stderr_tail is not None and self.jobs is not None:
+            job = cast(JobRequest, handler.request)
+            record = run_record(handler, started, elapsed, status, signal)
+            tail = handler.stderr_tail.decode("utf-8", "replace")
+            record.update(job=True, stderr_tail=tail, truncated=job.truncated)
+            self.jobs.done(record, job.result())
+        elif self.history is not None:
             self.history(run_record(handler, started, elapsed, status, signal))
 
     def _timed_out(self, handler: Handler, elapsed: float) -> None:

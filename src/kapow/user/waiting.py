@@ -64,9 +64,11 @@ class WaitingRequests:
         self.admitted = admitted
         self._waiting: dict[str, Waiting] = {}
 
-    def wait(self, request: Request, found: Match, verdict: Deferred[str | None]) -> Later:
-        """Let ``request`` wait for ``verdict``: the admission's answer."""
-        waiting = Waiting(self.new_id(), found, request, self.clock.seconds(), verdict)
+    def wait(
+        self, request: Request, found: Match, verdict: Deferred[str | None], handler_id: str | None = None
+    ) -> Later:
+        """Let ``request`` wait for ``verdict``, the admission's answer, as ``handler_id`` (a fresh id by default)."""
+        waiting = Waiting(handler_id or self.new_id(), found, request, self.clock.seconds(), verdict)
         self._waiting[waiting.id] = waiting
         request.kapow_handler_id = waiting.id  # type: ignore[attr-defined]  # our mark, read by the site
         request.notifyFinish().addErrback(lambda _: self.withdraw(waiting.id, "its client left"))

@@ -13,8 +13,10 @@ accepting), :class:`Running`, :class:`MetricsPart`,
 :class:`Reload`, :class:`Stop`, and :class:`Handlers`,
 :class:`HandlerInfo`, :class:`Kill` for the control API. Worker to main:
 :class:`Admit`, :class:`Withdraw` and :class:`Release`, for the limits and
-queues that must hold across workers, and :class:`RunRecords`, for the
-history the main process alone writes.
+queues that must hold across workers; :class:`RunRecords`, for the
+history the main process alone writes; and the jobs, which the main process
+keeps: :class:`JobStarted`, :class:`JobBody`, :class:`JobDone` as they run,
+:class:`JobStatus` and :class:`JobResultPart` when a client asks.
 """
 
 from __future__ import annotations
@@ -136,6 +138,73 @@ class RunRecords(amp.Command):
 
     arguments = [(b"records", amp.Unicode())]
     requiresAnswer = False
+
+
+#: Largest part of a job's body in one message.
+BODY_PART = 60_000
+
+
+class JobStarted(amp.Command):
+    """A job of the worker is ``queued`` or ``running``: its record so far (JSON)."""
+
+    arguments = [(b"record", amp.Unicode()), (b"state", amp.Unicode())]
+    requiresAnswer = False
+
+
+class JobBody(amp.Command):
+    """A part of a finished job's kept body, before its :class:`JobDone`."""
+
+    arguments = [(b"id", amp.Unicode()), (b"part", amp.String())]
+    requiresAnswer = False
+
+
+class JobDone(amp.Command):
+    """A job of the worker is over: its record (JSON) and kept response, its body sent before in parts."""
+
+    arguments = [
+        (b"record", amp.Unicode()),
+        (b"status", amp.Integer()),
+        (b"reason", amp.Unicode()),
+        (b"headers", amp.Unicode()),
+        (b"truncated", amp.Boolean()),
+    ]
+    requiresAnswer = False
+
+
+class JobStatus(amp.Command):
+    """The state and record (JSON) of a job; ``found`` false if it is unknown."""
+
+    arguments = [(b"id", amp.Unicode())]
+    response = [(b"found", amp.Boolean()), (b"state", amp.Unicode()), (b"record", amp.Unicode())]
+
+
+class JobResultPart(amp.Command):
+    """
+    Part ``part`` of a finished job's kept response: its status line and
+    headers (JSON) and that part of its body; ``parts`` says how many there
+    are, ``found`` false if it has none.
+    """
+
+    arguments = [(b"id", amp.Unicode()), (b"part", amp.Integer())]
+    response = [
+        (b"found", amp.Boolean()),
+        (b"status", amp.Integer()),
+        (b"reason", amp.Unicode()),
+        (b"headers", amp.Unicode()),
+        (b"truncated", amp.Boolean()),
+        (b"body", amp.String()),
+        (b"parts", amp.Integer()),
+    ]
+
+
+def headers_text(headers: list[tuple[bytes, bytes]]) -> str:
+    """A job's kept headers as JSON text (latin-1 keeps every byte)."""
+    return json.dumps([[name.decode("latin-1"), value.decode("latin-1")] for name, value in headers])
+
+
+def headers_of(text: str) -> list[tuple[bytes, bytes]]:
+    """The headers :func:`headers_text` wrote."""
+    return [(name.encode("latin-1"), value.encode("latin-1")) for name, value in json.loads(text)]
 
 
 class Handlers(amp.Command):

@@ -41,17 +41,23 @@ from twisted.python.failure import Failure
 
 from kapow.core.metrics import Snapshot
 from kapow.core.routes import DEFAULT_QUEUE_TIMEOUT, RouteTable
-from kapow.core.runs import RunRecord
+from kapow.core.runs import JobResult, RunRecord
 from kapow.handlers.admission import ServerQueue, Slots, Want
 from kapow.handlers.containment import Containment
 from kapow.handlers.listing import HandlerShown
 from kapow.handlers.procfs import processes
 from kapow.server.workers.messages import (
+    BODY_PART,
     MAIN_FD,
     USER_FD,
     Admit,
     HandlerInfo,
     Handlers,
+    JobBody,
+    JobDone,
+    JobResultPart,
+    JobStarted,
+    JobStatus,
     Kill,
     MetricsPart,
     Release,
@@ -63,9 +69,12 @@ from kapow.server.workers.messages import (
     Stop,
     Withdraw,
     handler_worker,
+    headers_of,
+    headers_text,
     link_factory,
     table_parts,
 )
+from kapow.user.jobs import Jobs
 
 __all__ = ["STOP_MARGIN", "IWorkersReactor", "MainLink", "WorkerPool", "handler_groups"]
 
@@ -94,13 +103,22 @@ class MainLink(amp.AMP):
     :param number: the worker's number.
     :param slots: the limits and queues shared by every worker.
     :param history: takes the run records the worker sends, if the history is kept.
+    :param jobs: where the jobs of every worker are kept.
     """
 
-    def __init__(self, number: int, slots: Slots, history: Callable[[RunRecord], None] | None = None) -> None:
+    def __init__(
+        self,
+        number: int,
+        slots: Slots,
+        history: Callable[[RunRecord], None] | None = None,
+        jobs: Jobs | None = None,
+    ) -> None:
         super().__init__()
         self.number = number
         self.slots = slots
         self.history = history
+        self.jobs = jobs or Jobs(None)
+        self._bodies: dict[str, list[bytes]] = {}
         self.data_url: str | None = None
         self._held: Counter[tuple[str, bool]] = Counter()
         self._waiting: dict[int, Deferred[str | None]] = {}
@@ -145,6 +163,53 @@ class MainLink(amp.AMP):
             for record in json.loads(records):
                 self.history(record)
         return {}
+
+    @JobStarted.responder
+    def job_started(self, record: str, state: str) -> dict[str, Any]:
+        self.jobs.started(json.loads(record), state)
+        return {}
+
+    @JobBody.responder
+    def job_body(self, id: str, part: bytes) -> dict[str, Any]:
+        self._bodies.setdefault(id, []).append(part)
+        return {}
+
+    @JobDone.responder
+    def job_done(
+        self, record: str, status: int, reason: str, headers: str, truncated: bool
+    ) -> dict[str, Any]:
+        run = json.loads(record)
+        body = b"".join(self._bodies.pop(run["id"], []))
+        self.jobs.done(run, JobResult(status, reason, headers_of(headers), body, truncated))
+        return {}
+
+    @JobStatus.responder
+    def job_status(self, id: str) -> Deferred[dict[str, Any]]:
+        def answer(found: tuple[str, RunRecord] | None) -> dict[str, Any]:
+            if found is None:
+                return {"found": False, "state": "", "record": ""}
+            return {"found": True, "state": found[0], "record": json.dumps(found[1])}
+
+        return self.jobs.status(id).addCallback(answer)
+
+    @JobResultPart.responder
+    def job_result_part(self, id: str, part: int) -> Deferred[dict[str, Any]]:
+        def answer(result: JobResult | None) -> dict[str, Any]:
+            if result is None:
+                return {"found": False, "status": 0, "reason": "", "headers": "[]", "truncated": False,
+                        "body": b"", "parts": 0}  # fmt: skip
+            parts = max(1, -(-len(result.body) // BODY_PART))
+            return {
+                "found": True,
+                "status": result.status,
+                "reason": result.reason,
+                "headers": headers_text(result.headers),
+                "truncated": result.truncated,
+                "body": result.body[part * BODY_PART : (part + 1) * BODY_PART],
+                "parts": parts,
+            }
+
+        return self.jobs.result(id).addCallback(answer)
 
     @Withdraw.responder
     def withdraw(self, ticket: int) -> dict[str, Any]:
@@ -219,6 +284,7 @@ class WorkerPool(Service):
         a dead worker left in it, if the server contains its handlers.
     :param history: takes the run records of the workers' handlers, if the
         history is kept.
+    :param jobs: where the jobs of every worker are kept.
     """
 
     name = "workers"
@@ -238,10 +304,12 @@ class WorkerPool(Service):
         end_groups: Callable[[set[int]], Deferred[None]],
         containment: Containment | None = None,
         history: Callable[[RunRecord], None] | None = None,
+        jobs: Jobs | None = None,
     ) -> None:
         self.reactor = reactor
         self.containment = containment
         self.history = history
+        self.jobs = jobs or Jobs(None)
         self.end_groups = end_groups
         self.count = count
         self.command = command
@@ -267,7 +335,7 @@ class WorkerPool(Service):
         return gatherResults(self._first)
 
     def _start(self, number: int) -> _Worker:
-        link = MainLink(number, self.slots, self.history)
+        link = MainLink(number, self.slots, self.history, self.jobs)
         worker = _Worker(number, link, self.reactor.seconds())
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         stdin = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)

@@ -12,11 +12,11 @@ from __future__ import annotations
 import json
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from typing import Any
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
+from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks, maybeDeferred
 from twisted.internet.endpoints import AdoptedStreamServerEndpoint
 from twisted.internet.error import ConnectionLost
 from twisted.internet.interfaces import (
@@ -37,11 +37,12 @@ from zope.interface import implementer
 
 from kapow.core.metrics import Metrics, snapshot_parts
 from kapow.core.routes import DEFAULT_QUEUE_TIMEOUT, Route, RouteTable, route_from_json
-from kapow.core.runs import RunRecord
+from kapow.core.runs import JobResult, RunRecord
 from kapow.handlers.admission import Admission
 from kapow.handlers.governor import Governor
 from kapow.server.service import KapowService
 from kapow.server.workers.messages import (
+    BODY_PART,
     MAIN_FD,
     RECORDS_PART,
     ROUTES_PART,
@@ -49,6 +50,11 @@ from kapow.server.workers.messages import (
     Admit,
     HandlerInfo,
     Handlers,
+    JobBody,
+    JobDone,
+    JobResultPart,
+    JobStarted,
+    JobStatus,
     Kill,
     MetricsPart,
     Release,
@@ -60,6 +66,8 @@ from kapow.server.workers.messages import (
     Stop,
     Withdraw,
     handlers_page,
+    headers_of,
+    headers_text,
     link_factory,
 )
 from kapow.user.api import UserAPI
@@ -429,3 +437,57 @@ class RecordRelay(Service):
     def stopService(self) -> None:
         self.flush()
         super().stopService()
+
+
+class MainJobs:
+    """
+    A worker's jobs, kept by the main process (a
+    :class:`kapow.user.jobs.JobBook`): told of each job as it runs, and
+    asked when a client wants to know, whichever worker started the job.
+
+    :param link: the connection to the main process.
+    """
+
+    def __init__(self, link: amp.AMP) -> None:
+        self.link = link
+
+    def started(self, record: RunRecord, state: str) -> None:
+        self._tell(JobStarted, record=json.dumps(record), state=state)
+
+    def done(self, record: RunRecord, result: JobResult) -> None:
+        body = result.body
+        for start in range(0, len(body), BODY_PART):
+            self._tell(JobBody, id=record["id"], part=body[start : start + BODY_PART])
+        self._tell(
+            JobDone,
+            record=json.dumps(record),
+            status=result.status,
+            reason=result.reason,
+            headers=headers_text(result.headers),
+            truncated=result.truncated,
+        )
+
+    def status(self, job_id: str) -> Deferred[tuple[str, RunRecord] | None]:
+        def found(answer: dict[str, Any]) -> tuple[str, RunRecord] | None:
+            return (answer["state"], json.loads(answer["record"])) if answer["found"] else None
+
+        return self.link.callRemote(JobStatus, id=job_id).addCallback(found)
+
+    @inlineCallbacks
+    def result(self, job_id: str) -> Generator[Deferred[Any], Any, JobResult | None]:
+        first = yield self.link.callRemote(JobResultPart, id=job_id, part=0)
+        if not first["found"]:
+            return None
+        body = [first["body"]]
+        for part in range(1, first["parts"]):
+            answer = yield self.link.callRemote(JobResultPart, id=job_id, part=part)
+            body.append(answer["body"])
+        return JobResult(
+            first["status"], first["reason"], headers_of(first["headers"]), b"".join(body), first["truncated"]
+        )
+
+    def _tell(self, command: type[amp.Command], **arguments: object) -> None:
+        try:
+            self.link.callRemote(command, **arguments)
+        except ConnectionLost:
+            log.warn("the main process is gone: a job's news is lost")
