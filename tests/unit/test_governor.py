@@ -7,8 +7,10 @@ real group_alive() on real child processes: tests/e2e/test_process_groups.py.
 from __future__ import annotations
 
 import signal
+import subprocess
 from typing import Any
 
+import pytest
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -411,3 +413,32 @@ class BeingSpawnedTests(GovernorTestCase):
         self.groups.alive.discard(10)
         self.poll()
         self.successResultOf(done)
+
+
+def test_one_scan_answers_for_every_group_asked_about_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    from kapow.handlers import governor as governor_module
+
+    scans: list[int] = []
+    real = governor_module.processes
+
+    def counted() -> Any:
+        scans.append(1)
+        return real()
+
+    monkeypatch.setattr(governor_module, "processes", counted)
+    children = [subprocess.Popen(["sleep", "30"], start_new_session=True) for _ in range(3)]
+    try:
+        clock = Clock()
+        scan = governor_module.GroupScan(clock, fresh=0.025)
+        assert [scan(child.pid) for child in children] == [True, True, True]
+        assert len(scans) == 1
+        children[0].kill()
+        children[0].wait()
+        assert scan(children[0].pid) is False  # no member at all: no scan needed
+        clock.advance(0.03)
+        assert scan(children[1].pid) is True
+        assert len(scans) == 2
+    finally:
+        for child in children:
+            child.kill()
+            child.wait()

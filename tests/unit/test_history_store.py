@@ -1,9 +1,11 @@
 """
-The run history's database (kapow.history.store) on real SQLite files and in
-memory, and its writer thread (kapow.history.writer) on the real reactor's
-thread pool: what is written is found, filtered, replaced, kept within
-``--history-keep``, survives a restart, and a database that is not ours is
-refused with one line.
+The run history's databases on real SQLite files and in memory
+(kapow.history.store) and on a real PostgreSQL (kapow.history.postgres, a
+throwaway cluster of tests.support.postgres), the same cases for each, and
+its writer thread (kapow.history.writer) on the real reactor's thread pool:
+what is written is found, filtered, replaced, kept within
+``--history-keep``, survives a restart and an outage of the database, and a
+database that is not ours is refused with one line.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import pytest
 from twisted.internet import reactor
@@ -25,8 +27,10 @@ from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
 from kapow.core.runs import OUTCOMES, HistoryQuery, JobResult, RunRecord, rfc3339
+from kapow.history.base import HistoryUnavailable, Store
 from kapow.history.store import SCHEMA_VERSION, HistoryError, HistoryStore, query_sql
 from kapow.history.writer import HistoryWriter
+from tests.support.postgres import PASSWORD, Postgres, free_port, postgres  # noqa: F401  (the fixture)
 
 T = TypeVar("T")
 
@@ -75,14 +79,22 @@ RESULT = JobResult(
 )
 
 
-@pytest.fixture(params=["file", "memory"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[HistoryStore]:
-    opened = HistoryStore.open(str(tmp_path / "history.sqlite3") if request.param == "file" else None)
+@pytest.fixture(params=["sqlite-file", "sqlite-memory", "postgres"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
+    opened: Store
+    if request.param == "postgres":
+        from kapow.history.postgres import PostgresStore
+
+        opened = PostgresStore.open(request.getfixturevalue("pg_uri"))
+    else:
+        opened = HistoryStore.open(
+            str(tmp_path / "history.sqlite3") if request.param == "sqlite-file" else None
+        )
     yield opened
     opened.close()
 
 
-def test_a_record_and_a_job_result_come_back_as_written(store: HistoryStore) -> None:
+def test_a_record_and_a_job_result_come_back_as_written(store: Store) -> None:
     plain, job = run_record(1), job_record(2)
     store.write([plain, job], {job["id"]: RESULT}, keep=100)
     assert store.get(plain["id"]) == plain
@@ -95,13 +107,46 @@ def test_a_record_and_a_job_result_come_back_as_written(store: HistoryStore) -> 
     assert store.count() == 2
 
 
-def test_an_empty_job_result_is_still_a_result(store: HistoryStore) -> None:
+def test_fields_beyond_the_run_record_are_kept_as_they_are(store: Store) -> None:
+    guarded = job_record(1) | {
+        "server": "alpha",
+        "_guard": {"bearer_tokens_file": "/etc/kapow/tokens", "allow": ["10.0.0.0/8"]},
+        "_later": [1, None, {"deep": "caf\u00e9"}],
+    }
+    store.write([guarded, run_record(2) | {"server": "beta"}], {guarded["id"]: RESULT}, keep=10)
+    assert store.get(guarded["id"]) == guarded
+    assert store.query(HistoryQuery()) == [run_record(2) | {"server": "beta"}, guarded]
+    assert store.query(HistoryQuery(outcome="ok", limit=1))[0]["server"] == "beta"
+
+
+def test_text_a_database_column_cannot_hold_is_kept_and_found(store: Store) -> None:
+    # NULs and a lone surrogate (the wire's bytes kept as surrogate escapes),
+    # which PostgreSQL's text cannot hold: the record and result come back whole.
+    odd = run_record(1, route_id="r\x00") | {"path": "/a\x00b\udce9", "stderr_tail": "\x00"}
+    result = JobResult(
+        status=200, reason="O\x00K", headers=[(b"X-A", b"\x00\xff")], body=b"\x00", truncated=False
+    )
+    store.write([odd, run_record(2)], {odd["id"]: result}, keep=10)
+    assert store.get(odd["id"]) == odd
+    assert store.query(HistoryQuery(route_id="r\x00")) == [odd]
+    assert store.job_result(odd["id"]) == result
+
+
+def test_a_record_given_twice_in_one_batch_is_stored_once_as_the_last(store: Store) -> None:
+    done = job_record(1) | {"outcome": "timeout"}
+    store.write([job_record(1), run_record(2), done], {done["id"]: RESULT}, keep=10)
+    assert store.count() == 2
+    assert store.query(HistoryQuery()) == [run_record(2), done]
+    assert store.job_result(done["id"]) == RESULT
+
+
+def test_an_empty_job_result_is_still_a_result(store: Store) -> None:
     empty = JobResult(status=204, reason="No Content", headers=[], body=b"", truncated=False)
     store.write([job_record(1)], {"run-000001": empty}, keep=10)
     assert store.job_result("run-000001") == empty
 
 
-def test_queries_filter_and_answer_the_newest_first(store: HistoryStore) -> None:
+def test_queries_filter_and_answer_the_newest_first(store: Store) -> None:
     records = [
         run_record(n, route_id=("r1", "r2", "r3")[n % 3], outcome=OUTCOMES[n % len(OUTCOMES)])
         for n in range(300)
@@ -123,17 +168,17 @@ def test_queries_filter_and_answer_the_newest_first(store: HistoryStore) -> None
         assert store.query(q) == expected, q
 
 
-def test_since_includes_a_run_that_started_at_that_moment(store: HistoryStore) -> None:
+def test_since_includes_a_run_that_started_at_that_moment(store: Store) -> None:
     store.write([run_record(1), run_record(2)], None, keep=10)
     assert [r["id"] for r in store.query(HistoryQuery(since=BASE + 2))] == ["run-000002"]
 
 
-def test_runs_started_at_the_same_moment_come_newest_stored_first(store: HistoryStore) -> None:
+def test_runs_started_at_the_same_moment_come_newest_stored_first(store: Store) -> None:
     store.write([run_record(n, started=BASE) for n in range(5)], None, keep=10)
     assert [r["id"] for r in store.query(HistoryQuery())] == [f"run-{n:06d}" for n in (4, 3, 2, 1, 0)]
 
 
-def test_a_record_of_a_stored_id_replaces_it(store: HistoryStore) -> None:
+def test_a_record_of_a_stored_id_replaces_it(store: Store) -> None:
     store.write([run_record(1), job_record(2), run_record(3)], None, keep=10)
     done = job_record(2)
     done.update(outcome="timeout", status=None, duration_s=30.0)
@@ -148,7 +193,7 @@ def test_a_record_of_a_stored_id_replaces_it(store: HistoryStore) -> None:
     assert store.job_result("run-000002") is None
 
 
-def test_a_batch_is_one_transaction(store: HistoryStore) -> None:
+def test_a_batch_is_one_transaction(store: Store) -> None:
     store.write([run_record(1)], None, keep=10)
     broken = run_record(3)
     del broken["started"]
@@ -159,7 +204,7 @@ def test_a_batch_is_one_transaction(store: HistoryStore) -> None:
         store.write([run_record(4)], None, keep=-1)
 
 
-def test_only_the_newest_keep_records_stay(store: HistoryStore) -> None:
+def test_only_the_newest_keep_records_stay(store: Store) -> None:
     numbers = itertools.count()
     for _ in range(40):
         store.write([run_record(next(numbers)) for _ in range(37)], None, keep=100)
@@ -209,7 +254,7 @@ def test_a_second_store_on_the_same_file_sees_the_records(tmp_path: Path) -> Non
     again.close()
 
 
-def test_each_thread_reads_while_another_writes(store: HistoryStore) -> None:
+def test_each_thread_reads_while_another_writes(store: Store) -> None:
     errors: list[BaseException] = []
     writing = True
 
@@ -236,7 +281,7 @@ def test_each_thread_reads_while_another_writes(store: HistoryStore) -> None:
     assert store.count() == 300
 
 
-def test_a_closed_store_refuses_calls(store: HistoryStore) -> None:
+def test_a_closed_store_refuses_calls(store: Store) -> None:
     store.close()
     with pytest.raises(HistoryError):
         store.get("run-000001")
@@ -310,16 +355,239 @@ def test_every_query_walks_an_index_in_order(tmp_path: Path, q: HistoryQuery) ->
     assert "SCAN runs USING INDEX" not in plan or q == HistoryQuery(), plan
 
 
+# PostgreSQL's own: servers sharing a database, its schema, its connections.
+
+
+@pytest.fixture
+def pg(postgres: Postgres) -> Postgres:  # noqa: F811  (the fixture's name)
+    """The session's PostgreSQL cluster."""
+    return postgres
+
+
+@pytest.fixture
+def pg_uri(pg: Postgres) -> str:
+    """A new database of its own, for one test."""
+    return pg.new_database()
+
+
+def pg_open(uri: str) -> Store:
+    from kapow.history.postgres import PostgresStore
+
+    return PostgresStore.open(uri)
+
+
+def pg_rows(uri: str, sql: str) -> list[tuple[Any, ...]]:
+    import psycopg
+
+    with psycopg.connect(uri, autocommit=True) as connection:
+        cursor = connection.execute(sql.encode())
+        return cursor.fetchall() if cursor.description else []
+
+
+def test_two_servers_writing_at_once_share_one_history(pg_uri: str) -> None:
+    uri = pg_uri
+    stores = [pg_open(uri), pg_open(uri)]
+    errors: list[BaseException] = []
+
+    def serve(index: int) -> None:
+        server, store = "ab"[index], stores[index]
+        try:
+            previous: RunRecord | None = None
+            for batch in range(40):
+                records = [
+                    run_record(index * 100_000 + batch * 20 + n) | {"server": server} for n in range(20)
+                ]
+                # The last batch's last record again, as after a lost connection.
+                store.write(records + ([previous] if previous else []), None, keep=300)
+                previous = records[-1]
+        except BaseException as error:
+            errors.append(error)
+
+    threads = [threading.Thread(target=serve, args=(index,)) for index in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    # Exactly the newest 300 of both, each once, numbered without a gap.
+    assert pg_rows(uri, "SELECT count(*), count(DISTINCT id), max(seq) - min(seq) + 1 FROM kapow_runs") == [
+        (300, 300, 300)
+    ]
+    assert stores[0].count() == stores[1].count() == 300
+    newest = stores[1].query(HistoryQuery(limit=10_000))
+    assert {r["server"] for r in newest} == {"a", "b"}
+    assert len({r["id"] for r in newest}) == 300
+    for store in stores:
+        store.close()
+
+
+def test_servers_starting_at_once_make_the_schema_once(pg_uri: str) -> None:
+    uri = pg_uri
+    opened: list[Store] = []
+    errors: list[BaseException] = []
+
+    def start() -> None:
+        try:
+            opened.append(pg_open(uri))
+        except BaseException as error:
+            errors.append(error)
+
+    threads = [threading.Thread(target=start) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert pg_rows(uri, "SELECT version FROM kapow_schema") == [(1,)]
+    opened[0].write([run_record(1)], None, keep=10)
+    assert [store.count() for store in opened] == [1] * 6
+    for store in opened:
+        store.close()
+
+
+def test_a_newer_postgresql_schema_is_refused(pg_uri: str) -> None:
+    from kapow.history.postgres import SCHEMA_VERSION as PG_SCHEMA_VERSION
+
+    uri = pg_uri
+    pg_open(uri).close()
+    pg_rows(uri, f"UPDATE kapow_schema SET version = {PG_SCHEMA_VERSION + 1} RETURNING version")
+    with pytest.raises(HistoryError, match="newer") as refused:
+        pg_open(uri)
+    assert "\n" not in str(refused.value)
+
+
+def test_a_postgresql_database_of_something_else_is_refused(pg_uri: str) -> None:
+    uri = pg_uri
+    pg_rows(uri, "CREATE TABLE kapow_runs (name text)")
+    with pytest.raises(HistoryError, match="not a kapow history"):
+        pg_open(uri)
+
+
+@pytest.mark.parametrize(
+    "kind", ["malformed", "not postgresql", "unreachable port", "wrong password", "unknown database"]
+)
+def test_a_postgresql_uri_that_leads_nowhere_is_refused_in_one_line(pg: Postgres, kind: str) -> None:
+    uri = {
+        "malformed": "postgresql://kapow:secret@[not a uri",
+        "not postgresql": "postgresql://kapow:secret@127.0.0.1:1/x?sslmode=bogus",
+        "unreachable port": f"postgresql://kapow:secret@127.0.0.1:{free_port()}/x",
+        "wrong password": pg.uri("postgres", password="secret"),
+        "unknown database": pg.uri("nowhere").replace(PASSWORD, "secret"),
+    }[kind]
+    started = time.monotonic()
+    with pytest.raises(HistoryError) as refused:
+        pg_open(uri)
+    message = str(refused.value)
+    assert "\n" not in message
+    assert "secret" not in message
+    assert time.monotonic() - started < 5
+    if kind == "wrong password":
+        assert "password authentication failed" in message
+
+
+def test_a_connection_lost_is_made_again(pg: Postgres, pg_uri: str) -> None:
+    uri = pg_uri
+    store = pg_open(uri)
+    store.write([run_record(1)], None, keep=10)
+    assert store.count() == 1
+    # Every connection to the database cut, as by a restart or a failover.
+    database = uri.rsplit("/", 1)[1]
+    pg.admin(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{database}'")
+    assert store.get("run-000001") == run_record(1)
+    pg.admin(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{database}'")
+    store.write([run_record(2)], None, keep=10)
+    assert store.count() == 2
+    store.close()
+    with pytest.raises(HistoryError):
+        store.count()
+
+
+@pytest.mark.parametrize(
+    "q",
+    [
+        HistoryQuery(route_id=route_id, outcome=outcome, since=since)
+        for route_id, outcome, since in itertools.product((None, "r1"), (None, "error"), (None, BASE))
+    ],
+    ids=repr,
+)
+def test_every_postgresql_query_walks_an_index_in_order(pg_uri: str, q: HistoryQuery) -> None:
+    import psycopg
+
+    from kapow.history.postgres import query_sql as pg_query_sql
+
+    uri = pg_uri
+    pg_open(uri).close()
+    statement, args = pg_query_sql(q)
+    with psycopg.connect(uri, autocommit=True) as connection:
+        # Forbidden unless nothing else answers: a scan of the whole table,
+        # and sorting (an index must give the order).
+        connection.execute("SET enable_seqscan = off; SET enable_sort = off; SET enable_bitmapscan = off")
+        plan = " | ".join(row[0] for row in connection.execute(f"EXPLAIN {statement}".encode(), args))
+    assert "Index Scan Backward" in plan, plan
+    assert "Sort" not in plan, plan
+    assert "Filter" not in plan, plan
+
+
+# The writer.
+
+
 class FailingOnce(HistoryStore):
-    """A store whose first write fails as a full disk does."""
+    """A store whose first write is refused for good."""
 
     failed = False
 
     def write(self, records: Sequence[RunRecord], results: Mapping[str, JobResult] | None, keep: int) -> None:
         if not self.failed:
             self.failed = True
-            raise sqlite3.OperationalError("database or disk is full")
+            raise HistoryError("cannot write the history database: constraint failed")
         super().write(records, results, keep)
+
+
+class OutOfReach:
+    """
+    A store in front of another that, while :attr:`down` is set, fails as a
+    database out of reach does; it remembers the ids of every record it
+    passed on.
+    """
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.down = threading.Event()
+        self.written: list[str] = []
+
+    def _check(self) -> None:
+        if self.down.is_set():
+            raise HistoryUnavailable("cannot reach the history database: connection refused")
+
+    def write(self, records: Sequence[RunRecord], results: Mapping[str, JobResult] | None, keep: int) -> None:
+        self._check()
+        self.store.write(records, results, keep)
+        self.written.extend(record["id"] for record in records)
+
+    def query(self, q: HistoryQuery) -> list[RunRecord]:
+        self._check()
+        return self.store.query(q)
+
+    def get(self, run_id: str) -> RunRecord | None:
+        self._check()
+        return self.store.get(run_id)
+
+    def job_result(self, run_id: str) -> JobResult | None:
+        self._check()
+        return self.store.job_result(run_id)
+
+    def count(self) -> int:
+        return self.store.count()
+
+    def disconnect(self) -> None:
+        self.store.disconnect()
+
+    def close(self) -> None:
+        self.store.close()
+
+
+#: Quick retries, for tests.
+QUICK = (0.05, 0.2)
 
 
 class HistoryWriterTests(TestCase):
@@ -330,8 +598,8 @@ class HistoryWriterTests(TestCase):
         self.addCleanup(store.close)
         return store
 
-    def writer(self, store: HistoryStore, keep: int = 10_000) -> HistoryWriter:
-        writer = HistoryWriter(store, keep, THREADS)
+    def writer(self, store: Store, keep: int = 10_000, **options: Any) -> HistoryWriter:
+        writer = HistoryWriter(store, keep, THREADS, **options)
         writer.start()
         self.addCleanup(writer.stop)
         return writer
@@ -387,11 +655,71 @@ class HistoryWriterTests(TestCase):
         writer = self.writer(store)
         writer.add(run_record(1))
         await self.eventually(lambda: succeed(writer.dropped == 1))
-        self.assertEqual(len(self.flushLoggedErrors(sqlite3.OperationalError)), 1)
+        self.assertEqual(len(self.flushLoggedErrors(HistoryError)), 1)
         writer.add(run_record(2))
         await writer.stop()
         self.assertEqual([r["id"] for r in store.query(HistoryQuery())], ["run-000002"])
         self.assertEqual(writer.dropped, 1)
+        self.assertTrue(writer.available)
+
+    async def test_records_wait_while_the_database_is_out_of_reach_and_arrive_once(self) -> None:
+        store = OutOfReach(self.open())
+        writer = self.writer(store, retry=QUICK)
+        writer.add(run_record(1))
+        await self.eventually(lambda: writer.get("run-000001"))
+        store.down.set()
+        for number in range(2, 40):
+            writer.add(run_record(number), RESULT if number == 7 else None)
+        await self.eventually(lambda: succeed(not writer.available))
+        for read in (writer.query(HistoryQuery()), writer.get("run-000001"), writer.job_result("run-000007")):
+            await self.assertFailure(read, HistoryUnavailable)
+        await deferLater(reactor, 0.5, lambda: None)  # several tries
+        self.assertFalse(writer.available)
+        self.assertEqual(store.count(), 1)
+        writer.add(run_record(40))  # waits behind the others
+        store.down.clear()
+        await self.eventually(lambda: succeed(writer.available and store.count() == 40))
+        self.assertEqual(store.written, [f"run-{n:06d}" for n in range(1, 41)])  # in order, once each
+        self.assertEqual(await writer.job_result("run-000007"), RESULT)
+        self.assertEqual(writer.dropped, 0)
+
+    async def test_at_most_hold_records_wait_and_the_oldest_are_dropped(self) -> None:
+        store = OutOfReach(self.open())
+        store.down.set()
+        writer = self.writer(store, hold=100, retry=QUICK)
+        for number in range(250):
+            writer.add(run_record(number))
+        self.assertEqual(writer.dropped, 150)
+        await self.eventually(lambda: succeed(not writer.available))
+        for number in range(250, 260):
+            writer.add(run_record(number))
+        store.down.clear()
+        await self.eventually(lambda: succeed(writer.available and store.count() == 100))
+        self.assertEqual(sorted(store.written), [f"run-{n:06d}" for n in range(160, 260)])
+        self.assertEqual(writer.dropped, 160)
+
+    async def test_a_failed_read_marks_it_out_of_reach_until_a_write_succeeds(self) -> None:
+        store = OutOfReach(self.open())
+        writer = self.writer(store, retry=QUICK)
+        store.down.set()
+        await self.assertFailure(writer.get("run-000001"), HistoryUnavailable)
+        self.assertFalse(writer.available)
+        await deferLater(reactor, 0.3, lambda: None)
+        self.assertFalse(writer.available)
+        store.down.clear()  # with no record to write, the writer's tries find it back
+        await self.eventually(lambda: succeed(writer.available))
+
+    async def test_a_stop_while_out_of_reach_gives_up_in_time_and_counts_the_lost(self) -> None:
+        store = OutOfReach(self.open())
+        store.down.set()
+        writer = self.writer(store, retry=QUICK, stop_wait=0.3)
+        for number in range(5):
+            writer.add(run_record(number))
+        await self.eventually(lambda: succeed(not writer.available))
+        started = time.monotonic()
+        await writer.stop()
+        self.assertLess(time.monotonic() - started, 1.0)
+        self.assertEqual((writer.dropped, store.count()), (5, 0))
 
     async def test_a_writer_stopped_before_it_started_drops_what_it_was_given(self) -> None:
         store = self.open()
@@ -410,3 +738,66 @@ class HistoryWriterTests(TestCase):
         with self.assertRaises(HistoryError):
             store.count()
         self.assertEqual(self.open(path).count(), 1)
+
+
+class PostgresWriterTests(TestCase):
+    """The writer on a real PostgreSQL that stops and starts again under it."""
+
+    @pytest.fixture(autouse=True)
+    def cluster(self, pg: Postgres) -> None:
+        self.postgres = pg
+
+    def writer(self, store: Store, **options: Any) -> HistoryWriter:
+        writer = HistoryWriter(store, 10_000, THREADS, **options)
+        writer.start()
+        self.addCleanup(writer.stop)
+        return writer
+
+    eventually = HistoryWriterTests.eventually
+
+    async def test_records_wait_through_a_stop_of_postgresql_and_arrive_once(self) -> None:
+        uri = self.postgres.new_database()
+        store = pg_open(uri)
+        self.addCleanup(store.close)
+        writer = self.writer(store, retry=(0.1, 0.5))
+        for number in range(10):
+            writer.add(run_record(number))
+        await self.eventually(lambda: succeed(store.count() == 10))
+        self.assertEqual(len(await writer.query(HistoryQuery())), 10)  # a pool thread's connection
+        self.postgres.stop()
+        try:
+            for number in range(10, 30):
+                writer.add(job_record(number), RESULT)
+            await self.eventually(lambda: succeed(not writer.available), within=3)
+            await self.assertFailure(writer.job_result("run-000011"), HistoryUnavailable)
+            await deferLater(reactor, 0.5, lambda: None)
+            writer.add(run_record(30))
+        finally:
+            self.postgres.start()
+        await self.eventually(lambda: succeed(writer.available), within=3)
+        await self.eventually(
+            lambda: writer.query(HistoryQuery(limit=100)).addCallback(lambda r: len(r) == 31)
+        )
+        self.assertEqual(
+            pg_rows(uri, "SELECT count(*), count(DISTINCT id), max(seq) - min(seq) + 1 FROM kapow_runs"),
+            [(31, 31, 31)],
+        )
+        self.assertEqual(await writer.job_result("run-000029"), RESULT)
+        self.assertEqual(writer.dropped, 0)
+
+    async def test_a_stop_while_postgresql_is_down_is_bounded(self) -> None:
+        store = pg_open(self.postgres.new_database())
+        writer = HistoryWriter(store, 10_000, THREADS, retry=(0.1, 0.5), stop_wait=0.5)
+        writer.startService()
+        writer.add(run_record(1))
+        await self.eventually(lambda: succeed(store.count() == 1))
+        self.postgres.stop()
+        try:
+            for number in range(2, 12):
+                writer.add(run_record(number))
+            started = time.monotonic()
+            await writer.stopService()
+            self.assertLess(time.monotonic() - started, 3.0)
+        finally:
+            self.postgres.start()
+        self.assertEqual(writer.dropped, 10)

@@ -7,6 +7,7 @@ value, listener addresses, and the help that shows them.
 from __future__ import annotations
 
 import os
+import socket
 
 import pytest
 from twisted.python.usage import UsageError
@@ -53,6 +54,7 @@ DEFAULTS = {
     "history-keep": 10_000,
     "job-output-max": 1 << 20,
     "jobs-path": "/_jobs",
+    "server-name": socket.gethostname(),
     "metrics-bind": None,
     "init_programs": [],
 }
@@ -86,7 +88,7 @@ def test_every_value_is_coerced_as_it_is_read() -> None:
         "--workers", "3", "--worker", "2", "--header-timeout", "1.5", "--idle-timeout", "2",
         "--body-min-rate", "64", "--backlog", "128", "--max-connections", "10",
         "--trusted-proxies", "127.0.0.1/32,::1", "--history", "h.sqlite3", "--history-keep", "5",
-        "--job-output-max", "2K", "--jobs-path", "/jobs/",
+        "--job-output-max", "2K", "--jobs-path", "/jobs/", "--server-name", "a",
         "a.pow", "b.pow",
     )  # fmt: skip
     trusted = options.pop("trusted-proxies")
@@ -123,6 +125,7 @@ def test_every_value_is_coerced_as_it_is_read() -> None:
         "history-keep": 5,
         "job-output-max": 2048,
         "jobs-path": "/jobs",
+        "server-name": "a",
         "init_programs": ["a.pow", "b.pow"],
     }
     assert [str(network) for network in trusted] == ["127.0.0.1/32", "::1/128"]

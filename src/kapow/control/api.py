@@ -22,7 +22,7 @@ from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource
 
 from kapow.core.routes import InvalidRoute, Route, RouteTable, route_from_json
-from kapow.core.runs import HistoryQuery, InvalidQuery, RunRecord, parse_query
+from kapow.core.runs import HistoryQuery, InvalidQuery, RunRecord, parse_query, shown
 from kapow.handlers.listing import HandlerShown, HandlersListing
 from kapow.web.errors import JSONError, install_json_errors, json_body, json_resource
 
@@ -51,6 +51,9 @@ class NoHandlers:
 class History(Protocol):
     """The run history the control API reads (:class:`kapow.history.writer.HistoryWriter`)."""
 
+    #: whether its database can be reached now
+    available: bool
+
     def query(self, query: HistoryQuery) -> Deferred[list[RunRecord]]:
         """The records ``query`` finds, newest first."""
 
@@ -60,6 +63,8 @@ class History(Protocol):
 
 class NoHistory:
     """The history of a server that keeps none (``--history off``)."""
+
+    available = True
 
     def query(self, query: HistoryQuery) -> Deferred[list[RunRecord]]:
         return succeed([])
@@ -171,26 +176,30 @@ class ControlAPI:
         except InvalidQuery as e:
             log.info("refused history query: {why}", why=str(e))
             raise JSONError(400, "Invalid Query") from None
-        return self.history.query(query).addCallback(lambda found: json_body(request, 200, found))
+        return self.history.query(query).addCallback(
+            lambda found: json_body(
+                request, 200, [shown(record) for record in found if not _unfinished(record)]
+            )
+        )
 
     @app.route("/history/<string:run_id>", methods=["GET"])
     def get_run(self, request: IRequest, run_id: str) -> Deferred[bytes]:
         def answer(record: RunRecord | None) -> bytes:
-            if record is None:
+            if record is None or _unfinished(record):
                 raise JSONError(404, "Run Not Found")
-            return json_body(request, 200, record)
+            return json_body(request, 200, shown(record))
 
         return self.history.get(run_id).addCallback(answer)
 
     @app.route("/health", methods=["GET"])
     def health(self, request: IRequest) -> bytes | Deferred[bytes]:
-        routes = len(self.routes)
+        health: dict[str, Any] = {"status": "ok", "routes": len(self.routes)}
+        if not self.history.available:
+            health["history"] = "unavailable"
         stats = self.stats()
         if isinstance(stats, Deferred):
-            return stats.addCallback(
-                lambda found: json_body(request, 200, {"status": "ok", "routes": routes, **found})
-            )
-        return json_body(request, 200, {"status": "ok", "routes": routes, **stats})
+            return stats.addCallback(lambda found: json_body(request, 200, {**health, **found}))
+        return json_body(request, 200, {**health, **stats})
 
     def _published(self, answer: Callable[[], bytes]) -> bytes | Deferred[bytes]:
         """``answer()`` once the change is published (at once when that is immediate)."""
@@ -219,6 +228,11 @@ def _answer(call: Callable[..., _T | Deferred[_T]], *args: str) -> Deferred[_T]:
     """
     # maybeDeferred waits for a Deferred that call returns; its types cannot say so
     return cast("Deferred[_T]", maybeDeferred(call, *args))
+
+
+def _unfinished(record: RunRecord) -> bool:
+    """Whether ``record`` is of a job that has not ended (kept for a cluster's servers, not a run yet)."""
+    return "_state" in record
 
 
 def _read_json(request: IRequest) -> object:

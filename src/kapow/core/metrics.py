@@ -28,7 +28,15 @@ BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 
 #: Why a request was refused before its handler started.
 REFUSALS = ("concurrency", "queue_full", "queue_timeout", "auth", "stopping")
 
-_COUNTERS = ("requests", "exits", "spawn_failures", "refused", "data_api", "websocket_messages")
+_COUNTERS = (
+    "requests",
+    "exits",
+    "spawn_failures",
+    "refused",
+    "data_api",
+    "websocket_messages",
+    "history_dropped",
+)
 _GAUGES = ("running", "queued", "websocket_connections")
 
 #: Counts as JSON: each name of :data:`_COUNTERS`, :data:`_GAUGES` and
@@ -67,6 +75,9 @@ class Metrics:
         self.clock = clock
         #: returns the route of every request waiting in a queue now, if queues are kept
         self.queued_now: Callable[[], Iterable[Route]] | None = None
+        #: returns how many run records the history dropped, if this process keeps it
+        self.dropped_now: Callable[[], int] | None = None
+        self.history_dropped: Counter[tuple[()]] = Counter()
         self.requests: Counter[tuple[str, str, str, int]] = Counter()
         self.durations: dict[tuple[str, str], list[float]] = {}
         self.running: Counter[tuple[str, str]] = Counter()
@@ -121,6 +132,8 @@ class Metrics:
 
     def snapshot(self) -> Snapshot:
         """Every count as JSON-able lists of ``[*labels, value]``."""
+        if self.dropped_now is not None:
+            self.history_dropped[()] = self.dropped_now()
         data: Snapshot = {name: [[*key, n] for key, n in getattr(self, name).items()] for name in _COUNTERS}
         if self.queued_now is not None:
             queued = self.queued
@@ -201,6 +214,12 @@ def families(snapshot: Snapshot) -> Iterator[Metric]:
         snapshot["refused"],
     )
     yield counter("kapow_data_api_requests", "Data API requests answered.", ["code"], snapshot["data_api"])
+    yield counter(
+        "kapow_history_dropped",
+        "Run records the history dropped: its database was out of reach too long.",
+        [],
+        snapshot["history_dropped"],
+    )
     yield counter(
         "kapow_websocket_messages",
         "WebSocket messages received (in) and sent (out).",

@@ -26,6 +26,7 @@ __all__ = [
     "parse_query",
     "parse_time",
     "rfc3339",
+    "shown",
 ]
 
 #: How a run ended, as the metrics count it.
@@ -56,8 +57,11 @@ DEFAULT_KEEP = 10_000
 #: Records ``GET /history`` answers when the query sets no ``limit``, and the most it may set.
 DEFAULT_LIMIT, MAX_LIMIT = 100, 10_000
 
-#: A run record as JSON: :data:`FIELDS`, and for a job ``stderr_tail`` (and
-#: ``truncated`` once it is known); ``started`` is RFC 3339 UTC text.
+#: A run record as JSON: :data:`FIELDS`, ``server`` (the ``--server-name``
+#: of the server that ran it), and for a job ``stderr_tail`` (and
+#: ``truncated`` once it is known) and ``_guard`` (its route's ``auth``,
+#: kept for the servers of a cluster, never shown: :func:`shown`);
+#: ``started`` is RFC 3339 UTC text.
 RunRecord = dict[str, Any]
 
 
@@ -79,6 +83,11 @@ class JobResult:
 
 class InvalidQuery(ValueError):
     """A query value of ``GET /history`` is not valid; ``str()`` says which."""
+
+
+def shown(record: RunRecord) -> RunRecord:
+    """A record as clients see it: without the fields the server keeps for itself (``_guard``)."""
+    return {name: value for name, value in record.items() if not name.startswith("_")}
 
 
 def rfc3339(seconds: float) -> str:

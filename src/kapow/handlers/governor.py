@@ -69,14 +69,14 @@ class Governor:
     :param reactor: times the deadlines and the grace periods.
     :param limits: the server's limits.
     :param group_alive: tells whether a process group still has a live
-        (non-zombie) member; :func:`group_alive` by default.
+        (non-zombie) member; a :class:`GroupScan` on ``reactor`` by default.
     :param signal_group: sends a signal to a process group, returning
         whether the group exists; :func:`kapow.handlers.spawn.signal_group` by default.
     """
 
     reactor: IReactorTime
     limits: Limits = field(default_factory=Limits)
-    group_alive: Callable[[int], bool] = field(default=lambda pgid: group_alive(pgid))
+    group_alive: Callable[[int], bool] = field(default=None)  # type: ignore[assignment]  # made from the reactor
     signal_group: Callable[[int, int], bool] = field(default=signal_group)
     _runs: dict[str, _Run] = field(default_factory=dict)
     _groups: set[int] = field(default_factory=set)
@@ -85,6 +85,10 @@ class Governor:
     stopping: bool = False
     #: called once when a graceful stop begins (:meth:`stop_admitting`)
     on_stopping: list[Callable[[], None]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.group_alive is None:
+            self.group_alive = GroupScan(self.reactor)
 
     # -- admission ----------------------------------------------------------
 
@@ -270,3 +274,38 @@ def group_alive(pgid: int) -> bool:
         return any(pgrp == pgid and state != b"Z" for _pid, state, pgrp in processes())
     except OSError:  # no /proc to read
         return True
+
+
+class GroupScan:
+    """
+    :func:`group_alive` for many groups at once: a group with no member at
+    all is known dead from one system call, and one scan of ``/proc``
+    answers for every group asked about within ``fresh`` seconds (ending a
+    thousand connections' groups at once takes one scan a poll, not one a
+    group).
+
+    :param clock: the reactor's time.
+    :param fresh: seconds a scan answers for.
+    """
+
+    def __init__(self, clock: IReactorTime, fresh: float = POLL_INTERVAL / 2) -> None:
+        self.clock = clock
+        self.fresh = fresh
+        self._live: set[int] | None = None
+        self._at = 0.0
+
+    def __call__(self, pgid: int) -> bool:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        now = self.clock.seconds()
+        if self._live is None or now - self._at >= self.fresh:
+            try:
+                self._live = {pgrp for _pid, state, pgrp in processes() if state != b"Z"}
+            except OSError:  # no /proc to read
+                return True
+            self._at = now
+        return pgid in self._live

@@ -3,10 +3,10 @@
 The run history's database (SPEC.md §12): run records and jobs' kept results
 in SQLite, plain synchronous calls, no Twisted.
 
-One :class:`HistoryStore` serves several threads: each thread that calls it
-gets a connection of its own, made on its first call and kept until
-:meth:`HistoryStore.disconnect` (from that thread) or
-:meth:`HistoryStore.close`. The server writes from one thread
+One :class:`HistoryStore` (a :class:`kapow.history.base.Store`) serves
+several threads: each thread that calls it gets a connection of its own,
+made on its first call and kept until :meth:`HistoryStore.disconnect` (from
+that thread) or :meth:`HistoryStore.close`. The server writes from one thread
 (:class:`kapow.history.writer.HistoryWriter`'s) and reads from the reactor's
 thread pool; in a file database (WAL) readers and the writer never wait for
 one another.
@@ -18,12 +18,14 @@ import json
 import secrets
 import sqlite3
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 from kapow.core.runs import HistoryQuery, JobResult, RunRecord, parse_time
+from kapow.history.base import HistoryError, HistoryUnavailable, one_line
 
-__all__ = ["SCHEMA_VERSION", "HistoryError", "HistoryStore"]
+__all__ = ["SCHEMA_VERSION", "HistoryError", "HistoryStore", "HistoryUnavailable"]
 
 #: The ``PRAGMA user_version`` of the schema below. A database of a newer
 #: version is refused; an older one (none yet) would be upgraded at open.
@@ -84,10 +86,6 @@ BUSY_TIMEOUT = 5.0
 #: The most a file database's write-ahead log keeps of its size between
 #: checkpoints: a large batch grows it, the next checkpoint cuts it back.
 WAL_SIZE_LIMIT = 16 * 1024 * 1024
-
-
-class HistoryError(Exception):
-    """The history's database cannot be used; ``str()`` says why, in one line."""
 
 
 def _row(record: RunRecord, results: Mapping[str, JobResult]) -> tuple[Any, ...]:
@@ -191,6 +189,18 @@ class HistoryStore:
             raise HistoryError(f"cannot open the history database {shown}: {reason}") from None
         return cls(target, uri, anchor, file=path is not None)
 
+    @contextmanager
+    def _using(self, doing: str) -> Iterator[sqlite3.Connection]:
+        """This thread's connection, with SQLite's errors told as the store's: a
+        database locked past the busy timeout, a full disk or a file that cannot
+        be opened now is unavailable; anything else refuses the call."""
+        try:
+            yield self._connection()
+        except sqlite3.OperationalError as error:
+            raise HistoryUnavailable(f"cannot {doing} the history database: {one_line(error)}") from None
+        except sqlite3.Error as error:
+            raise HistoryError(f"cannot {doing} the history database: {one_line(error)}") from None
+
     def _connection(self) -> sqlite3.Connection:
         """This thread's connection, made on its first call."""
         connection: sqlite3.Connection | None = getattr(self._local, "connection", None)
@@ -199,10 +209,7 @@ class HistoryStore:
         with self._lock:
             if self._closed:
                 raise HistoryError("the history database is closed")
-            try:
-                connection = _connect(self._target, self._uri, self._file)
-            except sqlite3.Error as error:
-                raise HistoryError(f"cannot connect to the history database: {error}") from None
+            connection = _connect(self._target, self._uri, self._file)
             self._connections.add(connection)
         self._local.connection = connection
         return connection
@@ -216,46 +223,47 @@ class HistoryStore:
 
         :raises ValueError: if a record has no text ``id`` or no RFC 3339
             ``started`` (nothing is written).
-        :raises sqlite3.Error: if the database refuses the write (disk full,
-            locked past the busy timeout); nothing is written.
+        :raises HistoryUnavailable: if the database cannot be written for
+            now (locked past the busy timeout, disk full); nothing is written.
+        :raises HistoryError: if SQLite refuses the write otherwise.
         """
         if keep < 0:
             raise ValueError(f"keep must be 0 or more: {keep}")
         rows = [_row(record, results or {}) for record in records]
-        connection = self._connection()
-        connection.execute("BEGIN IMMEDIATE")
-        try:
-            connection.executemany(_UPSERT, rows)
-            (newest,) = connection.execute("SELECT max(seq) FROM runs").fetchone()
-            if newest is not None and newest > keep:
-                connection.execute("DELETE FROM runs WHERE seq <= ?", (newest - keep,))
-            connection.execute("COMMIT")
-        except BaseException:
-            if connection.in_transaction:
-                connection.execute("ROLLBACK")
-            raise
+        with self._using("write") as connection:
+            connection.execute("BEGIN IMMEDIATE")
+            try:
+                connection.executemany(_UPSERT, rows)
+                (newest,) = connection.execute("SELECT max(seq) FROM runs").fetchone()
+                if newest is not None and newest > keep:
+                    connection.execute("DELETE FROM runs WHERE seq <= ?", (newest - keep,))
+                connection.execute("COMMIT")
+            except BaseException:
+                if connection.in_transaction:
+                    connection.execute("ROLLBACK")
+                raise
 
     def query(self, q: HistoryQuery) -> list[RunRecord]:
         """The records ``q`` matches, newest first (by ``started``), at most ``q.limit``."""
         sql, args = query_sql(q)
-        return [json.loads(text) for (text,) in self._connection().execute(sql, args)]
+        with self._using("read") as connection:
+            texts = connection.execute(sql, args).fetchall()
+        return [json.loads(text) for (text,) in texts]
 
     def get(self, run_id: str) -> RunRecord | None:
         """The record of run ``run_id``, or ``None`` if none is stored."""
-        row = self._connection().execute("SELECT record FROM runs WHERE id = ?", (run_id,)).fetchone()
+        with self._using("read") as connection:
+            row = connection.execute("SELECT record FROM runs WHERE id = ?", (run_id,)).fetchone()
         return None if row is None else json.loads(row[0])
 
     def job_result(self, run_id: str) -> JobResult | None:
         """The kept result of job ``run_id``, or ``None`` if no result is stored for it."""
-        row = (
-            self._connection()
-            .execute(
+        with self._using("read") as connection:
+            row = connection.execute(
                 "SELECT result_status, result_reason, result_headers, truncated, result_body"
                 " FROM runs WHERE id = ? AND result_status IS NOT NULL",
                 (run_id,),
-            )
-            .fetchone()
-        )
+            ).fetchone()
         if row is None:
             return None
         status, reason, headers, truncated, body = row
@@ -271,7 +279,8 @@ class HistoryStore:
 
     def count(self) -> int:
         """How many records are stored."""
-        (number,) = self._connection().execute("SELECT count(*) FROM runs").fetchone()
+        with self._using("read") as connection:
+            (number,) = connection.execute("SELECT count(*) FROM runs").fetchone()
         return int(number)
 
     def disconnect(self) -> None:

@@ -55,7 +55,8 @@ from kapow.handlers.fast_processes import SPAWN_THREADS, FastProcesses, quiet_si
 from kapow.handlers.governor import Governor, Limits
 from kapow.handlers.handler import HandlerRegistry
 from kapow.handlers.spawn import Spawner, handler_processes
-from kapow.history.store import HistoryError, HistoryStore
+from kapow.history.base import HistoryError, Store, is_postgres_uri, shown_uri
+from kapow.history.store import HistoryStore
 from kapow.history.writer import HistoryWriter
 from kapow.server import systemd
 from kapow.server.forkserver import start_forkserver
@@ -169,6 +170,8 @@ def build_service(options: Options, reactor: IServerReactor, host: Host = THIS_H
     service = make_kapow_service(parts)
     if history is not None:  # before the rest: it stops last, with the records of the last handlers
         history.setServiceParent(service)
+        if parts.metrics is not None:
+            parts.metrics.dropped_now = lambda: history.dropped
     containment = host.containment(reactor)
     containment.setServiceParent(service)  # first: everything started from here on is born inside
     parts.launcher.setServiceParent(service)
@@ -585,6 +588,7 @@ def make_user_api(
         jobs=jobs or Jobs(None),
         jobs_path=options["jobs-path"],
         job_output_max=options["job-output-max"],
+        server_name=options["server-name"],
     )
     if metrics is not None:
         metrics.queued_now = user_api.queued_routes
@@ -601,11 +605,23 @@ def make_history(options: Options, reactor: IServerReactor) -> HistoryWriter | N
     path = history_path(options, os.environ)
     if path == HISTORY_OFF:
         return None
-    try:
-        store = HistoryStore.open(path)
-    except HistoryError as e:
-        raise StartupError(f"--history {path}: {e}") from None
-    log.info("run history in {where}", where=path or "memory")
+    store: Store
+    if path is not None and is_postgres_uri(path):
+        # Imported here: a server that keeps its history in SQLite never loads the driver.
+        from kapow.history.postgres import PostgresStore
+
+        where = shown_uri(path)  # never its password
+        try:
+            store = PostgresStore.open(path)
+        except HistoryError as e:
+            raise StartupError(f"--history {where}: {e}") from None
+        log.info("run history in PostgreSQL {where}", where=where)
+    else:
+        try:
+            store = HistoryStore.open(path)
+        except HistoryError as e:
+            raise StartupError(f"--history {path}: {e}") from None
+        log.info("run history in {where}", where=path or "memory")
     return HistoryWriter(store, options["history-keep"], reactor)
 
 

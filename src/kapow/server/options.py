@@ -14,6 +14,7 @@ import ipaddress
 import math
 import os
 import re
+import socket
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -240,6 +241,13 @@ def history_path(options: Mapping[str, Any], environ: Mapping[str, str]) -> str 
     return os.path.join(state, "history.sqlite3") if state else None
 
 
+def server_name(value: str) -> str:
+    """``--server-name``: any text without control characters."""
+    if not value.strip() or any(c < " " or c == "\x7f" for c in value):
+        raise usage.UsageError("--server-name must be a name, without control characters")
+    return value
+
+
 def job_output_max(value: str) -> int:
     """``--job-output-max``: bytes, with an optional K, M or G suffix."""
     try:
@@ -423,6 +431,13 @@ class Options(usage.Options):
             jobs_path,
         ],
         [
+            "server-name",
+            None,
+            None,
+            "This server's name in the run records, which a cluster shares [default: the host name].",
+            server_name,
+        ],
+        [
             "trusted-proxies",
             None,
             None,
@@ -526,6 +541,8 @@ class Options(usage.Options):
         self["init_programs"] = list(programs)
 
     def postOptions(self) -> None:
+        if self["server-name"] is None:
+            self["server-name"] = socket.gethostname()
         if bool(self["certfile"]) != bool(self["keyfile"]):
             raise usage.UsageError("--certfile and --keyfile go together")
         if self["clientauth"] and not self["certfile"]:

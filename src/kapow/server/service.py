@@ -29,6 +29,8 @@ log = Logger()
 #: The name of the user interface's listener in the service tree: the one
 #: that stops accepting first.
 USER = "user"
+#: The name of the run history's service, which stops last.
+HISTORY = "history"
 
 
 class StartupError(Exception):
@@ -190,9 +192,13 @@ class KapowService(MultiService):
         if left:
             log.warn("ending {n} handlers still running", n=left)
         yield self.governor.end_all()
+        # the history last, once the rest (the workers with the records of their last handlers) has stopped
+        history = self.namedServices.get(HISTORY)
         yield gatherResults(
-            [maybeDeferred(child.stopService) for child in reversed(list(self)) if child.running]
+            [maybeDeferred(c.stopService) for c in reversed(list(self)) if c.running and c is not history]
         )
+        if history is not None and history.running:
+            yield history.stopService()
         Service.stopService(self)
 
     def _guard(self, start: Callable[[], None]) -> None:

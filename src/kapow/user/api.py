@@ -16,6 +16,7 @@ the site and its access log :mod:`kapow.user.site`'s.
 from __future__ import annotations
 
 import io
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TypeVar, cast
@@ -32,10 +33,10 @@ from twisted.web.iweb import IRequest
 from twisted.web.server import NOT_DONE_YET, Request
 from werkzeug.exceptions import NotFound
 
-from kapow.core.auth import Refusal, RouteAuth, Verdict
+from kapow.core.auth import Refusal, RouteAuth, Verdict, normalize
 from kapow.core.metrics import Metrics, refusal_kind
 from kapow.core.routes import METHOD_NOT_ALLOWED, Match, Route, RouteTable
-from kapow.core.runs import JobResult, RunRecord
+from kapow.core.runs import JobResult, RunRecord, shown
 from kapow.handlers.admission import Admission
 from kapow.handlers.governor import Governor
 from kapow.handlers.handler import Handler, HandlerRegistry
@@ -80,6 +81,7 @@ class UserAPI:
     :param jobs: where jobs are kept (in this process by default, without a history).
     :param jobs_path: the path under which jobs are asked for (``--jobs-path``).
     :param job_output_max: the most bytes of a job's body kept (``--job-output-max``).
+    :param server_name: the server's name in the run records (``--server-name``).
 
     It is also the control API's view of its handlers
     (:class:`kapow.handlers.listing.HandlersListing`).
@@ -97,6 +99,7 @@ class UserAPI:
     jobs: JobBook = field(default_factory=lambda: Jobs(None))
     jobs_path: str = DEFAULT_JOBS_PATH
     job_output_max: int = DEFAULT_JOB_OUTPUT_MAX
+    server_name: str = ""
     runner: Runner = field(init=False)
     waiting: WaitingRequests = field(init=False)
 
@@ -114,9 +117,11 @@ class UserAPI:
             self.metrics,
             self.history,
             self.jobs,
+            self.server_name,
         )
         self.governor.on_stopping.append(self.runner.going_away)
         self._jobs_prefix = self.jobs_path.rstrip("/") + "/"
+        self._kept_guards: dict[str, RouteAuth] = {}
         self.waiting = WaitingRequests(self.reactor, self.admission, self.handlers.new_id, self._admitted)
 
     def resource(self) -> UserResource:
@@ -257,7 +262,9 @@ class UserAPI:
             return self._unavailable(request, route, verdict)
         job_id = self.handlers.new_id()
         job = JobRequest(request, self.job_output_max)
-        self.jobs.started(job_record(job_id, route, request, self.reactor.seconds()), "queued")
+        self.jobs.started(
+            job_record(job_id, route, request, self.reactor.seconds(), self.server_name), "queued"
+        )
         if verdict is None:
             answer: Answer = self.runner.start(job.as_request(), found, job_id)
         else:
@@ -276,7 +283,7 @@ class UserAPI:
         if answer is None:
             return  # its handler answers it
         job.write(answer)
-        record = job_record(job_id, found.route, job.as_request(), self.reactor.seconds())
+        record = job_record(job_id, found.route, job.as_request(), self.reactor.seconds(), self.server_name)
         record.update(status=job.code, duration_s=0.0, truncated=job.truncated, stderr_tail="")
         self.jobs.done(record, job.result())
 
@@ -285,50 +292,58 @@ class UserAPI:
         job_id, slash, what = rest.partition("/")
         if request.method not in (b"GET", b"HEAD") or (slash and what != "result"):
             return reason_body(request, 404, "Job Not Found")
-        asked = self.jobs.status(job_id)
-        return cast(Later, asked.addCallback(self._job_found, request, job_id, what == "result"))
+        asked = self.jobs.status(job_id).addCallback(self._job_found, request, job_id, what == "result")
+        return cast(Later, asked.addErrback(self._jobs_unavailable, request))
+
+    def _jobs_unavailable(self, failure: Failure, request: Request) -> bytes:
+        """Where the jobs are kept cannot be reached (a cluster's database is down): 503."""
+        log.warn("cannot answer for a job: {why}", why=failure.getErrorMessage())
+        request.setHeader(b"Retry-After", b"5")
+        return reason_body(request, 503, "Service Unavailable")
 
     def _job_found(
         self, found: tuple[str, RunRecord] | None, request: Request, job_id: str, result: bool
     ) -> Answer:
-        route = None if found is None else self._route_of_job(found[1])
-        if found is None or route is None:
+        if found is None:
             return reason_body(request, 404, "Job Not Found")
         state, record = found
+        route = self.routes.find(record["route_id"])
+        guard = route.guard if route is not None else self._kept_guard(record.get("_guard"))
 
         def answer(checked: Verdict) -> Answer:
             refusal = checked[0]
             if refusal is not None:
-                self._refused(route, "auth")
+                if route is not None:
+                    self._refused(route, "auth")
                 if refusal.challenge is not None:
                     request.setHeader(b"WWW-Authenticate", refusal.challenge)
                 return plain(request, refusal.code, _REFUSED.get(refusal.code, b"Refused\n"))
             if not result:
-                return json_body(request, 200, {**record, "state": state})
+                return json_body(request, 200, {**shown(record), "state": state})
             if state != "done":
                 return reason_body(request, 409, "Job Not Finished")
             return cast(Later, self.jobs.result(job_id).addCallback(_job_result, request))
 
-        if route.guard is None:
+        if guard is None:
             return answer((None, None))
-        checked = self._check(request, route.guard)
+        checked = self._check(request, guard)
         if isinstance(checked, Deferred):
             return cast(Later, checked.addCallback(answer))
         return answer(checked)
 
-    def _route_of_job(self, record: RunRecord) -> Route | None:
+    def _kept_guard(self, spec: object) -> RouteAuth | None:
         """
-        The route whose ``allow`` and ``auth`` guard a job: the one that
-        started it, or, after a restart (route ids are new then), the one
-        with its method and pattern.
+        The ``allow`` and ``auth`` kept with a job whose route this server
+        does not have (another server's of a cluster, or this one's before a
+        restart), checked with this server's copy of the files they name.
         """
-        route = self.routes.find(record["route_id"])
-        if route is not None:
-            return route
-        for route in self.routes:
-            if route.method == record["method"] and route.url_pattern == record["pattern"] and route.job:
-                return route
-        return None
+        if not isinstance(spec, dict):
+            return None
+        key = json.dumps(spec, sort_keys=True)
+        guard = self._kept_guards.get(key)
+        if guard is None:
+            guard = self._kept_guards[key] = RouteAuth(normalize(spec), strict=False)
+        return guard
 
     def _admitted(self, waiting: Waiting, refusal: str | None) -> Answer:
         """A queued request's wait is over."""

@@ -48,9 +48,12 @@ DEFAULT_JOBS_PATH = "/_jobs"
 DEFAULT_JOB_OUTPUT_MAX = 1024 * 1024
 
 
-def job_record(job_id: str, route: Route, request: Request, since: float) -> RunRecord:
-    """The record of a job that has not ended yet: what is known of it."""
-    return {
+def job_record(job_id: str, route: Route, request: Request, since: float, server: str) -> RunRecord:
+    """
+    The record of a job that has not ended yet: what is known of it, and
+    the ``allow`` and ``auth`` of its route, kept with it (``_guard``).
+    """
+    record: RunRecord = {
         "id": job_id,
         "route_id": route.id,
         "pattern": route.url_pattern,
@@ -67,7 +70,11 @@ def job_record(job_id: str, route: Route, request: Request, since: float) -> Run
         "bytes_out": None,
         "mode": "http",
         "job": True,
+        "server": server,
     }
+    if route.auth:
+        record["_guard"] = dict(route.auth)
+    return record
 
 
 class _Kept:
@@ -155,7 +162,7 @@ class JobRequest:
 
     def result(self) -> JobResult:
         """The kept response."""
-        reason = self.code_message or RESPONSES.get(self.code, b"")
+        reason = self.code_message or RESPONSES.get(self.code, b"Unknown Status")
         headers = [
             (name, value) for name, values in self.responseHeaders.getAllRawHeaders() for value in values
         ]
@@ -201,8 +208,10 @@ class _Live:
 class Jobs:
     """
     The jobs of the process that keeps the history: queued and running ones
-    here, finished ones in the history (and the last few here too, so that
-    a client asking at once finds them before the history has written them).
+    here and in the history (with their ``_state``, for the other servers
+    of a cluster), finished ones in the history (and the last few here too,
+    so that a client asking at once finds them before the history has
+    written them).
 
     :param history: where finished jobs are kept, if anywhere.
     :param recent: how many finished jobs are kept here.
@@ -216,6 +225,8 @@ class Jobs:
 
     def started(self, record: RunRecord, state: str) -> None:
         self._live[record["id"]] = _Live(state, record)
+        if self.history is not None:  # so that every server sharing the history knows of it
+            self.history.add({**record, "_state": state})
 
     def done(self, record: RunRecord, result: JobResult) -> None:
         self._live.pop(record["id"], None)
@@ -248,6 +259,7 @@ class Jobs:
 
 
 def _done_job(record: RunRecord | None) -> tuple[str, RunRecord] | None:
+    """A job's state and record as the history has them: ``_state`` until it is over."""
     if record is None or not record.get("job"):
         return None
-    return "done", record
+    return record.get("_state", "done"), record

@@ -21,7 +21,7 @@ def outcome_of(handler: Handler, status: int | None, signal: int | None) -> str:
 
 
 def run_record(
-    handler: Handler, started: float, duration: float, status: int | None, signal: int | None
+    handler: Handler, started: float, duration: float, status: int | None, signal: int | None, server: str
 ) -> RunRecord:
     """
     The record of ``handler``'s run, once its response is complete (or cut).
@@ -30,6 +30,7 @@ def run_record(
     :param duration: how long it ran, in seconds.
     :param status: its exit status, if it exited.
     :param signal: the signal that ended it, if one did.
+    :param server: the name of the server that ran it (``--server-name``).
     """
     request, route = handler.request, handler.route
     started_answer = request.startedWriting or getattr(request, "kapow_upgraded", False)
@@ -52,4 +53,5 @@ def run_record(
         "bytes_out": getattr(stream, "sent_bytes", None) or request.sentLength,
         "mode": route.mode or "http",
         "job": False,
+        "server": server,
     }

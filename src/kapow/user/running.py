@@ -84,6 +84,7 @@ class Runner:
         ended, if the history is kept.
     :param jobs: told of every job that starts to run, and of its end (its
         record then goes there, not to ``history``).
+    :param server_name: the server's name in the records (``--server-name``).
     """
 
     handlers: HandlerRegistry
@@ -94,6 +95,7 @@ class Runner:
     metrics: Metrics | None = None
     history: Callable[[RunRecord], None] | None = None
     jobs: JobBook | None = None
+    server_name: str = ""
 
     def start(self, request: Request, found: Match, handler_id: str | None = None) -> bytes | None:
         """
@@ -121,7 +123,8 @@ class Runner:
         stream = self._stream(handler)
         if route.job and self.jobs is not None:
             handler.stderr_tail = bytearray()
-            self.jobs.started(job_record(handler.id, route, request, self.clock.seconds()), "running")
+            running = job_record(handler.id, route, request, self.clock.seconds(), self.server_name)
+            self.jobs.started(running, "running")
         spawned = self.spawner.start(
             handler.id,
             route.argv(),
@@ -198,6 +201,13 @@ class Runner:
             handler.stream.close(SERVER_ERROR, "cannot start")
             return
         request = handler.request
+        if handler.route.job and self.jobs is not None:  # over before it ran: its result is the 500
+            job = cast(JobRequest, request)
+            job.write(internal_error(request))
+            record = job_record(handler.id, handler.route, request, self.clock.seconds(), self.server_name)
+            record.update(status=job.code, duration_s=0.0, truncated=False, stderr_tail="")
+            self.jobs.done(record, job.result())
+            return
         if not request._disconnected and not request.finished:
             request.write(internal_error(request))
             request.finish()
@@ -237,12 +247,15 @@ class Runner:
             return
         if handler.stderr_tail is not None and self.jobs is not None:
             job = cast(JobRequest, handler.request)
-            record = run_record(handler, started, elapsed, status, signal)
+            record = run_record(handler, started, elapsed, status, signal, self.server_name)
             tail = handler.stderr_tail.decode("utf-8", "replace")
-            record.update(job=True, stderr_tail=tail, truncated=job.truncated)
+            # its response was kept, not sent: its status is the one kept, body or not
+            record.update(job=True, status=job.code, stderr_tail=tail, truncated=job.truncated)
+            if handler.route.auth:
+                record["_guard"] = dict(handler.route.auth)
             self.jobs.done(record, job.result())
         elif self.history is not None:
-            self.history(run_record(handler, started, elapsed, status, signal))
+            self.history(run_record(handler, started, elapsed, status, signal, self.server_name))
 
     def _timed_out(self, handler: Handler, elapsed: float) -> None:
         log.warn(
