@@ -4,9 +4,10 @@ The server's CPU per data API call: a real ``kapow server`` with one handler
 held open, ``wrk`` on one keep-alive connection for SECONDS against a read
 (``GET /request/method``) and a write (``PUT /response/headers/X-A``) of that
 handler, and for each the calls per second and the server's CPU time (user
-and system, its own process) per call.
+and system, its own process) per call. ``--new-connections``: a connection
+per call (``Connection: close``), as ``kapow get`` and ``kapow set`` make them.
 
-Usage: python bench/bench_data.py [-d SECONDS] [-- SERVER_ARGS...]
+Usage: python bench/bench_data.py [-d SECONDS] [--new-connections] [-- SERVER_ARGS...]
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("-d", type=int, default=5, help="seconds per call (default 5)")
+    parser.add_argument("--new-connections", action="store_true", help="a connection per call")
     parser.add_argument("server_args", nargs="*", help="more options of kapow server")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -45,10 +47,13 @@ def main() -> None:
             held = subprocess.Popen(["curl", "-s", "-o", "/dev/null", server.user + "/hold"])
             handler = wait_for(lambda: (work / "id").exists() and (work / "id").read_text().strip())
             put = work / "put.lua"
-            put.write_text('wrk.method = "PUT"\nwrk.body = "v"\n')
+            close = 'wrk.headers["Connection"] = "close"\n' if args.new_connections else ""
+            put.write_text('wrk.method = "PUT"\nwrk.body = "v"\n' + close)
+            get = work / "get.lua"
+            get.write_text(close)
             pid = server.process.pid
             for call, script in (
-                ("GET /request/method", []),
+                ("GET /request/method", ["-s", str(get)]),
                 ("PUT /response/headers/X-A", ["-s", str(put)]),
             ):
                 url = f"{server.data}/handlers/{handler}{call.split()[1]}"

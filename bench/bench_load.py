@@ -126,7 +126,7 @@ def main() -> None:
             print(f"{args.n} requests at concurrency {args.c}: {elapsed:.1f} s, {args.n / elapsed:.0f} req/s")
             print(
                 f"  server CPU (its processes, workers included): {server_cpu:.1f} s"
-                f" ({server_cpu / args.n * 1000:.2f} ms per request)"
+                f" ({server_cpu / args.n * 1000:.3f} ms per request)"
             )
             print(f"  ok {ok[0]}, errors {len(errors)}" + (f" (first: {errors[0]})" if errors else ""))
             print(f"  open fds: idle {idle_fds}, after {open_fds(pid)}")

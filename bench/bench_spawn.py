@@ -64,6 +64,7 @@ def main() -> None:
     argv = [*args.wrap.split(), "/bin/true"]
     started = ended = 0
     t0 = c0 = 0.0
+    s0 = 0
 
     def start_one() -> None:
         nonlocal started
@@ -79,14 +80,14 @@ def main() -> None:
             reactor.stop()
 
     def go() -> None:
-        nonlocal t0, c0
-        t0, c0 = time.perf_counter(), _cpu()
+        nonlocal t0, c0, s0
+        t0, c0, s0 = time.perf_counter(), _cpu(), _switches()
         for _ in range(min(args.c, args.n)):
             start_one()
 
     reactor.callWhenRunning(go)
     reactor.run()
-    wall, cpu = time.perf_counter() - t0, _cpu() - c0
+    wall, cpu, switches = time.perf_counter() - t0, _cpu() - c0, _switches() - s0
     if containment is not None:
         containment.stopService()
     where = "in a cgroup of its own" if args.contained else "where it was started"
@@ -96,13 +97,25 @@ def main() -> None:
     print(
         f"{args.n} handlers, {args.c} at a time, {path}, {where}: "
         f"{wall / args.n * 1e6:.0f} us wall and {cpu / args.n * 1e6:.0f} us server CPU per handler "
-        f"({args.n / wall:.0f} handlers/s)"
+        f"({args.n / wall:.0f} handlers/s), {switches / args.n:.1f} context switches per handler"
     )
 
 
 def _cpu() -> float:
     t = os.times()
     return t.user + t.system
+
+
+def _switches() -> int:
+    """Context switches of every thread of this process so far."""
+    found = 0
+    for task in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{task}/status") as f:
+                found += sum(int(line.split()[1]) for line in f if "ctxt_switches:" in line)
+        except OSError:
+            pass  # a thread that ended meanwhile
+    return found
 
 
 if __name__ == "__main__":

@@ -30,9 +30,10 @@ import functools
 import os
 import signal
 import threading
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from queue import SimpleQueue
-from typing import AnyStr, cast
+from typing import AnyStr
 
 from twisted.internet import process as _process
 from twisted.internet.error import ProcessExitedAlready
@@ -42,7 +43,6 @@ from twisted.internet.interfaces import (
     IProcessTransport,
     IProducer,
     IReactorFDSet,
-    IReactorFromThreads,
     IReactorProcess,
     IReadDescriptor,
 )
@@ -57,7 +57,9 @@ from kapow.handlers.libc_spawn import (
     FileSteps,
     SharedStrings,
     Spawn,
+    c_program,
     c_strings,
+    eventfd_signaller,
     unavailable,
 )
 from kapow.handlers.processes import (
@@ -124,31 +126,51 @@ def child_file_steps(layout: tuple[tuple[int, int], ...]) -> FileSteps:
     return (*steps, *((close, fd) for fd in sorted(closed)))
 
 
+@implementer(IReadDescriptor)
 class SpawnThreads:
     """
     Runs spawns in threads of its own, each answered in the reactor: a
-    queue and a wake-up per call, lighter than a thread pool's dispatch.
-    Each spawn waits until its child has executed its program, longer on a
-    loaded machine, so a few threads share the queue.
+    queue to the threads, and a queue of answers the reactor drains, lighter
+    than a thread pool's dispatch. Each spawn waits until its child has
+    executed its program, longer on a loaded machine, so a few threads share
+    the queue.
 
-    :param reactor: where results are delivered (``callFromThread``).
+    What a spawn in a thread costs beyond the spawn is the threads taking
+    turns at the interpreter lock: a thread that takes it while the reactor
+    waits in a system call keeps the reactor waiting when that call is
+    done, and each turn is two context switches. So a thread takes it only
+    twice per spawn (woken for the job, back from the C library), and
+    answers without letting go of it: it queues the answer and wakes the
+    reactor through an eventfd only if no wake-up is pending already (one
+    read for all the answers of a turn of the reactor), by a write that holds
+    the lock (:func:`~kapow.handlers.libc_spawn.eventfd_signaller`).
+
+    :param reactor: where results are delivered, through the reader of an
+        eventfd (opened now, read while the threads run).
     :param threads: how many threads (started at the first call).
     """
 
-    def __init__(self, reactor: IReactorFromThreads, threads: int) -> None:
+    def __init__(self, reactor: IReactorFDSet, threads: int) -> None:
         self.reactor = reactor
         self.size = threads
         #: (spawn, done, failed) of each spawn asked for; ``None`` ends a thread
         self._jobs: SimpleQueue[
             tuple[Callable[[], int], Callable[[int], None], Callable[[BaseException], None]] | None
         ] = SimpleQueue()
+        #: the answers the reactor has yet to call
+        self._answers: deque[Callable[[], None]] = deque()
         self._threads: list[threading.Thread] = []
+        self._eventfd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self._wake = eventfd_signaller()
+        #: a wake-up was written and the reactor has not read it yet
+        self._woken = False
 
     def run(
         self, spawn: Callable[[], int], done: Callable[[int], None], failed: Callable[[BaseException], None]
     ) -> None:
         """Call ``spawn()`` in a thread; then ``done(pid)``, or ``failed(error)``, in the reactor."""
         if not self._threads:
+            self.reactor.addReader(self)
             for n in range(self.size):
                 thread = threading.Thread(target=self._run, name=f"kapow-spawn-{n}", daemon=True)
                 thread.start()
@@ -156,33 +178,73 @@ class SpawnThreads:
         self._jobs.put((spawn, done, failed))
 
     def _run(self) -> None:
+        # Signals are the reactor's: blocked here, the kernel delivers them to
+        # the main thread. Otherwise each child's SIGCHLD would go to the
+        # thread that spawned it (its parent), waking it from its wait for
+        # work only to pass the signal on. Children start with an empty mask
+        # (POSIX_SPAWN_SETSIGMASK), whatever this thread's.
+        signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
         while (job := self._jobs.get()) is not None:
             spawn, done, failed = job
             try:
                 pid = spawn()
             except BaseException as e:
-                self.reactor.callFromThread(failed, e)
+                self._answers.append(functools.partial(failed, e))
             else:
-                self.reactor.callFromThread(done, pid)
+                self._answers.append(functools.partial(done, pid))
+            # queued before the flag is looked at: see doRead
+            if not self._woken:
+                self._woken = True
+                self._wake(self._eventfd)
+
+    # -- IReadDescriptor: the eventfd, read in the reactor
+
+    def fileno(self) -> int:
+        return self._eventfd
+
+    def logPrefix(self) -> str:
+        return "spawn-threads"
+
+    def doRead(self) -> None:
+        """Call the answers that came."""
+        try:
+            os.eventfd_read(self._eventfd)
+        except BlockingIOError:
+            pass  # nothing to read: the reactor asked anyway
+        # cleared after the read (a wake-up written meanwhile is read with it)
+        # and before the answers are drained (one queued from now on wakes again)
+        self._woken = False
+        self._answer()
+
+    def _answer(self) -> None:
+        answers = self._answers
+        while answers:
+            try:
+                answers.popleft()()
+            except BaseException:  # as the reactor does for callFromThread: the others still run
+                log.failure("while answering a spawn:")
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        """The reactor stops: the threads are ended by :meth:`stop`."""
 
     def stop(self) -> None:
-        """End the threads once the spawns asked for are done."""
+        """End the threads once the spawns asked for are done, answer those, and close."""
         threads, self._threads = self._threads, []
         for _ in threads:
             self._jobs.put(None)
         for thread in threads:
             thread.join()
+        if threads:
+            self.reactor.removeReader(self)
+        if self._eventfd >= 0:
+            os.close(self._eventfd)
+            self._eventfd = -1
+        self._answer()
 
 
-def _spawn_once(
-    spawn: Spawn,
-    executable: bytes | str,
-    args: Sequence[bytes | str],
-    env: CStrings,
-    actions: FileActions,
-) -> int:
+def _spawn_once(spawn: Spawn, program: tuple[bytes, CStrings], env: CStrings, actions: FileActions) -> int:
     try:
-        return spawn(executable, args, env, actions)
+        return spawn(*program, env, actions)
     finally:
         actions.release()
 
@@ -423,14 +485,14 @@ class FastProcesses:
     children live, and watched through pidfds (see the module's docstring).
     Available where :meth:`unavailable` says nothing.
 
-    :param reactor: a POSIX reactor: pidfds and pipes are its readers
-        (``IReactorFDSet``), a spawn in a thread is answered through it
-        (``IReactorFromThreads``).
+    :param reactor: a POSIX reactor: pidfds, pipes and the eventfd that
+        spawns in threads are answered through are its readers
+        (``IReactorFDSet``).
     :param threads: how many threads may wait in spawns while other
         children live; 0 to spawn from the reactor's thread always, as a
         worker of ``--workers`` does: there the other workers serve while
-        one waits, and a thread's hand-offs cost about a third of a spawning
-        request's CPU time.
+        one waits, and a thread's hand-offs cost about an eighth of a
+        spawning request's CPU time.
     :ivar live: its children that have not exited.
     """
 
@@ -442,7 +504,8 @@ class FastProcesses:
         self._spawn: Spawn | None = None
         self._kept_actions: dict[tuple[tuple[int, int | str], ...], FileActions] = {}
         self._shared_environs: dict[int, SharedStrings] = {}
-        self._spawn_threads: SpawnThreads | None = None
+        # made now, so that its eventfd is not counted as a descriptor of a spawn
+        self._spawn_threads = SpawnThreads(reactor, threads) if threads else None
 
     @staticmethod
     def unavailable() -> str | None:
@@ -474,6 +537,7 @@ class FastProcesses:
         if path is not None or uid is not None or gid is not None or usePTY:
             raise ValueError("path, uid, gid and usePTY are not supported")
         spawn = self._spawn if self._spawn is not None else self._prepare()
+        program = c_program(executable, tuple(args))
         c_env = self._c_environ(os.environ if env is None else env)
         child_fds = STDIO_PIPES if childFDs is None else childFDs
         key = tuple(child_fds.items())
@@ -487,18 +551,17 @@ class FastProcesses:
         process = SpawnedProcess(self, processProtocol, pipes)
         if self.threads and (self.live or self._spawning):
             if self._spawn_threads is None:
-                # a POSIX reactor has threads to answer from
-                self._spawn_threads = SpawnThreads(cast(IReactorFromThreads, self.reactor), self.threads)
+                self._spawn_threads = SpawnThreads(self.reactor, self.threads)
             self._spawning += 1
             process._waiting = []
             self._spawn_threads.run(
-                functools.partial(_spawn_once, spawn, executable, args, c_env, actions),
+                functools.partial(_spawn_once, spawn, program, c_env, actions),
                 functools.partial(self._spawned, process),
                 functools.partial(self._not_spawned, process),
             )
             return process
         try:
-            pid = _spawn_once(spawn, executable, args, c_env, actions)
+            pid = _spawn_once(spawn, program, c_env, actions)
         except OSError:
             process._close_new_pipes()  # raised to the caller: its protocol is never called
             raise

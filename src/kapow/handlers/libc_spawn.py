@@ -18,12 +18,19 @@ gives :func:`os.posix_spawnp`: a new session, an empty signal mask and the
 given signals back to their default. They are prepared once by
 :class:`Spawn`, and the file actions once per layout of descriptors
 (:meth:`Spawn.file_actions`); each spawn only reads them, which POSIX allows
-from several threads at once.
+from several threads at once. A route's command line (:func:`c_program`)
+and the environment every handler shares (:class:`SharedStrings`) are
+converted once too, in the reactor's thread, so that a spawning thread holds
+the interpreter lock as briefly as it can.
+
+:func:`eventfd_signaller` goes the other way: a system call that keeps the
+lock, for a thread that must not give it up.
 """
 
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -45,6 +52,11 @@ FileSteps = tuple[tuple[int, ...], ...]
 #: Layouts of descriptors whose file actions are kept for the next spawns.
 KEPT_FILE_ACTIONS = 64
 
+#: Command lines kept converted for the next spawns (:func:`c_program`).
+KEPT_PROGRAMS = 64
+
+_POINTER_SIZE = ctypes.sizeof(ctypes.c_char_p)
+
 
 #: A NULL-terminated ``char *[]``, as ``argv`` and ``envp``.
 CStrings = ctypes.Array[ctypes.c_char_p]
@@ -59,23 +71,37 @@ class SharedStrings:
     """
     Strings that many spawns start their ``char *[]`` with (the part of the
     environment every handler has), converted once: each spawn's array is a
-    copy of the pointers with its own strings after them, which costs a
+    copy of their pointers with its own strings after them, which costs a
     fraction of converting them all again.
     """
 
     def __init__(self, strings: list[bytes]) -> None:
         #: kept as long as this: every copy points into them
         self.strings = strings
-        self._array = (ctypes.c_char_p * len(strings))(*strings)
+        #: the pointers to them, as the bytes an array of them starts with
+        self._pointers = bytes((ctypes.c_char_p * len(strings))(*strings))
 
     def followed_by(self, more: Sequence[bytes]) -> CStrings:
         """A NULL-terminated ``char *[]`` of these strings and ``more``; valid while this lives."""
         n = len(self.strings)
-        array = (ctypes.c_char_p * (n + len(more) + 1))()
-        ctypes.memmove(array, self._array, n * ctypes.sizeof(ctypes.c_char_p))
+        # copied from bytes, holding the interpreter lock throughout (a
+        # ctypes.memmove would let go of it, and a spawning thread could take it)
+        array = (ctypes.c_char_p * (n + len(more) + 1)).from_buffer_copy(
+            self._pointers + bytes(_POINTER_SIZE * (len(more) + 1))
+        )
         for i, string in enumerate(more, n):
             array[i] = string
         return array
+
+
+@functools.lru_cache(maxsize=KEPT_PROGRAMS)
+def c_program(executable: bytes | str, argv: tuple[bytes | str, ...]) -> tuple[bytes, CStrings]:
+    """
+    ``executable`` and ``argv`` as :class:`Spawn` takes them, converted once
+    for the same ones: every handler of a route runs the same command line.
+    The C library only reads the array, so spawns may share it.
+    """
+    return os.fsencode(executable), c_strings([os.fsencode(a) for a in argv])
 
 
 def unavailable() -> str | None:
@@ -87,6 +113,21 @@ def unavailable() -> str | None:
     except (OSError, AttributeError) as e:
         return str(e)
     return None
+
+
+def eventfd_signaller() -> Callable[[int], int]:
+    """
+    ``signal(fd)`` adds 1 to the eventfd ``fd``, from any thread, without
+    letting go of the interpreter lock (``eventfd_write`` of the C library as a
+    :class:`ctypes.PyDLL` function). :func:`os.eventfd_write` lets go of it for
+    the system call: a thread that then has to wait to take it back, only to
+    wait for its next job right after, costs both threads two context switches
+    for a write of a few microseconds.
+    """
+    write = ctypes.PyDLL(None).eventfd_write
+    write.argtypes = (ctypes.c_int, ctypes.c_uint64)
+    write.restype = ctypes.c_int
+    return lambda fd: write(fd, 1)
 
 
 def _libc() -> ctypes.CDLL:
@@ -172,21 +213,16 @@ class Spawn:
                 self._kept[steps] = actions
         return actions
 
-    def __call__(
-        self, executable: bytes | str, argv: Sequence[bytes | str], env: CStrings, actions: FileActions
-    ) -> int:
+    def __call__(self, executable: bytes, argv: CStrings, env: CStrings, actions: FileActions) -> int:
         """
         Start ``executable`` (found on ``PATH`` unless it names a path) with
-        ``argv``, the environment ``env`` (``NAME=value`` entries, as
-        :func:`c_strings` or :meth:`SharedStrings.followed_by` make it) and
-        the descriptors ``actions`` sets up; its pid. Raises :class:`OSError`
-        if it cannot run.
+        ``argv`` (as :func:`c_program` makes them), the environment ``env``
+        (``NAME=value`` entries, as :func:`c_strings` or
+        :meth:`SharedStrings.followed_by` make it) and the descriptors
+        ``actions`` sets up; its pid. Raises :class:`OSError` if it cannot run.
         """
-        c_argv = c_strings([os.fsencode(a) for a in argv])
         pid = ctypes.c_int()
-        err = self._spawnp(
-            ctypes.byref(pid), os.fsencode(executable), actions.buffer, self._attr, c_argv, env
-        )
+        err = self._spawnp(ctypes.byref(pid), executable, actions.buffer, self._attr, argv, env)
         if err:
             raise OSError(err, os.strerror(err))
         return pid.value

@@ -15,11 +15,12 @@ the site and its access log :mod:`kapow.user.site`'s.
 
 from __future__ import annotations
 
+import functools
 import io
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TypeVar, cast
+from typing import Any, TypeVar, cast
 from urllib.parse import unquote
 
 from klein import Klein, KleinRenderable
@@ -32,6 +33,7 @@ from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 from twisted.web.server import NOT_DONE_YET, Request
 from werkzeug.exceptions import NotFound
+from werkzeug.routing import Rule
 
 from kapow.core.auth import Refusal, RouteAuth, Verdict, normalize
 from kapow.core.metrics import Metrics, refusal_kind
@@ -54,6 +56,11 @@ __all__ = ["UserAPI", "UserResource"]
 
 log = Logger()
 _T = TypeVar("_T")
+
+#: Paths and methods whose werkzeug route :class:`UserResource` keeps (the
+#: least recently used forgotten first), and the longest path kept.
+ROUTES_KEPT = 1024
+KEPT_LENGTH = 256
 
 _REFUSED = {401: b"Unauthorized\n", 403: b"Forbidden\n", 503: b"Service Unavailable\n"}
 
@@ -446,12 +453,20 @@ class UserResource(KleinResource):
         super().__init__(api.app)
         self.api = api
         self._routing = api.app.url_map.bind("localhost")
+        self._route = functools.lru_cache(ROUTES_KEPT)(self._route_of)
+
+    def _route_of(self, path: str, method: str) -> tuple[Rule, Mapping[str, Any]]:
+        """werkzeug's routing of ``path`` and ``method`` (``NotFound`` if none)."""
+        return self._routing.match(path, method, return_rule=True)
 
     def render(self, request: IRequest) -> KleinRenderable:
         try:
-            rule, values = self._routing.match(
-                request.path.decode("latin-1"), request.method.decode("latin-1"), return_rule=True
-            )
+            path, method = request.path.decode("latin-1"), request.method.decode("latin-1")
+            # A path is routed the same way every time: werkzeug's match (a
+            # few microseconds, and a closure per call that refers to itself,
+            # left for the garbage collector) is done once per path kept.
+            route = self._route if len(path) <= KEPT_LENGTH else self._route_of
+            rule, values = route(path, method)
             answer = self._app.execute_endpoint(rule.endpoint, request, **values)
         except Exception:
             answer = self._error_answer(request, Failure())

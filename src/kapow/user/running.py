@@ -242,6 +242,9 @@ class Runner:
                 id=handler.id, code=error_status,
             )  # fmt: skip
         self.handlers.forget(handler)
+        # it refers to the handler: dropped, handler and request are freed at
+        # once instead of by the garbage collector (a cycle per request)
+        handler.on_client_lost = None
         handler.finish(failed=bool(status) or signal is not None)
         if started is None:
             return

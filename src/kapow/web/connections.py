@@ -213,6 +213,7 @@ class GuardedChannel(http.HTTPChannel):
 
     guard: Guard
     _host: IAddress | None = None
+    _peer: IAddress | None = None
     phase = IDLE
     since = 0.0
     body_received = 0
@@ -223,7 +224,7 @@ class GuardedChannel(http.HTTPChannel):
         self.timeOut = None  # no twisted.web timer: the guard's check does it
         timeouts = self.guard.timeouts
         assert self.transport is not None  # connected
-        self.idle_applies = timeouts.idle_on_loopback or not is_loopback(self.transport.getPeer())
+        self.idle_applies = timeouts.idle_on_loopback or not is_loopback(self.getPeer())
         self.since = self.guard.clock.seconds()
         self.guard.opened(self)
         self._guarded = True
@@ -235,6 +236,13 @@ class GuardedChannel(http.HTTPChannel):
             assert self.transport is not None  # asked by a request, on a connection
             self._host = self.transport.getHost()
         return self._host
+
+    def getPeer(self) -> IAddress:
+        """The other end's address, made once per connection, not per request."""
+        if self._peer is None:
+            assert self.transport is not None  # asked by a request, on a connection
+            self._peer = self.transport.getPeer()
+        return self._peer
 
     def dataReceived(self, data: bytes) -> None:
         if self.phase == IDLE:
@@ -416,6 +424,10 @@ class _LimitedFactory:
 
         def connection_lost(reason: Failure) -> None:
             self._limit.closed()
+            # This wrapper refers back to the protocol (through ``lost``): gone
+            # now, it leaves no cycle that only the garbage collector would
+            # break, and every connection of the data API would leave one.
+            del protocol.connectionLost
             lost(reason)
 
         protocol.connectionLost = connection_lost  # type: ignore[method-assign]  # no wrapper: nothing added per read
