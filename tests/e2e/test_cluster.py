@@ -71,7 +71,9 @@ def test_two_servers_share_history_and_jobs(start_server: Any, database: str, tm
         )
         assert polled["job"] is True and "_guard" not in polled
         result = f"deployed by {polled['server']}\n"
-        for server in servers:  # every server answers for it (within a second), with the guard kept with the job
+        for (
+            server
+        ) in servers:  # every server answers for it (within a second), with the guard kept with the job
             wait_for(
                 lambda s=server: curl("-s", *token, s.user + job["status_url"] + "/result").stdout == result,
                 what="every server to have the result",

@@ -133,3 +133,135 @@ def test_help_names_the_new_flags(capsys: pytest.CaptureFixture[str]) -> None:
     for flag in ("--mode {http,websocket,events}", "--origin URL", "--messages {lines,binary}",
                  "--max-message BYTES", "--ping S", "--heartbeat S"):  # fmt: skip
         assert flag in text
+
+
+# --rate, --burst, --rate-key, --cors and the --cors-* flags (SPEC section 13)
+
+
+@pytest.mark.parametrize(
+    ("flags", "fields"),
+    [
+        (("--rate", "10/s"), {"rate": {"requests": 10, "per": 1}}),
+        (("--rate", "100/m"), {"rate": {"requests": 100, "per": 60}}),
+        (("--rate", "5/h"), {"rate": {"requests": 5, "per": 3600}}),
+        (("--rate", "1/30s"), {"rate": {"requests": 1, "per": 30}}),
+        (("--rate", "2/500ms"), {"rate": {"requests": 2, "per": 0.5}}),
+        (("--rate", "10/s", "--burst", "20"), {"rate": {"requests": 10, "per": 1, "burst": 20}}),
+        (
+            ("--rate", "10/s", "--burst", "0"),
+            {"rate": {"requests": 10, "per": 1, "burst": 0}},
+        ),  # the server refuses it
+        (("--rate", "10/s", "--rate-key", "route"), {"rate": {"requests": 10, "per": 1, "key": "route"}}),
+        (("--rate", "10/s", "--rate-key", "client"), {"rate": {"requests": 10, "per": 1, "key": "client"}}),
+        (("--cors", "https://a.example"), {"cors": {"origins": ["https://a.example"]}}),
+        (("--cors", "*"), {"cors": {"origins": ["*"]}}),
+        (("--cors", "not-a-url"), {"cors": {"origins": ["not-a-url"]}}),  # the server refuses it
+        (
+            ("--cors", "https://a.example", "--cors", "http://b.example:8080"),
+            {"cors": {"origins": ["https://a.example", "http://b.example:8080"]}},
+        ),
+        (
+            ("--cors", "https://a.example", "--cors-header", "Content-Type", "--cors-header", "X-Token"),
+            {"cors": {"origins": ["https://a.example"], "headers": ["Content-Type", "X-Token"]}},
+        ),
+        (("--cors", "*", "--cors-max-age", "0"), {"cors": {"origins": ["*"], "max_age": 0}}),
+        (
+            ("--cors", "https://a.example", "--cors-credentials"),
+            {"cors": {"origins": ["https://a.example"], "credentials": True}},
+        ),
+        (
+            ("--cors", "*", "--cors-credentials"),
+            {"cors": {"origins": ["*"], "credentials": True}},
+        ),  # refused there
+    ],
+)
+def test_each_traffic_flag(flags: tuple[str, ...], fields: dict[str, object]) -> None:
+    assert body(*flags) == {**BASE, **fields}
+
+
+def test_per_is_sent_as_a_whole_number_when_it_is_one() -> None:
+    rate = body("--rate", "1/30s")["rate"]
+    assert isinstance(rate, dict) and type(rate["per"]) is int
+    rate = body("--rate", "1/1.5s")["rate"]
+    assert isinstance(rate, dict) and rate["per"] == 1.5
+
+
+def test_every_traffic_flag_together_and_after_the_pattern() -> None:
+    args = _parse(
+        ["add", "-X", "POST", "/api", "--cors", "https://a.example", "-c", "cat", "--rate", "5/m",
+         "--cors-header", "X-A", "--burst", "10", "--cors-max-age", "60", "--rate-key", "route",
+         "--cors-credentials", "--cors", "https://b.example"]
+    )  # fmt: skip
+    assert _request(args)[3] == {
+        "method": "POST",
+        "url_pattern": "/api",
+        "entrypoint": "/bin/sh -c",
+        "command": "cat",
+        "rate": {"requests": 5, "per": 60, "burst": 10, "key": "route"},
+        "cors": {
+            "origins": ["https://a.example", "https://b.example"],
+            "headers": ["X-A"],
+            "max_age": 60,
+            "credentials": True,
+        },
+    }
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (("--burst", "5"), "--burst needs --rate"),
+        (("--rate-key", "route"), "--rate-key needs --rate"),
+        (("--cors-header", "X-A"), "--cors-header needs --cors"),
+        (("--cors-max-age", "60"), "--cors-max-age needs --cors"),
+        (("--cors-credentials",), "--cors-credentials needs --cors"),
+        (("--rate", "10/s", "--cors-header", "X-A"), "--cors-header needs --cors"),
+    ],
+)
+def test_dependent_flags_need_their_flag(flags: tuple[str, ...], message: str) -> None:
+    with pytest.raises(CommandError) as caught:
+        body(*flags)
+    assert str(caught.value) == message
+
+
+@pytest.mark.parametrize(
+    ("flags", "fragment"),
+    [
+        (("--rate", "banana"), "argument --rate: invalid rate 'banana' (N/UNIT"),
+        (("--rate", "0/s"), "argument --rate: invalid rate '0/s': the number of requests must be from 1"),
+        (("--rate", "1/0s"), "argument --rate: invalid rate '1/0s': the period must be more than 0 seconds"),
+        (("--rate", "10"), "argument --rate: invalid rate '10' (N/UNIT"),
+        (("--rate",), "argument --rate: expected one argument"),
+        (("--rate", "10/s", "--burst", "lots"), "argument --burst: invalid int value: 'lots'"),
+        (("--rate", "10/s", "--rate-key", "ip"), "argument --rate-key: invalid choice: 'ip'"),
+        (("--cors",), "argument --cors: expected one argument"),
+        (("--cors", "*", "--cors-max-age", "1.5"), "argument --cors-max-age: invalid int value: '1.5'"),
+    ],
+)
+def test_unparseable_traffic_values_are_one_line(flags: tuple[str, ...], fragment: str) -> None:
+    with pytest.raises(CommandError) as caught:
+        _request(_parse(["add", "/ws", "-c", "cat", *flags]))
+    message = str(caught.value)
+    assert message.startswith("kapow route add: ") and fragment in message
+    assert "\n" not in message
+
+
+def test_bad_rate_exits_1_with_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    assert route_command.main(["add", "--rate", "0/s", "/api"]) == 1
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err == (
+        "kapow: kapow route add: argument --rate: invalid rate '0/s': "
+        "the number of requests must be from 1 to 1000000\n"
+    )
+    assert route_command.main(["add", "--burst", "3", "/api"]) == 1
+    assert capsys.readouterr().err == "kapow: --burst needs --rate\n"
+
+
+def test_help_names_the_traffic_flags(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        _parse(["add", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for flag in ("--rate N/UNIT", "--burst B", "--rate-key {client,route}", "--cors ORIGIN",
+                 "--cors-header NAME", "--cors-max-age S", "--cors-credentials"):  # fmt: skip
+        assert flag in text

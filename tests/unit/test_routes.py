@@ -993,3 +993,168 @@ def test_mode_fields_validated_on_direct_construction():
         Route(id="r", method="POST", url_pattern="/", mode="events")
     route = Route(id="r", method="GET", url_pattern="/", mode="websocket", origins=["https://a.example"])
     assert route.origins == ("https://a.example",)
+
+
+# Traffic policy: rate and cors (SPEC section 13; the decisions are tested in test_traffic.py)
+
+
+def test_traffic_fields_are_options():
+    assert "rate" in OPTIONS and "cors" in OPTIONS
+    route = make("r")
+    assert route.rate is None and route.cors is None and route.cors_policy is None
+    assert not {"rate", "cors"} & set(route.to_json(0))
+
+
+def test_rate_defaults_filled_in_and_shown():
+    route = route_from_json({**GOOD, "rate": {"requests": 10, "per": 1}}, "r")
+    assert route.rate == {"requests": 10, "per": 1, "burst": 10, "key": "client"}
+    shown = route.to_json(0)
+    assert shown["rate"] == {"requests": 10, "per": 1, "burst": 10, "key": "client"}
+    assert json.loads(json.dumps(shown)) == shown
+    assert route_from_json(shown, "r") == route
+    given = {"requests": 1, "per": 0.5, "burst": 3, "key": "route"}
+    assert route_from_json({**GOOD, "rate": given}, "r").rate == given
+
+
+def test_cors_defaults_filled_in_and_shown():
+    route = route_from_json({**GOOD, "cors": {"origins": ["https://a.example"]}}, "r")
+    expected = {"origins": ["https://a.example"], "headers": [], "max_age": 600, "credentials": False}
+    assert route.cors == expected
+    shown = route.to_json(0)
+    assert shown["cors"] == expected
+    assert route_from_json(json.loads(json.dumps(shown)), "r") == route
+    policy = route.cors_policy
+    assert policy is not None and policy.spec == expected
+    assert policy.allows("https://a.example") and not policy.allows("https://b.example")
+    assert policy.response_headers("https://a.example") == [
+        ("Access-Control-Allow-Origin", "https://a.example"),
+        ("Vary", "Origin"),
+    ]
+
+
+def test_traffic_fields_given_as_null_are_absent():
+    route = route_from_json({**GOOD, "rate": None, "cors": None}, "r")
+    assert route == make("r")
+    assert route.cors_policy is None
+
+
+def test_to_json_gives_copies_of_the_traffic_fields():
+    route = make(
+        "r", rate={"requests": 1, "per": 1}, cors={"origins": ["https://a.example"], "headers": ["X-A"]}
+    )
+    shown = route.to_json(0)
+    shown["rate"]["requests"] = 99
+    shown["cors"]["origins"].append("https://evil.example")
+    shown["cors"]["headers"].clear()
+    again = route.to_json(0)
+    assert again["rate"]["requests"] == 1
+    assert again["cors"]["origins"] == ["https://a.example"]
+    assert again["cors"]["headers"] == ["X-A"]
+
+
+def test_traffic_fields_with_other_fields():
+    both = {**GOOD, "rate": {"requests": 5, "per": 60, "key": "route"}, "cors": {"origins": ["*"]}}
+    route = route_from_json({**both, "max_concurrency": 2, "queue": 3}, "r")
+    assert route.rate["key"] == "route" and route.cors["origins"] == ["*"]
+    assert route == route_from_json(route.to_json(0), "r")
+    assert hash(route) == hash(route_from_json(route.to_json(0), "r"))
+    # events are read cross-origin with EventSource; any mode takes a rate
+    assert route_from_json({**both, "mode": "events"}, "r").cors_policy is not None
+    assert route_from_json({**both, "mode": "websocket"}, "r").rate is not None
+
+
+def test_traffic_fields_differ_in_equality():
+    assert make("r", rate={"requests": 1, "per": 1}) != make("r", rate={"requests": 2, "per": 1})
+    assert make("r", rate={"requests": 1, "per": 1}) == make("r", rate={"requests": 1, "per": 1, "burst": 1})
+    assert make("r", cors={"origins": ["*"]}) != make("r", cors={"origins": ["*"], "max_age": 5})
+
+
+@pytest.mark.parametrize(
+    ("changes", "reason"),
+    [
+        # rate
+        ({"rate": {}}, "rate requests is missing"),
+        ({"rate": {"per": 1}}, "rate requests is missing"),
+        ({"rate": {"requests": 1}}, "rate per is missing"),
+        ({"rate": "10/s"}, "rate must be a JSON object"),
+        ({"rate": [10, 1]}, "rate must be a JSON object"),
+        ({"rate": True}, "rate must be a JSON object"),
+        ({"rate": {"requests": 1, "per": 1, "burts": 2}}, "unknown rate keys: burts"),
+        ({"rate": {"requests": 0, "per": 1}}, "rate requests must be a whole number from 1 to 1000000"),
+        ({"rate": {"requests": -5, "per": 1}}, "rate requests must be a whole number"),
+        ({"rate": {"requests": 2.0, "per": 1}}, "rate requests must be a whole number"),
+        ({"rate": {"requests": True, "per": 1}}, "rate requests must be a whole number"),
+        ({"rate": {"requests": "10", "per": 1}}, "rate requests must be a whole number"),
+        ({"rate": {"requests": 10**7, "per": 1}}, "rate requests must be a whole number"),
+        ({"rate": {"requests": 1, "per": 0}}, "rate per must be a number of seconds > 0"),
+        ({"rate": {"requests": 1, "per": -1.5}}, "rate per must be a number of seconds > 0"),
+        ({"rate": {"requests": 1, "per": math.inf}}, "rate per must be a number of seconds > 0"),
+        ({"rate": {"requests": 1, "per": math.nan}}, "rate per must be a number of seconds > 0"),
+        ({"rate": {"requests": 1, "per": 10**400}}, "rate per must be a number of seconds > 0"),
+        ({"rate": {"requests": 1, "per": False}}, "rate per must be a number of seconds"),
+        ({"rate": {"requests": 1, "per": "1s"}}, "rate per must be a number of seconds"),
+        ({"rate": {"requests": 1, "per": 1, "burst": 0}}, "rate burst must be a whole number from 1 to"),
+        ({"rate": {"requests": 1, "per": 1, "burst": 1.5}}, "rate burst must be a whole number"),
+        ({"rate": {"requests": 1, "per": 1, "burst": "2"}}, "rate burst must be a whole number"),
+        ({"rate": {"requests": 1, "per": 1, "key": "ip"}}, 'rate key must be "client" or "route"'),
+        ({"rate": {"requests": 1, "per": 1, "key": 1}}, 'rate key must be "client" or "route"'),
+        # cors
+        ({"cors": {}}, "cors origins is missing"),
+        ({"cors": ["https://a.example"]}, "cors must be a JSON object"),
+        ({"cors": "https://a.example"}, "cors must be a JSON object"),
+        ({"cors": {"origins": []}}, "cors origins must be a non-empty list of strings"),
+        ({"cors": {"origins": "*"}}, "cors origins must be a non-empty list of strings"),
+        ({"cors": {"origins": [None]}}, "cors origins must be a non-empty list of strings"),
+        ({"cors": {"origins": ["*"], "methods": ["GET"]}}, "unknown cors keys: methods"),
+        ({"cors": {"origins": ["not-a-url"]}}, "cors origin 'not-a-url' is not '*' or scheme://host[:port]"),
+        ({"cors": {"origins": ["https://a.example/"]}}, "cors origin 'https://a.example/' is not"),
+        ({"cors": {"origins": ["https://a.example/app"]}}, "cors origin 'https://a.example/app' is not"),
+        ({"cors": {"origins": ["https://a.example?x=1"]}}, "cors origin 'https://a.example?x=1' is not"),
+        ({"cors": {"origins": ["https://a.example#top"]}}, "cors origin 'https://a.example#top' is not"),
+        ({"cors": {"origins": ["https://me@a.example"]}}, "cors origin 'https://me@a.example' is not"),
+        ({"cors": {"origins": ["ws://a.example"]}}, "cors origin 'ws://a.example' is not"),
+        ({"cors": {"origins": ["null"]}}, "cors origin 'null' is not"),
+        ({"cors": {"origins": ["*", "https://a.example"]}}, "cors origins: '*' must be the only one"),
+        (
+            {"cors": {"origins": ["*"], "credentials": True}},
+            'cors credentials cannot be true with origins ["*"]',
+        ),
+        ({"cors": {"origins": ["*"], "credentials": "yes"}}, "cors credentials must be true or false"),
+        ({"cors": {"origins": ["*"], "headers": "X-A"}}, "cors headers must be a list of header names"),
+        ({"cors": {"origins": ["*"], "headers": ["X A"]}}, "cors header 'X A' is not a header name"),
+        ({"cors": {"origins": ["*"], "headers": ["X-A\n"]}}, "cors header 'X-A\\n' is not a header name"),
+        (
+            {"cors": {"origins": ["*"], "max_age": -1}},
+            "cors max_age must be a whole number of seconds from 0",
+        ),
+        ({"cors": {"origins": ["*"], "max_age": 60.0}}, "cors max_age must be a whole number of seconds"),
+        ({"cors": {"origins": ["*"], "max_age": True}}, "cors max_age must be a whole number of seconds"),
+    ],
+)
+def test_traffic_fields_refused(changes, reason):
+    with pytest.raises(InvalidRoute) as caught:
+        route_from_json({**GOOD, **changes}, "r")
+    message = str(caught.value)
+    assert message.startswith(reason)
+    assert "\n" not in message
+
+
+def test_traffic_fields_validated_on_direct_construction():
+    with pytest.raises(InvalidRoute, match="rate burst"):
+        Route(id="r", method="GET", url_pattern="/", rate={"requests": 1, "per": 1, "burst": 0})
+    with pytest.raises(InvalidRoute, match="cors origins"):
+        Route(id="r", method="GET", url_pattern="/", cors={"origins": ()})
+    route = Route(id="r", method="GET", url_pattern="/", cors={"origins": ("https://a.example",)})
+    assert route.cors == {
+        "origins": ["https://a.example"],
+        "headers": [],
+        "max_age": 600,
+        "credentials": False,
+    }
+
+
+def test_origin_key_is_still_offered_here():
+    from kapow.core import routes, traffic
+
+    assert routes.origin_key is traffic.origin_key
+    assert routes.origin_key("wss://a.example/") == ("wss", "a.example", 443)

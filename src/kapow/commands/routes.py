@@ -24,6 +24,7 @@ from kapow.commands.control import (
     run,
 )
 from kapow.core.resource_limits import InvalidLimit, parse_limits, parse_size
+from kapow.core.traffic import parse_rate
 
 # typing.TYPE_CHECKING without importing typing, which this command needs
 # only for annotations; type checkers know the name.
@@ -41,6 +42,8 @@ examples:
   EOF
   kapow route add --mode websocket --origin https://app.example /chat -c 'exec ./chat'
   kapow route add --mode events --heartbeat 10 /ticks -c 'exec ./ticks'
+  kapow route add --rate 10/m --burst 20 --cors https://app.example --cors-header Content-Type \
+    -X POST /api/search ./search.sh
 """
 
 
@@ -138,6 +141,48 @@ def _parser() -> tuple[Parser, Parser]:
         help="accept only clients in this network (repeatable)",
     )
     add.add_argument(
+        "--rate",
+        type=_rate,
+        metavar="N/UNIT",
+        help="at most N requests per UNIT (s, m, h, d, or a number of them: 10/s, 100/m, 1/30s) "
+        "from each client; more get 429 with Retry-After",
+    )
+    add.add_argument(
+        "--burst", type=int, metavar="B", help="with --rate: up to B requests at once [N of --rate]"
+    )
+    add.add_argument(
+        "--rate-key",
+        choices=("client", "route"),
+        help="with --rate: a limit per client address (the default) or one for the whole route",
+    )
+    add.add_argument(
+        "--cors",
+        dest="cors_origins",
+        action="append",
+        metavar="ORIGIN",
+        help="answer CORS preflights and allow cross-origin requests from ORIGIN "
+        "(scheme://host[:port]; * for any), repeatable",
+    )
+    add.add_argument(
+        "--cors-header",
+        dest="cors_headers",
+        action="append",
+        metavar="NAME",
+        help="with --cors: a request header cross-origin requests may send, repeatable",
+    )
+    add.add_argument(
+        "--cors-max-age",
+        type=int,
+        metavar="S",
+        help="with --cors: seconds a browser may keep a preflight's answer [600]",
+    )
+    add.add_argument(
+        "--cors-credentials",
+        action="store_const",
+        const=True,
+        help="with --cors (not *): allow cookies and credentials on cross-origin requests",
+    )
+    add.add_argument(
         "--mode",
         choices=("http", "websocket", "events"),
         help="serve a matching request as one response (http, the default), a WebSocket "
@@ -201,6 +246,14 @@ def _size(text: str) -> int:
     """
     try:
         return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _rate(text: str) -> tuple[int, float]:
+    """``--rate N/UNIT`` as (requests, seconds): ``1/30s`` is ``(1, 30.0)``."""
+    try:
+        return parse_rate(text)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
 
@@ -270,6 +323,7 @@ def _request(args: argparse.Namespace) -> ControlRequest:
         auth = _auth(args)
         if auth:
             body["auth"] = auth
+        _traffic(args, body)
         if args.index is None:
             return args, "POST", "/routes", body, 201
         body["index"] = args.index
@@ -310,6 +364,40 @@ def _auth(args: argparse.Namespace) -> dict[str, object]:
                 raise CommandError(f"--allow {network!r}: {e}") from None
         auth["allow"] = [network.strip() for network in args.allow]
     return auth
+
+
+def _traffic(args: argparse.Namespace, body: dict[str, object]) -> None:
+    """The route's ``rate`` and ``cors`` from their flags, put in ``body`` when given."""
+    if args.rate is not None:
+        requests, per = args.rate
+        rate: dict[str, object] = {"requests": requests, "per": int(per) if per.is_integer() else per}
+        if args.burst is not None:
+            rate["burst"] = args.burst
+        if args.rate_key is not None:
+            rate["key"] = args.rate_key
+        body["rate"] = rate
+    else:
+        for flag, value in (("--burst", args.burst), ("--rate-key", args.rate_key)):
+            if value is not None:
+                raise CommandError(f"{flag} needs --rate")
+    if args.cors_origins:
+        cors: dict[str, object] = {"origins": args.cors_origins}
+        if args.cors_headers:
+            cors["headers"] = args.cors_headers
+        if args.cors_max_age is not None:
+            cors["max_age"] = args.cors_max_age
+        if args.cors_credentials:
+            cors["credentials"] = True
+        body["cors"] = cors
+    else:
+        given = (
+            ("--cors-header", args.cors_headers),
+            ("--cors-max-age", args.cors_max_age),
+            ("--cors-credentials", args.cors_credentials),
+        )
+        for flag, value in given:
+            if value is not None:
+                raise CommandError(f"{flag} needs --cors")
 
 
 def _absolute(path: str, flag: str) -> str:

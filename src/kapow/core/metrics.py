@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
 
 #: Why a request was refused before its handler started.
-REFUSALS = ("concurrency", "queue_full", "queue_timeout", "auth", "stopping")
+REFUSALS = ("concurrency", "queue_full", "queue_timeout", "auth", "rate", "stopping")
 
 _COUNTERS = (
     "requests",

@@ -23,6 +23,11 @@ each mode; the server asks it :attr:`Route.mode_name`,
 :attr:`Route.effective_ping`, :attr:`Route.effective_heartbeat` and
 :meth:`Route.allows_origin`.
 
+A route's ``rate`` and ``cors`` (SPEC section 13) are checked and given
+their defaults by :mod:`kapow.core.traffic`; the server keeps a
+:class:`~kapow.core.traffic.RateLimiter` per rated route and asks
+:attr:`Route.cors_policy` for the CORS answers.
+
 This module is pure Python and holds no global mutable state.
 """
 
@@ -35,9 +40,9 @@ import shlex
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
-from urllib.parse import urlsplit
 
 from kapow.core.auth import AuthError, RouteAuth, normalize
+from kapow.core.traffic import CorsPolicy, TrafficError, normalize_rate, origin_key
 
 __all__ = [
     "DEFAULT_ENTRYPOINT",
@@ -79,6 +84,8 @@ OPTIONS = (
     "queue_timeout",
     "limits",
     "auth",
+    "rate",
+    "cors",
     "mode",
     "origins",
     "messages",
@@ -122,9 +129,6 @@ DEFAULT_PING = 30.0
 #: Seconds between event-stream keep-alive comments when a route sets no
 #: ``heartbeat`` (0 would mean never).
 DEFAULT_HEARTBEAT = 15.0
-
-#: The schemes an entry of ``origins`` may have, with their default ports.
-_ORIGIN_SCHEMES = {"http": 80, "https": 443, "ws": 80, "wss": 443}
 
 #: The resource limits a route may set (:mod:`kapow.core.resource_limits` applies them).
 LIMIT_NAMES = ("memory", "cpu", "open_files", "file_size", "processes")
@@ -264,31 +268,6 @@ def _check_positive_number(value: object, name: str = "timeout", zero: bool = Fa
         raise InvalidRoute(f"{name} must be a finite number of seconds {'>=' if zero else '>'} 0")
 
 
-def origin_key(origin: str) -> tuple[str, str, int] | None:
-    """
-    ``origin`` as (scheme, host, port), lower-cased and with the scheme's
-    default port filled in, if it is an absolute http, https, ws or wss URL
-    with a host, no user information, no path beyond ``/``, no query and no
-    fragment; else ``None``.
-    """
-    if any(char <= " " or char == "\x7f" for char in origin) or "?" in origin or "#" in origin:
-        return None
-    try:
-        parts = urlsplit(origin)
-        port = parts.port
-    except ValueError:
-        return None
-    scheme = parts.scheme.lower()
-    if (
-        scheme not in _ORIGIN_SCHEMES
-        or not parts.hostname
-        or "@" in parts.netloc
-        or parts.path not in ("", "/")
-    ):
-        return None
-    return scheme, parts.hostname, _ORIGIN_SCHEMES[scheme] if port is None else port
-
-
 def _checked_origins(origins: object) -> tuple[str, ...]:
     """``origins`` checked: a list of strings, each ``"*"`` or an origin URL (:func:`origin_key`)."""
     if isinstance(origins, (str, bytes, Mapping)) or not isinstance(origins, Iterable):
@@ -382,6 +361,15 @@ class Route:
         :attr:`effective_heartbeat`).
     :ivar job: answer 202 at once and keep the response as the result of a
         job (SPEC section 12); not with a streaming mode.
+    :ivar rate: the route's rate limit (SPEC section 13), as
+        :func:`kapow.core.traffic.normalize_rate` gives it: ``requests``,
+        ``per``, ``burst`` (default ``requests``), ``key`` (default
+        ``"client"``). The buckets are the server's
+        (:class:`kapow.core.traffic.RateLimiter`).
+    :ivar cors: the route's cross-origin policy (SPEC section 13), as
+        :func:`kapow.core.traffic.normalize_cors` gives it: ``origins``,
+        ``headers`` (default empty), ``max_age`` (default 600),
+        ``credentials`` (default false); :attr:`cors_policy` decides.
     :raises InvalidRoute: if a field is invalid.
     """
 
@@ -408,12 +396,15 @@ class Route:
     ping: float | None = None
     heartbeat: float | None = None
     job: bool | None = None
+    rate: Mapping[str, object] | None = field(default=None, hash=False)
+    cors: Mapping[str, object] | None = field(default=None, hash=False)
     _pattern: Pattern = field(init=False, repr=False, compare=False)
     _argv: tuple[str, ...] = field(init=False, repr=False, compare=False)
     _guard: RouteAuth | None = field(init=False, repr=False, compare=False, default=None)
     _origin_keys: frozenset[tuple[str, str, int]] | None = field(
         init=False, repr=False, compare=False, default=None
     )
+    _cors_policy: CorsPolicy | None = field(init=False, repr=False, compare=False, default=None)
 
     def __post_init__(self) -> None:
         if not isinstance(self.id, str):
@@ -478,6 +469,15 @@ class Route:
                 object.__setattr__(self, "_guard", RouteAuth(spec, strict=self.strict_auth))
             except AuthError as e:
                 raise InvalidRoute(f"auth: {e}") from None
+        try:
+            if self.rate is not None:
+                object.__setattr__(self, "rate", normalize_rate(self.rate))
+            if self.cors is not None:
+                policy = CorsPolicy(self.cors)
+                object.__setattr__(self, "cors", policy.spec)
+                object.__setattr__(self, "_cors_policy", policy)
+        except TrafficError as e:
+            raise InvalidRoute(str(e)) from None
 
     def _check_mode(self) -> None:
         """Check :attr:`mode` and the fields that belong to one mode (:attr:`job` among them)."""
@@ -559,6 +559,11 @@ class Route:
         return key is not None and key in self._origin_keys
 
     @property
+    def cors_policy(self) -> CorsPolicy | None:
+        """The CORS decisions of :attr:`cors`, if the route has it (see :mod:`kapow.core.traffic`)."""
+        return self._cors_policy
+
+    @property
     def guard(self) -> RouteAuth | None:
         """The loaded :attr:`auth` checks, if the route has any."""
         return self._guard
@@ -596,12 +601,17 @@ class Route:
         for name in OPTIONS:
             value = getattr(self, name)
             if value is not None:
-                if isinstance(value, Mapping):
-                    value = dict(value)
-                elif isinstance(value, tuple):
-                    value = list(value)
-                data[name] = value
+                data[name] = _plain(value)
         return data
+
+
+def _plain(value: object) -> object:
+    """``value`` copied as JSON values: mappings as dicts, tuples and lists as lists."""
+    if isinstance(value, Mapping):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, (tuple, list)):
+        return [_plain(item) for item in value]
+    return value
 
 
 def route_from_json(data: object, route_id: str, strict_auth: bool = True) -> Route:
@@ -622,7 +632,8 @@ def route_from_json(data: object, route_id: str, strict_auth: bool = True) -> Ro
     (one of :data:`MODES`), ``origins`` (a list of ``"*"`` or origin URLs),
     ``messages`` (one of :data:`MESSAGE_KINDS`), ``max_message`` (integer
     >= 1), ``ping`` and ``heartbeat`` (seconds >= 0); see :class:`Route`
-    for which mode takes which. Any other key, including ``id`` and
+    for which mode takes which; ``rate`` and ``cors`` (see
+    :mod:`kapow.core.traffic`). Any other key, including ``id`` and
     ``index``, is ignored.
 
     :param data: what :func:`json.loads` returned.

@@ -54,6 +54,7 @@ from kapow.handlers.containment import Containment
 from kapow.handlers.fast_processes import SPAWN_THREADS, FastProcesses, quiet_sigchld
 from kapow.handlers.governor import Governor, Limits
 from kapow.handlers.handler import HandlerRegistry
+from kapow.handlers.rates import RateLimits, Rates
 from kapow.handlers.spawn import Spawner, handler_processes
 from kapow.history.base import HistoryError, Store, is_postgres_uri, shown_uri
 from kapow.history.store import HistoryStore
@@ -74,6 +75,7 @@ from kapow.server.workers.worker import (
     MainAdmission,
     MainJobs,
     MainProcessConnection,
+    MainRates,
     RecordRelay,
     WorkerLink,
 )
@@ -242,6 +244,7 @@ def build_worker(options: Options, reactor: IServerReactor, host: Host = THIS_HO
         urls=link.handler_urls,
         history=relay.add if keeps_history else None,
         jobs=MainJobs(link),
+        rates=MainRates(link, reactor),
     )
     make_user_listener(parts, Address(gate, None), user_api).setServiceParent(service)
     data.setServiceParent(service)
@@ -562,6 +565,7 @@ def make_user_api(
     urls: Callable[[], tuple[str, str]],
     history: Callable[[RunRecord], None] | None = None,
     jobs: JobBook | None = None,
+    rates: RateLimits | None = None,
 ) -> UserAPI:
     """The user interface with its handlers: the same in a worker as in the whole server."""
     options, metrics = parts.options, parts.metrics
@@ -589,6 +593,7 @@ def make_user_api(
         jobs_path=options["jobs-path"],
         job_output_max=options["job-output-max"],
         server_name=options["server-name"],
+        rates=rates or Rates(parts.reactor),
     )
     if metrics is not None:
         metrics.queued_now = user_api.queued_routes

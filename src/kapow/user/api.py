@@ -35,14 +35,16 @@ from twisted.web.server import NOT_DONE_YET, Request
 from werkzeug.exceptions import NotFound
 from werkzeug.routing import Rule
 
-from kapow.core.auth import Refusal, RouteAuth, Verdict, normalize
+from kapow.core.auth import Refusal, RouteAuth, Verdict, address_in, normalize
 from kapow.core.metrics import Metrics, refusal_kind
 from kapow.core.routes import METHOD_NOT_ALLOWED, Match, Route, RouteTable
 from kapow.core.runs import JobResult, RunRecord, shown
 from kapow.handlers.admission import Admission
 from kapow.handlers.governor import Governor
 from kapow.handlers.handler import Handler, HandlerRegistry
+from kapow.core.traffic import retry_after
 from kapow.handlers.listing import HandlerShown
+from kapow.handlers.rates import RateLimits, Rates
 from kapow.streams.websocket import upgrade_refusal
 from kapow.user.answers import Answer, Later, internal_error, plain
 from kapow.user.handler_object import STATES, handler_object
@@ -89,6 +91,7 @@ class UserAPI:
     :param jobs_path: the path under which jobs are asked for (``--jobs-path``).
     :param job_output_max: the most bytes of a job's body kept (``--job-output-max``).
     :param server_name: the server's name in the run records (``--server-name``).
+    :param rates: decides the routes' rate limits (in this process by default).
 
     It is also the control API's view of its handlers
     (:class:`kapow.handlers.listing.HandlersListing`).
@@ -107,6 +110,7 @@ class UserAPI:
     jobs_path: str = DEFAULT_JOBS_PATH
     job_output_max: int = DEFAULT_JOB_OUTPUT_MAX
     server_name: str = ""
+    rates: RateLimits = field(default=None)  # type: ignore[assignment]  # made from the reactor
     runner: Runner = field(init=False)
     waiting: WaitingRequests = field(init=False)
 
@@ -128,6 +132,8 @@ class UserAPI:
         )
         self.governor.on_stopping.append(self.runner.going_away)
         self._jobs_prefix = self.jobs_path.rstrip("/") + "/"
+        if self.rates is None:
+            self.rates = Rates(self.reactor)
         self._kept_guards: dict[str, RouteAuth] = {}
         self.waiting = WaitingRequests(self.reactor, self.admission, self.handlers.new_id, self._admitted)
 
@@ -146,18 +152,88 @@ class UserAPI:
         path = unquote(request.path.decode("latin-1"), errors="surrogateescape")
         if path.startswith(self._jobs_prefix):
             return self._job_asked(request, path[len(self._jobs_prefix) :])
+        if request.method == b"OPTIONS":
+            preflight = self._preflight(request, path)
+            if preflight is not None:
+                return preflight
         found = self.routes.match(request.method.decode("latin-1"), path)
         if found is None:
             return plain(request, 404, b"Not Found\n")
         if found is METHOD_NOT_ALLOWED:
             request.setHeader(b"Allow", ", ".join(self.routes.methods_for(path)).encode())
             return plain(request, 405, b"Method Not Allowed\n")
+        route = found.route
         if metrics is not None:
-            request.kapow_route = found.route  # type: ignore[attr-defined]  # our mark, read by the site
+            request.kapow_route = route  # type: ignore[attr-defined]  # our mark, read by the site
+        if route.cors is not None:
+            self._cross_origin(request, route)
+        if route.rate is not None:
+            return self._rate_limited(request, found)
+        return self._guarded(request, found)
+
+    def _guarded(self, request: Request, found: Match) -> Answer:
+        """The route's ``allow`` and ``auth``, then its admission."""
         guard = found.route.guard
         if guard is not None:
             return self._authenticate(request, found, guard)
         return self._admit(request, found)
+
+    # -- traffic policy (SPEC §13) ---------------------------------------------
+
+    def _preflight(self, request: Request, path: str) -> bytes | None:
+        """A CORS preflight to a route with ``cors``, answered here (``None``: not one)."""
+        origin = request.getHeader(b"origin")
+        wanted = request.getHeader(b"access-control-request-method")
+        if origin is None or wanted is None:
+            return None
+        found = self.routes.match(wanted.decode("latin-1"), path)
+        if not isinstance(found, Match) or found.route.cors_policy is None:
+            return None
+        headers = request.getHeader(b"access-control-request-headers")
+        code, answer = found.route.cors_policy.preflight(
+            origin.decode("latin-1"),
+            wanted.decode("latin-1"),
+            found.route.method,
+            None if headers is None else headers.decode("latin-1"),
+        )
+        request.setResponseCode(code)
+        for name, value in answer:
+            request.setHeader(name.encode(), value.encode("latin-1"))
+        return b""
+
+    def _cross_origin(self, request: Request, route: Route) -> None:
+        """The CORS headers of a request from an origin ``route`` allows, on whatever it is answered."""
+        origin = request.getHeader(b"origin")
+        assert route.cors_policy is not None  # the route has cors
+        for name, value in route.cors_policy.response_headers(None if origin is None else origin.decode("latin-1")):
+            request.responseHeaders.addRawHeader(name.encode(), value.encode("latin-1"))
+
+    def _rate_limited(self, request: Request, found: Match) -> Answer:
+        """``allow`` first, then the route's ``rate``, then the rest of its checks."""
+        route = found.route
+        assert route.rate is not None  # a rated route
+        remote = getattr(request.getClientAddress(), "host", "")
+        guard = route.guard
+        if guard is not None and guard.networks is not None and not address_in(remote, guard.networks):
+            return self._guarded(request, found)  # refused by the allow list, before the rate counts it
+        wait = self.rates.take(route.id, route.rate, remote if route.rate["key"] == "client" else "")
+        if isinstance(wait, Deferred):
+            return cast(Later, wait.addCallback(self._rate_answered, request, found))
+        return self._rate_answered(wait, request, found)
+
+    def _rate_answered(self, wait: float | None, request: Request, found: Match) -> Answer:
+        if wait is None:
+            return self._guarded(request, found)
+        log.info(
+            "refused {method} {path} (route {route}): over its rate",
+            method=request.method.decode("latin-1"),
+            path=unquote(request.path.decode("latin-1"), errors="surrogateescape"),
+            route=found.route.id,
+        )
+        self._refused(found.route, "rate")
+        _drop_body(request)
+        request.setHeader(b"Retry-After", b"%d" % retry_after(wait))
+        return plain(request, 429, b"Too Many Requests\n")
 
     @app.handle_errors(NotFound)
     def _unroutable(self, request: IRequest, failure: Failure) -> bytes:

@@ -16,7 +16,8 @@ accepting), :class:`Running`, :class:`MetricsPart`,
 queues that must hold across workers; :class:`RunRecords`, for the
 history the main process alone writes; and the jobs, which the main process
 keeps: :class:`JobStarted`, :class:`JobBody`, :class:`JobDone` as they run,
-:class:`JobStatus` and :class:`JobResultPart` when a client asks.
+:class:`JobStatus` and :class:`JobResultPart` when a client asks; and
+:class:`TakeToken`, for the routes' rate limits.
 """
 
 from __future__ import annotations
@@ -138,6 +139,17 @@ class RunRecords(amp.Command):
 
     arguments = [(b"records", amp.Unicode())]
     requiresAnswer = False
+
+
+class TakeToken(amp.Command):
+    """
+    Take a token of a rated route's bucket for ``key``: ``wait`` is 0 if it
+    was taken, else the seconds until the next one (the main process keeps
+    every bucket, so that a rate holds across the workers).
+    """
+
+    arguments = [(b"route_id", amp.Unicode()), (b"rate", amp.Unicode()), (b"key", amp.Unicode())]
+    response = [(b"wait", amp.Float())]
 
 
 #: Largest part of a job's body in one message.

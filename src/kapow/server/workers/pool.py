@@ -65,6 +65,7 @@ from kapow.server.workers.messages import (
     Routes,
     Running,
     RunRecords,
+    TakeToken,
     Serve,
     Stop,
     Withdraw,
@@ -74,6 +75,7 @@ from kapow.server.workers.messages import (
     link_factory,
     table_parts,
 )
+from kapow.handlers.rates import Rates
 from kapow.user.jobs import Jobs
 
 __all__ = ["STOP_MARGIN", "IWorkersReactor", "MainLink", "WorkerPool", "handler_groups"]
@@ -104,6 +106,7 @@ class MainLink(amp.AMP):
     :param slots: the limits and queues shared by every worker.
     :param history: takes the run records the worker sends, if the history is kept.
     :param jobs: where the jobs of every worker are kept.
+    :param rates: the rate limits of every worker's routes.
     """
 
     def __init__(
@@ -112,12 +115,14 @@ class MainLink(amp.AMP):
         slots: Slots,
         history: Callable[[RunRecord], None] | None = None,
         jobs: Jobs | None = None,
+        rates: Rates | None = None,
     ) -> None:
         super().__init__()
         self.number = number
         self.slots = slots
         self.history = history
         self.jobs = jobs or Jobs(None)
+        self.rates = rates or Rates(slots.clock)
         self._bodies: dict[str, list[bytes]] = {}
         self.data_url: str | None = None
         self._held: Counter[tuple[str, bool]] = Counter()
@@ -163,6 +168,11 @@ class MainLink(amp.AMP):
             for record in json.loads(records):
                 self.history(record)
         return {}
+
+    @TakeToken.responder
+    def take_token(self, route_id: str, rate: str, key: str) -> dict[str, Any]:
+        wait = self.rates.take(route_id, json.loads(rate), key)
+        return {"wait": wait or 0.0}
 
     @JobStarted.responder
     def job_started(self, record: str, state: str) -> dict[str, Any]:
@@ -310,6 +320,7 @@ class WorkerPool(Service):
         self.containment = containment
         self.history = history
         self.jobs = jobs or Jobs(None)
+        self.rates = Rates(reactor)
         self.end_groups = end_groups
         self.count = count
         self.command = command
@@ -335,7 +346,7 @@ class WorkerPool(Service):
         return gatherResults(self._first)
 
     def _start(self, number: int) -> _Worker:
-        link = MainLink(number, self.slots, self.history, self.jobs)
+        link = MainLink(number, self.slots, self.history, self.jobs, self.rates)
         worker = _Worker(number, link, self.reactor.seconds())
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         stdin = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)

@@ -12,7 +12,8 @@ from __future__ import annotations
 import json
 import os
 import socket
-from collections.abc import Callable, Generator
+from collections import OrderedDict
+from collections.abc import Callable, Generator, Mapping
 from typing import Any
 
 from twisted.application.service import Service
@@ -62,6 +63,7 @@ from kapow.server.workers.messages import (
     Routes,
     Running,
     RunRecords,
+    TakeToken,
     Serve,
     Stop,
     Withdraw,
@@ -491,3 +493,52 @@ class MainJobs:
             self.link.callRemote(command, **arguments)
         except ConnectionLost:
             log.warn("the main process is gone: a job's news is lost")
+
+
+class MainRates:
+    """
+    A worker's rate limits, decided by the main process (a
+    :class:`kapow.handlers.rates.RateLimits`): one bucket per key across
+    every worker.
+
+    A request that may go on costs a question to the main process. One
+    that may not is answered here when the answer is already known: once
+    the main process said a bucket is empty until a time, no worker can
+    fill it sooner (tokens only come with time), so until then this worker
+    refuses that key without asking: a flood of refused requests costs no
+    round trip.
+
+    :param link: the connection to the main process.
+    :param clock: the reactor's time.
+    :param max_keys: empty buckets remembered at most (the oldest forgotten first).
+    """
+
+    def __init__(self, link: amp.AMP, clock: IReactorTime, max_keys: int = 100_000) -> None:
+        self.link = link
+        self.clock = clock
+        self.max_keys = max_keys
+        self._empty: OrderedDict[tuple[str, str, str], float] = OrderedDict()
+
+    def take(
+        self, route_id: str, rate: Mapping[str, object], key: str
+    ) -> float | None | Deferred[float | None]:
+        text = json.dumps(rate, sort_keys=True)
+        bucket = (route_id, text, key)
+        until = self._empty.get(bucket)
+        now = self.clock.seconds()
+        if until is not None:
+            if now < until:
+                return until - now
+            del self._empty[bucket]
+        asked = self.link.callRemote(TakeToken, route_id=route_id, rate=text, key=key)
+        return asked.addCallback(self._answered, bucket, now)
+
+    def _answered(self, answer: dict[str, Any], bucket: tuple[str, str, str], asked: float) -> float | None:
+        wait: float = answer["wait"]
+        if not wait:
+            return None
+        self._empty[bucket] = asked + wait
+        self._empty.move_to_end(bucket)
+        while len(self._empty) > self.max_keys:
+            self._empty.popitem(last=False)
+        return wait
