@@ -23,7 +23,9 @@ __all__ = ["RateLimits", "Rates"]
 class RateLimits(Protocol):
     """Decides whether a request of a rated route may go on."""
 
-    def take(self, route_id: str, rate: Mapping[str, object], key: str) -> float | None | Deferred[float | None]:
+    def take(
+        self, route_id: str, rate: Mapping[str, object], key: str
+    ) -> float | None | Deferred[float | None]:
         """
         Take a token of route ``route_id``'s ``rate`` for ``key`` (the
         client's address, or ``""`` for the whole route).

@@ -205,7 +205,9 @@ class UserAPI:
         """The CORS headers of a request from an origin ``route`` allows, on whatever it is answered."""
         origin = request.getHeader(b"origin")
         assert route.cors_policy is not None  # the route has cors
-        for name, value in route.cors_policy.response_headers(None if origin is None else origin.decode("latin-1")):
+        for name, value in route.cors_policy.response_headers(
+            None if origin is None else origin.decode("latin-1")
+        ):
             request.responseHeaders.addRawHeader(name.encode(), value.encode("latin-1"))
 
     def _rate_limited(self, request: Request, found: Match) -> Answer:
