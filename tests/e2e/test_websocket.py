@@ -298,8 +298,8 @@ def test_a_queued_upgrade_waits_for_a_free_slot(server: KapowServer) -> None:
     assert second.buffer.startswith(b"HTTP/1.1 101")
 
 
-def test_a_graceful_stop_closes_connections_with_1001(start_server: Any) -> None:
-    server = start_server()
+def test_a_graceful_stop_closes_connections_with_1001(either: KapowServer) -> None:
+    server = either
     server.add_route("/ws", "cat", "--mode", "websocket")
     client = connect(server, "/ws")
     client.send_text("x")

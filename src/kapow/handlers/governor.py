@@ -28,6 +28,8 @@ from kapow.handlers.spawn import signal_group
 log = Logger()
 
 #: How often group membership is checked while waiting for groups to end.
+#: Seconds from SIGTERM to the first look at whether a group is gone.
+FIRST_LOOK = 0.01
 POLL_INTERVAL = 0.05
 
 _T = TypeVar("_T")
@@ -222,7 +224,12 @@ class Governor:
                     self.signal_group(pgid, signal.SIGKILL)
             self.reactor.callLater(POLL_INTERVAL, check)
 
-        check()
+        if alive and grace > 0:
+            # a group just sent SIGTERM is seldom gone at once: looked at a moment later, it mostly
+            # has no member left, which one system call tells, rather than a scan of /proc
+            self.reactor.callLater(FIRST_LOOK, check)
+        else:
+            check()
         return done
 
     # -- graceful stop ------------------------------------------------------
