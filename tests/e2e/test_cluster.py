@@ -114,6 +114,9 @@ def test_an_outage_is_served_through_and_nothing_is_lost(
         assert health["history"] == "unavailable"
         asked = curl("-s", "-o", "/dev/null", "-w", "%{http_code}", *token, server.user + "/_jobs/unknown")
         assert asked.stdout == "503"
+        listed = server.curl_control("-w", "\n%{http_code}", server.control + "/history")
+        assert listed.stdout == '{"reason": "History Unavailable"}\n503'
+        assert server.kapow("history").stderr.strip() == "kapow: History Unavailable"
     finally:
         postgres.start()
     wait_for(lambda: len(history(server, "?limit=100")) == 6, 20, "the waiting records, once each")

@@ -13,11 +13,12 @@ import json
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar, cast
+from typing import Any, NoReturn, Protocol, TypeVar, cast
 
 from klein import Klein
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource
 
@@ -176,7 +177,8 @@ class ControlAPI:
         except InvalidQuery as e:
             log.info("refused history query: {why}", why=str(e))
             raise JSONError(400, "Invalid Query") from None
-        return self.history.query(query).addCallback(
+        asked = self.history.query(query).addErrback(_history_unavailable)
+        return asked.addCallback(
             lambda found: json_body(
                 request, 200, [shown(record) for record in found if not _unfinished(record)]
             )
@@ -189,7 +191,7 @@ class ControlAPI:
                 raise JSONError(404, "Run Not Found")
             return json_body(request, 200, shown(record))
 
-        return self.history.get(run_id).addCallback(answer)
+        return self.history.get(run_id).addErrback(_history_unavailable).addCallback(answer)
 
     @app.route("/health", methods=["GET"])
     def health(self, request: IRequest) -> bytes | Deferred[bytes]:
@@ -228,6 +230,12 @@ def _answer(call: Callable[..., _T | Deferred[_T]], *args: str) -> Deferred[_T]:
     """
     # maybeDeferred waits for a Deferred that call returns; its types cannot say so
     return cast("Deferred[_T]", maybeDeferred(call, *args))
+
+
+def _history_unavailable(failure: Failure) -> NoReturn:
+    """The history's database cannot be read now (a cluster's is down): 503."""
+    log.warn("cannot read the run history: {why}", why=failure.getErrorMessage())
+    raise JSONError(503, "History Unavailable")
 
 
 def _unfinished(record: RunRecord) -> bool:

@@ -405,8 +405,8 @@ class Options(usage.Options):
             "history",
             None,
             None,
-            "Where the run history is kept: a SQLite database file, or off [default: "
-            "$STATE_DIRECTORY/history.sqlite3 under systemd, else in memory].",
+            "Where the run history is kept: a SQLite database file, a postgresql:// URI a cluster "
+            "shares, or off [default: $STATE_DIRECTORY/history.sqlite3 under systemd, else in memory].",
             history_location,
         ],
         [
