@@ -469,3 +469,47 @@ def test_github_webhook_serves_only_signed_deliveries(
     server.wait_log(r"github: delivery d-1: push event, 36 bytes")
     assert deliver("push").status == 401
     assert deliver("push", "-H", f"X-Hub-Signature-256: {signature}", data=body + " ").status == 401
+
+
+def test_cors_api_preflights_and_rates(start_server: Any, fetch: Fetch, tmp_path: Path) -> None:
+    server = start_example(start_server, "cors-api.pow", env={"LIKES_DIR": str(tmp_path)})
+    url = server.user + "/api/likes"
+    liked = fetch(url, "-X", "POST", "-H", "X-Requested-With: curl")
+    assert (liked.status, liked.text, liked.header("content-type")) == (
+        200,
+        '{"likes":1}\n',
+        "application/json",
+    )
+    assert liked.header("access-control-allow-origin") is None  # no Origin, no CORS headers
+
+    asking = ("-X", "OPTIONS", "-H", "Access-Control-Request-Method: POST",
+              "-H", "Access-Control-Request-Headers: x-requested-with")  # fmt: skip
+    preflight = fetch(url, *asking, "-H", "Origin: http://localhost:8000")
+    assert (preflight.status, preflight.body) == (204, b"")
+    assert preflight.header("access-control-allow-origin") == "http://localhost:8000"
+    assert preflight.header("access-control-allow-methods") == "POST"
+    assert preflight.header("access-control-allow-headers") == "X-Requested-With"
+    assert preflight.header("vary") == "Origin"
+    foreign = fetch(url, *asking, "-H", "Origin: https://elsewhere.example")
+    assert foreign.status == 403 and foreign.header("access-control-allow-origin") is None
+
+    # sent without a preflight, as a form on any site could: refused, not counted
+    simple = fetch(url, "-X", "POST", "-H", "Origin: https://elsewhere.example")
+    assert (simple.status, simple.text) == (400, '{"error":"send an X-Requested-With header"}')
+    assert (tmp_path / "likes").read_text() == "x"
+
+    # --burst 10: the like and the refusal above took two tokens; then one a second
+    likes = ("-X", "POST", "-H", "X-Requested-With: curl", "-H", "Origin: http://localhost:8000")
+    replies = [fetch(url, *likes)]
+    while replies[-1].status == 200:
+        assert len(replies) < 30, "never refused"
+        replies.append(fetch(url, *likes))
+    assert len(replies) >= 9 and all(reply.status == 200 for reply in replies[:8])
+    over = replies[-1]
+    assert (over.status, over.text, over.header("retry-after")) == (429, "Too Many Requests\n", "1")
+    assert over.header("access-control-allow-origin") == "http://localhost:8000"
+    assert len((tmp_path / "likes").read_text()) == len(replies)  # the first like, and not the 429
+
+    page = fetch(server.user + "/likes")
+    assert (page.status, page.header("content-type")) == (200, "text/html; charset=utf-8")
+    assert page.body == (EXAMPLES / "cors-api.html").read_bytes()

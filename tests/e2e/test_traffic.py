@@ -33,7 +33,7 @@ def test_a_rate_refuses_with_429_and_no_process(either: KapowServer, tmp_path: P
     assert codes(either, "/r", 5) == ["200", "200", "200", "429", "429"]  # exact across workers
     assert len(ran.read_text().splitlines()) == 3
     head = curl("-s", "-D", "-", "-o", "/dev/null", either.user + "/r").stdout
-    assert head.startswith("HTTP/1.1 429")
+    assert head.startswith("HTTP/1.1 429 Too Many Requests")
     retry = [
         line.split(":", 1)[1].strip() for line in head.splitlines() if line.lower().startswith("retry-after")
     ]

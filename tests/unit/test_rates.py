@@ -8,6 +8,7 @@ from typing import Any
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 
+from kapow.core.routes import Route
 from kapow.handlers.rates import Rates
 from kapow.server.workers.worker import MainRates
 
@@ -16,7 +17,7 @@ RATE = {"requests": 1, "per": 10, "burst": 1, "key": "client"}
 
 def test_a_route_keeps_its_buckets_until_its_rate_changes() -> None:
     clock = Clock()
-    rates = Rates(clock)
+    rates = Rates(clock, [Route(id="r", method="GET", url_pattern="/r")])
     assert rates.take("r", RATE, "a") is None
     assert rates.take("r", RATE, "a") == 10
     assert rates.take("r", RATE, "b") is None  # a bucket per key
@@ -37,7 +38,7 @@ class FakeLink:
 
 def test_a_worker_refuses_an_empty_bucket_without_asking_again() -> None:
     clock = Clock()
-    link = FakeLink(Rates(clock))
+    link = FakeLink(Rates(clock, [Route(id="r", method="GET", url_pattern="/r")]))
     worker = MainRates(link, clock)  # type: ignore[arg-type]
 
     def take(key: str) -> float | None:
@@ -57,3 +58,13 @@ def test_a_worker_refuses_an_empty_bucket_without_asking_again() -> None:
     clock.advance(7)
     assert take("a") is None  # its time has come: asked again
     assert link.asked == 3
+
+
+def test_the_buckets_of_routes_gone_from_the_table_are_dropped() -> None:
+    table = [Route(id="r", method="GET", url_pattern="/r"), Route(id="s", method="GET", url_pattern="/s")]
+    rates = Rates(Clock(), table)
+    assert rates.take("r", RATE, "a") is None
+    assert rates.take("r", RATE, "a") == 10
+    del table[0]  # route r removed
+    assert rates.take("s", RATE, "a") is None  # making s's buckets drops r's
+    assert set(rates._limiters) == {"s"}

@@ -35,7 +35,7 @@ from kapow.core.forms import FormError, ParsedForm, parse_form
 from kapow.core.request_parts import BodySnapshot, cookie_pairs, first_cookie, query_pairs
 from kapow.core.routes import Route
 from kapow.core.sniff import sniff_content_type
-from kapow.web.errors import JSONError
+from kapow.web.errors import JSONError, phrase
 
 log = Logger()
 
@@ -478,7 +478,7 @@ class Handler:
         the body; ``length``: the whole body's, known in advance.
         """
         request = self.request
-        request.setResponseCode(self.status, self.reason)
+        request.setResponseCode(self.status, self.reason or phrase(self.status))
         names = set()
         for name, value in self.headers:
             request.responseHeaders.addRawHeader(name, value)

@@ -9,12 +9,13 @@ is exact across them.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Protocol
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 
+from kapow.core.routes import Route
 from kapow.core.traffic import RateLimiter
 
 __all__ = ["RateLimits", "Rates"]
@@ -25,7 +26,7 @@ class RateLimits(Protocol):
 
     def take(
         self, route_id: str, rate: Mapping[str, object], key: str
-    ) -> float | None | Deferred[float | None]:
+    ) -> float | Deferred[float | None] | None:
         """
         Take a token of route ``route_id``'s ``rate`` for ``key`` (the
         client's address, or ``""`` for the whole route).
@@ -38,19 +39,25 @@ class RateLimits(Protocol):
 class Rates:
     """
     The token buckets of every rated route, a :class:`RateLimiter` per
-    route id, made anew when the route's ``rate`` changes (a route added
-    again with the same id starts afresh too).
+    route id, made anew when the route's ``rate`` changes. The buckets of
+    routes no longer in the table are dropped whenever another route's are
+    made.
 
     :param clock: the reactor's time.
+    :param routes: the route table.
     """
 
-    def __init__(self, clock: IReactorTime) -> None:
+    def __init__(self, clock: IReactorTime, routes: Iterable[Route]) -> None:
         self.clock = clock
+        self.routes = routes
         self._limiters: dict[str, tuple[str, RateLimiter]] = {}
 
     def take(self, route_id: str, rate: Mapping[str, object], key: str) -> float | None:
         spec = json.dumps(rate, sort_keys=True)
         held = self._limiters.get(route_id)
         if held is None or held[0] != spec:
+            live = {route.id for route in self.routes}
+            for gone in [known for known in self._limiters if known not in live]:
+                del self._limiters[gone]
             held = self._limiters[route_id] = (spec, RateLimiter.from_spec(rate))
         return held[1].take(key, self.clock.seconds())

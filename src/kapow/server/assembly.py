@@ -593,7 +593,7 @@ def make_user_api(
         jobs_path=options["jobs-path"],
         job_output_max=options["job-output-max"],
         server_name=options["server-name"],
-        rates=rates or Rates(parts.reactor),
+        rates=rates or Rates(parts.reactor, parts.routes),
     )
     if metrics is not None:
         metrics.queued_now = user_api.queued_routes

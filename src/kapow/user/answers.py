@@ -10,6 +10,8 @@ from __future__ import annotations
 from twisted.internet.defer import Deferred
 from twisted.web.iweb import IRequest
 
+from kapow.web.errors import phrase
+
 __all__ = ["Answer", "Later", "internal_error", "plain", "settle"]
 
 #: An answer to come: a body, or ``None`` (see :data:`Answer`).
@@ -23,7 +25,7 @@ Answer = bytes | Later | None
 
 def plain(request: IRequest, code: int, body: bytes) -> bytes:
     """Set ``code`` and the plain-text content type on ``request`` and return ``body``."""
-    request.setResponseCode(code)
+    request.setResponseCode(code, phrase(code))
     request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
     return body
 

@@ -39,10 +39,10 @@ from kapow.core.auth import Refusal, RouteAuth, Verdict, address_in, normalize
 from kapow.core.metrics import Metrics, refusal_kind
 from kapow.core.routes import METHOD_NOT_ALLOWED, Match, Route, RouteTable
 from kapow.core.runs import JobResult, RunRecord, shown
+from kapow.core.traffic import retry_after
 from kapow.handlers.admission import Admission
 from kapow.handlers.governor import Governor
 from kapow.handlers.handler import Handler, HandlerRegistry
-from kapow.core.traffic import retry_after
 from kapow.handlers.listing import HandlerShown
 from kapow.handlers.rates import RateLimits, Rates
 from kapow.streams.websocket import upgrade_refusal
@@ -133,7 +133,7 @@ class UserAPI:
         self.governor.on_stopping.append(self.runner.going_away)
         self._jobs_prefix = self.jobs_path.rstrip("/") + "/"
         if self.rates is None:
-            self.rates = Rates(self.reactor)
+            self.rates = Rates(self.reactor, self.routes)
         self._kept_guards: dict[str, RouteAuth] = {}
         self.waiting = WaitingRequests(self.reactor, self.admission, self.handlers.new_id, self._admitted)
 
@@ -393,6 +393,8 @@ class UserAPI:
             return reason_body(request, 404, "Job Not Found")
         state, record = found
         route = self.routes.find(record["route_id"])
+        if route is not None and route.cors is not None:
+            self._cross_origin(request, route)
         guard = route.guard if route is not None else self._kept_guard(record.get("_guard"))
 
         def answer(checked: Verdict) -> Answer:

@@ -28,6 +28,7 @@ from twisted.web.server import Request
 
 from kapow.core.routes import Route
 from kapow.core.runs import JobResult, RunRecord, rfc3339
+from kapow.web.errors import phrase
 
 __all__ = [
     "DEFAULT_JOBS_PATH",
@@ -162,7 +163,7 @@ class JobRequest:
 
     def result(self) -> JobResult:
         """The kept response."""
-        reason = self.code_message or RESPONSES.get(self.code, b"Unknown Status")
+        reason = self.code_message or RESPONSES.get(self.code) or phrase(self.code) or b"Unknown Status"
         headers = [
             (name, value) for name, values in self.responseHeaders.getAllRawHeaders() for value in values
         ]

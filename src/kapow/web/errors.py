@@ -43,6 +43,26 @@ class JSONError(Exception):
         self.reason = reason
 
 
+#: Reason phrases of the statuses twisted.web has none for (it says "Unknown Status").
+PHRASES = {
+    103: b"Early Hints",
+    421: b"Misdirected Request",
+    422: b"Unprocessable Content",
+    425: b"Too Early",
+    426: b"Upgrade Required",
+    428: b"Precondition Required",
+    429: b"Too Many Requests",
+    431: b"Request Header Fields Too Large",
+    451: b"Unavailable For Legal Reasons",
+    511: b"Network Authentication Required",
+}
+
+
+def phrase(code: int) -> bytes | None:
+    """The reason phrase of ``code`` when twisted.web has none; ``None`` lets twisted.web choose."""
+    return PHRASES.get(code)
+
+
 def json_body(request: IRequest, code: int, value: object, phrase: bytes | None = None) -> bytes:
     """
     Set ``code`` and the JSON content type on ``request`` and return the

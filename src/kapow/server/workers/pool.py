@@ -46,6 +46,7 @@ from kapow.handlers.admission import ServerQueue, Slots, Want
 from kapow.handlers.containment import Containment
 from kapow.handlers.listing import HandlerShown
 from kapow.handlers.procfs import processes
+from kapow.handlers.rates import Rates
 from kapow.server.workers.messages import (
     BODY_PART,
     MAIN_FD,
@@ -65,9 +66,9 @@ from kapow.server.workers.messages import (
     Routes,
     Running,
     RunRecords,
-    TakeToken,
     Serve,
     Stop,
+    TakeToken,
     Withdraw,
     handler_worker,
     headers_of,
@@ -75,7 +76,6 @@ from kapow.server.workers.messages import (
     link_factory,
     table_parts,
 )
-from kapow.handlers.rates import Rates
 from kapow.user.jobs import Jobs
 
 __all__ = ["STOP_MARGIN", "IWorkersReactor", "MainLink", "WorkerPool", "handler_groups"]
@@ -122,7 +122,7 @@ class MainLink(amp.AMP):
         self.slots = slots
         self.history = history
         self.jobs = jobs or Jobs(None)
-        self.rates = rates or Rates(slots.clock)
+        self.rates = rates or Rates(slots.clock, RouteTable())  # (a link on its own: its tests)
         self._bodies: dict[str, list[bytes]] = {}
         self.data_url: str | None = None
         self._held: Counter[tuple[str, bool]] = Counter()
@@ -320,7 +320,7 @@ class WorkerPool(Service):
         self.containment = containment
         self.history = history
         self.jobs = jobs or Jobs(None)
-        self.rates = Rates(reactor)
+        self.rates = Rates(reactor, routes)
         self.end_groups = end_groups
         self.count = count
         self.command = command

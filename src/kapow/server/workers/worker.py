@@ -63,9 +63,9 @@ from kapow.server.workers.messages import (
     Routes,
     Running,
     RunRecords,
-    TakeToken,
     Serve,
     Stop,
+    TakeToken,
     Withdraw,
     handlers_page,
     headers_of,
@@ -521,7 +521,7 @@ class MainRates:
 
     def take(
         self, route_id: str, rate: Mapping[str, object], key: str
-    ) -> float | None | Deferred[float | None]:
+    ) -> float | Deferred[float | None] | None:
         text = json.dumps(rate, sort_keys=True)
         bucket = (route_id, text, key)
         until = self._empty.get(bucket)
