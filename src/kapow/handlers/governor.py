@@ -266,21 +266,29 @@ class Governor:
         return self.end_groups(groups, grace)
 
 
-def group_alive(pgid: int) -> bool:
+def group_alive(pgid: int, live_groups: Callable[[], set[int]] | None = None) -> bool:
     """
     Whether process group ``pgid`` has a member that is not a zombie
     (zombies are dead; they only wait for their parent to collect them).
+
+    :param live_groups: gives the groups that have such a member now; a
+        scan of ``/proc`` by default.
     """
     try:
         os.killpg(pgid, 0)
-    except ProcessLookupError:
+    except ProcessLookupError:  # no member at all: one system call says so
         return False
     except PermissionError:
         return True
     try:
-        return any(pgrp == pgid and state != b"Z" for _pid, state, pgrp in processes())
+        return pgid in (live_groups or _live_groups)()
     except OSError:  # no /proc to read
         return True
+
+
+def _live_groups() -> set[int]:
+    """The process groups with a member that is not a zombie, from ``/proc``."""
+    return {pgrp for _pid, state, pgrp in processes() if state != b"Z"}
 
 
 class GroupScan:
@@ -302,17 +310,10 @@ class GroupScan:
         self._at = 0.0
 
     def __call__(self, pgid: int) -> bool:
-        try:
-            os.killpg(pgid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
+        return group_alive(pgid, self._groups)
+
+    def _groups(self) -> set[int]:
         now = self.clock.seconds()
         if self._live is None or now - self._at >= self.fresh:
-            try:
-                self._live = {pgrp for _pid, state, pgrp in processes() if state != b"Z"}
-            except OSError:  # no /proc to read
-                return True
-            self._at = now
-        return pgid in self._live
+            self._live, self._at = _live_groups(), now
+        return self._live

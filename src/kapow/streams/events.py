@@ -7,11 +7,10 @@ HTTP/2.
 
 from __future__ import annotations
 
-from twisted.internet.interfaces import IDelayedCall, IProcessTransport, IPushProducer, IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IProcessTransport, IReactorTime
 from twisted.web.server import Request
-from zope.interface import implementer
 
-from kapow.streams.lines import Lines
+from kapow.streams.lines import Lines, ProcessOutput
 
 __all__ = ["FIELDS", "KEEP_ALIVE", "EventStream", "event_bytes"]
 
@@ -35,23 +34,6 @@ def event_bytes(line: bytes) -> bytes:
     if line.startswith(FIELDS):
         return line + b"\n"
     return b"data: " + line + b"\n\n"
-
-
-@implementer(IPushProducer)
-class _Output:
-    """Pauses the process's stdout while the client's connection is full."""
-
-    def __init__(self, process: IProcessTransport) -> None:
-        self.process = process
-
-    def pauseProducing(self) -> None:
-        self.process.pauseProducing()  # type: ignore[attr-defined]  # both providers' transports are producers
-
-    def resumeProducing(self) -> None:
-        self.process.resumeProducing()  # type: ignore[attr-defined]
-
-    def stopProducing(self) -> None:
-        pass  # the client left: the handler's owner ends the process group
 
 
 class EventStream:
@@ -92,7 +74,7 @@ class EventStream:
         for name, value in _HEADERS:
             request.setHeader(name, value)
         request.write(b"")  # the headers, now
-        request.registerProducer(_Output(process), True)
+        request.registerProducer(ProcessOutput(process), True)
         self._sent()
 
     def output(self, data: bytes) -> None:

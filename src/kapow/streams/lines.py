@@ -1,11 +1,33 @@
 # -*- test-case-name: tests.unit.test_streams -*-
 """
-A byte stream cut into lines, as WebSocket messages and events take them.
+What both kinds of stream share: a process's output cut into lines, as
+WebSocket messages and events take them, and paused while the client's
+connection is full.
 """
 
 from __future__ import annotations
 
-__all__ = ["Lines"]
+from twisted.internet.interfaces import IProcessTransport, IPushProducer
+from zope.interface import implementer
+
+__all__ = ["Lines", "ProcessOutput"]
+
+
+@implementer(IPushProducer)
+class ProcessOutput:
+    """Pauses a process's stdout while the client's connection is full (registered with the request)."""
+
+    def __init__(self, process: IProcessTransport) -> None:
+        self.process = process
+
+    def pauseProducing(self) -> None:
+        self.process.pauseProducing()  # type: ignore[attr-defined]  # both providers' transports are producers
+
+    def resumeProducing(self) -> None:
+        self.process.resumeProducing()  # type: ignore[attr-defined]
+
+    def stopProducing(self) -> None:
+        pass  # the client left: the handler's owner ends the process group
 
 
 class Lines:

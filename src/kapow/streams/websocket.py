@@ -35,7 +35,7 @@ from wsproto.utilities import LocalProtocolError
 from zope.interface import implementer
 
 from kapow.core.routes import Route, origin_key
-from kapow.streams.lines import Lines
+from kapow.streams.lines import Lines, ProcessOutput
 
 __all__ = [
     "GOING_AWAY",
@@ -156,23 +156,6 @@ class _Reading:
         pass  # stdin closed: the connection stays until the process exits
 
 
-@implementer(IPushProducer)
-class _Output:
-    """The process's stdout, paused while the connection is full."""
-
-    def __init__(self, process: IProcessTransport) -> None:
-        self.process = process
-
-    def pauseProducing(self) -> None:
-        self.process.pauseProducing()  # type: ignore[attr-defined]  # both providers' transports are producers
-
-    def resumeProducing(self) -> None:
-        self.process.resumeProducing()  # type: ignore[attr-defined]
-
-    def stopProducing(self) -> None:
-        pass
-
-
 class ProcessWebSocket:
     """
     One WebSocket connection and its process (a
@@ -270,7 +253,7 @@ class ProcessWebSocket:
             stdin.bufferSize = STDIN_WAITING
         if self._reading is not None:
             process.registerProducer(self._reading, True)  # type: ignore[attr-defined]  # both providers' transports consume
-        self.request.registerProducer(_Output(process), True)
+        self.request.registerProducer(ProcessOutput(process), True)
         early, self._early = self._early, []
         for data in early:
             process.writeToChild(0, data)

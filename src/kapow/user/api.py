@@ -226,12 +226,7 @@ class UserAPI:
     def _rate_answered(self, wait: float | None, request: Request, found: Match) -> Answer:
         if wait is None:
             return self._guarded(request, found)
-        log.info(
-            "refused {method} {path} (route {route}): over its rate",
-            method=request.method.decode("latin-1"),
-            path=unquote(request.path.decode("latin-1"), errors="surrogateescape"),
-            route=found.route.id,
-        )
+        _log_refusal(request, found.route, "over its rate")
         self._refused(found.route, "rate")
         _drop_body(request)
         request.setHeader(b"Retry-After", b"%d" % retry_after(wait))
@@ -276,13 +271,7 @@ class UserAPI:
             if user is not None:
                 request.kapow_auth_user = user  # type: ignore[attr-defined]  # our mark, read by the site
             return self._admit(request, found)
-        log.info(
-            "refused {method} {path} (route {route}): {why}",
-            method=request.method.decode("latin-1"),
-            path=unquote(request.path.decode("latin-1"), errors="surrogateescape"),
-            route=found.route.id,
-            why=refusal.why,
-        )
+        _log_refusal(request, found.route, refusal.why)
         self._refused(found.route, "auth")
         _drop_body(request)
         if refusal.challenge is not None:
@@ -501,6 +490,16 @@ class UserAPI:
         return handler_object(
             handler.id, handler.route.id, handler.request, self.governor.pid(handler.id), started, state
         )
+
+
+def _log_refusal(request: Request, route: Route, why: str) -> None:
+    log.info(
+        "refused {method} {path} (route {route}): {why}",
+        method=request.method.decode("latin-1"),
+        path=unquote(request.path.decode("latin-1"), errors="surrogateescape"),
+        route=route.id,
+        why=why,
+    )
 
 
 def _drop_body(request: Request) -> None:
