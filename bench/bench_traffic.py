@@ -40,7 +40,10 @@ def cpu_seconds(pid: int) -> float:
 
 def wrk(url: str, duration: float) -> tuple[float, int, dict[str, int]]:
     out = subprocess.run(
-        ["wrk", "-t2", "-c8", f"-d{duration:g}s", "--latency", url], capture_output=True, text=True, check=True
+        ["wrk", "-t2", "-c8", f"-d{duration:g}s", "--latency", url],
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
     total = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]

@@ -164,3 +164,101 @@ def test_http2_connections_keep_the_idle_limit_but_never_cut_a_quiet_handler(
                 kinds.append(received[3])
                 received = received[9 + int.from_bytes(received[:3], "big") :]
         server.wait_log(r"Timing out client")
+
+
+def _h2_frames_until_closed(tls: Any, deadline: float) -> tuple[list[tuple[int, bytes]], bool]:
+    """
+    The (type, payload) of each frame the server sends until it ends TLS
+    (close_notify, or the connection closed), and whether it did by ``deadline``.
+    """
+    import time
+
+    received, closed = b"", False
+    while not closed and time.monotonic() < deadline:
+        tls.settimeout(max(0.01, deadline - time.monotonic()))
+        try:
+            chunk = tls.recv(65536)
+        except TimeoutError:
+            break
+        received += chunk
+        closed = not chunk
+    found = []
+    while len(received) >= 9 and len(received) >= 9 + int.from_bytes(received[:3], "big"):
+        length = int.from_bytes(received[:3], "big")
+        found.append((received[3], received[9 : 9 + length]))
+        received = received[9 + length :]
+    return found, closed
+
+
+def _tcp_closed_by(tls: Any, seconds: float) -> bool:
+    """Whether the server closes the TCP connection under ``tls`` within ``seconds``, with no close_notify of ours."""
+    import socket
+
+    with socket.socket(fileno=os.dup(tls.fileno())) as plain:
+        plain.settimeout(seconds)
+        try:
+            return plain.recv(65536) == b""
+        except TimeoutError:
+            return False
+        except ConnectionResetError:
+            return True
+
+
+@pytest.mark.parametrize(
+    ("bad", "code"),
+    [
+        (b"\x00\x00\x01\x01\x05\x00\x00\x00\x01\x80", 9),  # HEADERS with HPACK index 0: COMPRESSION_ERROR
+        (b"\x00\x00\x01\x04\x01\x00\x00\x00\x00\x00", 6),  # SETTINGS ACK with a payload: FRAME_SIZE_ERROR
+        (b"\x00\x00\x08\x07\x00\x00\x00\x00\x00" + bytes(8), None),  # the client's GOAWAY: no answer
+    ],
+    ids=["hpack", "settings-ack", "goaway"],
+)
+def test_a_connection_the_protocol_ends_closes_at_once_and_alone(
+    https: Any, tmp_path: Path, bad: bytes, code: int | None
+) -> None:
+    import socket
+    import ssl
+    import time
+
+    server, pki, base = https
+    gate = tmp_path / "gate"
+    server.add_route(
+        "/stream",
+        "echo first | kapow set /response/stream; "
+        f"n=0; while [ ! -e {gate} ] && [ $n -lt 200 ]; do sleep 0.05; n=$((n+1)); done; "
+        "echo second | kapow set /response/stream",
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("CURL_CA_BUNDLE", "SSL_CERT_FILE")}
+    other = subprocess.Popen(
+        ["curl", "-sS", "-N", "--http2", "--cacert", str(pki.ca), base + "/stream"],
+        stdout=subprocess.PIPE,
+        env=env,
+    )
+    try:
+        assert other.stdout is not None
+        assert other.stdout.readline() == b"first\n"  # another client's stream, open
+        context = ssl.create_default_context(cafile=str(pki.ca))
+        context.set_alpn_protocols(["h2"])
+        host, port = server.user.removeprefix("https://").rsplit(":", 1)
+        with (
+            socket.create_connection((host, int(port)), timeout=10) as raw,
+            context.wrap_socket(raw, server_hostname="localhost") as tls,
+        ):
+            assert tls.selected_alpn_protocol() == "h2"
+            tls.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+            time.sleep(0.2)
+            tls.sendall(bad)
+            # ended at once: not after the idle timeout (60 s)
+            found, closed = _h2_frames_until_closed(tls, time.monotonic() + 5)
+            assert closed, f"still open 5 s later, after frames {[kind for kind, _ in found]}"
+            # and the TCP connection too, though this client never answers the close_notify
+            assert _tcp_closed_by(tls, 5)
+        goaways = [int.from_bytes(payload[4:8], "big") for kind, payload in found if kind == 7]
+        assert goaways == ([] if code is None else [code])
+        gate.touch()
+        assert other.stdout.readline() == b"second\n"  # the other stream never noticed
+        assert other.wait(10) == 0
+    finally:
+        if other.poll() is None:
+            other.kill()
+            other.wait()

@@ -226,7 +226,7 @@ class UserAPI:
     def _rate_answered(self, wait: float | None, request: Request, found: Match) -> Answer:
         if wait is None:
             return self._guarded(request, found)
-        _log_refusal(request, found.route, "over its rate")
+        # not logged: under a flood its access log line (429) and its count (why="rate") are enough
         self._refused(found.route, "rate")
         _drop_body(request)
         request.setHeader(b"Retry-After", b"%d" % retry_after(wait))

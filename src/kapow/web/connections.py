@@ -35,9 +35,10 @@ from twisted.python.failure import Failure
 from twisted.web import http
 from zope.interface import implementer
 
+from kapow.web.http2 import ConformingH2Connection
+
 if TYPE_CHECKING:
     from twisted.internet.defer import Deferred
-    from twisted.web._http2 import H2Connection
 
 log = Logger()
 
@@ -316,22 +317,49 @@ def guarded_protocol(
 class _Negotiating(http._GenericHTTPChannelProtocol):
     """
     twisted.web's wrapper that turns a connection into HTTP/2 when ALPN
-    chose it, keeping the connection within its limits then too: the
-    :class:`GuardedChannel` it leaves is no longer guarded (it would close the
-    connection as idle), and the HTTP/2 connection closes after the idle
-    time only while it has no stream open: a request being handled, however
-    quiet, is never timed out, as over HTTP/1.1.
+    chose it, with :class:`~kapow.web.http2.ConformingH2Connection` where
+    twisted.web would build its own ``H2Connection`` (its
+    ``_GenericHTTPChannelProtocol.dataReceived`` names that class and takes
+    no other: the switch below is that method's, with ours), and keeping the
+    connection within its limits then too: the :class:`GuardedChannel` it
+    leaves is no longer guarded (it would close the connection as idle), and
+    the HTTP/2 connection closes after the idle time only while it has no
+    stream open: a request being handled, however quiet, is never timed
+    out, as over HTTP/1.1.
     """
 
     def dataReceived(self, data: bytes) -> None:
-        before = self._channel
-        super().dataReceived(data)
-        if self._channel is not before and isinstance(before, GuardedChannel):
-            before.abandoned()
-            _idle_only(self._channel, before.guard.timeouts.idle)
+        if self._negotiatedProtocol is None:
+            self._negotiate()
+        self._channel.dataReceived(data)
+
+    def _negotiate(self) -> None:
+        channel = self._channel
+        assert isinstance(channel, GuardedChannel)  # the first read: still the channel guarded_protocol made
+        negotiated = getattr(channel.transport, "negotiatedProtocol", None) or b"http/1.1"
+        if negotiated == b"h2":
+            channel.abandoned()
+            # as twisted.web does: the HTTP/1.1 channel stops producing for
+            # the transport, the HTTP/2 connection takes over
+            producer = channel._networkProducer
+            producer.unregisterProducer()
+            channel.setTimeout(None)
+            transport = channel.transport
+            connection = ConformingH2Connection(channel.guard.clock)
+            connection.requestFactory = self._requestFactory
+            connection.site = self._site
+            connection.factory = self._factory
+            connection.timeOut = self._timeOut
+            connection.callLater = self._callLater
+            self._channel = connection
+            connection.makeConnection(transport)
+            producer.registerProducer(connection, True)
+            connection.produces_for(producer)
+            _idle_only(connection, channel.guard.timeouts.idle)
+        self._negotiatedProtocol = negotiated
 
 
-def _idle_only(connection: H2Connection, idle: float) -> None:
+def _idle_only(connection: ConformingH2Connection, idle: float) -> None:
     """Let the HTTP/2 ``connection`` time out after ``idle`` seconds only without open streams."""
     timed_out = connection.timeoutConnection
 
@@ -341,7 +369,7 @@ def _idle_only(connection: H2Connection, idle: float) -> None:
         else:
             timed_out()
 
-    connection.timeoutConnection = timeout_when_idle  # type: ignore[method-assign]  # twisted.web made it: no subclass
+    connection.timeoutConnection = timeout_when_idle  # type: ignore[method-assign]  # per connection: its idle limit
     connection.setTimeout(idle)
 
 
