@@ -6,13 +6,13 @@ across workers, and CORS answered by the server itself.
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.support.kapowserver import KapowServer, curl, wait_for
+from tests.support.nginx import free_port
 
 
 @pytest.fixture(params=[(), ("--workers", "2")], ids=["one", "workers"])
@@ -59,10 +59,7 @@ def test_checks_come_in_order_allow_rate_auth(server: KapowServer, tmp_path: Pat
 
 
 def test_refusals_are_counted(start_server: Any) -> None:
-    probe = socket.socket()
-    probe.bind(("127.0.0.1", 0))
-    port = probe.getsockname()[1]
-    probe.close()
+    port = free_port()
     server = start_server(extra=("--metrics-bind", f"127.0.0.1:{port}"))
     route = server.add_route("/m", "true", "--rate", "1/h")
     codes(server, "/m", 3)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ from typing import Any
 import pytest
 
 from tests.support.kapowserver import KapowServer, curl, group_members, read_int, wait_for
+from tests.support.nginx import free_port
 from tests.support.pki import make_pki
 from tests.support.websocket import BINARY, PING, TEXT, WebSocketClient, frame_bytes
 
@@ -311,10 +311,7 @@ def test_a_graceful_stop_closes_connections_with_1001(either: KapowServer) -> No
 
 
 def test_metrics_count_connections_and_messages(start_server: Any) -> None:
-    probe = socket.socket()
-    probe.bind(("127.0.0.1", 0))
-    port = probe.getsockname()[1]
-    probe.close()
+    port = free_port()
     server = start_server(extra=("--metrics-bind", f"127.0.0.1:{port}"))
     route = server.add_route("/ws", "cat", "--mode", "websocket")
     client = connect(server, "/ws")

@@ -22,9 +22,8 @@ from kapow.core.routes import Match, Route, RouteTable
 from kapow.handlers.admission import LocalAdmission, ServerQueue, Slots
 from kapow.handlers.governor import Governor
 from kapow.handlers.handler import HandlerRegistry
-from kapow.handlers.spawn import SpawnError
+from kapow.handlers.spawn import ExitCallback, SpawnError
 from kapow.user.api import UserAPI
-from kapow.user.running import ExitCallback
 from kapow.user.site import UserSite
 from tests.support.user_connection import SiteConnection, header_values, http_request
 

@@ -140,6 +140,7 @@ def exit_description(reason: Failure) -> tuple[int | None, int | None]:
     return getattr(reason.value, "exitCode", None), getattr(reason.value, "signal", None)
 
 
+#: Told a process's exit: its status, or the signal that killed it.
 ExitCallback = Callable[[int | None, int | None], None]
 
 

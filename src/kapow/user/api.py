@@ -48,7 +48,15 @@ from kapow.handlers.rates import RateLimits, Rates
 from kapow.streams.websocket import upgrade_refusal
 from kapow.user.answers import Answer, Later, internal_error, plain
 from kapow.user.handler_object import STATES, handler_object
-from kapow.user.jobs import DEFAULT_JOB_OUTPUT_MAX, DEFAULT_JOBS_PATH, JobBook, JobRequest, Jobs, job_record
+from kapow.user.jobs import (
+    DEFAULT_JOB_OUTPUT_MAX,
+    DEFAULT_JOBS_PATH,
+    JobBook,
+    JobRequest,
+    Jobs,
+    ended_unrun,
+    job_record,
+)
 from kapow.user.proxies import TrustedProxies
 from kapow.user.running import HandlerSpawner, Runner
 from kapow.user.waiting import Waiting, WaitingRequests
@@ -354,12 +362,8 @@ class UserAPI:
 
     def _job_unanswered(self, job: JobRequest, job_id: str, found: Match, answer: bytes | None) -> None:
         """A job answered without a process (refused once queued, or unable to start): it is over."""
-        if answer is None:
-            return  # its handler answers it
-        job.write(answer)
-        record = job_record(job_id, found.route, job.as_request(), self.reactor.seconds(), self.server_name)
-        record.update(status=job.code, duration_s=0.0, truncated=job.truncated, stderr_tail="")
-        self.jobs.done(record, job.result())
+        if answer is not None:  # else its handler answers it
+            ended_unrun(self.jobs, job, job_id, found.route, self.reactor.seconds(), self.server_name, answer)
 
     def _job_asked(self, request: Request, rest: str) -> Answer:
         """``GET {jobs_path}/{id}`` and ``GET {jobs_path}/{id}/result``."""

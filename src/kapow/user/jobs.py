@@ -19,7 +19,6 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol, cast
-from urllib.parse import unquote_to_bytes
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.web.http import RESPONSES
@@ -27,7 +26,8 @@ from twisted.web.http_headers import Headers
 from twisted.web.server import Request
 
 from kapow.core.routes import Route
-from kapow.core.runs import JobResult, RunRecord, rfc3339
+from kapow.core.runs import JobResult, RunRecord
+from kapow.user.run_record import described
 from kapow.web.errors import phrase
 
 __all__ = [
@@ -38,7 +38,9 @@ __all__ = [
     "JobHistory",
     "JobRequest",
     "Jobs",
+    "ended_unrun",
     "job_record",
+    "kept_guard",
 ]
 
 #: What ``GET /_jobs/{id}`` says of a job: waiting for a slot, its process running, or over.
@@ -55,13 +57,7 @@ def job_record(job_id: str, route: Route, request: Request, since: float, server
     the ``allow`` and ``auth`` of its route, kept with it (``_guard``).
     """
     record: RunRecord = {
-        "id": job_id,
-        "route_id": route.id,
-        "pattern": route.url_pattern,
-        "method": request.method.decode("latin-1"),
-        "path": unquote_to_bytes(request.path).decode("utf-8", "replace"),
-        "remote": getattr(request.getClientAddress(), "host", ""),
-        "started": rfc3339(since),
+        **described(route, request, job_id, since, server),
         "duration_s": None,
         "status": None,
         "outcome": None,
@@ -71,11 +67,25 @@ def job_record(job_id: str, route: Route, request: Request, since: float, server
         "bytes_out": None,
         "mode": "http",
         "job": True,
-        "server": server,
     }
+    return kept_guard(record, route)
+
+
+def kept_guard(record: RunRecord, route: Route) -> RunRecord:
+    """``record`` with the ``allow`` and ``auth`` of its ``route`` kept in it (``_guard``), if it has any."""
     if route.auth:
         record["_guard"] = dict(route.auth)
     return record
+
+
+def ended_unrun(
+    book: JobBook, job: JobRequest, job_id: str, route: Route, now: float, server: str, answer: bytes
+) -> None:
+    """A job answered without a process (refused once queued, or unable to start): ``answer`` is its result."""
+    job.write(answer)
+    record = job_record(job_id, route, job.as_request(), now, server)
+    record.update(status=job.code, duration_s=0.0, truncated=job.truncated, stderr_tail="")
+    book.done(record, job.result())
 
 
 class _Kept:

@@ -9,15 +9,32 @@ from __future__ import annotations
 
 from urllib.parse import unquote_to_bytes
 
+from twisted.web.server import Request
+
+from kapow.core.routes import Route
 from kapow.core.runs import RunRecord, rfc3339
 from kapow.handlers.handler import Handler
 
-__all__ = ["outcome_of", "run_record"]
+__all__ = ["described", "outcome_of", "run_record"]
 
 
 def outcome_of(handler: Handler, status: int | None, signal: int | None) -> str:
     """How the run of ``handler`` ended, as the metrics and the history name it."""
     return handler.ended_by or ("signal" if signal is not None else "error" if status else "ok")
+
+
+def described(route: Route, request: Request, run_id: str, started: float, server: str) -> RunRecord:
+    """What every record says of its request and its route, before how the run went."""
+    return {
+        "id": run_id,
+        "route_id": route.id,
+        "pattern": route.url_pattern,
+        "method": request.method.decode("latin-1"),
+        "path": unquote_to_bytes(request.path).decode("utf-8", "replace"),
+        "remote": getattr(request.getClientAddress(), "host", ""),
+        "started": rfc3339(started),
+        "server": server,
+    }
 
 
 def run_record(
@@ -37,13 +54,7 @@ def run_record(
     sent: int | None = request.code if started_answer else None
     stream = handler.stream
     return {
-        "id": handler.id,
-        "route_id": route.id,
-        "pattern": route.url_pattern,
-        "method": request.method.decode("latin-1"),
-        "path": unquote_to_bytes(request.path).decode("utf-8", "replace"),
-        "remote": getattr(request.getClientAddress(), "host", ""),
-        "started": rfc3339(started),
+        **described(route, request, handler.id, started, server),
         "duration_s": round(duration, 6),
         "status": sent,
         "outcome": outcome_of(handler, status, signal),
@@ -53,5 +64,4 @@ def run_record(
         "bytes_out": getattr(stream, "sent_bytes", None) or request.sentLength,
         "mode": route.mode or "http",
         "job": False,
-        "server": server,
     }

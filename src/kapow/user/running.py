@@ -24,20 +24,17 @@ from kapow.core.runs import RunRecord
 from kapow.handlers.admission import Admission
 from kapow.handlers.governor import Governor
 from kapow.handlers.handler import Handler, HandlerRegistry
-from kapow.handlers.spawn import ProcessStream
+from kapow.handlers.spawn import ExitCallback, ProcessStream
 from kapow.streams.events import EventStream
 from kapow.streams.websocket import SERVER_ERROR, ProcessWebSocket, accept
 from kapow.user.answers import internal_error
-from kapow.user.jobs import JobBook, JobRequest, job_record
+from kapow.user.jobs import JobBook, JobRequest, ended_unrun, job_record, kept_guard
 from kapow.user.run_record import outcome_of, run_record
 
-__all__ = ["ExitCallback", "HandlerSpawner", "Runner"]
+__all__ = ["HandlerSpawner", "Runner"]
 
 log = Logger()
 _T = TypeVar("_T")
-
-#: Told a process's exit: its status, or the signal that killed it.
-ExitCallback = Callable[[int | None, int | None], None]
 
 
 class HandlerSpawner(Protocol):
@@ -203,10 +200,10 @@ class Runner:
         request = handler.request
         if handler.route.job and self.jobs is not None:  # over before it ran: its result is the 500
             job = cast(JobRequest, request)
-            job.write(internal_error(request))
-            record = job_record(handler.id, handler.route, request, self.clock.seconds(), self.server_name)
-            record.update(status=job.code, duration_s=0.0, truncated=False, stderr_tail="")
-            self.jobs.done(record, job.result())
+            now = self.clock.seconds()
+            ended_unrun(
+                self.jobs, job, handler.id, handler.route, now, self.server_name, internal_error(request)
+            )
             return
         if not request._disconnected and not request.finished:
             request.write(internal_error(request))
@@ -254,9 +251,7 @@ class Runner:
             tail = handler.stderr_tail.decode("utf-8", "replace")
             # its response was kept, not sent: its status is the one kept, body or not
             record.update(job=True, status=job.code, stderr_tail=tail, truncated=job.truncated)
-            if handler.route.auth:
-                record["_guard"] = dict(handler.route.auth)
-            self.jobs.done(record, job.result())
+            self.jobs.done(kept_guard(record, handler.route), job.result())
         elif self.history is not None:
             self.history(run_record(handler, started, elapsed, status, signal, self.server_name))
 
