@@ -18,7 +18,7 @@ from __future__ import annotations
 import base64
 import binascii
 from collections.abc import Callable, Sequence
-from typing import Any, cast
+from typing import Generic, TypeVar, cast
 
 from twisted.internet.interfaces import (
     IDelayedCall,
@@ -110,17 +110,22 @@ def upgrade_refusal(request: Request, route: Route) -> Refusal | None:
     return _FORBIDDEN
 
 
-class _Bounded:
+#: A message's text, or its bytes.
+_Message = TypeVar("_Message", str, bytes)
+
+
+class _Bounded(Generic[_Message]):
     """A message being assembled, in the wire protocol's place: at most ``limit`` bytes."""
 
-    def __init__(self, empty: Any, limit: int, too_big: Callable[[], None]) -> None:
-        self.data = self._empty = empty
+    def __init__(self, empty: _Message, limit: int, too_big: Callable[[], None]) -> None:
+        self.data: _Message = empty
+        self._empty: _Message = empty
         self.limit = limit
         self.too_big = too_big
         self.size = 0
         self.over = False
 
-    def add(self, new: Any) -> None:
+    def add(self, new: _Message) -> None:
         if self.over:
             return
         self.size += len(new.encode()) if isinstance(new, str) else len(new)
@@ -131,7 +136,7 @@ class _Bounded:
         else:
             self.data += new
 
-    def done(self) -> Any:
+    def done(self) -> _Message:
         result, self.data, self.size, self.over = self.data, self._empty, 0, False
         return result
 

@@ -18,9 +18,10 @@ import io
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol, cast
+from typing import Protocol, cast
 
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IAddress
 from twisted.web.http import RESPONSES
 from twisted.web.http_headers import Headers
 from twisted.web.server import Request
@@ -133,7 +134,7 @@ class JobRequest:
         self.on_finish: Callable[[], None] | None = None
 
     # what the handler reads
-    def getClientAddress(self) -> Any:
+    def getClientAddress(self) -> IAddress:
         return self._request.getClientAddress()
 
     def getHeader(self, name: bytes) -> bytes | None:
