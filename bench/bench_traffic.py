@@ -91,10 +91,12 @@ def main() -> None:
             print(f"true.c8.rps.plain {p:.1f} req/s")
             print(f"true.c8.rps.rated {r:.1f} req/s")
             print(f"true.c8.rated_over_plain {r / p:.3f} ratio")
+            # The server and its workers: the processes of its group started
+            # with ``--worker N`` (the server's own ``--workers`` is not that).
             pids = [server.pid] + [
                 int(line.split()[0]) for line in subprocess.run(
                     ["ps", "-o", "pid=,pgid=,args=", "-e"], capture_output=True, text=True
-                ).stdout.splitlines() if f" {server.pid} " in f" {line.split()[1]} " and "--worker" in line
+                ).stdout.splitlines() if line.split()[1] == str(server.pid) and "--worker" in line.split()[2:]
             ]  # fmt: skip
             before = sum(cpu_seconds(pid) for pid in pids)
             _rps, total, counts = wrk(base + "/flood", args.duration)

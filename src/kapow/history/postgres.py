@@ -125,7 +125,7 @@ _SET = ", ".join(f"{name} = new.{name}" for name, _ in _COLUMNS[1:])
 # safeguard of a writer that does not take the write lock.
 _UPSERT = f"""
 WITH new AS (
-    SELECT * FROM unnest({", ".join(f"%s::{kind}[]" for _, kind in _COLUMNS)})
+    SELECT * FROM unnest({", ".join(f"%b::{kind}[]" for _, kind in _COLUMNS)})
         WITH ORDINALITY AS batch ({_NAMES}, position)
 ), updated AS (
     UPDATE kapow_runs SET {_SET} FROM new WHERE kapow_runs.id = new.id RETURNING kapow_runs.id
