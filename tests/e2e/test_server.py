@@ -211,7 +211,7 @@ def test_a_port_in_use_stops_the_start_with_one_line() -> None:
             assert result.returncode == 1
             lines = [line for line in result.stderr.splitlines() if line]
             assert lines == [
-                f"kapow: error: control interface: cannot listen on 127.0.0.1:{port}: Address already in use"
+                f"kapow server: control interface: cannot listen on 127.0.0.1:{port}: Address already in use"
             ]
 
 

@@ -319,7 +319,7 @@ def test_a_socket_systemd_did_not_pass_stops_the_start_with_one_line(bind: str) 
         check=False, capture_output=True, text=True, env=env, timeout=30,
     )  # fmt: skip
     assert result.returncode == 1
-    assert result.stderr.startswith(f"kapow: error: --bind {bind}: ")
+    assert result.stderr.startswith(f"kapow server: --bind {bind}: ")
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
 
 

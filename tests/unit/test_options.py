@@ -1,17 +1,24 @@
 """
 The options of ``kapow server`` (kapow.server.options): defaults as the
 reference's, every value coerced as it is read, one line for each bad
-value, listener addresses, and the help that shows them.
+value, options read wherever they stand, boolean values, listener
+addresses, and the help that shows them (kapow.server.help_text).
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import socket
+import sys
+from pathlib import Path
 
 import pytest
+from twisted.application.twist._options import TwistOptions
 from twisted.python.usage import UsageError
+from twisted.scripts.twistd import ServerOptions
 
+from kapow.server import help_text
 from kapow.server.options import (
     HISTORY_OFF,
     Options,
@@ -304,3 +311,204 @@ def test_the_history_lives_where_systemd_keeps_state_unless_told() -> None:
 )
 def test_bad_job_options_are_refused(args: tuple[str, ...], message: str) -> None:
     assert refusal(*args).startswith(message)
+
+
+# -- where options stand ---------------------------------------------------------
+
+
+def test_options_are_read_wherever_they_stand_among_the_init_programs() -> None:
+    options = parsed("prog1", "--bind", "127.0.0.1:9", "prog2", "--debug", "--kill-grace=1")
+    assert (options["bind"], options["debug"], options["kill-grace"]) == ("127.0.0.1:9", 1, 1.0)
+    assert options["init_programs"] == ["prog1", "prog2"]
+
+
+def test_a_double_dash_ends_the_options() -> None:
+    options = parsed("prog1", "--", "--bind", "127.0.0.1:9", "--bnd", "-", "--")
+    assert options["bind"] == "0.0.0.0:8080"
+    assert options["init_programs"] == ["prog1", "--bind", "127.0.0.1:9", "--bnd", "-", "--"]
+
+
+def test_a_lone_dash_is_an_init_program_and_a_value_may_look_like_an_option() -> None:
+    options = parsed("-", "--server-name", "--debug")
+    assert (options["init_programs"], options["server-name"], options["debug"]) == (["-"], "--debug", 0)
+
+
+def test_the_workers_get_the_command_line_as_given() -> None:
+    argv = ["prog", "--workers", "2", "--debug", "false", "--", "--bind"]
+    options = Options()
+    options.parseOptions(argv)
+    assert options.argv == argv
+    worker = Options()
+    worker.parseOptions(["--worker", "1", *argv])
+    assert dict(worker) == {**dict(options), "worker": 1}
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--bnd", "x"],
+        ["prog", "--bnd"],
+        ["--debug", "--bnd=x", "prog"],
+        ["prog1", "prog2", "--bnd=x", "--", "prog3"],
+    ],
+)
+def test_an_unknown_option_is_refused_wherever_it_stands(args: list[str]) -> None:
+    assert refusal(*args) == "option --bnd not recognized"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["-x"], "option -x not recognized"),
+        (["prog", "-x"], "option -x not recognized"),
+        (["--bi", ":9"], "option --bi not recognized"),  # no abbreviations, as in the reference
+        (["--work", "2"], "option --work not recognized"),
+        (["--log-format=text"], "option --log-format not recognized"),
+        (["--bind"], "option --bind requires argument"),
+        (["prog", "--bind"], "option --bind requires argument"),
+        (["--help=yes"], "option --help must not have an argument"),
+    ],
+)
+def test_a_misused_option_is_refused_in_one_line(args: list[str], message: str) -> None:
+    assert refusal(*args) == message
+
+
+# -- boolean options -------------------------------------------------------------
+
+HTTPS = ("--certfile", "c.pem", "--keyfile", "k.pem")
+
+
+@pytest.mark.parametrize("value", ["1", "t", "T", "TRUE", "true", "True"])
+@pytest.mark.parametrize("flag", ["clientauth", "debug", "keep-running-on-disconnect"])
+def test_a_boolean_option_takes_go_s_spellings_of_true(flag: str, value: str) -> None:
+    assert parsed(*HTTPS, f"--{flag}={value}")[flag] == 1
+
+
+@pytest.mark.parametrize("value", ["0", "f", "F", "FALSE", "false", "False"])
+@pytest.mark.parametrize("flag", ["clientauth", "debug", "keep-running-on-disconnect"])
+def test_a_boolean_option_takes_go_s_spellings_of_false(flag: str, value: str) -> None:
+    assert parsed(f"--{flag}={value}")[flag] == 0
+
+
+@pytest.mark.parametrize("value", ["", "yes", "on", "tRUE", "2"])
+def test_any_other_boolean_value_is_refused(value: str) -> None:
+    assert refusal(f"--clientauth={value}") == f"--clientauth must be true or false, not {value!r}"
+
+
+def test_the_last_value_of_a_boolean_option_wins() -> None:
+    assert parsed("--debug", "--debug=false")["debug"] == 0
+    assert parsed("--debug=0", "prog", "--debug")["debug"] == 1
+
+
+def test_a_lone_true_or_false_after_a_boolean_option_is_its_value() -> None:
+    options = parsed(*HTTPS, "--clientauth", "true", "--clientcafile", "ca.pem", "awesome-route")
+    assert (options["clientauth"], options["clientcafile"]) == (1, "ca.pem")
+    assert options["init_programs"] == ["awesome-route"]
+    assert parsed("--debug", "false", "prog")["debug"] == 0
+    assert parsed("--debug", "false", "prog")["init_programs"] == ["prog"]
+
+
+@pytest.mark.parametrize(
+    ("args", "programs"),
+    [
+        (["--debug", "TRUE"], ["TRUE"]),  # only the words true and false
+        (["--debug=true", "true"], ["true"]),  # the value was given
+        (["true", "--debug"], ["true"]),
+    ],
+)
+def test_other_words_near_a_boolean_option_are_init_programs(args: list[str], programs: list[str]) -> None:
+    options = parsed(*args)
+    assert (options["debug"], options["init_programs"]) == (1, programs)
+
+
+def test_the_reference_s_documented_tls_commands() -> None:
+    for args in (
+        ["--keyfile", "key.pem", "--certfile", "cert.pem", "--clientauth=true", "--clientcafile", "clientca.pem", "foobar-route"],
+        ["--certfile", "c", "--keyfile", "k", "--clientauth", "true", "--clientcafile", "ca", "awesome-route"],
+    ):  # fmt: skip
+        options = parsed(*args)
+        assert options["clientauth"] == 1 and options["clientcafile"] == args[-2]
+        assert options["init_programs"] == args[-1:]
+    assert refusal("--certfile", "c", "--keyfile", "k", "--clientauth=false", "--clientcafile", "ca") == (
+        "--clientcafile needs --clientauth"
+    )
+
+
+# -- under twist and twistd ------------------------------------------------------
+
+
+@pytest.fixture
+def twist_argv(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The runners name themselves from ``sys.argv[0]``."""
+    monkeypatch.setattr(sys, "argv", [str(Path(sys.executable).with_name("twist"))])
+
+
+@pytest.mark.parametrize(
+    ("args", "written"),
+    [
+        (["--log-format=text"], "--log-format=text"),
+        (["prog", "--log-format", "json"], "--log-format=json"),
+        (["--log-level", "debug"], "--log-level=debug"),
+        (["--log-file=-"], "--log-file=-"),
+        (["--reactor", "epoll"], "--reactor=epoll"),
+    ],
+)
+def test_twist_s_own_options_after_the_plugin_name_say_where_they_go(
+    twist_argv: None, args: list[str], written: str
+) -> None:
+    with pytest.raises(UsageError) as caught:
+        TwistOptions().parseOptions(["kapow", *args])
+    name = written.split("=")[0]
+    assert str(caught.value) == (
+        f"option {name} is twist's own: put it before the plugin name (twist {written} kapow ...)"
+    )
+
+
+def test_twistd_s_own_options_after_the_plugin_name_say_where_they_go() -> None:
+    with pytest.raises(UsageError) as caught:
+        ServerOptions().parseOptions(["kapow", "--nodaemon"])
+    assert str(caught.value) == (
+        "option --nodaemon is twistd's own: put it before the plugin name (twistd --nodaemon kapow ...)"
+    )
+
+
+def test_an_unknown_option_under_twist_is_just_unknown(twist_argv: None) -> None:
+    with pytest.raises(UsageError) as caught:
+        TwistOptions().parseOptions(["kapow", "prog", "--bnd=x"])
+    assert str(caught.value) == "option --bnd not recognized"
+
+
+# -- the help ----------------------------------------------------------------------
+
+
+def printed_help(runner: TwistOptions | None, args: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    with pytest.raises(SystemExit) as exited:
+        (runner or Options()).parseOptions(args)
+    assert exited.value.code == 0
+    return capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args", [["--help"], ["-h"], ["prog", "--bind", ":9", "--help"]])
+def test_the_prerendered_help_is_what_the_options_print(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], args: list[str]
+) -> None:
+    monkeypatch.setenv("COLUMNS", str(help_text.WIDTH))
+    assert printed_help(None, args, capsys) == help_text.HELP  # else: help_text.regenerate()
+    assert help_text.HELP.startswith("Usage: kapow server [options] [INIT_PROGRAM ...]\n")
+    assert "  -h, --help " in help_text.HELP
+
+
+def test_the_usage_line_under_twist_names_twist_and_the_plugin(
+    twist_argv: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    shown = printed_help(TwistOptions(), ["kapow", "--help"], capsys)
+    assert shown.splitlines()[0] == "Usage: twist [options] kapow [options] [INIT_PROGRAM ...]"
+
+
+def test_regenerate_rewrites_a_stale_help(tmp_path: Path) -> None:
+    module = tmp_path / "help_text.py"
+    shutil.copy(help_text.__file__, module)
+    source = module.read_text()
+    module.write_text(source.replace("  -h, --help ", "  --stale   "))
+    help_text.regenerate(str(module))
+    assert module.read_text() == source.replace(help_text.HELP, help_text.rendered())

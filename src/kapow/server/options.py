@@ -6,6 +6,11 @@ and its validator in the coerce column: a value on the command line is
 checked and converted as it is read, and ``dict(options)`` holds the values
 the assembly (:mod:`kapow.server.assembly`) builds from. Only the checks that
 look at several options at once are left to :meth:`Options.postOptions`.
+
+Options are read wherever they stand among the init programs, up to a ``--``,
+as the reference reads them; its boolean options also take a value
+(``--clientauth=false``, or ``--clientauth false`` as the reference's
+documentation writes it).
 """
 
 from __future__ import annotations
@@ -44,6 +49,13 @@ WORKER_OPTION = "--worker"
 
 #: The values of ``--data-client``.
 DATA_CLIENTS = ("auto", "native", "python")
+
+#: The spellings of a boolean option's value: Go's ``strconv.ParseBool``, as the reference reads them.
+_TRUE = frozenset({"1", "t", "T", "TRUE", "true", "True"})
+_FALSE = frozenset({"0", "f", "F", "FALSE", "false", "False"})
+
+#: The words that, right after a boolean option, are its value rather than an init program.
+_LONE_VALUES = ("true", "false")
 
 
 def parse_listen_address(addr: str) -> tuple[str, str | None]:
@@ -115,6 +127,15 @@ def control_reachable_addr(options: Options) -> str:
     if host in ("0.0.0.0", "::", ""):
         host = "localhost"
     return f"[{host}]:{m['port']}" if ":" in host else f"{host}:{m['port']}"
+
+
+def boolean(flag: str, value: str) -> int:
+    """The value of boolean option ``--flag``: 1 or 0, as Twisted keeps flags."""
+    if value in _TRUE:
+        return 1
+    if value in _FALSE:
+        return 0
+    raise usage.UsageError(f"--{flag} must be true or false, not {value!r}")
 
 
 # -- validators: the coerce column of Options.optParameters ---------------------
@@ -272,7 +293,8 @@ class Options(usage.Options):
     it in its own words; Twisted adds ``[default: ...]`` to the others.
     """
 
-    synopsis = "kapow server [options] [INIT_PROGRAM ...]"
+    #: What follows the command (``kapow server``, ``twist kapow``) in the usage line.
+    synopsis = "[options] [INIT_PROGRAM ...]"
     longdesc = (
         "Serve HTTP routes backed by shell commands. Each INIT_PROGRAM is run once "
         "the listeners are up, with KAPOW_CONTROL_URL, KAPOW_DATA_URL and the "
@@ -525,6 +547,17 @@ class Options(usage.Options):
         sys.stdout.write(f"kapow {__version__}\n")
         raise SystemExit(0)
 
+    opt_h = usage.Options.opt_help  # -h, as the reference has it
+
+    def getSynopsis(self) -> str:
+        """
+        The usage line: of ``kapow server``, or under a Twisted runner
+        (``twist``, ``twistd``) of the runner and the plugin.
+        """
+        if self.parent is None:
+            return f"Usage: kapow server {self.synopsis}"
+        return f"Usage: {self._runner()} [options] {self.parent.subCommand} {self.synopsis}"
+
     def getUsage(self, width: int | None = None) -> str:
         shown = self.longOpt
         self.longOpt = [name for name in shown if name != WORKER_OPTION[2:] + "="]
@@ -535,7 +568,81 @@ class Options(usage.Options):
 
     def parseOptions(self, options: list[str] | None = None) -> None:
         self.argv = list(sys.argv[1:] if options is None else options)
-        super().parseOptions(options)
+        ordered, booleans = self._in_getopt_order(self.argv)
+        self.update(booleans)
+        super().parseOptions(ordered)
+
+    def _in_getopt_order(self, argv: list[str]) -> tuple[list[str], dict[str, int]]:
+        """
+        Split ``argv`` into what Twisted's getopt reads, the options and then
+        ``--`` and the init programs, and the values of the boolean options,
+        which getopt cannot read; only known options pass, with their names
+        spelled out.
+        """
+        flags = {name for name, *_ in self.optFlags}
+        options: list[str] = []
+        programs: list[str] = []
+        booleans: dict[str, int] = {}
+        words = argv[::-1]  # the next word is words[-1]
+        while words:
+            word = words.pop()
+            if word == "--":
+                programs += reversed(words)
+                break
+            if word == "-" or not word.startswith("-"):
+                programs.append(word)
+            elif not word.startswith("--"):
+                options.append(word)  # getopt knows -h and refuses any other
+            else:
+                name, given, value = word[2:].partition("=")
+                if name in flags:
+                    booleans[name] = self._boolean(name, value if given else None, words)
+                else:
+                    options.append(self._known(name, word, words))
+        return [*options, "--", *programs], booleans
+
+    @staticmethod
+    def _boolean(name: str, value: str | None, words: list[str]) -> int:
+        """``--name=VALUE``, ``--name true``, ``--name false``, or ``--name`` alone: true."""
+        if value is None and words and words[-1] in _LONE_VALUES:
+            value = words.pop()
+        return 1 if value is None else boolean(name, value)
+
+    def _known(self, name: str, word: str, words: list[str]) -> str:
+        """
+        Option ``--name`` in one word for getopt: with its value, the next
+        word unless given, if it takes one.
+        """
+        if name + "=" in self.longOpt:
+            if "=" in word:
+                return word
+            if not words:
+                raise usage.UsageError(f"option --{name} requires argument")
+            return f"{word}={words.pop()}"
+        if name in self.longOpt:
+            return word
+        raise usage.UsageError(self._unrecognized(name, word, words))
+
+    def _unrecognized(self, name: str, word: str, words: list[str]) -> str:
+        """
+        Why ``--name`` is refused: unknown, or an option of the Twisted runner
+        (``twist --log-format``) given after the plugin's name.
+        """
+        runner = self.parent
+        if runner is None or not {name, name + "="} & set(runner.longOpt):
+            return f"option --{name} not recognized"
+        if name + "=" in runner.longOpt and "=" not in word and words:
+            word = f"{word}={words[-1]}"
+        program = self._runner()
+        return (
+            f"option --{name} is {program}'s own: put it before the plugin name "
+            f"({program} {word} {runner.subCommand} ...)"
+        )
+
+    def _runner(self) -> str:
+        """The name of the Twisted runner whose plugin these options are, from its usage line."""
+        assert self.parent is not None
+        return self.parent.getSynopsis().split()[1]
 
     def parseArgs(self, *programs: str) -> None:
         self["init_programs"] = list(programs)

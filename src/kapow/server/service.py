@@ -40,7 +40,7 @@ class StartupError(Exception):
 
 def fatal(message: str) -> NoReturn:
     """Stop the start with one line on stderr and exit status 1."""
-    sys.stderr.write(f"kapow: error: {message}\n")
+    sys.stderr.write(f"kapow server: {message}\n")
     sys.stderr.flush()
     raise SystemExit(1)
 
