@@ -202,8 +202,9 @@ class ControlClient:
 
     A call the server answers with a status other than 2xx fails with
     :class:`ControlError`, whose ``status`` is that status and ``reason``
-    (and ``detail``, when the server gives one) what its JSON body says.  A
-    connection or TLS failure fails with Twisted's own error
+    (and ``detail``, when the server gives one) what its JSON body says;
+    its ``str()`` is ``REASON: DETAIL`` (or ``REASON``), as ``kapow route``
+    prints it.  A connection or TLS failure fails with Twisted's own error
     (:class:`~twisted.internet.error.ConnectionRefusedError`,
     :class:`~twisted.web._newclient.ResponseNeverReceived` carrying the TLS
     error, ...).  No call times out by itself: add a timeout to its Deferred

@@ -258,4 +258,7 @@ def test_bad_values_are_one_line_errors(flag: str, value: str) -> None:
     result = subprocess.run([KAPOW, "server", flag, value], capture_output=True, text=True, timeout=30)
     assert result.returncode == 1
     assert result.stdout == ""
-    assert result.stderr == f"kapow server: {flag} must be a positive number, not {value!r} (see kapow server --help)\n"
+    assert (
+        result.stderr
+        == f"kapow server: {flag} must be a positive number, not {value!r} (see kapow server --help)\n"
+    )

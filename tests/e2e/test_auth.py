@@ -129,16 +129,25 @@ def test_unusable_auth_is_refused_by_the_control_api_and_the_command_line(
         result = server.kapow("route", "add", "/x", "-c", "true", *flags)
         assert result.returncode == 1 and result.stdout == "", flags
         assert len(result.stderr.strip().splitlines()) == 1, result.stderr
-    for auth in (
-        {"allow": ["nope"]},
-        {"bearer_tokens_file": str(tmp_path / "missing")},
-        {"basic_users_file": str(tmp_path / "htpasswd")},
+    for auth, detail in (
+        (
+            {"allow": ["nope"]},
+            "auth: bad network 'nope': 'nope' does not appear to be an IPv4 or IPv6 network",
+        ),
+        (
+            {"bearer_tokens_file": str(tmp_path / "missing")},
+            f"auth: cannot read {tmp_path / 'missing'}: No such file or directory",
+        ),
+        (
+            {"basic_users_file": str(tmp_path / "htpasswd")},
+            f"auth: {tmp_path / 'htpasswd'}, line 1: not user:bcrypt-hash (only bcrypt is accepted)",
+        ),
     ):
         answer = server.curl_control(
             "-i", "-X", "POST", "--data-binary", "@-", server.control + "/routes",
             input=json.dumps({"method": "GET", "url_pattern": "/x", "auth": auth}).encode(),
         )  # fmt: skip
-        head = answer.stdout.split(b"\r\n", 1)[0]
-        assert head == b"HTTP/1.1 422 Invalid Route", answer.stdout
-        assert answer.stdout.endswith(b'{"reason": "Invalid Route"}')
+        head, _, refusal = answer.stdout.partition(b"\r\n\r\n")
+        assert head.split(b"\r\n", 1)[0] == b"HTTP/1.1 422 Invalid Route", answer.stdout
+        assert json.loads(refusal) == {"reason": "Invalid Route", "detail": detail}
     assert json.loads(server.kapow("route", "list").stdout) == []

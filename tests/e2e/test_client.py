@@ -198,13 +198,14 @@ class ConstructorTests(_ServerCase):
         write_program(
             program,
             f"""#!{sys.executable}
+import sys
 from twisted.internet.task import react
 from kapow.client import ControlClient
 
 async def main(reactor):
     client = ControlClient.from_environ(reactor)
     route = await client.add_route("/from-init", "echo init | kapow set /response/body")
-    print("added", route["url_pattern"], "at", client.url)
+    print("added", route["url_pattern"], "at", client.url, file=sys.stderr)
 
 react(main)
 """,

@@ -13,6 +13,8 @@ import io
 import itertools
 import json
 import os
+import re
+import shlex
 import shutil
 import signal
 import socket
@@ -26,8 +28,9 @@ from dataclasses import dataclass
 import pytest
 
 import kapow
-from kapow.commands.data_client import DataAPIError, DataClient, _json_reason, is_lean_command
+from kapow.commands.data_client import DataAPIError, DataClient, _json_string, is_lean_command
 from kapow.commands.launcher import FULL_CLI, MAX_SHEBANG, launcher_source, write_launcher
+from tests.support.kapowserver import curl
 from tests.support.native import native_client_or_skip
 
 SRC = os.path.dirname(os.path.dirname(os.path.abspath(kapow.__file__)))
@@ -60,8 +63,9 @@ class Reply:
     reason: str = ""
 
 
-def json_error(status, reason):
-    body = json.dumps({"reason": reason}).encode()
+def json_error(status, reason, detail=None):
+    fields = {"reason": reason} if detail is None else {"reason": reason, "detail": detail}
+    body = json.dumps(fields).encode()
     return Reply(status, body, (("Content-Type", "application/json"),))
 
 
@@ -212,11 +216,13 @@ def start_set_body(launcher, server):
 
 
 def one_error_line(result):
+    """The one line on stderr of a failure: ``kapow: ...`` for what the data API said
+    or why it could not be reached, ``kapow COMMAND: ...`` for the rest."""
     assert result.returncode == 1
     assert result.stdout == b""
     lines = result.stderr.decode().splitlines()
     assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("kapow: ")
+    assert re.match(r"kapow( get| set| unset)?: ", lines[0]), lines[0]
     return lines[0]
 
 
@@ -290,6 +296,45 @@ def test_get_reason_with_escapes(server, launcher):
     assert line == 'kapow: bad "x" \\ caf\u00e9 \U0001f600 a/b next'
 
 
+def test_set_refusal_prints_reason_and_detail(server, launcher):
+    server.responder = lambda r: json_error(422, "Non Integer Value", "status 'abc' is not an integer")
+    result = run(launcher, "set", "/response/status", "abc", url=server.url)
+    assert one_error_line(result) == "kapow: Non Integer Value: status 'abc' is not an integer"
+
+
+@pytest.mark.parametrize(
+    ("body", "line"),
+    [
+        # before the reason too; the reason and the detail are each made one line
+        (b'{"detail": "x\\n  y", "reason": "a  b"}', "kapow: a  b: x y"),
+        (b'{"reason": "a\\nb", "detail": "caf\\u00e9 \\"q\\" \\\\"}', 'kapow: a b: caf\u00e9 "q" \\'),
+        (b'{"reason": "R", "detail": ""}', "kapow: R"),
+        (b'{"reason": "R", "detail": 12}', "kapow: R"),
+        (b'{"reason": "R", "detail": "unterminated}', "kapow: R"),
+        # no reason: the status line's, without the detail
+        (b'{"reason": "", "detail": "d"}', "kapow: Unprocessable Entity"),
+        (b'{"detail": "d"}', "kapow: Unprocessable Entity"),
+    ],
+)
+def test_unset_refusal_detail_forms(server, launcher, body, line):
+    server.responder = lambda r: Reply(422, body, (("Content-Type", "application/json"),))
+    result = run(launcher, "unset", "/response/headers/X-A", url=server.url)
+    assert one_error_line(result) == line
+
+
+def test_refusals_of_a_real_data_api(start_server, launcher):
+    """In a handler, a refusal with a detail and one without, as the server words them."""
+    server = start_server()
+    kapow = shlex.quote(launcher)
+    tries = f"{kapow} set /response/status abc; echo $?; {kapow} get /request/params/nope; echo $?"
+    server.add_route("/try", f"{{ {tries}; }} 2>&1 | {kapow} set /response/body")
+    done = curl(server.user + "/try")
+    assert (done.returncode, done.stderr) == (0, "")
+    assert done.stdout == (
+        "kapow: Non Integer Value: status 'abc' is not an integer\n1\nkapow: Resource Item Not Found\n1\n"
+    )
+
+
 def test_get_non_json_error_uses_status_reason(server, launcher):
     server.responder = lambda r: Reply(502, b"<html>oops</html>")
     result = run(launcher, "get", "/request/method", url=server.url)
@@ -348,7 +393,7 @@ def test_get_resource_sent_as_given(server, launcher):
 def test_bad_resource_refused(server, launcher, resource):
     result = run(launcher, "get", resource, url=server.url)
     line = one_error_line(result)
-    assert "invalid resource" in line
+    assert line.startswith("kapow get: invalid resource ")
     result = run(launcher, "set", resource, "v", url=server.url)
     one_error_line(result)
     assert server.requests == []
@@ -357,7 +402,7 @@ def test_bad_resource_refused(server, launcher, resource):
 def test_missing_handler_id(server, launcher):
     result = run(launcher, "get", "/request/method", url=server.url, handler=None)
     line = one_error_line(result)
-    assert "KAPOW_HANDLER_ID" in line
+    assert line == "kapow get: no handler id: set KAPOW_HANDLER_ID or pass --handler"
     assert server.requests == []
 
 
@@ -376,23 +421,75 @@ def test_flags_override_env(server, launcher):
 
 
 @pytest.mark.parametrize(
-    "args",
+    ("args", "message"),
     [
-        ["get"],
-        ["get", "/a", "/b"],
-        ["set"],
-        ["set", "/a", "b", "c"],
-        ["get", "--bogus", "/a"],
-        ["get", "/a", "--handler"],
-        ["unset"],
-        ["unset", "/a", "b"],
-        ["unset", "--bogus", "/a"],
+        (["get"], "kapow get: missing RESOURCE"),
+        (["get", "--handler", "h"], "kapow get: missing RESOURCE"),
+        (["get", "/a", "/b"], 'kapow get: unexpected argument "/b"'),
+        (["set"], "kapow set: missing RESOURCE"),
+        (["set", "/a", "b", "c"], 'kapow set: unexpected argument "c"'),
+        (["set", "/a", "--handler", "h"], 'kapow set: unexpected argument "h"'),
+        (["get", "--bogus", "/a"], 'kapow get: unknown option "--bogus"'),
+        (["get", "/a", "--bogus"], 'kapow get: unknown option "--bogus"'),
+        (["get", "/a", "--handler"], "kapow get: option --handler needs a value"),
+        (["set", "/a", "b", "--data-url"], "kapow set: option --data-url needs a value"),
+        (["unset"], "kapow unset: missing RESOURCE"),
+        (["unset", "/a", "b"], 'kapow unset: unexpected argument "b"'),
+        (["unset", "--bogus", "/a"], 'kapow unset: unknown option "--bogus"'),
+        (["unset", "/a", "--", "--bogus"], 'kapow unset: unexpected argument "--bogus"'),
     ],
 )
-def test_usage_errors(server, launcher, args):
+def test_usage_errors(server, launcher, args, message):
     result = run(launcher, *args, url=server.url)
-    one_error_line(result)
+    assert one_error_line(result) == f"{message} (see kapow {args[0]} --help)"
     assert server.requests == []
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["/request/method", "--handler", HANDLER, "--data-url", "{url}"],
+        ["--handler=" + HANDLER, "/request/method", "--data-url={url}"],
+        ["--data-url", "{url}", "/request/method", "--handler", HANDLER],
+    ],
+)
+def test_get_takes_options_after_the_resource(launcher, server, args):
+    server.values["/request/method"] = b"PATCH"
+    env = kapow_env("http://127.0.0.1:%d" % free_port(), handler="wrong")
+    args = [arg.replace("{url}", server.url) for arg in args]
+    result = run(launcher, "get", *args, url=None, env=env)
+    assert (result.returncode, result.stdout, result.stderr) == (0, b"PATCH", b"")
+    assert [r.path for r in server.requests] == ["/handlers/%s/request/method" % HANDLER]
+
+
+def test_set_and_unset_take_options_after_their_arguments(launcher, server):
+    env = kapow_env("http://127.0.0.1:%d" % free_port(), handler="wrong")
+    for args, status in (
+        (["set", "/response/status", "201", "--handler", "h1", "--data-url", server.url], 0),
+        (
+            ["set", "/response/body", "--", "--handler=h2", "--data-url=" + server.url],
+            1,
+        ),  # after --: a 3rd argument
+        (["unset", "/response/headers/X-A", "--handler=h3", "--data-url", server.url], 0),
+    ):
+        result = run(launcher, *args, env=env, url=None)
+        assert result.returncode == status, result.stderr
+    assert [(r.method, r.path, r.body) for r in server.requests] == [
+        ("PUT", "/handlers/h1/response/status", b"201"),
+        ("DELETE", "/handlers/h3/response/headers/X-A", b""),
+    ]
+
+
+def test_the_value_of_set_is_never_an_option(launcher, server):
+    for value in ("--handler=other", "--help", "-h", "--bogus"):
+        result = run(launcher, "set", "/response/body", value, url=server.url)
+        assert (result.returncode, result.stderr) == (0, b"")
+    result = run(launcher, "set", "/response/body", "--", "--data-url=x", url=server.url)
+    assert (result.returncode, result.stderr) == (0, b"")
+    assert [(r.path, r.body) for r in server.puts()] == [
+        ("/handlers/%s/response/body" % HANDLER, value)
+        for value in (b"--handler=other", b"--help", b"-h", b"--bogus", b"--data-url=x")
+    ]
 
 
 def test_help(launcher):
@@ -403,6 +500,10 @@ def test_help(launcher):
         assert b"kapow unset [--data-url URL] [--handler ID] RESOURCE" in result.stdout
         assert b"example" in result.stdout
         assert run(launcher, command, "-h", url="x").stdout == result.stdout
+        assert b"Options may come before or after the arguments" in result.stdout
+    for command in ("get", "unset"):
+        late = run(launcher, command, "/request/body", "--help", url="x")
+        assert (late.returncode, late.stdout) == (0, result.stdout)
 
 
 def test_unix_socket(tmp_path, launcher):
@@ -621,8 +722,15 @@ def test_api_errors(server, monkeypatch):
     client = DataClient(server.url, HANDLER)
     with pytest.raises(DataAPIError) as info:
         client.get("/request/params/x")
-    assert (info.value.status, info.value.reason) == (404, "Resource Item Not Found")
+    assert (info.value.status, info.value.reason, info.value.detail) == (404, "Resource Item Not Found", None)
     assert str(info.value) == "Resource Item Not Found"
+    server.responder = lambda r: json_error(422, "Non Integer Value", "status 'x' is not an integer")
+    with pytest.raises(DataAPIError) as info:
+        client.set("/response/status", "x")
+    assert (info.value.status, info.value.reason) == (422, "Non Integer Value")
+    assert info.value.detail == "status 'x' is not an integer"
+    assert str(info.value) == "Non Integer Value: status 'x' is not an integer"
+    server.responder = None
     out = io.BytesIO()
     with pytest.raises(DataAPIError):
         client.get_into("/request/params/x", out)
@@ -687,15 +795,19 @@ def test_ipv6_url():
     assert b"\r\nHost: [::1]:%d\r\n" % port in seen[0]
 
 
-def test_json_reason():
-    assert _json_reason(b'{"reason": "Handler ID Not Found"}') == b"Handler ID Not Found"
+def test_json_string():
+    assert _json_string(b'{"reason": "Handler ID Not Found"}', b"reason") == b"Handler ID Not Found"
     body = b'{ "x": 1, "reason" :"a\\"b\\\\c\\/d\\u00e9\\ud83d\\ude00" }'
-    assert _json_reason(body) == 'a"b\\c/d\u00e9\U0001f600'.encode()
+    assert _json_string(body, b"reason") == 'a"b\\c/d\u00e9\U0001f600'.encode()
     # raw bytes are kept as sent; half a surrogate pair is U+FFFD
-    assert _json_reason(b'{"reason": "\xff\\ud83dx\\ude00"}') == b"\xff\xef\xbf\xbdx\xef\xbf\xbd"
-    assert _json_reason(b"not json") is None
-    assert _json_reason(b'{"reason": "unterminated') is None
-    assert _json_reason(b'{"reason": 12}') is None
+    body = b'{"reason": "\xff\\ud83dx\\ude00"}'
+    assert _json_string(body, b"reason") == b"\xff\xef\xbf\xbdx\xef\xbf\xbd"
+    assert _json_string(b"not json", b"reason") is None
+    assert _json_string(b'{"reason": "unterminated', b"reason") is None
+    assert _json_string(b'{"reason": 12}', b"reason") is None
+    body = b'{"reason": "Non Integer Value", "detail":\t"status \'x\' is not \\u0061n integer"}'
+    assert _json_string(body, b"detail") == b"status 'x' is not an integer"
+    assert _json_string(b'{"reason": "R"}', b"detail") is None
 
 
 def test_is_lean_command():

@@ -130,26 +130,42 @@ class ScriptedServer:
 # Random answers
 
 
+def _json_text(rng: random.Random) -> bytes:
+    """The inside of a JSON string: raw bytes and every escape, with half
+    surrogate pairs, bad escapes and line breaks among runs of spaces."""
+    pieces = [b"caf\xc3\xa9", b"\xff\xfe", b'\\"', b"\\\\", b"\\/", b"\\b\\f\\n\\r\\t", b"\\u00e9",
+              b"\\ud83d\\ude00", b"\\ud83d", b"\\ude00", b"\\u0000", b" \n ", b"\\x", b"  "]  # fmt: skip
+    return b"".join(rng.choice(pieces) for _ in range(rng.randrange(1, 8)))
+
+
 def _reason_body(rng: random.Random) -> bytes:
-    kind = rng.randrange(8)
+    kind = rng.randrange(11)
     if kind == 0:
         return b"not json at all"
     if kind == 1:
         return b'{"reason": "unterminated'
-    if kind == 2:  # raw bytes and every escape, with half surrogate pairs
-        pieces = [b"caf\xc3\xa9", b"\xff\xfe", b'\\"', b"\\\\", b"\\/", b"\\b\\f\\n\\r\\t", b"\\u00e9",
-                  b"\\ud83d\\ude00", b"\\ud83d", b"\\ude00", b"\\u0000", b" \n ", b"\\x"]  # fmt: skip
-        text = b"".join(rng.choice(pieces) for _ in range(rng.randrange(1, 8)))
-        return b'{ "reason" :\t"' + text + b'", "x": 1}'
+    if kind == 2:
+        return b'{ "reason" :\t"' + _json_text(rng) + b'", "x": 1}'
     if kind == 3:
         return b'{"reason": ""}'
     if kind == 4:  # the reason past the first 64 KiB
         return b'{"pad": "' + b"p" * 70000 + b'", "reason": "too far"}'
     if kind == 5:
         return b'{"reason": 12}'
-    return json.dumps(
-        {"reason": rng.choice(["Resource Item Not Found", "Invalid Resource Path", "x\ny"])}
-    ).encode()
+    if kind == 6:  # a detail, before or after the reason
+        members = [b'"reason": "' + _json_text(rng) + b'"', b'"detail" :"' + _json_text(rng) + b'"']
+        rng.shuffle(members)
+        return b"{" + b", ".join(members) + b"}"
+    if kind == 7:  # a detail the reason does not get to
+        return b'{"reason": "", "detail": "' + _json_text(rng) + b'"}'
+    if kind == 8:  # a detail past the first 64 KiB
+        return b'{"reason": "R", "pad": "' + b"p" * 70000 + b'", "detail": "too far"}'
+    detail = rng.choice([None, None, "", "status 'abc' is not an integer", "x\ny", 12])
+    reason = rng.choice(["Resource Item Not Found", "Non Integer Value", "x\ny", "a  b"])
+    fields: dict[str, object] = {"reason": reason}
+    if detail is not None:
+        fields["detail"] = detail
+    return json.dumps(fields).encode()
 
 
 def _chunked(body: bytes, rng: random.Random, broken: bool) -> bytes:

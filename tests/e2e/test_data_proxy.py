@@ -50,11 +50,22 @@ class DataProxyTests(TestCase):
         self.assertEqual(await self.call("DELETE", handler.id + "/response/headers/X-A"), (200, b"OK", None))
         self.assertEqual(
             await self.call("PUT", handler.id + "/response/reason", b"a\nb"),
-            (400, b"Invalid Reason Phrase", {"reason": "Invalid Reason Phrase"}),
+            (
+                400,
+                b"Invalid Reason Phrase",
+                {
+                    "reason": "Invalid Reason Phrase",
+                    "detail": "the reason phrase holds the control character '\\n' at byte 1",
+                },
+            ),
         )
         self.assertEqual(
             await self.call("GET", handler.id + "/request/headers/%ff"),
-            (400, b"Invalid Resource Path", {"reason": "Invalid Resource Path"}),
+            (
+                400,
+                b"Invalid Resource Path",
+                {"reason": "Invalid Resource Path", "detail": "the path is not UTF-8 once percent-decoded"},
+            ),
         )
         self.assertEqual((await self.call("PUT", handler.id + "/response/end", b""))[0], 200)
         self.assertEqual(

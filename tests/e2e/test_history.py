@@ -120,17 +120,18 @@ def test_queries_filter_and_refuse_bad_values(server: KapowServer) -> None:
     future = "2100-01-01T00:00:00Z"
     assert history(server, f"?since={future}") == []
     assert len(history(server, "?since=2000-01-01T00:00:00%2B02:00")) == 5
-    for bad in (
-        "?limit=0",
-        "?limit=10001",
-        "?limit=x",
-        "?outcome=meh",
-        "?since=yesterday",
-        "?since=2026-12-07",
+    limit = "limit must be a whole number from 1 to 10000"
+    for bad, detail in (
+        ("?limit=0", limit),
+        ("?limit=10001", limit),
+        ("?limit=x", limit),
+        ("?outcome=meh", "outcome must be one of ok, error, signal, timeout, disconnect, killed"),
+        ("?since=yesterday", "not an RFC 3339 time: 'yesterday'"),
+        ("?since=2026-12-07", "not an RFC 3339 time with a zone: '2026-12-07'"),
     ):
         answer = server.curl_control("-w", "\n%{http_code}", server.control + "/history" + bad)
         body, _, code = answer.stdout.rpartition("\n")
-        assert (code, json.loads(body)) == ("400", {"reason": "Invalid Query"}), bad
+        assert (code, json.loads(body)) == ("400", {"reason": "Invalid Query", "detail": detail}), bad
     missing = server.curl_control("-w", "\n%{http_code}", server.control + "/history/nope")
     body, _, code = missing.stdout.rpartition("\n")
     assert (code, json.loads(body)) == ("404", {"reason": "Run Not Found"})
@@ -253,4 +254,7 @@ def test_kapow_history_prints_a_table_json_and_one_run(server: KapowServer) -> N
     missing = server.kapow("history", "nope")
     assert (missing.returncode, missing.stderr.strip()) == (1, "kapow: Run Not Found")
     bad = server.kapow("history", "--limit", "0")
-    assert (bad.returncode, bad.stderr.strip()) == (1, "kapow: Invalid Query")
+    assert (bad.returncode, bad.stderr) == (
+        1,
+        "kapow: Invalid Query: limit must be a whole number from 1 to 10000\n",
+    )

@@ -41,7 +41,7 @@ def test_curl_http2_negotiates_h2_and_streams(https: Any, tmp_path: Path) -> Non
         "echo second | kapow set /response/stream",
     )
     result = curl("--http2", "--cacert", str(pki.ca), "-w", " %{http_version}", base + "/v")
-    assert result.stdout == "HTTP/2 2", result.stderr
+    assert result.stdout == "HTTP/2.0 2", result.stderr
     assert curl("--http1.1", "--cacert", str(pki.ca), "-w", " %{http_version}", base + "/v").stdout == (
         "HTTP/1.1 1.1"
     )

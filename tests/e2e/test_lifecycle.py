@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from kapow.handlers.fast_processes import FastProcesses
 from tests.support.kapowserver import KapowServer, curl, wait_for
 from tests.support.native import native_client_or_skip
 
@@ -189,9 +190,9 @@ def test_bad_writes_are_refused_with_a_reason(server: KapowServer, tmp_path: Pat
     assert (code, body) == (200, b"started\n")
     assert "x-bad" not in headers and "x-late" not in headers
     assert log.read_text().splitlines() == [
-        "kapow: Non Integer Value",
-        "kapow: Invalid Status Code",
-        "kapow: Invalid Header Value",
+        "kapow: Non Integer Value: status 'abc' is not an integer",
+        "kapow: Invalid Status Code: status '99' is not from 200 to 999",
+        "kapow: Invalid Header Value: the header value holds the control character '\\r' at byte 1",
         "kapow: Response Already Started",
         "kapow: Response Already Started",
         "rc=1",
@@ -216,13 +217,22 @@ def test_data_api_codes_for_a_live_and_a_finished_handler(server: KapowServer, t
         return int(out[-3:]), out[:-3]
 
     assert call("GET", "/request/method") == (200, "GET")
-    assert call("GET", "/request/nope") == (400, '{"reason": "Invalid Resource Path"}')
+    assert call("GET", "/request/nope") == (
+        400,
+        '{"reason": "Invalid Resource Path", "detail": "\'/request/nope\' is not a resource of the data API"}',
+    )
     assert call("GET", "/request/params/none") == (404, '{"reason": "Resource Item Not Found"}')
     assert call("GET", "/ssl/client/i/dn") == (404, '{"reason": "Resource Item Not Found"}')
     assert call("GET", "/response/status")[0] == 405
     assert call("PUT", "/request/method", "x")[0] == 405
-    assert call("PUT", "/response/status", "x") == (422, '{"reason": "Non Integer Value"}')
-    assert call("PUT", "/response/status", "1000") == (400, '{"reason": "Invalid Status Code"}')
+    assert call("PUT", "/response/status", "x") == (
+        422,
+        '{"reason": "Non Integer Value", "detail": "status \'x\' is not an integer"}',
+    )
+    assert call("PUT", "/response/status", "1000") == (
+        400,
+        '{"reason": "Invalid Status Code", "detail": "status \'1000\' is not from 200 to 999"}',
+    )
     assert call("PUT", "/server/log/my%07pre%0Afix", "hello from curl") == (200, "")
     (tmp_path / "go").touch()
     request.wait(10)
@@ -391,3 +401,37 @@ def test_a_single_large_put_from_another_client_streams(server: KapowServer, tmp
     (tmp_path / "go").touch()
     request.wait(20)
     assert out.read_bytes() == big.read_bytes()
+
+
+def catches_sigchld(pid: int) -> bool:
+    """Whether process ``pid`` has a handler for ``SIGCHLD`` (its ``SigCgt`` in ``/proc``)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigCgt:"):
+            return bool(int(line.split()[1], 16) >> (signal.SIGCHLD - 1) & 1)
+    raise AssertionError(f"no SigCgt line for {pid}")
+
+
+@pytest.mark.parametrize(("spawn", "caught"), [("fast", False), ("reactor", True)])
+def test_sigchld_wakes_a_server_only_for_the_reactor_s_processes(
+    start_server, tmp_path: Path, spawn: str, caught: bool
+) -> None:
+    """
+    With the fast provider every child of a server without workers (its
+    handlers, init programs, forkserver and reaper) is reaped through its
+    pidfd, and SIGCHLD is left at its default; Twisted's own processes need
+    the reactor's handler.
+    """
+    if spawn == "fast" and FastProcesses.unavailable() is not None:
+        pytest.skip(f"no fast spawns here: {FastProcesses.unavailable()}")
+    init = tmp_path / "init.pow"
+    init.write_text(
+        "#!/bin/sh\nkapow route add /v -c 'exit 3'\nkapow route add /ok -c 'echo ok | kapow set /response/body'\n"
+    )
+    init.chmod(0o755)
+    server = start_server(str(init), extra=("--spawn", spawn))
+    server.wait_log(r"init\.pow exited with status 0")  # the init program, reaped
+    for _ in range(3):
+        assert fetch(server.user + "/ok")[::2] == (200, b"ok\n")
+        fetch(server.user + "/v")
+    server.wait_log(r"exit(ed with)? status 3")  # a handler's exit status, seen
+    assert catches_sigchld(server.process.pid) is caught

@@ -10,6 +10,7 @@ import argparse
 import ipaddress
 import json
 import os
+import re
 import socket
 import ssl
 import subprocess
@@ -102,8 +103,9 @@ def _route(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
 
 
 def _assert_one_error_line(result: subprocess.CompletedProcess[str], *fragments: str) -> None:
+    """One line on stderr: ``kapow: ...`` from the control API, ``kapow route ACTION: ...`` for the rest."""
     assert (result.returncode, result.stdout) == (1, ""), result
-    assert result.stderr.startswith("kapow: ") and result.stderr.count("\n") == 1, result.stderr
+    assert re.match(r"kapow( route \w+)?: ", result.stderr) and result.stderr.count("\n") == 1, result.stderr
     for fragment in fragments:
         assert fragment in result.stderr
 
@@ -663,7 +665,7 @@ def test_the_directory_file_at_fault_is_named(tmp_path: Path) -> None:
     (directory / "client.crt").write_text("garbage")
     _assert_one_error_line(
         _route({**_bare_environ(), "KAPOW_CONTROL_CREDENTIALS": str(directory)}, "list"),
-        f"kapow: {directory / 'client.crt'}: no PEM certificate found",
+        f"kapow route list: {directory / 'client.crt'}: no PEM certificate found\n",
     )
     (directory / "client.key").chmod(0o644)
     with pytest.raises(CredentialsError, match="chmod 600"):

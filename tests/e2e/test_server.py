@@ -53,11 +53,18 @@ def test_control_api_calls_with_curl(server: KapowServer) -> None:
 @pytest.mark.parametrize(
     ("args", "expected"),
     [
-        (("-X", "POST", "--data", "{nope"), '{"reason": "Malformed JSON"}400'),
-        (("-X", "POST", "--data", '{"method": "GET"}'), '{"reason": "Invalid Route"}422'),
+        (
+            ("-X", "POST", "--data", "{nope"),
+            '{"reason": "Malformed JSON", "detail": "invalid JSON at line 1, column 2 (char 1):'
+            ' expecting property name enclosed in double quotes"}400',
+        ),
+        (
+            ("-X", "POST", "--data", '{"method": "GET"}'),
+            '{"reason": "Invalid Route", "detail": "url_pattern is missing"}422',
+        ),
         (
             ("-X", "PUT", "--data", '{"method": "GET", "url_pattern": "/x", "index": -1}'),
-            '{"reason": "Invalid Route"}422',
+            '{"reason": "Invalid Route", "detail": "index must be a whole number >= 0, not -1"}422',
         ),
         (
             (
@@ -111,7 +118,10 @@ def test_route_cli_from_an_operator_shell(server: KapowServer, tmp_path: Path) -
     assert (again.returncode, again.stdout, again.stderr) == (1, "", "kapow: Route Not Found\n")
 
     invalid = server.kapow("route", "add", "no-slash", "-c", "true")
-    assert (invalid.returncode, invalid.stderr) == (1, "kapow: Invalid Route\n")
+    assert (invalid.returncode, invalid.stderr) == (
+        1,
+        "kapow: Invalid Route: url_pattern 'no-slash' does not start with '/'\n",
+    )
 
 
 def test_route_cli_reports_connection_and_tls_errors(server: KapowServer, tmp_path: Path) -> None:
@@ -139,11 +149,13 @@ import json, os
 print(json.dumps({{k: v for k, v in os.environ.items() if k.startswith("KAPOW_")}}))
 PYEND
 echo init says hello
+echo init warns >&2
 """,
     )
     server = start_server(program)
     server.wait_log(r"init\.pow exited with status 0")
-    server.wait_log(r"init\.pow: init says hello")
+    server.wait_log(r"init\.pow \(stderr\): init warns")
+    assert not any("init says hello" in line for line in server.lines)  # stdout: with --debug only
     env = json.loads(out.read_text())
     assert env["KAPOW_CONTROL_URL"] == server.control
     assert env["KAPOW_DATA_URL"] == server.data
@@ -262,7 +274,8 @@ def test_oversized_control_bodies_are_refused(server: KapowServer) -> None:
             input=big,
         )  # fmt: skip
         assert b"\r\n\r\nHTTP/1.1 413 Request Entity Too Large\r\n" in b"\r\n\r\n" + result.stdout, result
-        assert result.stdout.endswith(b'\r\n\r\n{"reason": "Request Entity Too Large"}413'), result
+        refusal = b'{"reason": "Request Entity Too Large", "detail": "the body is over 1048576 bytes"}413'
+        assert result.stdout.endswith(b"\r\n\r\n" + refusal), result
     assert server.curl_control(server.control + "/routes").stdout == "[]"
 
 
@@ -291,7 +304,7 @@ def test_cli_failures_are_one_line_on_stderr(tmp_path: Path) -> None:
     open_dir.chmod(0o777)
     refused = subprocess.run([KAPOW, "control-credentials", str(open_dir)], capture_output=True, text=True)
     assert (refused.returncode, refused.stdout) == (1, "")
-    assert refused.stderr.startswith("kapow: ") and refused.stderr.count("\n") == 1
+    assert refused.stderr.startswith("kapow control-credentials: ") and refused.stderr.count("\n") == 1
 
 
 def test_a_long_running_init_program_is_ended_with_the_server(start_server, tmp_path: Path) -> None:
@@ -307,3 +320,9 @@ def test_a_long_running_init_program_is_ended_with_the_server(start_server, tmp_
     except ProcessLookupError:
         alive = False
     assert not alive
+
+
+def test_init_programs_stdout_is_logged_with_debug(start_server, tmp_path: Path) -> None:
+    program = write_program(tmp_path / "init.pow", "#!/bin/sh\necho init says hello\n")
+    server = start_server(program, extra=("--debug",))
+    server.wait_log(r"init\.pow: init says hello")

@@ -44,4 +44,8 @@ def test_bad_queue_and_limit_flags_are_one_line_and_status_1(args: list[str], me
 )
 def test_a_bad_workers_value_is_one_line_and_status_1(value: str, message: str) -> None:
     result = subprocess.run([KAPOW, "server", "--workers", value], capture_output=True, text=True, timeout=30)
-    assert (result.returncode, result.stdout, result.stderr) == (1, "", f"kapow server: {message} (see kapow server --help)\n")
+    assert (result.returncode, result.stdout, result.stderr) == (
+        1,
+        "",
+        f"kapow server: {message} (see kapow server --help)\n",
+    )

@@ -228,8 +228,11 @@ def test_the_data_bind_reaches_the_handlers_of_every_worker(start_server, tmp_pa
             assert put.stdout == "200"
             bad = curl("-i", f"{server.data}/handlers/{handler.name}/nope")  # errors pass through as they are
             assert bad.stdout.startswith("HTTP/1.1 400 ")
-            assert "\nContent-Length: 35\n" in bad.stdout  # text mode: CRLF reads as LF
-            assert bad.stdout.endswith('\n\n{"reason": "Invalid Resource Path"}')
+            body = (
+                '{"reason": "Invalid Resource Path", "detail": "\'/nope\' is not a resource of the data API"}'
+            )
+            assert f"\nContent-Length: {len(body)}\n" in bad.stdout  # text mode: CRLF reads as LF
+            assert bad.stdout.endswith("\n\n" + body)
         gone = curl("-w", " %{http_code}", f"{server.data}/handlers/0001{'0' * 28}/request/path")
         assert gone.stdout == '{"reason": "Handler ID Not Found"} 404'
         go.touch()

@@ -137,8 +137,8 @@ class FakeReactor(MemoryReactorClock):
 class FakeContainment(Containment):
     """Records what the real one would do to this process: a cgroup, a reaper process."""
 
-    def __init__(self, reactor: Any) -> None:
-        super().__init__(reactor)
+    def __init__(self, reactor: Any, processes: Any = None) -> None:
+        super().__init__(reactor, processes)
         self.events: list[Any] = []
 
     def privilegedStartService(self) -> None:
@@ -155,7 +155,12 @@ class FakeContainment(Containment):
         self.events.append(("worker", number, pid))
 
 
-HOST = Host(open_files=lambda: (OPEN_FILES, 1024), backlog=lambda: BACKLOG, containment=FakeContainment)
+HOST = Host(
+    open_files=lambda: (OPEN_FILES, 1024),
+    backlog=lambda: BACKLOG,
+    containment=FakeContainment,
+    own_processes=lambda options, reactor: reactor,  # recorded, not run
+)
 
 
 @pytest.fixture(autouse=True)

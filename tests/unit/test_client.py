@@ -21,7 +21,6 @@ from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
 
 from kapow.client import ControlClient, ControlError, CredentialsError
-from kapow.commands.control_call import refusal_reason
 from kapow.control.api import ControlAPI
 from kapow.core import credentials
 from kapow.core.routes import RouteTable
@@ -135,23 +134,30 @@ class RouteTests(_Case):
             self.assertEqual(str(e), "Route Not Found")
 
     def test_invalid_route(self) -> None:
-        for d in (
-            self.client.add_route("no-slash"),
-            self.client.add_route("/{a"),
-            self.client.add_route("/a", method=""),
-            self.client.add_route("/a", buffer="yes"),
-            self.client.add_route("/a", index=-1),
+        for d, detail in (
+            (self.client.add_route("no-slash"), "url_pattern 'no-slash' does not start with '/'"),
+            (self.client.add_route("/{a"), "unbalanced braces in url_pattern '/{a'"),
+            (self.client.add_route("/a", method=""), "method is empty"),
+            (self.client.add_route("/a", buffer="yes"), "buffer must be true or false, not 'yes'"),
+            (self.client.add_route("/a", index=-1), "index must be a whole number >= 0, not -1"),
         ):
             e = self.refusal(d)
-            self.assertEqual((e.status, e.reason, str(e)), (422, "Invalid Route", "Invalid Route"))
+            self.assertEqual(
+                (e.status, e.reason, e.detail, str(e)),
+                (422, "Invalid Route", detail, f"Invalid Route: {detail}"),
+            )
         self.assertEqual(len(self.routes), 0)
 
     def test_malformed_json(self) -> None:
-        """A body cut short on its way: the server's 400 is a ControlError."""
+        """A body cut short on its way: the server's 400 is a ControlError saying where."""
         api_resource = ControlAPI(routes=self.routes).resource()
         client = ControlClient(URL, _CutShort(StubTreq(api_resource)))
         e = self.refusal(client.add_route("/a"))
-        self.assertEqual((e.status, e.reason, str(e)), (400, "Malformed JSON", "Malformed JSON"))
+        detail = "invalid JSON at line 1, column 38 (char 37): expecting ',' delimiter"
+        self.assertEqual(
+            (e.status, e.reason, e.detail, str(e)),
+            (400, "Malformed JSON", detail, f"Malformed JSON: {detail}"),
+        )
 
 
 class _CutShort:
@@ -389,13 +395,21 @@ class AnswerTests(_Case):
             (e.status, e.reason, e.detail),
             (422, "Invalid Route", "unbalanced braces in url_pattern '/bad/{'"),
         )
-        # What the command line prints stays what refusal_reason says.
-        self.assertEqual(str(e), refusal_reason(body, 422))
+        # what the command line prints after "kapow: "
+        self.assertEqual(str(e), "Invalid Route: unbalanced braces in url_pattern '/bad/{'")
+
+    def test_an_answer_without_a_detail(self) -> None:
+        for body in (b'{"reason": "Route Not Found"}', b'{"reason": "Route Not Found", "detail": ""}'):
+            e = self.refusal(self.client(code=404, body=body).get_route("x"))
+            self.assertEqual((e.reason, e.detail, str(e)), ("Route Not Found", None, "Route Not Found"))
 
     def test_an_answer_without_a_reason(self) -> None:
         for body in (b"<html>Bad Gateway</html>", b"", b"[1]", b'{"reason": ""}'):
             e = self.refusal(self.client(code=502, body=body).list_routes())
             self.assertEqual((e.status, e.reason, e.detail, str(e)), (502, None, None, "HTTP 502"))
+        # a detail without a reason does not stand for one
+        e = self.refusal(self.client(code=502, body=b'{"detail": "upstream down"}').list_routes())
+        self.assertEqual((e.reason, e.detail, str(e)), (None, "upstream down", "HTTP 502"))
 
     def test_other_success_codes(self) -> None:
         self.assertIsNone(self.successResultOf(self.client(code=204, body=b"").remove_route("x")))

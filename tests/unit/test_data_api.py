@@ -154,11 +154,14 @@ class DataAPITests(TestCase):
         handler: Handler | str,
         resource: str,
         data: bytes | None = None,
+        detail: str | None = None,
     ) -> None:
+        """The call is refused with ``code`` and ``reason`` (as the phrase too), and ``detail`` if any."""
         actual, kind, body = await self.call(method, handler, resource, data)
+        expected = {"reason": reason} if detail is None else {"reason": reason, "detail": detail}
         self.assertEqual(
             (actual, self.phrase, kind, json.loads(body) if kind == b"application/json" else body),
-            (code, reason.encode(), b"application/json", {"reason": reason}),
+            (code, reason.encode(), b"application/json", expected),
             f"{method} {resource}",
         )
 
@@ -282,6 +285,7 @@ class DataAPITests(TestCase):
                 handler,
                 resource,
                 b"x" if method == "PUT" else None,
+                f"{resource!r} is not a resource of the data API",
             )
 
     async def test_absent_items(self) -> None:
@@ -306,34 +310,35 @@ class DataAPITests(TestCase):
             await self.assertError(404, "Resource Item Not Found", "GET", handler, resource)
 
     async def test_wrong_direction(self) -> None:
+        """405; the detail names what the resource takes, unless the data API takes no such method."""
         handler, connection = self.user()
-        for method, resource in (
-            ("GET", "/response/status"),
-            ("GET", "/response/body"),
-            ("GET", "/response/stream"),
-            ("GET", "/response/headers/X-A"),
-            ("GET", "/response/cookies/c"),
-            ("GET", "/server/log"),
-            ("PUT", "/request/method"),
-            ("PUT", "/request/body"),
-            ("PUT", "/request/headers/Host"),
-            ("PUT", "/route/id"),
-            ("PUT", "/ssl/client/i/dn"),
-            ("POST", "/request/method"),
-            ("POST", "/response/body"),
-            ("POST", "/response/status"),
-            ("DELETE", "/request/method"),
-            ("DELETE", "/request/headers/Host"),
-            ("DELETE", "/response/status"),
-            ("DELETE", "/response/body"),
-            ("DELETE", "/response/reason"),
-            ("DELETE", "/response/end"),
-            ("DELETE", "/server/log"),
-            ("PUT", "/request/headers"),
-            ("PUT", "/request/params"),
-            ("GET", "/response/reason"),
-            ("GET", "/response/end"),
-            ("PATCH", "/response/body"),
+        for method, resource, takes in (
+            ("GET", "/response/status", "PUT"),
+            ("GET", "/response/body", "PUT"),
+            ("GET", "/response/stream", "PUT"),
+            ("GET", "/response/headers/X-A", "DELETE or PUT"),
+            ("GET", "/response/cookies/c", "DELETE or PUT"),
+            ("GET", "/server/log", "PUT"),
+            ("PUT", "/request/method", "GET"),
+            ("PUT", "/request/body", "GET"),
+            ("PUT", "/request/headers/Host", "GET"),
+            ("PUT", "/route/id", "GET"),
+            ("PUT", "/ssl/client/i/dn", "GET"),
+            ("POST", "/request/method", None),
+            ("POST", "/response/body", None),
+            ("POST", "/response/status", None),
+            ("DELETE", "/request/method", "GET"),
+            ("DELETE", "/request/headers/Host", "GET"),
+            ("DELETE", "/response/status", "PUT"),
+            ("DELETE", "/response/body", "PUT"),
+            ("DELETE", "/response/reason", "PUT"),
+            ("DELETE", "/response/end", "PUT"),
+            ("DELETE", "/server/log", "PUT"),
+            ("PUT", "/request/headers", "GET"),
+            ("PUT", "/request/params", "GET"),
+            ("GET", "/response/reason", "PUT"),
+            ("GET", "/response/end", "PUT"),
+            ("PATCH", "/response/body", None),
         ):
             await self.assertError(
                 405,
@@ -342,6 +347,7 @@ class DataAPITests(TestCase):
                 handler,
                 resource,
                 None if method == "GET" else b"500",
+                None if takes is None else f"{resource!r} takes {takes}, not {method}",
             )
         handler.finish()
         code, _, body = connection.response()
@@ -349,10 +355,15 @@ class DataAPITests(TestCase):
 
     async def test_status_writes(self) -> None:
         handler, connection = self.user()
-        await self.assertError(422, "Non Integer Value", "PUT", handler, "/response/status", b"abc")
-        await self.assertError(422, "Non Integer Value", "PUT", handler, "/response/status", b"")
-        await self.assertError(400, "Invalid Status Code", "PUT", handler, "/response/status", b"42")
-        await self.assertError(400, "Invalid Status Code", "PUT", handler, "/response/status", b"1000")
+        for raw, code, reason, detail in (
+            (b"abc", 422, "Non Integer Value", "status 'abc' is not an integer"),
+            (b"", 422, "Non Integer Value", "status '' is not an integer"),
+            (b" 2.5\n", 422, "Non Integer Value", "status '2.5' is not an integer"),
+            (b"42", 400, "Invalid Status Code", "status '42' is not from 200 to 999"),
+            (b"1000", 400, "Invalid Status Code", "status '1000' is not from 200 to 999"),
+            (b"9" * 5000, 400, "Invalid Status Code", f"status '{'9' * 80}'... is not from 200 to 999"),
+        ):
+            await self.assertError(code, reason, "PUT", handler, "/response/status", raw, detail)
         await self.write(handler, "/response/status", b"201")
         await self.write(handler, "/response/status", b" 418\n")
         handler.finish()
@@ -364,12 +375,26 @@ class DataAPITests(TestCase):
         await self.write(handler, "/response/headers/X-Multi", b"one\n")
         await self.write(handler, "/response/headers/X-Multi", b"two")
         await self.write(handler, "/response/cookies/session", b"abc\n")
-        for bad in (b"a\rb", b"v\r\n", b"a\nb", b"a\x00b"):
-            actual, kind, body = await self.call("PUT", handler, "/response/headers/X-Bad", bad)
-            self.assertEqual(
-                (actual, kind, list(json.loads(body))),
-                (400, b"application/json", ["reason"]),
+        for bad, character, at in (
+            (b"a\rb", r"'\r'", 1),
+            (b"v\r\n", r"'\r'", 1),
+            (b"a\nb", r"'\n'", 1),
+            (b"\x00b", r"'\x00'", 0),
+        ):
+            detail = f"the header value holds the control character {character} at byte {at}"
+            await self.assertError(
+                400, "Invalid Header Value", "PUT", handler, "/response/headers/X-Bad", bad, detail
             )
+            detail = f"the cookie value holds the control character {character} at byte {at}"
+            await self.assertError(
+                400, "Invalid Header Value", "PUT", handler, "/response/cookies/bad", bad, detail
+            )
+        for kind in ("headers", "cookies"):
+            name = "header" if kind == "headers" else "cookie"
+            await self.assertError(
+                400, "Invalid Resource Path", "PUT", handler, f"/response/{kind}/a%20b", b"1",
+                f"{name} name 'a b' is not an HTTP token",
+            )  # fmt: skip
         handler.finish()
         _, headers, _ = connection.response()
         self.assertEqual(header_values(headers, b"X-Multi"), [b"one", b"two"])
@@ -549,8 +574,18 @@ class DataAPITests(TestCase):
         await self.write(handler, "/response/cookies/c", b"1")
         for resource in ("/response/headers/x-a", "/response/cookies/c", "/response/cookies/never"):
             self.assertEqual(await self.call("DELETE", handler, resource), (200, b"", b""), resource)
-        await self.assertError(400, "Invalid Resource Path", "DELETE", handler, "/response/headers/a%20b")
-        await self.assertError(400, "Invalid Resource Path", "DELETE", handler, "/response/headers/")
+        await self.assertError(
+            400, "Invalid Resource Path", "DELETE", handler, "/response/headers/a%20b",
+            detail="header name 'a b' is not an HTTP token",
+        )  # fmt: skip
+        await self.assertError(
+            400, "Invalid Resource Path", "DELETE", handler, "/response/cookies/a;b",
+            detail="cookie name 'a;b' is not an HTTP token",
+        )  # fmt: skip
+        await self.assertError(
+            400, "Invalid Resource Path", "DELETE", handler, "/response/headers/",
+            detail="'/response/headers/' is not a resource of the data API",
+        )  # fmt: skip
         await self.assertError(404, "Handler ID Not Found", "DELETE", "nope", "/response/headers/X-A")
         await self.write(handler, "/response/body", b"x")
         await self.assertError(409, "Response Already Started", "DELETE", handler, "/response/headers/X-B")
@@ -564,8 +599,14 @@ class DataAPITests(TestCase):
     async def test_reason(self) -> None:
         handler, connection = self.user()
         await self.write(handler, "/response/reason", b"Still Thinking\n")
-        for bad in (b"a\r\nX-Injected: 1", b"x" * 257, b"nul\x00"):
-            await self.assertError(400, "Invalid Reason Phrase", "PUT", handler, "/response/reason", bad)
+        for bad, detail in (
+            (b"a\r\nX-Injected: 1", r"the reason phrase holds the control character '\r' at byte 1"),
+            (b"x" * 257, "the reason phrase is 257 bytes, over 256"),
+            (b"nul\x00", r"the reason phrase holds the control character '\x00' at byte 3"),
+        ):
+            await self.assertError(
+                400, "Invalid Reason Phrase", "PUT", handler, "/response/reason", bad, detail
+            )
         await self.write(handler, "/response/status", b"202")
         await self.write(handler, "/response/body", b"x")
         await self.assertError(409, "Response Already Started", "PUT", handler, "/response/reason", b"Late")
@@ -597,6 +638,16 @@ class DataAPITests(TestCase):
         await self.write(handler, "/server/log", b"still logging")
         self.assertEqual(connection.response()[::2], (202, b""))
 
+    async def test_a_value_over_the_limit(self) -> None:
+        handler, _ = self.user()
+        for resource in ("/response/status", "/response/headers/X-A", "/server/log"):
+            await self.assertError(
+                413, "Request Entity Too Large", "PUT", handler, resource, b"1" * (data_api.MAX_VALUE + 1),
+                f"the value is over {data_api.MAX_VALUE} bytes, "
+                "the most a status, reason, header, cookie or log line takes",
+            )  # fmt: skip
+        self.assertEqual(handler.headers, [])
+
     async def test_end_a_large_value_is_ignored(self) -> None:
         handler, connection = self.user()
         await self.write(handler, "/response/end", b"x" * (data_api.MAX_VALUE + 10))
@@ -618,24 +669,34 @@ class DataAPITests(TestCase):
 
     async def test_paths_that_are_not_utf8_or_broken_escapes(self) -> None:
         handler, _ = self.user()
-        for method, resource in (
-            ("GET", "/request/headers/%ff"),
-            ("GET", "/request/params/%zz"),
-            ("GET", "/request/params/a%4"),
-            ("GET", "/request/params/a%"),
-            ("PUT", "/response/headers/%c3%28"),
-            ("DELETE", "/response/headers/%zz"),
+        not_utf8 = "the path is not UTF-8 once percent-decoded"
+        broken = "the path has a '%' that is not followed by two hexadecimal digits"
+        for method, resource, detail in (
+            ("GET", "/request/headers/%ff", not_utf8),
+            ("GET", "/request/params/%zz", broken),
+            ("GET", "/request/params/a%4", broken),
+            ("GET", "/request/params/a%", broken),
+            ("PUT", "/response/headers/%c3%28", not_utf8),
+            ("DELETE", "/response/headers/%zz", broken),
         ):
-            await self.assertError(400, "Invalid Resource Path", method, handler, resource, b"1")
-        await self.assertError(400, "Invalid Resource Path", "GET", "bad%zzid", "/request/method")
+            await self.assertError(400, "Invalid Resource Path", method, handler, resource, b"1", detail)
+        await self.assertError(
+            400, "Invalid Resource Path", "GET", "bad%zzid", "/request/method", detail=broken
+        )
 
     # the Klein app's routing
 
     async def test_refusals_before_any_route(self) -> None:
         handler, _ = self.user()
-        await self.assertError(400, "Invalid Resource Path", "GET", "%ff", "/request/method")
-        await self.assertError(400, "Invalid Resource Path", "GET", handler, "/request/method%zz")
-        await self.assertError(400, "Invalid Resource Path", "PUT", handler, "/response/headers/X%e9", b"1")
+        not_utf8 = "the path is not UTF-8 once percent-decoded"
+        broken = "the path has a '%' that is not followed by two hexadecimal digits"
+        await self.assertError(400, "Invalid Resource Path", "GET", "%ff", "/request/method", detail=not_utf8)
+        await self.assertError(
+            400, "Invalid Resource Path", "GET", handler, "/request/method%zz", detail=broken
+        )
+        await self.assertError(
+            400, "Invalid Resource Path", "PUT", handler, "/response/headers/X%e9", b"1", not_utf8
+        )
         for method in ("POST", "PATCH", "OPTIONS"):
             response = await self.settle(self.treq.request(method, DATA + handler.id + "/request/method"))
             self.assertEqual(
@@ -681,10 +742,14 @@ class DataAPITests(TestCase):
 
     async def test_head_reads_without_a_body(self) -> None:
         handler, _ = self.user(http_request(b"POST", b"/x", [(b"Host", b"h")], b"payload"))
+        refused = {
+            "reason": "Invalid Resource Path",
+            "detail": "'/request/nope' is not a resource of the data API",
+        }
         for resource, length in (
             ("/request/method", b"4"),
             ("/request/body", b"7"),
-            ("/request/nope", b"35"),
+            ("/request/nope", str(len(json.dumps(refused))).encode()),
         ):
             response = await self.settle(self.treq.head(DATA + handler.id + resource))
             self.assertEqual(response.headers.getRawHeaders(b"content-length"), [length], resource)
@@ -710,12 +775,25 @@ class DataAPITests(TestCase):
         await self.assertError(
             404, "Resource Item Not Found", "GET", other, "/request/headers/" + name.decode()
         )
-        await self.assertError(400, "Invalid Resource Path", "GET", handler, "/request/headers/" + "n/" * 200)
+        await self.assertError(
+            400, "Invalid Resource Path", "GET", handler, "/request/headers/" + "n/" * 200,
+            detail="'/request/headers/" + "n/" * 31 + "n'... is not a resource of the data API",
+        )  # fmt: skip
 
     async def test_a_handler_id_holding_a_slash(self) -> None:
         handler, _ = self.user()
-        await self.assertError(400, "Invalid Resource Path", "GET", handler.id + "%2F", "/request/method")
-        await self.assertError(400, "Invalid Resource Path", "GET", "a%2Fb", "/request/method")
+        await self.assertError(
+            400, "Invalid Resource Path", "GET", handler.id + "%2F", "/request/method",
+            detail=f"the handler id '{handler.id}/' holds a '/'",
+        )  # fmt: skip
+        await self.assertError(
+            400,
+            "Invalid Resource Path",
+            "GET",
+            "a%2Fb",
+            "/request/method",
+            detail="the handler id 'a/b' holds a '/'",
+        )
 
     async def test_an_unexpected_error_is_a_json_500(self) -> None:
         class Broken(HandlerRegistry):

@@ -259,15 +259,15 @@ EXPECTED = {
         codes=(404,),
     ),
     "bad resource": Outcome(
-        b'HTTP/1.1 400 Invalid Resource Path\r\nServer: -\r\nDate: -\r\nContent-Type: application/json\r\nContent-Length: 35\r\n\r\n{"reason": "Invalid Resource Path"}',
+        b'HTTP/1.1 400 Invalid Resource Path\r\nServer: -\r\nDate: -\r\nContent-Type: application/json\r\nContent-Length: 101\r\n\r\n{"reason": "Invalid Resource Path", "detail": "\'/request/nothing\' is not a resource of the data API"}',
         codes=(400,),
     ),
     "broken escape": Outcome(
-        b'HTTP/1.1 400 Invalid Resource Path\r\nServer: -\r\nDate: -\r\nContent-Type: application/json\r\nContent-Length: 35\r\n\r\n{"reason": "Invalid Resource Path"}',
+        b'HTTP/1.1 400 Invalid Resource Path\r\nServer: -\r\nDate: -\r\nContent-Type: application/json\r\nContent-Length: 114\r\n\r\n{"reason": "Invalid Resource Path", "detail": "the path has a \'%\' that is not followed by two hexadecimal digits"}',
         codes=(400,),
     ),
     "not utf-8": Outcome(
-        b'HTTP/1.1 400 Invalid Resource Path\r\nServer: -\r\nDate: -\r\nContent-Type: application/json\r\nContent-Length: 35\r\n\r\n{"reason": "Invalid Resource Path"}',
+        b'HTTP/1.1 400 Invalid Resource Path\r\nServer: -\r\nDate: -\r\nContent-Type: application/json\r\nContent-Length: 91\r\n\r\n{"reason": "Invalid Resource Path", "detail": "the path is not UTF-8 once percent-decoded"}',
         codes=(400,),
     ),
     "unknown handler": Outcome(
@@ -283,15 +283,15 @@ EXPECTED = {
         codes=(404,),
     ),
     "put read-only": Outcome(
-        b'HTTP/1.1 405 Method Not Allowed\r\nServer: -\r\nDate: -\r\nContent-Type: application/json\r\nContent-Length: 32\r\n\r\n{"reason": "Method Not Allowed"}',
+        b'HTTP/1.1 405 Method Not Allowed\r\nServer: -\r\nDate: -\r\nContent-Type: application/json\r\nContent-Length: 82\r\n\r\n{"reason": "Method Not Allowed", "detail": "\'/request/method\' takes GET, not PUT"}',
         codes=(405,),
     ),
     "get write-only": Outcome(
-        b'HTTP/1.1 405 Method Not Allowed\r\nServer: -\r\nDate: -\r\nContent-Type: application/json\r\nContent-Length: 32\r\n\r\n{"reason": "Method Not Allowed"}',
+        b'HTTP/1.1 405 Method Not Allowed\r\nServer: -\r\nDate: -\r\nContent-Type: application/json\r\nContent-Length: 83\r\n\r\n{"reason": "Method Not Allowed", "detail": "\'/response/status\' takes PUT, not GET"}',
         codes=(405,),
     ),
     "delete not removable": Outcome(
-        b'HTTP/1.1 405 Method Not Allowed\r\nServer: -\r\nDate: -\r\nContent-Type: application/json\r\nContent-Length: 32\r\n\r\n{"reason": "Method Not Allowed"}',
+        b'HTTP/1.1 405 Method Not Allowed\r\nServer: -\r\nDate: -\r\nContent-Type: application/json\r\nContent-Length: 86\r\n\r\n{"reason": "Method Not Allowed", "detail": "\'/response/status\' takes PUT, not DELETE"}',
         codes=(405,),
     ),
     "post": Outcome(
@@ -329,7 +329,7 @@ EXPECTED = {
         headers=((b"Set-Cookie", b"c=v"),),
     ),
     "bad status": Outcome(
-        b'HTTP/1.1 422 Non Integer Value\r\nServer: -\r\nDate: -\r\nContent-Type: application/json\r\nContent-Length: 31\r\n\r\n{"reason": "Non Integer Value"}',
+        b'HTTP/1.1 422 Non Integer Value\r\nServer: -\r\nDate: -\r\nContent-Type: application/json\r\nContent-Length: 75\r\n\r\n{"reason": "Non Integer Value", "detail": "status \'abc\' is not an integer"}',
         codes=(422,),
     ),
     "log line": Outcome(
@@ -367,7 +367,7 @@ EXPECTED = {
         ),
         codes=(200, 409),
         state=State.ENDED,
-        user=b"HTTP/1.1 200 OK\r\nServer: -\r\nDate: -\r\nContent-Type: text/plain; charset=utf-8\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        user=b"HTTP/1.1 200 OK\r\nServer: -\r\nDate: -\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
     ),
     "chunked body": Outcome(
         b"HTTP/1.1 200 OK\r\nServer: -\r\nDate: -\r\nContent-Length: 0\r\n\r\n",
@@ -440,15 +440,15 @@ EXPECTED = {
         codes=(404,),
     ),
     "trailing slash": Outcome(
-        b'HTTP/1.1 400 Invalid Resource Path\r\nServer: -\r\nDate: -\r\nContent-Type: application/json\r\nContent-Length: 35\r\n\r\n{"reason": "Invalid Resource Path"}',
+        b'HTTP/1.1 400 Invalid Resource Path\r\nServer: -\r\nDate: -\r\nContent-Type: application/json\r\nContent-Length: 101\r\n\r\n{"reason": "Invalid Resource Path", "detail": "\'/request/method/\' is not a resource of the data API"}',
         codes=(400,),
     ),
     "empty name": Outcome(
-        b'HTTP/1.1 400 Invalid Resource Path\r\nServer: -\r\nDate: -\r\nContent-Type: application/json\r\nContent-Length: 35\r\n\r\n{"reason": "Invalid Resource Path"}',
+        b'HTTP/1.1 400 Invalid Resource Path\r\nServer: -\r\nDate: -\r\nContent-Type: application/json\r\nContent-Length: 102\r\n\r\n{"reason": "Invalid Resource Path", "detail": "\'/request/headers/\' is not a resource of the data API"}',
         codes=(400,),
     ),
     "empty segment": Outcome(
-        b'HTTP/1.1 400 Invalid Resource Path\r\nServer: -\r\nDate: -\r\nContent-Type: application/json\r\nContent-Length: 35\r\n\r\n{"reason": "Invalid Resource Path"}',
+        b'HTTP/1.1 400 Invalid Resource Path\r\nServer: -\r\nDate: -\r\nContent-Type: application/json\r\nContent-Length: 101\r\n\r\n{"reason": "Invalid Resource Path", "detail": "\'/request//method\' is not a resource of the data API"}',
         codes=(400,),
     ),
     "handler id alone": Outcome(
@@ -464,11 +464,11 @@ EXPECTED = {
         codes=(404,),
     ),
     "escaped slash in a name": Outcome(
-        b'HTTP/1.1 400 Invalid Resource Path\r\nServer: -\r\nDate: -\r\nContent-Type: application/json\r\nContent-Length: 35\r\n\r\n{"reason": "Invalid Resource Path"}',
+        b'HTTP/1.1 400 Invalid Resource Path\r\nServer: -\r\nDate: -\r\nContent-Type: application/json\r\nContent-Length: 109\r\n\r\n{"reason": "Invalid Resource Path", "detail": "\'/request/headers/X/Thing\' is not a resource of the data API"}',
         codes=(400,),
     ),
     "head of a write-only": Outcome(
-        b"HTTP/1.1 405 Method Not Allowed\r\nServer: -\r\nDate: -\r\nContent-Type: application/json\r\nContent-Length: 32\r\n\r\n",
+        b"HTTP/1.1 405 Method Not Allowed\r\nServer: -\r\nDate: -\r\nContent-Type: application/json\r\nContent-Length: 84\r\n\r\n",
         codes=(405,),
     ),
     "head of a missing item": Outcome(
@@ -494,15 +494,15 @@ EXPECTED = {
         codes=(404,),
     ),
     "delete with an empty name": Outcome(
-        b'HTTP/1.1 400 Invalid Resource Path\r\nServer: -\r\nDate: -\r\nContent-Type: application/json\r\nContent-Length: 35\r\n\r\n{"reason": "Invalid Resource Path"}',
+        b'HTTP/1.1 400 Invalid Resource Path\r\nServer: -\r\nDate: -\r\nContent-Type: application/json\r\nContent-Length: 103\r\n\r\n{"reason": "Invalid Resource Path", "detail": "\'/response/headers/\' is not a resource of the data API"}',
         codes=(400,),
     ),
     "put to a collection": Outcome(
-        b'HTTP/1.1 405 Method Not Allowed\r\nServer: -\r\nDate: -\r\nContent-Type: application/json\r\nContent-Length: 32\r\n\r\n{"reason": "Method Not Allowed"}',
+        b'HTTP/1.1 405 Method Not Allowed\r\nServer: -\r\nDate: -\r\nContent-Type: application/json\r\nContent-Length: 83\r\n\r\n{"reason": "Method Not Allowed", "detail": "\'/request/headers\' takes GET, not PUT"}',
         codes=(405,),
     ),
     "put to a file name": Outcome(
-        b'HTTP/1.1 405 Method Not Allowed\r\nServer: -\r\nDate: -\r\nContent-Type: application/json\r\nContent-Length: 32\r\n\r\n{"reason": "Method Not Allowed"}',
+        b'HTTP/1.1 405 Method Not Allowed\r\nServer: -\r\nDate: -\r\nContent-Type: application/json\r\nContent-Length: 92\r\n\r\n{"reason": "Method Not Allowed", "detail": "\'/request/files/f/filename\' takes GET, not PUT"}',
         codes=(405,),
     ),
     "stream": Outcome(
@@ -512,7 +512,7 @@ EXPECTED = {
         user=b"HTTP/1.1 200 OK\r\nServer: -\r\nDate: -\r\nContent-Type: text/plain; charset=utf-8\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nhi\r\n",
     ),
     "large status": Outcome(
-        b'HTTP/1.1 413 Request Entity Too Large\r\nServer: -\r\nDate: -\r\nContent-Type: application/json\r\nContent-Length: 38\r\n\r\n{"reason": "Request Entity Too Large"}',
+        b'HTTP/1.1 413 Request Entity Too Large\r\nServer: -\r\nDate: -\r\nContent-Type: application/json\r\nContent-Length: 144\r\n\r\n{"reason": "Request Entity Too Large", "detail": "the value is over 1048576 bytes, the most a status, reason, header, cookie or log line takes"}',
         codes=(413,),
     ),
 }

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from kapow import cli
-from kapow.commands import control_call
+from kapow.commands import control, control_call
 from kapow.commands import history as history_command
 from kapow.commands.control import CommandError
 from kapow.commands.history import _parse, _request, shown, table
@@ -236,7 +236,7 @@ class Server:
 
 @pytest.fixture
 def answer(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., Server]]:
-    monkeypatch.setattr(history_command, "context", lambda directory, environ: None)
+    monkeypatch.setattr(control, "context", lambda directory, environ: None)
 
     def answering(body: str = "[]", status: int = 200) -> Server:
         server = Server(body, status)
@@ -307,7 +307,7 @@ def test_the_servers_refusal(
 
 
 def test_a_connection_failure(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
-    monkeypatch.setattr(history_command, "context", lambda directory, environ: None)
+    monkeypatch.setattr(control, "context", lambda directory, environ: None)
 
     def refused(*args: object) -> str:
         raise control_call.ControlError(
@@ -325,8 +325,14 @@ def test_a_connection_failure(monkeypatch: pytest.MonkeyPatch, capsys: pytest.Ca
 @pytest.mark.parametrize(
     ("argv", "line"),
     [
-        (("--limit", "abc"), "kapow: kapow history: argument --limit: invalid int value: 'abc'\n"),
-        (("--since", "soon"), "kapow: kapow history: argument --since: not an RFC 3339 time: 'soon'\n"),
+        (
+            ("--limit", "abc"),
+            "kapow history: argument --limit: invalid int value: 'abc' (see kapow history --help)\n",
+        ),
+        (
+            ("--since", "soon"),
+            "kapow history: argument --since: not an RFC 3339 time: 'soon' (see kapow history --help)\n",
+        ),
     ],
 )
 def test_a_bad_value_asks_nothing(
@@ -340,7 +346,7 @@ def test_a_bad_value_asks_nothing(
 def test_missing_credentials_are_one_line(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     status, out, err = run(capsys, "--control-credentials", str(tmp_path / "none"))
     assert (status, out) == (1, "")
-    assert err.startswith("kapow: ") and "server.crt" in err and err.count("\n") == 1
+    assert err.startswith("kapow history: ") and "server.crt" in err and err.count("\n") == 1
 
 
 @pytest.mark.parametrize("body", ["not json", '{"id": "x"}', "[1, 2]", '"text"'])
@@ -350,7 +356,7 @@ def test_an_answer_that_is_not_a_list_of_records(
     answer(body)
     status, out, err = run(capsys)
     assert (status, out) == (1, "")
-    assert err.startswith("kapow: the control API answered something other than ")
+    assert err.startswith("kapow history: the control API answered something other than ")
     assert err.count("\n") == 1
 
 
@@ -361,7 +367,8 @@ def test_help(capsys: pytest.CaptureFixture[str]) -> None:
     text = " ".join(capsys.readouterr().out.split())
     for flag in (
         "--route ID",
-        "--outcome {ok,error,signal,timeout,disconnect,killed}",
+        "--outcome OUTCOME",
+        "ok, error, signal, timeout, disconnect, killed",
         "--since TIME",
         "--limit N",
         "--json",

@@ -74,3 +74,20 @@ def test_the_access_event_names_the_worker_that_served_the_request() -> None:
     access = [e for e in events if e.get("log_namespace") == "kapow.access"]
     assert [e["worker"] for e in access] == [2, None]
     assert all(e["log_format"] == "{line}" and '"(no method yet)' in e["line"] for e in access)
+
+
+def test_the_access_line_spells_the_version_as_the_reference_does() -> None:
+    from twisted.web.pages import notFound
+    from twisted.web.server import Site
+    from twisted.web.test.requesthelper import DummyChannel
+
+    from kapow.user.site import UserRequest, access_line
+
+    for received, spelled in ((b"HTTP/2", "HTTP/2.0"), (b"HTTP/1.1", "HTTP/1.1"), (b"HTTP/1.0", "HTTP/1.0")):
+        channel = DummyChannel()
+        channel.site = Site(notFound())
+        request = UserRequest(channel)
+        request.gotLength(0)
+        request.requestReceived(b"GET", b"/x", received)  # HTTP/2 streams pass "HTTP/2"
+        assert request.clientproto == spelled.encode()
+        assert f'"GET /x {spelled}"' in access_line(request)

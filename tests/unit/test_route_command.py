@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 
+from kapow.commands import control, control_call
 from kapow.commands import routes as route_command
 from kapow.commands.control import CommandError
 from kapow.commands.routes import _parse, _request
@@ -121,8 +122,8 @@ def test_unparseable_value_exits_1_with_one_line(capsys: pytest.CaptureFixture[s
     out, err = capsys.readouterr()
     assert out == ""
     assert err == (
-        "kapow: kapow route add: argument --max-message: invalid size 'big' "
-        "(a whole number of bytes, or with K, M or G)\n"
+        "kapow route add: argument --max-message: invalid size 'big' "
+        "(a whole number of bytes, or with K, M or G) (see kapow route add --help)\n"
     )
 
 
@@ -251,11 +252,11 @@ def test_bad_rate_exits_1_with_one_line(capsys: pytest.CaptureFixture[str]) -> N
     out, err = capsys.readouterr()
     assert out == ""
     assert err == (
-        "kapow: kapow route add: argument --rate: invalid rate '0/s': "
-        "the number of requests must be from 1 to 1000000\n"
+        "kapow route add: argument --rate: invalid rate '0/s': "
+        "the number of requests must be from 1 to 1000000 (see kapow route add --help)\n"
     )
     assert route_command.main(["add", "--burst", "3", "/api"]) == 1
-    assert capsys.readouterr().err == "kapow: --burst needs --rate\n"
+    assert capsys.readouterr().err == "kapow route add: --burst needs --rate (see kapow route add --help)\n"
 
 
 def test_help_names_the_traffic_flags(capsys: pytest.CaptureFixture[str]) -> None:
@@ -265,3 +266,27 @@ def test_help_names_the_traffic_flags(capsys: pytest.CaptureFixture[str]) -> Non
     for flag in ("--rate N/UNIT", "--burst B", "--rate-key {client,route}", "--cors ORIGIN",
                  "--cors-header NAME", "--cors-max-age S", "--cors-credentials"):  # fmt: skip
         assert flag in text
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "line"),
+    [
+        (
+            422,
+            b'{"reason": "Invalid Route", "detail": "unbalanced braces in url_pattern \'/bad/{\'"}',
+            "kapow: Invalid Route: unbalanced braces in url_pattern '/bad/{'\n",
+        ),
+        (422, b'{"reason": "Invalid Route"}', "kapow: Invalid Route\n"),
+        (502, b"<html>Bad Gateway</html>", "kapow: HTTP 502\n"),
+    ],
+)
+def test_a_refusal_is_its_reason_and_detail_on_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], status: int, body: bytes, line: str
+) -> None:
+    def refused(*args: object) -> str:
+        raise control_call.ControlError.refused(body, status)
+
+    monkeypatch.setattr(control, "context", lambda directory, environ: None)
+    monkeypatch.setattr(control_call, "call", refused)
+    assert route_command.main(["add", "/bad/{", "-c", "true"]) == 1
+    assert capsys.readouterr() == ("", line)

@@ -23,6 +23,7 @@ from kapow.core.routes import (
     Route,
     RouteTable,
     compile_pattern,
+    quoted,
     route_from_json,
 )
 
@@ -153,6 +154,30 @@ def test_pattern_must_be_string(value):
 def test_invalid_route_is_a_value_error_with_a_reason():
     with pytest.raises(ValueError, match="unbalanced"):
         compile_pattern("/{x")
+
+
+@pytest.mark.parametrize(
+    "pattern, reason",
+    [
+        ("/bad/{", "unbalanced braces in url_pattern '/bad/{'"),
+        ("/bad}", "unbalanced braces in url_pattern '/bad}'"),
+        ("nope", "url_pattern 'nope' does not start with '/'"),
+        ("", "url_pattern is empty"),
+        (3, "url_pattern must be a string, not 3"),
+        ("/x/{a}/{a}", "placeholder name 'a' appears twice in url_pattern '/x/{a}/{a}'"),
+        ("/x/{id:[0-9}", "regex '[0-9' of placeholder 'id' does not compile: unterminated character set at position 0"),
+        ("/{x:*}", "regex '*' of placeholder 'x' does not compile: nothing to repeat at position 0"),
+        ("/{}", "placeholder '{}' has no name"),
+        ("/{x:}", "placeholder '{x:}' has an empty regex"),
+        ("/{a:(?i)x}", "the placeholder regexes of url_pattern '/{a:(?i)x}' do not compile together: "
+                       "global flags not at the start of the expression"),
+        ("/" + "a" * 100 + "{", "unbalanced braces in url_pattern '/" + "a" * 79 + "'..."),
+    ],
+)  # fmt: skip
+def test_a_refused_pattern_says_which_part_and_why(pattern, reason):
+    with pytest.raises(InvalidRoute) as caught:
+        compile_pattern(pattern)
+    assert str(caught.value) == reason
 
 
 # Route
@@ -439,6 +464,51 @@ def test_from_json_refused(changes):
     data = {**GOOD, **changes}
     with pytest.raises(InvalidRoute):
         route_from_json(data, "r")
+
+
+@pytest.mark.parametrize(
+    "changes, reason",
+    [
+        ({"method": "GE T"}, "method 'GE T' is not an HTTP token (no spaces or separators)"),
+        ({"method": ""}, "method is empty"),
+        ({"method": ["GET"]}, "method must be a string, not a list"),
+        ({"method": True}, "method must be a string, not true"),
+        ({"url_pattern": {"a": 1}}, "url_pattern must be a string, not an object"),
+        ({"command": 3.5}, "command must be a string, not 3.5"),
+        ({"entrypoint": "a\0b"}, "entrypoint contains a NUL character"),
+        ({"timeout": "10"}, "timeout must be a number of seconds, not '10'"),
+        ({"timeout": 0}, "timeout must be a finite number of seconds > 0, not 0"),
+        ({"max_concurrency": 2.0}, "max_concurrency must be an integer >= 1, not 2.0"),
+        ({"error_status": "500"}, "error_status must be an integer from 400 to 599, not '500'"),
+        ({"stdin": "x" * 100}, f"stdin must be \"body\", not '{'x' * 80}'..."),
+    ],
+)  # fmt: skip
+def test_a_refused_field_is_named_with_its_value(changes, reason):
+    with pytest.raises(InvalidRoute) as caught:
+        route_from_json({**GOOD, **changes}, "r")
+    assert str(caught.value) == reason
+
+
+@pytest.mark.parametrize(
+    "value, shown",
+    [
+        ("/bad/{", "'/bad/{'"),
+        ("it's", '"it\'s"'),
+        ("a\nb", "'a\\nb'"),
+        ("x" * 81, "'" + "x" * 80 + "'..."),
+        (12, "12"),
+        (1.5, "1.5"),
+        (10**100, "1" + "0" * 79 + "..."),
+        (True, "true"),
+        (False, "false"),
+        (None, "null"),
+        ([1], "a list"),
+        ({"a": 1}, "an object"),
+        (b"x", "bytes"),
+    ],
+)
+def test_quoted_values_are_one_line_and_bounded(value, shown):
+    assert quoted(value) == shown
 
 
 @pytest.mark.parametrize("missing", ["method", "url_pattern"])

@@ -2,7 +2,8 @@
 Tests for kapow.user: the user interface as a Klein app, in memory. Its
 processes are started by a fake spawner that records each start and lets
 the test end the process; everything else is real (route table, auth,
-governor, admission, handlers, twisted.web's HTTP channel).
+governor, admission, handlers, twisted.web's HTTP channel). And its
+listener over HTTPS, answering plain HTTP, on an in-memory transport.
 """
 
 from __future__ import annotations
@@ -15,8 +16,11 @@ from typing import Any
 
 from treq.testing import StubTreq
 from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.testing import MemoryReactorClock
+from twisted.internet.interfaces import IProtocol, IProtocolFactory, IStreamServerEndpoint
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
 
 from kapow.core.routes import Match, Route, RouteTable
 from kapow.handlers.admission import LocalAdmission, ServerQueue, Slots
@@ -25,7 +29,9 @@ from kapow.handlers.handler import HandlerRegistry
 from kapow.handlers.spawn import ExitCallback, SpawnError
 from kapow.user.api import UserAPI
 from kapow.user.site import UserSite
-from tests.support.user_connection import SiteConnection, header_values, http_request
+from kapow.web.tls import PLAIN_HTTP_ANSWER, tls_server_endpoint, user_server_options
+from tests.support.pki import make_pki
+from tests.support.user_connection import PEER, SiteConnection, header_values, http_request
 
 PLAIN = b"text/plain; charset=utf-8"
 
@@ -293,10 +299,28 @@ class LifeTests(UserTests):
         )
 
         self.spawner.exit()
-        code, headers, body = self.answer(pending)
+        code, _, body = self.answer(pending)
         self.assertEqual((code, body), (200, b""))
-        self.assertEqual(headers.getRawHeaders(b"content-type"), [PLAIN])
         self.assertEqual((len(self.handlers), self.governor.running(), self.api.listing()), (0, 0, []))
+
+    def test_an_answer_without_a_body_has_no_content_type(self) -> None:
+        self.route("/x")
+        self.route("/typed")
+        self.route("/nothing", method="HEAD")
+        empty = self.connect(http_request(target=b"/x"))
+        self.spawner.exit()
+        typed = self.connect(http_request(target=b"/typed"))
+        handler = self.handlers.get(self.spawner.starts[-1].handler_id)
+        assert handler is not None
+        handler.add_header("Content-Type", b"text/x-typed\n")
+        self.spawner.exit()
+        head = self.connect(http_request(b"HEAD", b"/nothing"))
+        self.spawner.exit()
+
+        code, headers, body = empty.response()
+        self.assertEqual((code, body, header_values(headers, b"content-type")), (200, b"", []))
+        self.assertEqual(header_values(typed.response()[1], b"content-type"), [b"text/x-typed"])
+        self.assertEqual(header_values(head.response()[1], b"content-type"), [])
 
     def test_the_body_is_the_handlers_stdin_on_a_stdin_route(self) -> None:
         self.route("/x", method="POST", stdin="body")
@@ -387,3 +411,56 @@ class UnexpectedErrorTests(SynchronousTestCase):
         self.assertEqual((code, body), (500, b"Internal Server Error\n"))
         self.assertEqual(header_values(headers, b"content-type"), [PLAIN])
         self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
+
+
+@implementer(IStreamServerEndpoint)
+class _Recording:
+    """An endpoint that listens on nothing and keeps the factory it was given."""
+
+    def __init__(self) -> None:
+        self.factories: list[IProtocolFactory] = []
+
+    def listen(self, factory: IProtocolFactory) -> Deferred[Any]:
+        self.factories.append(factory)
+        return succeed(None)
+
+
+class PlainHTTPOnTheHTTPSPortTests(SynchronousTestCase):
+    """
+    The user interface over HTTPS answers a plain HTTP request as the
+    reference does, however its bytes arrive; other listeners only close.
+    """
+
+    def connect(self, answer_plain_http: bool) -> tuple[IProtocol, StringTransport]:
+        directory = Path(self.mktemp())
+        directory.mkdir()
+        pki = make_pki(directory)
+        endpoint = _Recording()
+        options = user_server_options(str(pki.server_chain), str(pki.server_key))
+        tls_server_endpoint(endpoint, options, answer_plain_http=answer_plain_http).listen(
+            Factory.forProtocol(Protocol)
+        )
+        protocol = endpoint.factories[0].buildProtocol(PEER)
+        assert protocol is not None
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        return protocol, transport
+
+    def test_a_request_line_byte_by_byte_gets_the_400_and_the_connection_closes(self) -> None:
+        protocol, transport = self.connect(answer_plain_http=True)
+        for byte in b"HEAD / HTTP/1.0\r\n\r\n":
+            protocol.dataReceived(bytes([byte]))
+        self.assertEqual(transport.value(), PLAIN_HTTP_ANSWER)
+        self.assertTrue(transport.disconnecting)
+
+    def test_what_is_neither_tls_nor_a_known_request_is_only_closed(self) -> None:
+        protocol, transport = self.connect(answer_plain_http=True)
+        protocol.dataReceived(b"DELETE / HTTP/1.1\r\n\r\n")
+        self.assertNotIn(b"HTTP/1.0 400", transport.value())
+        self.assertTrue(transport.disconnecting)
+
+    def test_another_listener_only_closes(self) -> None:
+        protocol, transport = self.connect(answer_plain_http=False)
+        protocol.dataReceived(b"GET / HTTP/1.1\r\n\r\n")
+        self.assertNotIn(b"HTTP/1.0 400", transport.value())
+        self.assertTrue(transport.disconnecting)

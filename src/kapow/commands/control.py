@@ -10,12 +10,21 @@ client trusts exactly the control server certificate and presents the
 control client certificate, both taken from ``KAPOW_CONTROL_*`` variables
 (set for init programs) or from a credentials directory
 (``--control-credentials DIR`` or ``$KAPOW_CONTROL_CREDENTIALS``) written by
-``kapow server --write-control-credentials DIR``.
+``kapow server --write-control-credentials DIR`` or ``kapow
+control-credentials DIR``.  Such a directory also records the control API's
+URL, so that it alone reaches the server (:func:`control_url`).
 
-An init program runs ``kapow route add`` once per route, so this command's
-start-up delays the server's readiness: its requests go through
-:mod:`kapow.commands.control_call`, on the standard library only, and nothing
-here imports :mod:`typing`, :mod:`shutil` or :mod:`urllib`.
+An init program runs ``kapow route add`` once per route, and an operator
+waits for every ``kapow route list``, so these commands start lean: their
+requests go through :mod:`kapow.commands.control_call`, on the standard
+library only, imported only once the command line is parsed (a usage error
+or ``--help`` needs neither :mod:`ssl` nor :mod:`socket`), and nothing here
+imports :mod:`typing`, :mod:`shutil` or :mod:`urllib`.
+
+Errors are one line on stderr, exit status 1: ``kapow: REASON`` for what
+the control API answered or why it could not be reached, ``COMMAND:
+MESSAGE`` for the rest (:class:`CommandError`), ending with ``(see COMMAND
+--help)`` when the command line is wrong (:class:`UsageError`).
 """
 
 from __future__ import annotations
@@ -24,31 +33,66 @@ import argparse
 import os
 import sys
 
-from kapow.commands import control_call
-from kapow.core.credentials import CredentialsError
+from kapow.core.credentials import CONTROL_ENVIRON, CredentialsError, read_control_url
 
 # typing.TYPE_CHECKING without importing typing, which these commands need
 # only for annotations; type checkers know the name.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     import ssl
-    from collections.abc import Callable, Iterable, Mapping
+    from collections.abc import Callable, Iterable, Mapping, Sequence
     from typing import NoReturn
 
     #: What a command asks of the control API: (its parsed arguments, the
     #: method, the path, the JSON body or None, the status that means success).
     ControlRequest = tuple[argparse.Namespace, str, str, object, int]
 
+#: Where the control API is when neither a flag, the environment nor the
+#: credentials directory says.
+DEFAULT_CONTROL_URL = "https://localhost:8081"
+
+NO_CREDENTIALS = (
+    "no control API credentials: give --control-credentials DIR or set KAPOW_CONTROL_CREDENTIALS=DIR, "
+    "the directory that `kapow server --write-control-credentials DIR` or `kapow control-credentials DIR` "
+    "wrote (init programs get KAPOW_CONTROL_* from the server)"
+)
+
 
 class CommandError(Exception):
-    """A failure to report as one line on stderr, exit status 1."""
+    """A failure to report as one line on stderr, ``COMMAND: MESSAGE``, exit status 1.
+
+    :param message: what went wrong.
+    :param command: the command at fault (``kapow route add``); ``None`` for
+        the command that runs.  ``str()`` is ``COMMAND: MESSAGE`` when given,
+        else ``MESSAGE``.
+    """
+
+    #: Whether the line ends with ``(see COMMAND --help)``.
+    usage = False
+
+    def __init__(self, message: str, command: str | None = None) -> None:
+        super().__init__(f"{command}: {message}" if command else message)
+        self.message = message
+        self.command = command
+
+    def line(self, command: str) -> str:
+        """The line that reports this error of ``command`` (of its own command, when it names one)."""
+        command = self.command or command
+        hint = f" (see {command} --help)" if self.usage else ""
+        return f"{command}: {flat(self.message)}{hint}"
+
+
+class UsageError(CommandError):
+    """A command line that is wrong: its line ends with ``(see COMMAND --help)``."""
+
+    usage = True
 
 
 class Parser(argparse.ArgumentParser):
     """argparse's parser, whose usage errors are one line and status 1, like every other failure."""
 
     def error(self, message: str) -> NoReturn:
-        raise CommandError(f"{self.prog}: {message}")
+        raise UsageError(message, self.prog)
 
 
 class Formatter(argparse.RawDescriptionHelpFormatter):
@@ -86,21 +130,41 @@ def _terminal_columns() -> int:
 
 
 def common_options() -> Parser:
-    """The options of every ``kapow route`` and ``kapow handler`` command, as a parent parser."""
+    """The options of every command of the control API, as a parent parser."""
     common = Parser(add_help=False, formatter_class=Formatter)
     common.add_argument(
         "--control-url",
-        default=os.environ.get("KAPOW_CONTROL_URL", "https://localhost:8081"),
-        help="control API URL [$KAPOW_CONTROL_URL, else https://localhost:8081]",
+        help="control API URL [$KAPOW_CONTROL_URL, else the URL recorded in the credentials "
+        f"directory, else {DEFAULT_CONTROL_URL}]",
     )
     common.add_argument(
         "--control-credentials",
         metavar="DIR",
         default=os.environ.get("KAPOW_CONTROL_CREDENTIALS"),
-        help="directory with server.crt, client.crt, client.key "
+        help="directory with server.crt, client.crt, client.key and control_url "
         "[$KAPOW_CONTROL_CREDENTIALS; else the $KAPOW_CONTROL_* certificates]",
     )
     return common
+
+
+def parse_action(
+    parser: Parser,
+    # argparse names the type of add_subparsers()'s result only privately
+    sub: argparse._SubParsersAction[Parser],
+    argv: Sequence[str],
+) -> argparse.Namespace:
+    """``argv`` of a command with actions (``kapow route list ...``), parsed.
+
+    The action's own parser parses what follows the action, options before
+    or after its arguments, so that its errors name it (``kapow route list:
+    unrecognized arguments: x``); the command's parser reports a missing or
+    unknown action, or shows the command's help.
+    """
+    action = argv[0] if argv else ""
+    one = sub.choices.get(action)
+    if one is None:
+        return parser.parse_args(argv)
+    return one.parse_intermixed_args(argv[1:], argparse.Namespace(action=action))
 
 
 def add_list_and_by_id(
@@ -150,32 +214,88 @@ def quote(segment: str) -> str:
 
 
 def context(directory: str | None, environ: Mapping[str, str]) -> ssl.SSLContext:
-    """The pinned mutual TLS settings from ``directory`` or from ``environ``."""
+    """The pinned mutual TLS settings from ``directory`` or from ``environ``.
+
+    :raises CommandError: naming what is missing or unusable; with no
+        directory and none of the ``KAPOW_CONTROL_*`` certificates, both
+        ways to give them.
+    """
+    from kapow.commands import control_call
+
     try:
         if directory:
             return control_call.context_from_directory(directory)
+        if not any(environ.get(name) for name in CONTROL_ENVIRON):
+            raise CommandError(NO_CREDENTIALS)
         return control_call.context_from_environ(environ)
     except CredentialsError as e:
         raise CommandError(str(e)) from None
 
 
-def run(request: Callable[[], ControlRequest]) -> int:
-    """Make the control API call ``request`` describes, print its answer, and
-    return the exit status: 1 with one line on stderr for any failure."""
+def control_url(args: argparse.Namespace, environ: Mapping[str, str]) -> str:
+    """The control API's URL: ``--control-url``, else ``$KAPOW_CONTROL_URL``,
+    else the one the credentials directory records, else :data:`DEFAULT_CONTROL_URL`.
+
+    :raises CommandError: if the directory's record cannot be read.
+    """
+    if args.control_url is not None:
+        return str(args.control_url)
+    if environ.get("KAPOW_CONTROL_URL"):
+        return environ["KAPOW_CONTROL_URL"]
+    try:
+        recorded = read_control_url(args.control_credentials) if args.control_credentials else None
+    except CredentialsError as e:
+        raise CommandError(str(e)) from None
+    return recorded or DEFAULT_CONTROL_URL
+
+
+def as_printed(args: argparse.Namespace, text: str) -> str:
+    """The answer ``text`` as it came, ending with a line break (nothing for no answer)."""
+    if not text:
+        return ""
+    return text if text.endswith("\n") else text + "\n"
+
+
+def run(
+    command: str,
+    request: Callable[[], ControlRequest],
+    output: Callable[[argparse.Namespace, str], str] = as_printed,
+) -> int:
+    """Make the control API call ``request`` describes, print what ``output``
+    makes of its answer, and return the exit status: 1 with one line on
+    stderr for any failure.
+
+    :param command: the command that runs (``kapow route list``), which the
+        line of a :class:`CommandError` names.
+    """
     try:
         args, method, path, body, expected = request()
-        text = control_call.call(
-            context(args.control_credentials, os.environ), args.control_url, method, path, body, expected
-        )
-    except (CommandError, control_call.ControlError) as e:
-        sys.stderr.write(f"kapow: {one_line(e)}\n")
-        return 1
-    if text:
-        sys.stdout.write(text if text.endswith("\n") else text + "\n")
+    except CommandError as e:
+        return _failed(e.line(command))
+    from kapow.commands import control_call  # only now: parsing needs neither ssl nor socket
+
+    try:
+        tls = context(args.control_credentials, os.environ)
+        text = control_call.call(tls, control_url(args, os.environ), method, path, body, expected)
+        printed = output(args, text)
+    except CommandError as e:
+        return _failed(e.line(command))
+    except control_call.ControlError as e:
+        return _failed(f"kapow: {one_line(e)}")
+    sys.stdout.write(printed)
     return 0
+
+
+def _failed(line: str) -> int:
+    sys.stderr.write(line + "\n")
+    return 1
 
 
 def one_line(exc: BaseException) -> str:
     """The text of ``exc`` on one line (its type's name when it has none)."""
-    text = str(exc) or type(exc).__name__
+    return flat(str(exc) or type(exc).__name__)
+
+
+def flat(text: str) -> str:
+    """``text`` on one line: each run of white space (line breaks too) one space."""
     return " ".join(text.split())

@@ -64,7 +64,8 @@ _CLIENT_CERT_REFUSED = frozenset(
 
 
 class ControlError(Exception):
-    """A control API call failed; ``str()`` is the server's reason or the connection error.
+    """A control API call failed; ``str()`` is the server's reason (and its
+    detail: ``REASON: DETAIL``) or the connection error.
 
     :param message: what ``str()`` gives: the line ``kapow route`` prints
         after ``kapow:``.
@@ -85,20 +86,25 @@ class ControlError(Exception):
 
     @classmethod
     def refused(cls, content: bytes, status: int) -> ControlError:
-        """The error of an answer with ``status``, not the one that means success, and body ``content``."""
+        """The error of an answer with ``status``, not the one that means success, and body ``content``.
+
+        Its message is the JSON ``reason`` of ``content``, followed by
+        ``: DETAIL`` when the body carries a ``detail`` too; ``HTTP <status>``
+        when it carries no reason.
+        """
         try:
             fields = json.loads(content)
         except ValueError:
             fields = None
         if not isinstance(fields, dict):
             fields = {}
-        reason, detail = fields.get("reason"), fields.get("detail")
-        return cls(
-            refusal_reason(content, status),
-            status=status,
-            reason=str(reason) if reason else None,
-            detail=str(detail) if detail else None,
+        reason, detail = (
+            str(value) if value else None for value in (fields.get("reason"), fields.get("detail"))
         )
+        message = reason or f"HTTP {status}"
+        if reason and detail:
+            message += f": {detail}"
+        return cls(message, status=status, reason=reason, detail=detail)
 
     def __repr__(self) -> str:
         return (
@@ -604,15 +610,6 @@ class _Reader:
 
 
 # -- errors -----------------------------------------------------------------------------------
-
-
-def refusal_reason(content: bytes, code: int) -> str:
-    """The reason of a refusal: its JSON ``reason``, else ``HTTP <code>``."""
-    try:
-        reason = json.loads(content)["reason"]
-    except (ValueError, KeyError, TypeError):
-        reason = None
-    return str(reason) if reason else f"HTTP {code}"
 
 
 def failure_reason(e: BaseException) -> str:

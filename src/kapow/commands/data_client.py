@@ -17,7 +17,7 @@ work on bytes from end to end (arguments, environment, URL, answers,
 messages), with rules simple enough to be the same in C, and the tests run
 every case against both and compare them on random input.
 
-Command line::
+Command line (options may also follow the arguments, see :func:`_parse_args`)::
 
     kapow get [--data-url URL] [--handler ID] RESOURCE
     kapow set [--data-url URL] [--handler ID] RESOURCE [VALUE]
@@ -34,7 +34,8 @@ Python API, for handlers written in Python::
     client.unset("/response/headers/X-Debug")
 
 Wire protocol: ``GET``/``PUT``/``DELETE {prefix}/handlers/{id}{resource}``; 200 is
-success, anything else carries ``{"reason": "..."}``.  A value written to
+success, anything else carries ``{"reason": "..."}``, with a ``"detail"`` too
+when the server knows more (printed ``kapow: REASON: DETAIL``).  A value written to
 ``/response/body`` or ``/response/stream`` from a stream is sent as a series of
 appending ``PUT`` requests of at most 64 KiB each over one keep-alive
 connection, each sent only after the previous one was answered: the server
@@ -44,8 +45,8 @@ control that lets an endless producer stream in bounded memory.
 The answers are read strictly enough to be the same whatever the timing: a
 response head (or a chunk-size line) longer than 64 KiB, a status that is not
 three digits, a ``Content-Length`` that is not digits and a chunk size that is
-not hexadecimal digits are malformed; the reason of a refusal is looked for in
-the first 64 KiB of its body.
+not hexadecimal digits are malformed; the reason and detail of a refusal are
+looked for in the first 64 KiB of its body.
 """
 
 import sys
@@ -77,7 +78,7 @@ _STREAMING = (b"/response/body", b"/response/stream")
 CHUNK_SIZE = 65536
 
 _MAX_HEAD = 65536  # longest response head (status line + headers + CRLFCRLF), or chunk line
-_MAX_REASON_BODY = 65536  # a refusal's reason is looked for in this much of its body
+_MAX_REASON_BODY = 65536  # a refusal's reason and detail are looked for in this much of its body
 _MAX_UNIX_PATH = 107  # sizeof(sun_path) - 1 on Linux
 _MALFORMED = b"malformed response from the data API"
 _CLOSED_EARLY = b"the data API closed the connection mid-response"
@@ -95,6 +96,10 @@ running handler through the Kapow! data API. `get` writes the raw value to
 stdout. Without VALUE, `set` reads the value from stdin; for /response/body
 and /response/stream it is streamed as it arrives. `unset` removes every value
 of a response header or cookie written so far.
+
+Options may come before or after the arguments, but not in the place of
+VALUE: the word after the RESOURCE of `set` is its VALUE, whatever it looks
+like. After `--`, every word is an argument.
 
 options:
   --data-url URL  data API (default: $KAPOW_DATA_URL, else {default})
@@ -126,17 +131,22 @@ class DataAPIError(Exception):
 
     ``status`` is the HTTP status of the refusal, or ``None`` when the data API
     could not be reached or broke the protocol; ``reason`` is the server's
-    reason text (or a description of the failure).
+    reason text (or a description of the failure); ``detail`` is what the
+    server said besides (``None`` when it said nothing more).  ``str()`` is
+    ``REASON: DETAIL``, or ``REASON`` without a detail, as ``kapow get``
+    prints it.
     """
 
-    def __init__(self, status: int | None, reason: str | bytes) -> None:
+    def __init__(self, status: int | None, reason: str | bytes, detail: str | bytes | None = None) -> None:
         reason = _text(reason) if isinstance(reason, bytes) else reason
-        super().__init__(status, reason)
+        detail = _text(detail) if isinstance(detail, bytes) else detail
+        super().__init__(status, reason, detail)
         self.status = status
         self.reason = reason
+        self.detail = detail
 
     def __str__(self) -> str:
-        return self.reason
+        return self.reason if self.detail is None else "%s: %s" % (self.reason, self.detail)
 
 
 class _PeerClosed(Exception):
@@ -401,14 +411,15 @@ _ESCAPES = {
 }  # fmt: skip
 
 
-def _json_reason(body: bytes) -> bytes | None:
-    """The ``reason`` string of a JSON error body as UTF-8 bytes, or None (no
-    json module).  Raw bytes are kept as sent; a ``\\u`` escape of half a
-    surrogate pair that has no other half becomes U+FFFD."""
-    key = body.find(b'"reason"')
+def _json_string(body: bytes, name: bytes) -> bytes | None:
+    """The string of member ``name`` (``b"reason"``, ``b"detail"``) of a JSON
+    error body as UTF-8 bytes, or None (no json module).  Raw bytes are kept
+    as sent; a ``\\u`` escape of half a surrogate pair that has no other half
+    becomes U+FFFD."""
+    key = body.find(b'"' + name + b'"')
     if key < 0:
         return None
-    i = key + 8
+    i = key + len(name) + 2
     n = len(body)
     while i < n and body[i] in b" \t\r\n":
         i += 1
@@ -459,11 +470,16 @@ def _one_line(data: bytes) -> bytes:
     return b" ".join(data.split()) if (b"\n" in data or b"\r" in data) else data
 
 
-def _reason_of(status: int, reason: bytes, body: bytes) -> bytes:
-    text = _json_reason(body[:_MAX_REASON_BODY])
+def _reason_of(status: int, reason: bytes, body: bytes) -> tuple[bytes, bytes | None]:
+    """-> (reason, detail or None) of a refusal, each on one line: the JSON
+    ``reason`` of ``body`` and its ``detail`` when it has one, else the
+    status line's ``reason`` phrase (or the status) alone."""
+    body = body[:_MAX_REASON_BODY]
+    text = _json_string(body, b"reason")
     if not text:
-        text = reason or b"HTTP status %d" % status
-    return _one_line(text)
+        return _one_line(reason or b"HTTP status %d" % status), None
+    detail = _json_string(body, b"detail")
+    return _one_line(text), (_one_line(detail) if detail else None)
 
 
 class DataClient:
@@ -641,7 +657,7 @@ class DataClient:
                     break
         except (OSError, DataAPIError):
             pass
-        return DataAPIError(status, _reason_of(status, reason, data))
+        return DataAPIError(status, *_reason_of(status, reason, data))
 
     def _exchange(
         self, conn: _Connection, target: bytes, body: bytes
@@ -750,9 +766,11 @@ class _FdFile:
             view = view[_os.write(fd, view) :]
 
 
-def _error(message: str | bytes) -> int:
+def _error(message: str | bytes, command: bytes = b"") -> int:
+    """Write ``kapow COMMAND: MESSAGE`` (``kapow: MESSAGE`` without a command) as one line on stderr; return 1."""
     try:
-        _FdFile(2).write(b"kapow: %s\n" % _one_line(_bytes(message)))
+        prefix = b"kapow %s: " % command if command else b"kapow: "
+        _FdFile(2).write(prefix + _one_line(_bytes(message)) + b"\n")
     except OSError:
         pass
     return 1
@@ -765,36 +783,40 @@ def is_lean_command(argv: list[str]) -> bool:
     return len(argv) > 1 and argv[1] in ("get", "set", "unset")
 
 
+def _usage_error(what: bytes, command: bytes) -> ValueError:
+    """What is wrong with the command line, pointing at the help of ``kapow COMMAND``."""
+    return _invalid(b"%s (see kapow %s --help)" % (what, command))
+
+
 def _parse_args(args: list[bytes], command: bytes) -> tuple[bytes | None, bytes | None, list[bytes]] | None:
-    """-> (data_url, handler_id, positionals), all bytes, or raises
-    ValueError; None for help.  ``args`` are bytes."""
+    """-> (data_url, handler_id, positionals), all bytes, or None for help;
+    raises ValueError naming what is wrong.
+
+    Options may come before or after the positional arguments, but never in
+    the place of ``set``'s VALUE: the word after its RESOURCE is the VALUE
+    whatever it looks like, so that a value from a request (``--handler=...``)
+    is never taken for an option; a ``--`` there is still the end of the
+    options.  After ``--`` every word is positional."""
     data_url: bytes | None = None
     handler_id: bytes | None = None
     positionals: list[bytes] = []
-    separated = False
     i = 0
     while i < len(args):
         arg = args[i]
         i += 1
-        if positionals:
-            # options end at RESOURCE: a VALUE from a request ("--handler=...")
-            # must never be taken for an option; one "--" may still come
-            # before VALUE, as in `kapow set RESOURCE -- "$value"`
-            if arg == b"--" and len(positionals) == 1 and not separated:
-                separated = True
-            else:
-                positionals.append(arg)
-            continue
         if arg == b"--":
             positionals.extend(args[i:])
             break
+        if command == b"set" and len(positionals) == 1:
+            positionals.append(arg)
+            continue
         if arg in (b"-h", b"--help"):
             return None
         name, eq, value = arg.partition(b"=")
         if name in (b"--data-url", b"--handler"):
             if not eq:
                 if i >= len(args):
-                    raise _invalid(b"option %s needs a value" % name)
+                    raise _usage_error(b"option %s needs a value" % name, command)
                 value = args[i]
                 i += 1
             if name == b"--data-url":
@@ -802,20 +824,23 @@ def _parse_args(args: list[bytes], command: bytes) -> tuple[bytes | None, bytes 
             else:
                 handler_id = value
         elif arg.startswith(b"-") and arg != b"-":
-            raise _invalid(b"unknown option %s (see kapow %s --help)" % (_quote(arg), command))
+            raise _usage_error(b"unknown option %s" % _quote(arg), command)
         else:
             positionals.append(arg)
+    if not positionals:
+        raise _usage_error(b"missing RESOURCE", command)
     limit = 2 if command == b"set" else 1
-    if not positionals or len(positionals) > limit:
-        syntax = b"RESOURCE [VALUE]" if command == b"set" else b"RESOURCE"
-        raise _invalid(b"usage: kapow %s [--data-url URL] [--handler ID] %s" % (command, syntax))
+    if len(positionals) > limit:
+        raise _usage_error(b"unexpected argument %s" % _quote(positionals[limit]), command)
     return data_url, handler_id, positionals
 
 
 def main(argv: list[str]) -> int:
     """``kapow get`` / ``kapow set`` / ``kapow unset``; ``argv`` is like
     ``sys.argv``.  Returns the exit status: 0 on success, 1 on any failure
-    (reason on stderr)."""
+    (on stderr: ``kapow: REASON: DETAIL``, or ``kapow: REASON``, for what the
+    data API answered or why it could not be reached, ``kapow COMMAND: ...``
+    for the rest)."""
     if not is_lean_command(argv):
         return _error("expected 'get', 'set' or 'unset'")
     args = [_bytes(arg) for arg in argv[1:]]
@@ -830,9 +855,9 @@ def main(argv: list[str]) -> int:
         resource = positionals[0]
         _resource_bytes(resource)
     except ValueError as exc:
-        return _error(str(exc))
+        return _error(str(exc), command)
     except OSError as exc:  # writing the help text
-        return _error(b"cannot write help: %s" % _strerror(exc))
+        return _error(b"cannot write help: %s" % _strerror(exc), command)
     try:
         if command == b"get":
             client.get_into(resource, _FdFile(1))
@@ -843,12 +868,12 @@ def main(argv: list[str]) -> int:
         else:
             client.set(resource, _FdFile(0))
     except DataAPIError as exc:
-        return _error(exc.reason)
+        return _error(str(exc))
     except BrokenPipeError:  # stdout reader went away (`kapow get ... | head`)
         return 1
     except OSError as exc:  # our own stdin/stdout
         what = b"write output" if command == b"get" else b"read input"
-        return _error(b"cannot %s: %s" % (what, _strerror(exc)))
+        return _error(b"cannot %s: %s" % (what, _strerror(exc)), command)
     except KeyboardInterrupt:
         return 130
     return 0

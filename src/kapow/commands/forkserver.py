@@ -137,8 +137,11 @@ def main(argv: list[str]) -> None:
     import ssl
 
     import kapow.cli
+    import kapow.commands.control_call
     import kapow.commands.handlers
-    import kapow.commands.routes  # noqa: F401  (imported for the children)
+    import kapow.commands.routes
+    import kapow.core.resource_limits
+    import kapow.core.traffic  # noqa: F401  (imported for the children; `kapow route` imports lazily)
 
     ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     watched = os.dup(0)

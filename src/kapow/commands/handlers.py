@@ -9,29 +9,38 @@ reference (docs/reference/control-api.rst) for the calls it makes.  Like
 
 from __future__ import annotations
 
-from kapow.commands.control import Formatter, Parser, add_list_and_by_id, common_options, quote, run
+from kapow.commands.control import (
+    Formatter,
+    Parser,
+    add_list_and_by_id,
+    common_options,
+    parse_action,
+    quote,
+    run,
+)
 
 # typing.TYPE_CHECKING without importing typing, which this command needs
 # only for annotations; type checkers know the name.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    import argparse
     from collections.abc import Sequence
 
     from kapow.commands.control import ControlRequest
 
 
-def _parser() -> Parser:
+def _parser() -> tuple[Parser, argparse._SubParsersAction[Parser]]:
+    """``kapow handler``'s parser and its actions."""
     parser = Parser(
         prog="kapow handler",
         description="See and end the live handlers of a running server over its control API (mutual TLS).",
         epilog="examples:\n  kapow handler list\n  kapow handler kill $(kapow handler list | jq -r '.[0].id')",
         formatter_class=Formatter,
     )
-    common = common_options()
-    sub = parser.add_subparsers(dest="action", required=True, parser_class=Parser)
+    sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True, parser_class=Parser)
     add_list_and_by_id(
         sub,
-        common,
+        common_options(),
         "handler",
         "print the live handlers as JSON",
         "'.[] | \"\\(.id) \\(.state) \\(.pid) \\(.path)\"'",
@@ -41,17 +50,18 @@ def _parser() -> Parser:
         ),
         "handler_id",
     )
-    return parser
+    return parser, sub
 
 
 def main(argv: Sequence[str]) -> int:
     """Run ``kapow handler`` with ``argv`` (without the leading words)."""
 
     def request() -> ControlRequest:
-        args = _parser().parse_args(argv)
+        args = parse_action(*_parser(), argv)
         if args.action == "list":
             return args, "GET", "/handlers", None, 200
         path = "/handlers/" + quote(args.handler_id)
         return (args, "GET", path, None, 200) if args.action == "get" else (args, "DELETE", path, None, 204)
 
-    return run(request)
+    # what follows the parse runs only for an action; the parsers' own errors name their command
+    return run(f"kapow handler {argv[0]}" if argv else "kapow handler", request)

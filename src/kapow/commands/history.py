@@ -9,24 +9,25 @@ the standard library only (:mod:`kapow.commands.control`).  Only what
 argparse cannot parse (``--limit abc``, an ``--outcome`` that is none of
 :data:`~kapow.core.runs.OUTCOMES`, a ``--since`` that is not RFC 3339) is
 refused here; whether a value is in range is the server's to say.
+
+:mod:`kapow.core.runs` is imported only when an ``--outcome`` or a
+``--since`` is checked or the help is shown: with :mod:`dataclasses`,
+:mod:`typing` and :mod:`datetime` it takes longer to import than the rest of
+this command.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 
-from kapow.commands import control_call
-from kapow.commands.control import CommandError, Formatter, Parser, common_options, context, one_line, quote
-from kapow.core.runs import DEFAULT_LIMIT, MAX_LIMIT, OUTCOMES, InvalidQuery, parse_time
+from kapow.commands.control import CommandError, Formatter, Parser, as_printed, common_options, quote, run
 
 # typing.TYPE_CHECKING without importing typing, which this command needs
 # only for annotations; type checkers know the name.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Iterator, Sequence
 
     from kapow.commands.control import ControlRequest
 
@@ -65,7 +66,12 @@ def _parser() -> Parser:
         formatter_class=Formatter,
     )
     parser.add_argument("--route", metavar="ID", help="only the runs of this route")
-    parser.add_argument("--outcome", choices=OUTCOMES, help="only the runs that ended so")
+    parser.add_argument(
+        "--outcome",
+        choices=_Outcomes(),
+        metavar="OUTCOME",  # given, argparse does not read the choices to make one
+        help="only the runs that ended so: %(choices)s",
+    )
     parser.add_argument(
         "--since",
         type=_time,
@@ -73,18 +79,31 @@ def _parser() -> Parser:
         help="only the runs started at or after TIME, RFC 3339 (2026-12-07T00:00:00Z)",
     )
     parser.add_argument(
-        "--limit",
-        type=int,
-        metavar="N",
-        help=f"at most N runs, from 1 to {MAX_LIMIT} [{DEFAULT_LIMIT}]",
+        "--limit", type=int, metavar="N", help="at most N runs, the newest [the server's default]"
     )
     parser.add_argument("--json", action="store_true", help="print the JSON list the server answers")
     parser.add_argument("run_id", metavar="ID", nargs="?", help="print this one run record as JSON")
     return parser
 
 
+class _Outcomes:
+    """:data:`kapow.core.runs.OUTCOMES` as the choices of ``--outcome``, read when argparse checks or shows them."""
+
+    def __contains__(self, value: object) -> bool:
+        from kapow.core.runs import OUTCOMES
+
+        return value in OUTCOMES
+
+    def __iter__(self) -> Iterator[str]:
+        from kapow.core.runs import OUTCOMES
+
+        return iter(OUTCOMES)
+
+
 def _time(text: str) -> str:
     """``text`` as it is, once :func:`~kapow.core.runs.parse_time` read it as an RFC 3339 time."""
+    from kapow.core.runs import InvalidQuery, parse_time
+
     try:
         parse_time(text)
     except InvalidQuery as e:
@@ -93,7 +112,8 @@ def _time(text: str) -> str:
 
 
 def _parse(argv: Sequence[str]) -> argparse.Namespace:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
     if args.run_id is not None:
         given = [
             flag
@@ -106,9 +126,9 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
             if value is not None
         ]
         if given:
-            raise CommandError(f"kapow history: ID takes no {', '.join(given)}")
+            parser.error(f"ID takes no {', '.join(given)}")
         if not args.run_id:
-            raise CommandError("kapow history: ID is empty")
+            parser.error("ID is empty")
     return args
 
 
@@ -191,7 +211,7 @@ def table(records: Sequence[object]) -> str:
 def _output(args: argparse.Namespace, text: str) -> str:
     """What to print of the answer ``text``: the table, or the JSON as the server sent it."""
     if args.json or args.run_id is not None:
-        return text if text.endswith("\n") else text + "\n"
+        return as_printed(args, text)
     try:
         records = json.loads(text)
     except ValueError:
@@ -203,14 +223,4 @@ def _output(args: argparse.Namespace, text: str) -> str:
 
 def main(argv: Sequence[str]) -> int:
     """Run ``kapow history`` with ``argv`` (without the leading words)."""
-    try:
-        args, method, path, body, expected = _request(_parse(argv))
-        text = control_call.call(
-            context(args.control_credentials, os.environ), args.control_url, method, path, body, expected
-        )
-        output = _output(args, text)
-    except (CommandError, control_call.ControlError) as e:
-        sys.stderr.write(f"kapow: {one_line(e)}\n")
-        return 1
-    sys.stdout.write(output)
-    return 0
+    return run("kapow history", lambda: _request(_parse(argv)), _output)

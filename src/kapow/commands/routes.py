@@ -3,9 +3,11 @@
 
 See the command line reference (docs/reference/cli.rst) for the flags and the
 control API reference (docs/reference/control-api.rst) for the calls they
-make.  An init program runs ``kapow route add`` once per route, so this
-command's start-up delays the server's readiness: it runs on the standard
-library only (:mod:`kapow.commands.control`).
+make.  An init program runs ``kapow route add`` once per route, and an
+operator waits for every ``kapow route list``, so this command starts lean:
+it runs on the standard library only (:mod:`kapow.commands.control`), and
+the many options of ``route add`` (with the modules that read their values)
+are set up only for ``route add``.
 """
 
 from __future__ import annotations
@@ -18,13 +20,13 @@ from kapow.commands.control import (
     CommandError,
     Formatter,
     Parser,
+    UsageError,
     add_list_and_by_id,
     common_options,
+    parse_action,
     quote,
     run,
 )
-from kapow.core.resource_limits import InvalidLimit, parse_limits, parse_size
-from kapow.core.traffic import parse_rate
 
 # typing.TYPE_CHECKING without importing typing, which this command needs
 # only for annotations; type checkers know the name.
@@ -47,26 +49,41 @@ examples:
 """
 
 
-def _parser() -> tuple[Parser, Parser]:
+def _parser() -> tuple[Parser, argparse._SubParsersAction[Parser]]:
+    """``kapow route``'s parser and its actions, those of ``add`` still without their options."""
     parser = Parser(
         prog="kapow route",
         description="Manage the routes of a running server over its control API (mutual TLS).",
         epilog="examples:\n  kapow route list\n  kapow route add /hello -c 'echo hi | kapow set /response/body'\n"
         "  kapow route remove 3f1c9a52-...\n\n"
         "From an operator shell, point KAPOW_CONTROL_CREDENTIALS at the directory written by\n"
-        "`kapow server --write-control-credentials DIR`.",
+        "`kapow server --write-control-credentials DIR`: it holds the certificates and the URL.",
         formatter_class=Formatter,
     )
     common = common_options()
-    sub = parser.add_subparsers(dest="action", required=True, parser_class=Parser)
+    sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True, parser_class=Parser)
 
-    add = sub.add_parser(
+    sub.add_parser(
         "add",
         parents=[common],
         help="append (or insert) a route",
         epilog=EPILOG_ADD,
         formatter_class=Formatter,
     )
+    add_list_and_by_id(
+        sub,
+        common,
+        "route",
+        "print the routes as JSON",
+        "'.[] | \"\\(.index) \\(.method) \\(.url_pattern)\"'",
+        (("get", "print one route as JSON"), ("remove", "remove a route")),
+        "route_id",
+    )
+    return parser, sub
+
+
+def _add_options(add: Parser) -> None:
+    """The options and arguments of ``kapow route add``."""
     add.add_argument("-X", "--method", default="GET", help="HTTP method [GET]")
     add.add_argument("-e", "--entrypoint", default="/bin/sh -c", help="program to run [/bin/sh -c]")
     add.add_argument("-c", "--command", help="command given to the entrypoint")
@@ -226,17 +243,6 @@ def _parser() -> tuple[Parser, Parser]:
         "command_file", metavar="COMMAND_FILE", nargs="?", help="file with the command, or - for stdin"
     )
 
-    add_list_and_by_id(
-        sub,
-        common,
-        "route",
-        "print the routes as JSON",
-        "'.[] | \"\\(.index) \\(.method) \\(.url_pattern)\"'",
-        (("get", "print one route as JSON"), ("remove", "remove a route")),
-        "route_id",
-    )
-    return parser, add
-
 
 def _size(text: str) -> int:
     """
@@ -244,6 +250,8 @@ def _size(text: str) -> int:
     ``--limit`` takes them): ``2K`` is 2048. Whether the number suits its
     field is the server's to say.
     """
+    from kapow.core.resource_limits import parse_size
+
     try:
         return parse_size(text)
     except ValueError as e:
@@ -252,6 +260,8 @@ def _size(text: str) -> int:
 
 def _rate(text: str) -> tuple[int, float]:
     """``--rate N/UNIT`` as (requests, seconds): ``1/30s`` is ``(1, 30.0)``."""
+    from kapow.core.traffic import parse_rate
+
     try:
         return parse_rate(text)
     except ValueError as e:
@@ -260,18 +270,18 @@ def _rate(text: str) -> tuple[int, float]:
 
 def _parse(argv: Sequence[str]) -> argparse.Namespace:
     """
-    Parse ``argv``; options of ``route add`` may come before or after the
-    URL pattern, as with the reference's command line.
+    Parse ``argv``; options may come before or after the arguments, as with
+    the reference's command line.
     """
-    parser, add = _parser()
+    parser, sub = _parser()
     if argv[:1] == ["add"]:
-        return add.parse_intermixed_args(argv[1:], argparse.Namespace(action="add"))
-    return parser.parse_args(argv)
+        _add_options(sub.choices["add"])
+    return parse_action(parser, sub, argv)
 
 
 def _command(args: argparse.Namespace) -> str:
     if args.command is not None and args.command_file is not None:
-        raise CommandError("give the command with -c or in COMMAND_FILE, not both")
+        raise UsageError("give the command with -c or in COMMAND_FILE, not both")
     if args.command_file == "-":
         return sys.stdin.read()
     if args.command_file is not None:
@@ -316,10 +326,12 @@ def _request(args: argparse.Namespace) -> ControlRequest:
             if getattr(args, name) is not None:
                 body[field] = getattr(args, name)
         if args.limit:
+            from kapow.core.resource_limits import InvalidLimit, parse_limits
+
             try:
                 body["limits"] = parse_limits(args.limit)
             except InvalidLimit as e:
-                raise CommandError(str(e)) from None
+                raise UsageError(str(e)) from None
         auth = _auth(args)
         if auth:
             body["auth"] = auth
@@ -347,7 +359,7 @@ def _auth(args: argparse.Namespace) -> dict[str, object]:
     if args.auth_hmac is not None:
         parts = args.auth_hmac.split(":", 3)
         if len(parts) < 2 or not parts[0] or not parts[1]:
-            raise CommandError(f"--auth-hmac {args.auth_hmac!r}: expected HEADER:FILE[:ALGORITHM[:PREFIX]]")
+            raise UsageError(f"--auth-hmac {args.auth_hmac!r}: expected HEADER:FILE[:ALGORITHM[:PREFIX]]")
         rule = {"header": parts[0], "secret_file": _absolute(parts[1], "--auth-hmac")}
         if len(parts) > 2 and parts[2]:
             rule["algorithm"] = parts[2]
@@ -361,7 +373,7 @@ def _auth(args: argparse.Namespace) -> dict[str, object]:
             try:
                 ipaddress.ip_network(network.strip(), strict=False)
             except ValueError as e:
-                raise CommandError(f"--allow {network!r}: {e}") from None
+                raise UsageError(f"--allow {network!r}: {e}") from None
         auth["allow"] = [network.strip() for network in args.allow]
     return auth
 
@@ -379,7 +391,7 @@ def _traffic(args: argparse.Namespace, body: dict[str, object]) -> None:
     else:
         for flag, value in (("--burst", args.burst), ("--rate-key", args.rate_key)):
             if value is not None:
-                raise CommandError(f"{flag} needs --rate")
+                raise UsageError(f"{flag} needs --rate")
     if args.cors_origins:
         cors: dict[str, object] = {"origins": args.cors_origins}
         if args.cors_headers:
@@ -397,15 +409,17 @@ def _traffic(args: argparse.Namespace, body: dict[str, object]) -> None:
         )
         for flag, value in given:
             if value is not None:
-                raise CommandError(f"{flag} needs --cors")
+                raise UsageError(f"{flag} needs --cors")
 
 
 def _absolute(path: str, flag: str) -> str:
     if not path:
-        raise CommandError(f"{flag}: the file name is empty")
+        raise UsageError(f"{flag}: the file name is empty")
     return os.path.abspath(path)
 
 
 def main(argv: Sequence[str]) -> int:
     """Run ``kapow route`` with ``argv`` (without the leading words)."""
-    return run(lambda: _request(_parse(argv)))
+    # what follows the parse runs only for an action; the parsers' own errors name their command
+    command = f"kapow route {argv[0]}" if argv else "kapow route"
+    return run(command, lambda: _request(_parse(argv)))

@@ -22,7 +22,7 @@ from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource
 
-from kapow.core.routes import InvalidRoute, Route, RouteTable, route_from_json
+from kapow.core.routes import InvalidRoute, Route, RouteTable, quoted, route_from_json
 from kapow.core.runs import HistoryQuery, InvalidQuery, RunRecord, parse_query, shown
 from kapow.handlers.listing import HandlerShown, HandlersListing
 from kapow.web.errors import JSONError, install_json_errors, json_body, json_resource
@@ -101,7 +101,9 @@ class ControlAPI:
 
     def resource(self) -> IResource:
         """The Twisted resource serving this API."""
-        return json_resource(self.app, JSONError(404, "Not Found"))
+        return json_resource(
+            self.app, JSONError(404, "Not Found", "the path or host is not UTF-8 once percent-decoded")
+        )
 
     @app.route("/routes", methods=["GET"])
     def list_routes(self, request: IRequest) -> bytes:
@@ -111,7 +113,7 @@ class ControlAPI:
     def append_route(self, request: IRequest) -> bytes | Deferred[bytes]:
         route = self._route_from_request(request)
         index = self.routes.append(route)
-        log.info("route added: {route}", route=route.to_json(index))
+        log.info("route added: {route}", route=json.dumps(route.to_json(index)))
         return self._published(lambda: json_body(request, 201, route.to_json(index)))
 
     @app.route("/routes", methods=["PUT"])
@@ -121,10 +123,10 @@ class ControlAPI:
         if wanted is None:
             wanted = 0
         if type(wanted) is not int or wanted < 0:
-            raise JSONError(422, "Invalid Route")
+            raise JSONError(422, "Invalid Route", f"index must be a whole number >= 0, not {quoted(wanted)}")
         route = self._route_from_json(data)
         index = self.routes.insert(route, wanted)
-        log.info("route inserted: {route}", route=route.to_json(index))
+        log.info("route inserted: {route}", route=json.dumps(route.to_json(index)))
         return self._published(lambda: json_body(request, 201, route.to_json(index)))
 
     @app.route("/routes/<string:route_id>", methods=["GET"])
@@ -175,8 +177,7 @@ class ControlAPI:
         try:
             query = parse_query(args)
         except InvalidQuery as e:
-            log.info("refused history query: {why}", why=str(e))
-            raise JSONError(400, "Invalid Query") from None
+            raise JSONError(400, "Invalid Query", str(e)) from None
         asked = self.history.query(query).addErrback(_history_unavailable)
         return asked.addCallback(
             lambda found: json_body(
@@ -217,8 +218,7 @@ class ControlAPI:
         try:
             return route_from_json(data, self.new_id())
         except InvalidRoute as e:
-            log.info("refused route: {why}", why=str(e))
-            raise JSONError(422, "Invalid Route") from None
+            raise JSONError(422, "Invalid Route", str(e)) from None
 
     install_json_errors(app)
 
@@ -244,7 +244,21 @@ def _unfinished(record: RunRecord) -> bool:
 
 
 def _read_json(request: IRequest) -> object:
+    """The JSON value of ``request``'s body; 400 ``Malformed JSON`` saying where it is not JSON."""
+    body = request.content.read()
     try:
-        return json.loads(request.content.read())
-    except (ValueError, UnicodeDecodeError):
-        raise JSONError(400, "Malformed JSON") from None
+        return json.loads(body)
+    except json.JSONDecodeError as e:
+        why = "the body is empty, not JSON" if not body else _parser_says(e)
+    except UnicodeDecodeError as e:
+        why = f"the body is not {e.encoding} text: {e.reason} at byte {e.start}"
+    except ValueError as e:  # a number too long to convert; what follows ";" is advice for Python programmers
+        why = f"invalid JSON: {str(e).partition(';')[0]}"
+    except RecursionError:
+        why = "the body nests lists or objects deeper than the JSON parser goes"
+    raise JSONError(400, "Malformed JSON", why)
+
+
+def _parser_says(e: json.JSONDecodeError) -> str:
+    """What the JSON parser said, with where: ``invalid JSON at line 1, column 2: expecting ...``."""
+    return f"invalid JSON at line {e.lineno}, column {e.colno} (char {e.pos}): {e.msg[:1].lower()}{e.msg[1:]}"

@@ -7,9 +7,11 @@ the client trusts exactly one server certificate. Both are fresh self-signed
 EC P-256 certificates made on every start by
 :func:`generate_control_credentials`, or operator-supplied ones read by
 :func:`load_control_credentials`; :func:`write_client_credentials` writes what
-an operator's curl needs. :mod:`kapow.web.tls` (the server),
-:mod:`kapow.client` (Twisted programs) and :mod:`kapow.commands.control_call`
-(``kapow route``) turn them into TLS settings.
+an operator's curl needs, and with it the control API's URL, which
+:func:`read_control_url` reads back for ``kapow route``.  :mod:`kapow.web.tls`
+(the server), :mod:`kapow.client` (Twisted programs) and
+:mod:`kapow.commands.control_call` (``kapow route``) turn them into TLS
+settings.
 
 Pure :mod:`cryptography`; nothing here imports Twisted.  The functions that
 need :mod:`cryptography` import it themselves: ``kapow route`` only reads the
@@ -43,6 +45,11 @@ SERVER_CERT_FILE = "server.crt"
 SERVER_KEY_FILE = "server.key"
 CLIENT_CERT_FILE = "client.crt"
 CLIENT_KEY_FILE = "client.key"
+#: The control API's URL, on one line, beside the certificates: what
+#: ``kapow route`` reaches with the directory alone.
+CONTROL_URL_FILE = "control_url"
+#: Every file of a credentials directory.
+CREDENTIALS_FILES = (SERVER_CERT_FILE, SERVER_KEY_FILE, CLIENT_CERT_FILE, CLIENT_KEY_FILE, CONTROL_URL_FILE)
 
 SERVER_COMMON_NAME = "control_server"
 CLIENT_COMMON_NAME = "control_client"
@@ -286,12 +293,16 @@ def _self_signed(
 # -- files -----------------------------------------------------------------------
 
 
-def write_client_credentials(creds: ControlCredentials, directory: str) -> None:
+def write_client_credentials(
+    creds: ControlCredentials, directory: str, control_url: str | None = None
+) -> None:
     """Write what an operator needs to call the control API with curl.
 
     Writes ``server.crt`` (the pinned server certificate, for ``--cacert``),
     ``client.crt`` and ``client.key`` (for ``--cert``/``--key``); never the
-    server key.  ``directory`` is created with mode 0700 if missing.  An existing
+    server key.  With ``control_url``, also ``control_url``: the URL that
+    clients reach the control API at, on one line (:func:`read_control_url`).
+    ``directory`` is created with mode 0700 if missing.  An existing
     ``directory`` must be a directory owned by this user that group and others
     cannot access (it is not chmod-ed: it might be a shared one named by
     mistake).  Each file is written to a temporary file created with mode 0600 in
@@ -300,11 +311,11 @@ def write_client_credentials(creds: ControlCredentials, directory: str) -> None:
 
     :raises CredentialsError: if the directory is unsuitable or a write fails.
     """
-    _write_files(directory, _client_files(creds))
+    _write_files(directory, _client_files(creds, control_url))
 
 
-def write_full_credentials(creds: ControlCredentials, directory: str) -> None:
-    """Write all four control credentials, ``server.key`` included.
+def write_full_credentials(creds: ControlCredentials, directory: str, control_url: str | None = None) -> None:
+    """Write all four control credentials, ``server.key`` included, and ``control_url`` when given.
 
     The result is a persistent set that :func:`load_control_credentials` reads
     back.  Directory and file handling are those of
@@ -312,16 +323,42 @@ def write_full_credentials(creds: ControlCredentials, directory: str) -> None:
 
     :raises CredentialsError: if the directory is unsuitable or a write fails.
     """
-    _write_files(directory, ((SERVER_KEY_FILE, creds.server_key_pem), *_client_files(creds)))
+    _write_files(directory, ((SERVER_KEY_FILE, creds.server_key_pem), *_client_files(creds, control_url)))
 
 
-def _client_files(creds: ControlCredentials) -> tuple[tuple[str, bytes], ...]:
-    """What a client needs: the server certificate, its own certificate and key."""
-    return (
+def _client_files(creds: ControlCredentials, control_url: str | None) -> tuple[tuple[str, bytes], ...]:
+    """What a client needs: the server certificate, its own certificate and key, and the URL if known."""
+    files = (
         (SERVER_CERT_FILE, creds.server_cert_pem),
         (CLIENT_CERT_FILE, creds.client_cert_pem),
         (CLIENT_KEY_FILE, creds.client_key_pem),
     )
+    if control_url is None:
+        return files
+    return (*files, (CONTROL_URL_FILE, control_url.encode("utf-8") + b"\n"))
+
+
+def read_control_url(directory: str) -> str | None:
+    """The control API URL that ``directory`` records, or ``None`` if it records none.
+
+    :raises CredentialsError: if its ``control_url`` file is there but cannot be read.
+    """
+    path = os.path.join(directory, CONTROL_URL_FILE)
+    try:
+        with open(path, "rb") as f:
+            text = f.read().decode("utf-8")
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise CredentialsError(f"cannot read {path}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise CredentialsError(f"{path}: not UTF-8 text") from None
+    return text.strip() or None
+
+
+def existing_credentials(directory: str) -> list[str]:
+    """The names of the credentials files (:data:`CREDENTIALS_FILES`) already in ``directory``."""
+    return [name for name in CREDENTIALS_FILES if os.path.lexists(os.path.join(directory, name))]
 
 
 def _write_files(directory: str, files: tuple[tuple[str, bytes], ...]) -> None:

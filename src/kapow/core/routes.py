@@ -62,6 +62,7 @@ __all__ = [
     "RouteTable",
     "compile_pattern",
     "origin_key",
+    "quoted",
     "route_from_json",
 ]
 
@@ -138,11 +139,38 @@ LIMIT_NAMES = ("memory", "cpu", "open_files", "file_size", "processes")
 MAX_LIMIT = 2**62
 
 
-class InvalidRoute(ValueError):
-    """A route or URL pattern is refused; the message says why (for logs).
+#: The most characters of a value that :func:`quoted` shows.
+SHOWN_LENGTH = 80
 
-    The control API answers every such refusal with ``Invalid Route``.
+
+class InvalidRoute(ValueError):
+    """A route or URL pattern is refused; the message says why, in one line.
+
+    The control API answers every such refusal with ``Invalid Route``, and
+    the message as its detail.
     """
+
+
+def quoted(value: object) -> str:
+    """``value`` as a message names it: a string quoted as Python quotes it
+    (``'/bad/{'``), a number as written, ``true``, ``false`` and ``null`` as
+    in JSON, a list or an object by its kind. A string or number longer than
+    :data:`SHOWN_LENGTH` characters is cut, ``...`` marking the cut.
+    """
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "null"
+    if isinstance(value, str):
+        return repr(value) if len(value) <= SHOWN_LENGTH else repr(value[:SHOWN_LENGTH]) + "..."
+    if isinstance(value, (int, float)):
+        text = repr(value)
+        return text if len(text) <= SHOWN_LENGTH else text[:SHOWN_LENGTH] + "..."
+    if isinstance(value, Mapping):
+        return "an object"
+    if isinstance(value, (list, tuple)):
+        return "a list"
+    return type(value).__name__
 
 
 class Pattern:
@@ -196,9 +224,9 @@ def _brace_spans(url_pattern: str) -> list[tuple[int, int]]:
             if level == 0:
                 spans.append((start, i + 1))
             elif level < 0:
-                raise InvalidRoute(f"unbalanced braces in {url_pattern!r}")
+                raise InvalidRoute(f"unbalanced braces in url_pattern {quoted(url_pattern)}")
     if level != 0:
-        raise InvalidRoute(f"unbalanced braces in {url_pattern!r}")
+        raise InvalidRoute(f"unbalanced braces in url_pattern {quoted(url_pattern)}")
     return spans
 
 
@@ -219,11 +247,11 @@ def compile_pattern(url_pattern: str) -> Pattern:
         or an empty regex, a name appears twice, or a regex does not compile.
     """
     if not isinstance(url_pattern, str):
-        raise InvalidRoute("url_pattern must be a string")
+        raise InvalidRoute(f"url_pattern must be a string, not {quoted(url_pattern)}")
     if not url_pattern:
         raise InvalidRoute("url_pattern is empty")
     if not url_pattern.startswith("/"):
-        raise InvalidRoute(f"url_pattern {url_pattern!r} does not start with '/'")
+        raise InvalidRoute(f"url_pattern {quoted(url_pattern)} does not start with '/'")
     parts = []
     names: list[str] = []
     end = 0
@@ -234,14 +262,20 @@ def compile_pattern(url_pattern: str) -> Pattern:
         name, colon, regex = placeholder[1:-1].partition(":")
         if not colon:
             regex = _DEFAULT_PLACEHOLDER
-        if not name or not regex:
-            raise InvalidRoute(f"missing name or pattern in {placeholder!r}")
+        if not name:
+            raise InvalidRoute(f"placeholder {quoted(placeholder)} has no name")
+        if not regex:
+            raise InvalidRoute(f"placeholder {quoted(placeholder)} has an empty regex")
         if name in names:
-            raise InvalidRoute(f"duplicate placeholder name {name!r}")
+            raise InvalidRoute(
+                f"placeholder name {quoted(name)} appears twice in url_pattern {quoted(url_pattern)}"
+            )
         try:
             re.compile(regex)
         except re.error as e:
-            raise InvalidRoute(f"bad regex in {placeholder!r}: {e}") from None
+            raise InvalidRoute(
+                f"regex {quoted(regex)} of placeholder {quoted(name)} does not compile: {e}"
+            ) from None
         # Captures are read by the generated group name, so groups inside
         # the user's regex never shift which text goes under which name.
         parts.append(f"(?P<_kapow_{len(names)}>{regex})")
@@ -251,34 +285,38 @@ def compile_pattern(url_pattern: str) -> Pattern:
         compiled = re.compile("".join(parts))
     except re.error as e:
         # e.g. a user regex reusing a generated group name or a backreference
-        # to a group outside itself.
-        raise InvalidRoute(f"bad regex in {url_pattern!r}: {e}") from None
+        # to a group outside itself; a position would be in the generated regex.
+        raise InvalidRoute(
+            f"the placeholder regexes of url_pattern {quoted(url_pattern)} do not compile together: {e.msg}"
+        ) from None
     return Pattern(url_pattern, tuple(names), compiled)
 
 
 def _check_positive_number(value: object, name: str = "timeout", zero: bool = False) -> None:
     """``value`` checked: a finite number of seconds > 0 (>= 0 if ``zero``), not a bool."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise InvalidRoute(f"{name} must be a number")
+        raise InvalidRoute(f"{name} must be a number of seconds, not {quoted(value)}")
     try:
         as_float = float(value)
     except OverflowError:
-        raise InvalidRoute(f"{name} is too large") from None
+        raise InvalidRoute(f"{name} is too large: {quoted(value)}") from None
     if not math.isfinite(as_float) or as_float < 0 or (as_float == 0 and not zero):
-        raise InvalidRoute(f"{name} must be a finite number of seconds {'>=' if zero else '>'} 0")
+        raise InvalidRoute(
+            f"{name} must be a finite number of seconds {'>=' if zero else '>'} 0, not {quoted(value)}"
+        )
 
 
 def _checked_origins(origins: object) -> tuple[str, ...]:
     """``origins`` checked: a list of strings, each ``"*"`` or an origin URL (:func:`origin_key`)."""
     if isinstance(origins, (str, bytes, Mapping)) or not isinstance(origins, Iterable):
-        raise InvalidRoute("origins must be a list of strings")
+        raise InvalidRoute(f"origins must be a list of strings, not {quoted(origins)}")
     checked = tuple(origins)
     for origin in checked:
         if not isinstance(origin, str):
-            raise InvalidRoute("origins must be a list of strings")
+            raise InvalidRoute(f"origins must be a list of strings, and {quoted(origin)} is not one")
         if origin != "*" and origin_key(origin) is None:
             raise InvalidRoute(
-                f"origin {origin!r} is not '*' or an http, https, ws or wss URL of a host "
+                f"origin {quoted(origin)} is not '*' or an http, https, ws or wss URL of a host "
                 "(scheme://host[:port], no path, query or fragment)"
             )
     return checked
@@ -287,16 +325,18 @@ def _checked_origins(origins: object) -> tuple[str, ...]:
 def _checked_limits(limits: object) -> dict[str, int]:
     """``limits`` checked: some of :data:`LIMIT_NAMES`, each a whole number from 1 to :data:`MAX_LIMIT`."""
     if not isinstance(limits, Mapping):
-        raise InvalidRoute("limits must be a JSON object")
+        raise InvalidRoute(f"limits must be a JSON object, not {quoted(limits)}")
     for name in limits:
         if name not in LIMIT_NAMES:
-            raise InvalidRoute(f"unknown limit {name!r}")
+            raise InvalidRoute(f"unknown limit {quoted(name)} (known: {', '.join(LIMIT_NAMES)})")
     checked = {}
     for name in LIMIT_NAMES:
         if name in limits:
             value = limits[name]
             if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_LIMIT:
-                raise InvalidRoute(f"limit {name} must be a whole number from 1 to {MAX_LIMIT}")
+                raise InvalidRoute(
+                    f"limit {name} must be a whole number from 1 to {MAX_LIMIT}, not {quoted(value)}"
+                )
             checked[name] = value
     return checked
 
@@ -410,24 +450,26 @@ class Route:
         if not isinstance(self.id, str):
             raise InvalidRoute("id must be a string")
         if not isinstance(self.method, str):
-            raise InvalidRoute("method must be a string")
+            raise InvalidRoute(f"method must be a string, not {quoted(self.method)}")
         if not self.method:
             raise InvalidRoute("method is empty")
         if not _TOKEN.fullmatch(self.method):
-            raise InvalidRoute(f"method {self.method!r} is not an HTTP token")
+            raise InvalidRoute(f"method {quoted(self.method)} is not an HTTP token (no spaces or separators)")
         object.__setattr__(self, "method", self.method.upper())
         object.__setattr__(self, "_pattern", compile_pattern(self.url_pattern))
         for name in ("entrypoint", "command"):
             value = getattr(self, name)
             if not isinstance(value, str):
-                raise InvalidRoute(f"{name} must be a string")
+                raise InvalidRoute(f"{name} must be a string, not {quoted(value)}")
             # No program can receive an argument with a NUL byte in it.
             if "\0" in value:
                 raise InvalidRoute(f"{name} contains a NUL character")
         try:
             words = shlex.split(self.entrypoint)
         except ValueError as e:
-            raise InvalidRoute(f"entrypoint cannot be split: {e}") from None
+            raise InvalidRoute(
+                f"entrypoint {quoted(self.entrypoint)} cannot be split into words: {e}"
+            ) from None
         object.__setattr__(self, "_argv", (*words, self.command) if self.command else tuple(words))
         if self.timeout is not None:
             _check_positive_number(self.timeout)
@@ -436,27 +478,31 @@ class Route:
             or not isinstance(self.max_concurrency, int)
             or self.max_concurrency < 1
         ):
-            raise InvalidRoute("max_concurrency must be an integer >= 1")
+            raise InvalidRoute(f"max_concurrency must be an integer >= 1, not {quoted(self.max_concurrency)}")
         if self.keep_running_on_disconnect is not None and not isinstance(
             self.keep_running_on_disconnect, bool
         ):
-            raise InvalidRoute("keep_running_on_disconnect must be true or false")
+            raise InvalidRoute(
+                f"keep_running_on_disconnect must be true or false, not {quoted(self.keep_running_on_disconnect)}"
+            )
         if self.stdin is not None and self.stdin != "body":
-            raise InvalidRoute('stdin must be "body"')
+            raise InvalidRoute(f'stdin must be "body", not {quoted(self.stdin)}')
         if self.buffer is not None and not isinstance(self.buffer, bool):
-            raise InvalidRoute("buffer must be true or false")
+            raise InvalidRoute(f"buffer must be true or false, not {quoted(self.buffer)}")
         if self.error_status is not None and (
             isinstance(self.error_status, bool)
             or not isinstance(self.error_status, int)
             or not 400 <= self.error_status <= 599
         ):
-            raise InvalidRoute("error_status must be an integer from 400 to 599")
+            raise InvalidRoute(
+                f"error_status must be an integer from 400 to 599, not {quoted(self.error_status)}"
+            )
         if self.queue is not None and (
             isinstance(self.queue, bool)
             or not isinstance(self.queue, int)
             or not 0 <= self.queue <= MAX_QUEUE
         ):
-            raise InvalidRoute(f"queue must be an integer from 0 to {MAX_QUEUE}")
+            raise InvalidRoute(f"queue must be an integer from 0 to {MAX_QUEUE}, not {quoted(self.queue)}")
         if self.queue_timeout is not None:
             _check_positive_number(self.queue_timeout, "queue_timeout")
         if self.limits is not None:
@@ -482,21 +528,21 @@ class Route:
     def _check_mode(self) -> None:
         """Check :attr:`mode` and the fields that belong to one mode (:attr:`job` among them)."""
         if self.job is not None and not isinstance(self.job, bool):
-            raise InvalidRoute("job must be true or false")
+            raise InvalidRoute(f"job must be true or false, not {quoted(self.job)}")
         if self.mode is not None and (not isinstance(self.mode, str) or self.mode not in MODES):
-            raise InvalidRoute('mode must be "http", "websocket" or "events"')
+            raise InvalidRoute(f'mode must be "http", "websocket" or "events", not {quoted(self.mode)}')
         if self.origins is not None:
             object.__setattr__(self, "origins", _checked_origins(self.origins) or None)
         if self.messages is not None and (
             not isinstance(self.messages, str) or self.messages not in MESSAGE_KINDS
         ):
-            raise InvalidRoute('messages must be "lines" or "binary"')
+            raise InvalidRoute(f'messages must be "lines" or "binary", not {quoted(self.messages)}')
         if self.max_message is not None and (
             isinstance(self.max_message, bool)
             or not isinstance(self.max_message, int)
             or self.max_message < 1
         ):
-            raise InvalidRoute("max_message must be an integer >= 1 (bytes)")
+            raise InvalidRoute(f"max_message must be an integer >= 1 (bytes), not {quoted(self.max_message)}")
         if self.ping is not None:
             _check_positive_number(self.ping, "ping", zero=True)
         if self.heartbeat is not None:
@@ -642,7 +688,7 @@ def route_from_json(data: object, route_id: str, strict_auth: bool = True) -> Ro
     :raises InvalidRoute: if ``data`` is not an object or any field is invalid.
     """
     if not isinstance(data, dict):
-        raise InvalidRoute("a route must be a JSON object")
+        raise InvalidRoute(f"a route must be a JSON object, not {quoted(data)}")
     for key in ("method", "url_pattern"):
         if data.get(key) is None:
             raise InvalidRoute(f"{key} is missing")

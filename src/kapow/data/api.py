@@ -34,6 +34,7 @@ from twisted.web.resource import IResource
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from kapow.core.forms import UploadedFile
+from kapow.core.routes import quoted
 from kapow.data.resource import DataResource
 from kapow.handlers.handler import ALREADY_ENDED, Handler, HandlerRegistry, State
 from kapow.web.errors import JSONError, install_json_errors
@@ -185,18 +186,25 @@ class DataAPI:
     def refused(self, request: IRequest, failure: Failure) -> NoReturn:
         """
         A request no route answers: another method than the data API's
-        (``Allow`` lists them); a resource asked with the wrong method; a
-        path outside the tree (in a handler's) or outside any handler.
+        (``Allow`` lists them); a resource asked with the wrong method (the
+        detail names the right one); a path outside the tree (in a
+        handler's, the detail naming it) or outside any handler.
         """
         if request.method not in _METHODS:
             request.setHeader(b"Allow", _ALLOWED)
             raise JSONError(405, "Method Not Allowed")
-        if failure.check(MethodNotAllowed):
-            raise JSONError(405, "Method Not Allowed")
+        if isinstance(failure.value, MethodNotAllowed):
+            valid = sorted(failure.value.valid_methods or ())
+            takes = " or ".join(method for method in valid if method != "HEAD")
+            raise JSONError(
+                405,
+                "Method Not Allowed",
+                f"{_resource(request.postpath)} takes {takes}, not {request.method.decode()}",
+            )
         top, _, rest = b"/".join(request.postpath).partition(b"/")
         handler_id, _, rest = rest.partition(b"/")
         if top == b"handlers" and handler_id and rest:
-            raise JSONError(*_INVALID_PATH)
+            raise JSONError(*_INVALID_PATH, _not_in_tree(request.postpath))
         raise JSONError(404, "Not Found")
 
     install_json_errors(app)
@@ -215,6 +223,19 @@ class DataAPI:
         return handler
 
 
+def _resource(postpath: list[bytes]) -> str:
+    """The resource a path in a handler's names (what follows the handler id), quoted for a detail."""
+    return quoted("/" + b"/".join(postpath[2:]).decode("utf-8", "replace"))
+
+
+def _not_in_tree(postpath: list[bytes]) -> str:
+    """The detail of a path in a handler's that is outside the tree: what it names, or its bad handler id."""
+    handler_id = postpath[1]
+    if b"/" in handler_id:
+        return f"the handler id {quoted(handler_id.decode('utf-8', 'replace'))} holds a '/'"
+    return f"{_resource(postpath)} is not a resource of the data API"
+
+
 def _value(request: IRequest, value: bytes | None) -> bytes:
     """The answer of a read of one value, 404 if the item is absent."""
     if value is None:
@@ -229,7 +250,11 @@ def _small_value(request: IRequest) -> bytes:
     """The body of a write of a status, header, cookie, reason or log line."""
     data = request.content.read(MAX_VALUE + 1)
     if len(data) > MAX_VALUE:
-        raise JSONError(413, "Request Entity Too Large")
+        raise JSONError(
+            413,
+            "Request Entity Too Large",
+            f"the value is over {MAX_VALUE} bytes, the most a status, reason, header, cookie or log line takes",
+        )
     return data
 
 

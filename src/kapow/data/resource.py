@@ -68,7 +68,8 @@ class DataResource(KleinResource):
     it) whose routes do not depend on the host, whose endpoints answer
     ``bytes`` or a Deferred of them, and whose error handlers answer at once.
 
-    :param bad_url: the error a path that does not decode is answered with.
+    :param bad_url: the code and reason of the answer to a path that does
+        not decode (with a detail saying why).
     :param prefix: how every route's path starts: one segment, then an
         argument that takes any one segment (``/handlers/<handler_id>``).
         The route of a path is looked up once for all values of that
@@ -110,11 +111,11 @@ class DataResource(KleinResource):
         if self._methods is not None and method not in self._methods:
             raise MethodNotAllowed(valid_methods=sorted(m.decode() for m in self._methods))
         if b"%" in request.path and _BROKEN_ESCAPE.search(request.path):
-            raise JSONError(self._bad_url.code, self._bad_url.reason)
+            raise self._bad_path("the path has a '%' that is not followed by two hexadecimal digits")
         try:
             path = "/" + b"/".join(request.postpath).decode("utf-8")
         except UnicodeDecodeError:
-            raise JSONError(self._bad_url.code, self._bad_url.reason) from None
+            raise self._bad_path("the path is not UTF-8 once percent-decoded") from None
         if path.startswith("//"):
             raise NotFound()
         parts = path.split("/", 3)
@@ -125,6 +126,10 @@ class DataResource(KleinResource):
         else:
             rule, arguments = self._match(path, method)
         return cast(_Answer, self._app.execute_endpoint(rule.endpoint, request, **arguments))
+
+    def _bad_path(self, detail: str) -> JSONError:
+        """The error of a path that does not decode, saying why."""
+        return JSONError(self._bad_url.code, self._bad_url.reason, detail)
 
     def _route_of(self, method: bytes, rest: str) -> tuple[Rule, Mapping[str, Any]]:
         """The route of a path that is ``rest`` after the prefix (its argument a stand-in)."""

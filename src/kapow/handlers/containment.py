@@ -29,13 +29,13 @@ import sys
 from typing import cast
 
 from twisted.application.service import Service
-from twisted.internet.interfaces import IReactorFDSet, IReactorTime
+from twisted.internet.interfaces import IProcessTransport, IReactorFDSet, IReactorProcess, IReactorTime
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from kapow.handlers import reaper
-from kapow.handlers.processes import ReactorProcesses, SessionProcess
+from kapow.handlers.processes import ReactorProcesses
 
 log = Logger()
 
@@ -95,9 +95,9 @@ class Containment(Service):
     Puts the server into a cgroup of its own if it can and starts the
     reaper that ends whatever is left of it when the server is gone.
 
-    :param reactor: a POSIX reactor: spawns the reaper (through
-        :class:`~kapow.handlers.processes.ReactorProcesses`) and times the
-        removal of a worker's cgroup.
+    :param reactor: a POSIX reactor: times the removal of a worker's cgroup.
+    :param processes: spawns the reaper; by default
+        :class:`~kapow.handlers.processes.ReactorProcesses` on ``reactor``.
     :param parent: the cgroup below which to make the server's; the one this
         process is in by default.
     :ivar group: the server's cgroup directory, or ``None`` (environment mode).
@@ -105,12 +105,15 @@ class Containment(Service):
 
     name = "containment"
 
-    def __init__(self, reactor: IReactorFDSet, parent: str | None = None) -> None:
+    def __init__(
+        self, reactor: IReactorFDSet, processes: IReactorProcess | None = None, parent: str | None = None
+    ) -> None:
         self.reactor = reactor
+        self.processes = ReactorProcesses(reactor) if processes is None else processes
         self.base = parent
         self.group: str | None = None
         self.outside: str | None = None
-        self._reaper: SessionProcess | None = None
+        self._reaper: IProcessTransport | None = None
         self._pipe: int | None = None
         self._urls: list[str] = []
         self._workers: dict[int, str] = {}
@@ -148,7 +151,7 @@ class Containment(Service):
             # as for handlers, it gets 0, 1 and 2 only, and a session of its own:
             # what kills the server's process group (kill -9 -PGID, a
             # terminal's signals) does not reach it
-            self._reaper = ReactorProcesses(self.reactor).spawnProcess(
+            self._reaper = self.processes.spawnProcess(
                 protocol,
                 sys.executable,
                 [sys.executable, "-m", "kapow.handlers.reaper", self.group or "-", str(os.getpid())],
@@ -158,9 +161,10 @@ class Containment(Service):
         finally:
             os.close(devnull)
             os.close(read)
-        if self.group is not None and self.outside is not None:
+        pid = self._reaper.pid  # not reaped yet: the reactor has not looked
+        if self.group is not None and self.outside is not None and pid is not None:
             try:  # born inside, like everything started from here: it must not kill itself
-                enter_cgroup(self.outside, self._reaper.pgid)  # its pid, kept after it is reaped
+                enter_cgroup(self.outside, pid)
             except OSError as e:
                 log.warn("the reaper could not leave {path}: {why}", path=self.group, why=e.strerror)
         for url in self._urls:

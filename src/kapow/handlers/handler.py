@@ -33,7 +33,7 @@ from zope.interface import implementer
 
 from kapow.core.forms import FormError, ParsedForm, parse_form
 from kapow.core.request_parts import BodySnapshot, cookie_pairs, first_cookie, query_pairs
-from kapow.core.routes import Route
+from kapow.core.routes import Route, quoted
 from kapow.core.sniff import sniff_content_type
 from kapow.web.errors import JSONError, phrase
 
@@ -269,37 +269,35 @@ class Handler:
         self._check_pending()
         text = raw.strip()
         if not _STATUS.fullmatch(text):
-            raise JSONError(422, "Non Integer Value")
-        if not _STATUS_DIGITS.fullmatch(text):
-            raise JSONError(400, "Invalid Status Code")
-        code = int(text)
+            raise JSONError(422, "Non Integer Value", f"status {_shown(text)} is not an integer")
+        code = int(text) if _STATUS_DIGITS.fullmatch(text) else 0  # more digits: out of range
         if not 200 <= code <= 999:
-            raise JSONError(400, "Invalid Status Code")
+            raise JSONError(400, "Invalid Status Code", f"status {_shown(text)} is not from 200 to 999")
         self.status = code
 
     def add_header(self, name: str, raw: bytes) -> None:
         """Add one value of header ``name``."""
         self._check_pending()
-        self.headers.append((_token(name), _field_value(raw)))
+        self.headers.append((_token(name, "header"), _field_value(raw, "header")))
 
     def add_cookie(self, name: str, raw: bytes) -> None:
         """Add a ``Set-Cookie`` for cookie ``name``."""
         self._check_pending()
-        value = _field_value(raw)
+        value = _field_value(raw, "cookie")
         if re.search(rb'[\s,;"\\]', value):
             value = b'"' + value.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
-        self.headers.append((b"Set-Cookie", _token(name) + b"=" + value))
+        self.headers.append((b"Set-Cookie", _token(name, "cookie") + b"=" + value))
 
     def remove_header(self, name: str) -> None:
         """Drop every value of header ``name`` written so far."""
         self._check_pending()
-        lower = _token(name).lower()
+        lower = _token(name, "header").lower()
         self.headers = [(key, value) for key, value in self.headers if key.lower() != lower]
 
     def remove_cookie(self, name: str) -> None:
         """Drop every ``Set-Cookie`` of cookie ``name`` written so far."""
         self._check_pending()
-        prefix = _token(name) + b"="
+        prefix = _token(name, "cookie") + b"="
         self.headers = [
             (key, value)
             for key, value in self.headers
@@ -310,8 +308,11 @@ class Handler:
         """Set the status line's reason phrase; empty: the standard one."""
         self._check_pending()
         value = raw[:-1] if raw.endswith(b"\n") else raw
-        if len(value) > MAX_REASON or _CONTROL.search(value):
-            raise JSONError(400, "Invalid Reason Phrase")
+        if len(value) > MAX_REASON:
+            raise JSONError(
+                400, "Invalid Reason Phrase", f"the reason phrase is {len(value)} bytes, over {MAX_REASON}"
+            )
+        _check_no_control(value, "reason phrase", "Invalid Reason Phrase")
         self.reason = value or None
 
     def end(self) -> None:
@@ -483,9 +484,8 @@ class Handler:
         for name, value in self.headers:
             request.responseHeaders.addRawHeader(name, value)
             names.add(name.lower())
-        if b"content-type" not in names:
-            kind = sniff_content_type(first) if first else "text/plain; charset=utf-8"
-            request.setHeader(b"Content-Type", kind.encode())
+        if b"content-type" not in names and first:  # no body: no type, as the reference
+            request.setHeader(b"Content-Type", sniff_content_type(first).encode())
         if length is not None:
             request.setHeader(b"Content-Length", b"%d" % length)
         self.state = State.STREAMING
@@ -529,18 +529,34 @@ def _json_text(raw: bytes) -> str:
     return raw.decode("utf-8", "replace")
 
 
-def _token(name: str) -> bytes:
+def _shown(raw: bytes) -> str:
+    """A value a handler wrote, as a refusal's detail names it."""
+    return quoted(raw.decode("utf-8", "replace"))
+
+
+def _token(name: str, kind: str) -> bytes:
+    """``name`` of a ``kind`` (header or cookie), refused unless it is an HTTP token."""
     raw = name.encode("utf-8", "replace")
     if not _TOKEN.fullmatch(raw):
-        raise JSONError(400, "Invalid Resource Path")
+        raise JSONError(400, "Invalid Resource Path", f"{kind} name {quoted(name)} is not an HTTP token")
     return raw
 
 
-def _field_value(raw: bytes) -> bytes:
+def _field_value(raw: bytes, kind: str) -> bytes:
+    """The value of a ``kind`` (header or cookie) written as ``raw``, one trailing newline removed."""
     value = raw[:-1] if raw.endswith(b"\n") else raw
-    if _CONTROL.search(value):
-        raise JSONError(400, "Invalid Header Value")
+    _check_no_control(value, f"{kind} value", "Invalid Header Value")
     return value
+
+
+def _check_no_control(value: bytes, what: str, reason: str) -> None:
+    """Refuse ``value`` (``what`` it is) with 400 ``reason`` if it holds a control character."""
+    found = _CONTROL.search(value)
+    if found is not None:
+        character = quoted(found.group().decode("ascii"))
+        raise JSONError(
+            400, reason, f"the {what} holds the control character {character} at byte {found.start()}"
+        )
 
 
 class HandlerRegistry:

@@ -28,7 +28,7 @@ from typing import Protocol, cast
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.interfaces import IProcessTransport, IReactorFDSet, IReactorProcess, IReactorTime
 from twisted.internet.protocol import ProcessProtocol
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
 from kapow.core.resource_limits import LimitedCommand
@@ -126,8 +126,13 @@ class LineLogger(ProcessProtocol):
         if rest:
             self._emit(childFD, rest)
 
+    def level(self, childFD: int) -> LogLevel:
+        """The level at which the lines of ``childFD`` are logged."""
+        return LogLevel.info
+
     def _emit(self, childFD: int, line: bytes) -> None:
-        self.log.info(
+        self.log.emit(
+            self.level(childFD),
             "{name}{stream}: {line}",
             name=self.name,
             stream=" (stderr)" if childFD == 2 else "",

@@ -63,6 +63,10 @@ static const char USAGE[] =
     "and /response/stream it is streamed as it arrives. `unset` removes every value\n"
     "of a response header or cookie written so far.\n"
     "\n"
+    "Options may come before or after the arguments, but not in the place of\n"
+    "VALUE: the word after the RESOURCE of `set` is its VALUE, whatever it looks\n"
+    "like. After `--`, every word is an argument.\n"
+    "\n"
     "options:\n"
     "  --data-url URL  data API (default: $KAPOW_DATA_URL, else " DEFAULT_DATA_URL ")\n"
     "                  http://HOST:PORT[/PREFIX] or http+unix://%2Fpath%2Fto%2Fsocket\n"
@@ -531,30 +535,43 @@ static enum result broken(struct client *c)
 	return fail_os(c, "connection to data API at ");
 }
 
-/* _error: "kapow: MESSAGE" on one line; returns the exit status 1. */
-static int error_line(struct bytes message)
+/* _one_line: text with a line break in it as its words joined by one space;
+ * other text as it is. */
+static void add_one_line(struct buf *out, struct bytes text)
+{
+	if (find_byte(text, '\n') < 0 && find_byte(text, '\r') < 0) {
+		buf_addb(out, text);
+		return;
+	}
+	int first = 1;
+	size_t i = 0;
+	while (i < text.n) {
+		while (i < text.n && is_space(text.p[i]))
+			i++;
+		size_t start = i;
+		while (i < text.n && !is_space(text.p[i]))
+			i++;
+		if (i > start) {
+			if (!first)
+				buf_addc(out, ' ');
+			buf_add(out, text.p + start, i - start);
+			first = 0;
+		}
+	}
+}
+
+/* _error: "kapow COMMAND: MESSAGE" ("kapow: MESSAGE" without a command) on
+ * one line; returns the exit status 1. */
+static int error_line(const char *command, struct bytes message)
 {
 	struct buf line = {0};
-	buf_adds(&line, "kapow: ");
-	if (find_byte(message, '\n') >= 0 || find_byte(message, '\r') >= 0) {
-		int first = 1;
-		size_t i = 0;
-		while (i < message.n) {
-			while (i < message.n && is_space(message.p[i]))
-				i++;
-			size_t start = i;
-			while (i < message.n && !is_space(message.p[i]))
-				i++;
-			if (i > start) {
-				if (!first)
-					buf_addc(&line, ' ');
-				buf_add(&line, message.p + start, i - start);
-				first = 0;
-			}
-		}
-	} else {
-		buf_addb(&line, message);
+	buf_adds(&line, "kapow");
+	if (command != NULL) {
+		buf_addc(&line, ' ');
+		buf_adds(&line, command);
 	}
+	buf_adds(&line, ": ");
+	add_one_line(&line, message);
 	buf_addc(&line, '\n');
 	(void)write_all(2, line.p, line.n);
 	free(line.p);
@@ -1089,13 +1106,16 @@ static enum result body(struct client *c, struct conn *k, const struct head *h, 
 	return r;
 }
 
-/* _json_reason: the "reason" string of a JSON body as UTF-8, or 0 when there is none. */
-static int json_reason(struct bytes body, struct buf *out)
+/* _json_string: the string of the member named by `key`, in its quotes
+ * ("\"reason\"", "\"detail\""), of a JSON body as UTF-8 into out, or 0 when
+ * there is none. */
+static int json_string(struct bytes body, const char *key, struct buf *out)
 {
-	long key = find(body, 0, "\"reason\"", 8);
-	if (key < 0)
+	size_t size = strlen(key);
+	long found = find(body, 0, key, size);
+	if (found < 0)
 		return 0;
-	size_t i = (size_t)key + 8, n = body.n;
+	size_t i = (size_t)found + size, n = body.n;
 	while (i < n && (body.p[i] == ' ' || body.p[i] == '\t' || body.p[i] == '\r' || body.p[i] == '\n'))
 		i++;
 	if (i >= n || body.p[i] != ':')
@@ -1146,7 +1166,30 @@ static int json_reason(struct bytes body, struct buf *out)
 	return 0;
 }
 
-/* _refusal: the failure of a non-200 answer, with the server's reason. */
+/* _reason_of: "REASON: DETAIL" of a non-200 answer, each on one line: the
+ * JSON "reason" of its body and its "detail" when it has one, else the status
+ * line's reason phrase (or the status) alone. */
+static void reason_of(const struct head *h, struct bytes data, struct buf *text)
+{
+	struct buf field = {0};
+	if (json_string(data, "\"reason\"", &field) && field.n > 0) {
+		add_one_line(text, bview(&field));
+		field.n = 0;
+		if (json_string(data, "\"detail\"", &field) && field.n > 0) {
+			buf_adds(text, ": ");
+			add_one_line(text, bview(&field));
+		}
+	} else if (h->reason.n) {
+		add_one_line(text, h->reason);
+	} else {
+		char status[32];
+		snprintf(status, sizeof status, "HTTP status %d", h->status);
+		buf_adds(text, status);
+	}
+	free(field.p);
+}
+
+/* _refusal: the failure of a non-200 answer, with the server's reason and detail. */
 static enum result refusal(struct client *c, struct conn *k, const struct head *h)
 {
 	struct sink s = {COLLECT, -1, {0}};
@@ -1155,16 +1198,7 @@ static enum result refusal(struct client *c, struct conn *k, const struct head *
 	if (data.n > MAX_REASON_BODY)
 		data.n = MAX_REASON_BODY;
 	struct buf text = {0};
-	if (!json_reason(data, &text) || text.n == 0) {
-		text.n = 0;
-		if (h->reason.n) {
-			buf_addb(&text, h->reason);
-		} else {
-			char status[32];
-			snprintf(status, sizeof status, "HTTP status %d", h->status);
-			buf_adds(&text, status);
-		}
-	}
+	reason_of(h, data, &text);
 	enum result r = fail(c, bview(&text));
 	free(text.p);
 	free(s.data.p);
@@ -1341,23 +1375,36 @@ struct args {
 	int count;
 };
 
-/* _parse_args: 0 to go on, 1 for help, -1 with the failure in c->msg. */
+/* A usage error: the message in m, then " (see kapow COMMAND --help)", goes
+ * to c->msg; m is freed.  Returns -1. */
+static int usage_error(struct client *c, const char *command, struct buf *m)
+{
+	buf_adds(m, " (see kapow ");
+	buf_adds(m, command);
+	buf_adds(m, " --help)");
+	fail(c, bview(m));
+	free(m->p);
+	return -1;
+}
+
+/* _parse_args: 0 to go on, 1 for help, -1 with the failure in c->msg.
+ * Options may come before or after the arguments, but the word after the
+ * RESOURCE of `set` is its VALUE whatever it looks like; a "--" there is
+ * still the end of the options. */
 static int parse_args(struct client *c, int argc, char **argv, const char *command, struct args *a)
 {
-	int separated = 0, i = 2;
+	int set = strcmp(command, "set") == 0, i = 2;
+	struct buf m = {0};
 	while (i < argc) {
 		const char *arg = argv[i++];
-		if (a->count) {
-			if (strcmp(arg, "--") == 0 && a->count == 1 && !separated)
-				separated = 1;
-			else
-				a->positionals[a->count++] = arg;
-			continue;
-		}
 		if (strcmp(arg, "--") == 0) {
 			while (i < argc)
 				a->positionals[a->count++] = argv[i++];
 			break;
+		}
+		if (set && a->count == 1) {
+			a->positionals[a->count++] = arg;
+			continue;
 		}
 		if (strcmp(arg, "-h") == 0 || strcmp(arg, "--help") == 0)
 			return 1;
@@ -1367,13 +1414,10 @@ static int parse_args(struct client *c, int argc, char **argv, const char *comma
 			const char *value = eq ? eq + 1 : NULL;
 			if (value == NULL) {
 				if (i >= argc) {
-					struct buf m = {0};
 					buf_adds(&m, "option ");
 					buf_addb(&m, name);
 					buf_adds(&m, " needs a value");
-					fail(c, bview(&m));
-					free(m.p);
-					return -1;
+					return usage_error(c, command, &m);
 				}
 				value = argv[i++];
 			}
@@ -1382,25 +1426,22 @@ static int parse_args(struct client *c, int argc, char **argv, const char *comma
 			else
 				a->handler = value;
 		} else if (arg[0] == '-' && arg[1] != 0) {
-			struct buf m = {0};
 			buf_adds(&m, "unknown option ");
 			add_quoted(&m, cview(arg));
-			buf_adds(&m, " (see kapow ");
-			buf_adds(&m, command);
-			buf_adds(&m, " --help)");
-			fail(c, bview(&m));
-			free(m.p);
-			return -1;
+			return usage_error(c, command, &m);
 		} else {
 			a->positionals[a->count++] = arg;
 		}
 	}
-	int limit = strcmp(command, "set") == 0 ? 2 : 1;
-	if (a->count == 0 || a->count > limit) {
-		fail_text(c, strcmp(command, "get") == 0     ? "usage: kapow get [--data-url URL] [--handler ID] RESOURCE"
-			     : strcmp(command, "unset") == 0 ? "usage: kapow unset [--data-url URL] [--handler ID] RESOURCE"
-							     : "usage: kapow set [--data-url URL] [--handler ID] RESOURCE [VALUE]");
-		return -1;
+	int limit = set ? 2 : 1;
+	if (a->count == 0) {
+		buf_adds(&m, "missing RESOURCE");
+		return usage_error(c, command, &m);
+	}
+	if (a->count > limit) {
+		buf_adds(&m, "unexpected argument ");
+		add_quoted(&m, cview(a->positionals[limit]));
+		return usage_error(c, command, &m);
 	}
 	return 0;
 }
@@ -1501,7 +1542,7 @@ static int forked(const char *path, int argc, char **argv)
 		status = read_byte(s);
 	close(s);
 	if (status < 0)
-		return error_line(cview("the kapow command line of the server ended without an exit status"));
+		return error_line(NULL, cview("the kapow command line of the server ended without an exit status"));
 	return status;
 }
 
@@ -1552,11 +1593,11 @@ static int with_limits(int argc, char **argv)
 	int i = 2;
 	for (; i < argc && strcmp(argv[i], "--") != 0; i++)
 		if (apply_limit(argv[i], &m) < 0) {
-			error_line(bview(&m));
+			error_line(NULL, bview(&m));
 			return 127;
 		}
 	if (i + 1 >= argc) {
-		error_line(cview("--with-limits: no program after --"));
+		error_line(NULL, cview("--with-limits: no program after --"));
 		return 127;
 	}
 	execv(argv[i + 1], argv + i + 1);
@@ -1564,7 +1605,7 @@ static int with_limits(int argc, char **argv)
 	buf_adds(&m, argv[i + 1]);
 	buf_adds(&m, ": ");
 	buf_adds(&m, error_text(errno));
-	error_line(bview(&m));
+	error_line(NULL, bview(&m));
 	return 127;
 }
 
@@ -1574,7 +1615,7 @@ static int hand_over(int argc, char **argv)
 	char self[4096];
 	ssize_t n = readlink("/proc/self/exe", self, sizeof self - sizeof FORKSERVER_SOCKET - 1);
 	if (n <= 0 || (size_t)n >= sizeof self - sizeof FORKSERVER_SOCKET - 1)
-		return error_line(cview("cannot find the kapow command line: /proc/self/exe is unreadable"));
+		return error_line(NULL, cview("cannot find the kapow command line: /proc/self/exe is unreadable"));
 	while (n > 0 && self[n - 1] != '/')
 		n--;
 	if (argc > 1 && (strcmp(argv[1], "route") == 0 || strcmp(argv[1], "handler") == 0)) {
@@ -1590,7 +1631,7 @@ static int hand_over(int argc, char **argv)
 	buf_adds(&m, self);
 	buf_adds(&m, ": ");
 	buf_adds(&m, error_text(errno));
-	error_line(bview(&m));
+	error_line(NULL, bview(&m));
 	free(m.p);
 	return 1;
 }
@@ -1631,21 +1672,21 @@ int main(int argc, char **argv)
 		out_of_memory();
 	int parsed = parse_args(&c, argc, argv, command, &a);
 	if (parsed < 0)
-		return error_line(bview(&c.msg));
+		return error_line(command, bview(&c.msg));
 	if (parsed > 0) {
 		if (write_all(1, (const unsigned char *)USAGE, sizeof USAGE - 1) == 0)
 			return 0;
 		struct buf m = {0};
 		buf_adds(&m, "cannot write help: ");
 		buf_adds(&m, error_text(errno));
-		return error_line(bview(&m));
+		return error_line(command, bview(&m));
 	}
 	struct buf target = {0};
 	if (client_init(&c, a.data_url, a.handler) != RES_OK)
-		return error_line(bview(&c.msg));
+		return error_line(command, bview(&c.msg));
 	buf_addb(&target, bview(&c.base));
 	if (resource_bytes(&c, cview(a.positionals[0]), &target) != RES_OK)
-		return error_line(bview(&c.msg));
+		return error_line(command, bview(&c.msg));
 	struct bytes resource = view(target.p + c.base.n, target.n - c.base.n);
 	enum result r;
 	if (strcmp(command, "get") == 0 || strcmp(command, "unset") == 0)
@@ -1662,7 +1703,7 @@ int main(int argc, char **argv)
 		struct buf m = {0};
 		buf_adds(&m, strcmp(command, "get") == 0 ? "cannot write output: " : "cannot read input: ");
 		buf_adds(&m, error_text(c.err));
-		return error_line(bview(&m));
+		return error_line(command, bview(&m));
 	}
-	return error_line(bview(&c.msg));
+	return error_line(NULL, bview(&c.msg)); /* what the data API answered, or why it could not be reached */
 }

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import cast
 
+from twisted.application.service import Service
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import (
     IProcessTransport,
@@ -54,6 +55,7 @@ from kapow.handlers.containment import Containment
 from kapow.handlers.fast_processes import SPAWN_THREADS, FastProcesses, quiet_sigchld
 from kapow.handlers.governor import Governor, Limits
 from kapow.handlers.handler import HandlerRegistry
+from kapow.handlers.processes import ReactorProcesses
 from kapow.handlers.rates import RateLimits, Rates
 from kapow.handlers.spawn import Spawner, handler_processes
 from kapow.history.base import HistoryError, Store, is_postgres_uri, shown_uri
@@ -116,6 +118,19 @@ class IServerReactor(
     """
 
 
+def make_own_processes(options: Options, reactor: IServerReactor) -> IReactorProcess:
+    """
+    Where the server's children other than its handlers come from: its
+    reaper, its forkserver and its init programs. They are few, and spawned
+    from the reactor's thread; with the fast provider (``--spawn``), each is
+    reaped through its pidfd as handlers are, and no child of a server
+    without workers needs ``SIGCHLD``.
+    """
+    if options.get("spawn") != "reactor" and FastProcesses.unavailable() is None:
+        return FastProcesses(reactor, threads=0)
+    return ReactorProcesses(reactor)
+
+
 @dataclass(frozen=True)
 class Host:
     """
@@ -126,11 +141,14 @@ class Host:
     :ivar backlog: the system's listen backlog.
     :ivar containment: makes the service that keeps the handlers from outliving
         the server (a cgroup of its own, and a reaper process).
+    :ivar own_processes: makes the provider of the server's children other
+        than its handlers.
     """
 
     open_files: Callable[[], tuple[int, int]] = raise_open_files_limit
     backlog: Callable[[], int] = system_backlog
-    containment: Callable[[IServerReactor], Containment] = Containment
+    containment: Callable[[IServerReactor, IReactorProcess], Containment] = Containment
+    own_processes: Callable[[Options, IServerReactor], IReactorProcess] = make_own_processes
 
 
 #: The machine the server runs on, as it is.
@@ -162,19 +180,21 @@ def build_service(options: Options, reactor: IServerReactor, host: Host = THIS_H
     if options["worker"] is not None:
         return build_worker(options, reactor, host)
     history = make_history(options, reactor)
+    own = host.own_processes(options, reactor)
     parts = make_parts(
         options,
         reactor,
         host,
-        forkserver=partial(start_forkserver, reactor),
+        forkserver=partial(start_forkserver, own),
         history=None if history is None else history.add,
+        own_processes=own,
     )
     service = make_kapow_service(parts)
     if history is not None:  # before the rest: it stops last, with the records of the last handlers
         history.setServiceParent(service)
         if parts.metrics is not None:
             parts.metrics.dropped_now = lambda: history.dropped
-    containment = host.containment(reactor)
+    containment = host.containment(reactor, own)
     containment.setServiceParent(service)  # first: everything started from here on is born inside
     parts.launcher.setServiceParent(service)
     user_address = parts.listening.endpoint("bind", options["bind"])
@@ -189,6 +209,9 @@ def build_service(options: Options, reactor: IServerReactor, host: Host = THIS_H
         serving = serve_in_workers(parts, user_address, urls.control, server_queue, containment, history)
     serving.user.setServiceParent(service)
     make_control_listener(parts, serving.control_api, creds).setServiceParent(service)
+    written = options["write-control-credentials"]
+    if written:  # right after the control API, whose real port its URL names
+        ClientCredentialsFiles(creds, written, urls.control).setServiceParent(service)
     data = make_data_listener(
         parts, parts.listening.endpoint("data-bind", options["data-bind"]), serving.data_site
     )
@@ -269,6 +292,8 @@ class Parts:
     metrics: Metrics | None
     #: takes the run record of every handler whose process ended, if the history is kept
     history: Callable[[RunRecord], None] | None = None
+    #: where the process's children other than handlers come from (:func:`make_own_processes`)
+    own_processes: IReactorProcess | None = None
 
 
 def make_parts(
@@ -279,10 +304,11 @@ def make_parts(
     worker: int | None = None,
     forkserver: Callable[[str], IProcessTransport] | None = None,
     history: Callable[[RunRecord], None] | None = None,
+    own_processes: IReactorProcess | None = None,
 ) -> Parts:
     """
     The parts of the process (of worker number ``worker``), with a
-    ``forkserver`` and the ``history`` if given.
+    ``forkserver``, the ``history`` and the provider of its ``own_processes`` if given.
     """
     return Parts(
         options,
@@ -294,6 +320,7 @@ def make_parts(
         launcher=make_launcher_directory(options, forkserver),
         metrics=Metrics(reactor) if options["metrics-bind"] else None,
         history=history,
+        own_processes=own_processes,
     )
 
 
@@ -490,17 +517,51 @@ def reload_auth(routes: RouteTable) -> None:
 
 
 def make_control_credentials(options: Options, reachable: str) -> credentials.ControlCredentials:
-    """The control API's pinned certificates: loaded, or made for ``reachable``; written out if asked."""
+    """The control API's pinned certificates: loaded, or made for ``reachable``."""
     try:
         if options["control-credentials"]:
-            creds = credentials.load_control_credentials(options["control-credentials"])
-        else:
-            creds = credentials.generate_control_credentials(reachable)
-        if options["write-control-credentials"]:
-            credentials.write_client_credentials(creds, options["write-control-credentials"])
+            return credentials.load_control_credentials(options["control-credentials"])
+        return credentials.generate_control_credentials(reachable)
     except (credentials.CredentialsError, OSError, ValueError) as e:
         raise StartupError(f"control credentials: {e}") from e
-    return creds
+
+
+class ClientCredentialsFiles(Service):
+    """
+    Writes ``--write-control-credentials DIR``: the client credentials and
+    the URL of the control API, once it listens (the port of
+    ``--control-bind HOST:0`` is known only then), so that the directory
+    alone reaches the server. A directory it cannot write stops the start.
+
+    Like the listener before it, it starts in ``privilegedStartService`` when
+    the runner calls that (twistd), else in ``startService`` (twist).
+
+    :param control_url: the URL, read once the control API listens.
+    """
+
+    def __init__(
+        self, creds: credentials.ControlCredentials, directory: str, control_url: Callable[[], str]
+    ) -> None:
+        self.creds = creds
+        self.directory = directory
+        self.control_url = control_url
+        self.written = False
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        self._write()
+
+    def startService(self) -> None:
+        super().startService()
+        if not self.written:
+            self._write()
+
+    def _write(self) -> None:
+        try:
+            credentials.write_client_credentials(self.creds, self.directory, self.control_url())
+        except (credentials.CredentialsError, OSError) as e:
+            raise StartupError(f"control credentials: {e}") from e
+        self.written = True
 
 
 def make_launcher_directory(
@@ -544,15 +605,18 @@ class ServerURLs:
 def make_handler_processes(parts: Parts) -> IReactorProcess:
     """
     Where handlers' processes come from (``--spawn``). A worker spawns in the
-    reactor's thread (the other workers serve meanwhile), and its only
-    children are its handlers: with the fast provider, each is reaped through
-    its pidfd, and ``SIGCHLD`` need not wake the worker.
+    reactor's thread (the other workers serve meanwhile). With the fast
+    provider, each handler is reaped through its pidfd; where every other
+    child is too (a worker, whose only children are its handlers, or a server
+    without workers whose own children are fast: :func:`make_own_processes`),
+    ``SIGCHLD`` need not wake the reactor at every handler's exit.
     """
     worker = parts.listening.worker is not None
     processes = handler_processes(
         parts.reactor, parts.options.get("spawn"), threads=0 if worker else SPAWN_THREADS
     )
-    if worker and isinstance(processes, FastProcesses):
+    alone = worker or isinstance(parts.own_processes, FastProcesses)
+    if alone and isinstance(processes, FastProcesses):
         parts.reactor.callWhenRunning(quiet_sigchld)
     return processes
 
@@ -730,4 +794,6 @@ def make_init_programs(
         parts.reactor,
         parts.options["init_programs"],
         partial(init_programs_environ, parts.launcher, urls, creds),
+        processes=parts.own_processes,
+        debug=bool(parts.options["debug"]),
     )

@@ -104,10 +104,12 @@ Options:
       --workers=                    Worker processes serving the user interface,
                                     or auto: one per CPU this process may use
                                     [default: 1].
-      --write-control-credentials=  Write server.crt, client.crt and client.key
-                                    for the control API into this directory
-                                    (mode 0700/0600), for curl and operator
-                                    shells.
+      --write-control-credentials=  Write server.crt, client.crt, client.key and
+                                    control_url (the control API's URL) into
+                                    this directory (mode 0700/0600), for curl
+                                    and operator shells;
+                                    KAPOW_CONTROL_CREDENTIALS=DIR alone then
+                                    reaches the server.
 
 Serve HTTP routes backed by shell commands. Each INIT_PROGRAM is run once the
 listeners are up, with KAPOW_CONTROL_URL, KAPOW_DATA_URL and the control

@@ -3,14 +3,15 @@ Running the operator's init programs once the listeners are up
 (``INIT_PROGRAM``, docs/reference/cli.rst).
 
 Each program is executed directly (no shell), all of them concurrently; every
-line they print goes to the server log prefixed with the program's name, and
-their exit status is logged. A program that is missing or cannot be run is
-logged too; it never stops the server. Init programs still running when the
-server stops get SIGTERM.
+line they print on stderr goes to the server log prefixed with the program's
+name (on stdout too with ``--debug``), and their exit status is logged. A program that is missing or cannot be run is
+logged too, with what to do about it; it never stops the server. Init
+programs still running when the server stops get SIGTERM.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, cast
@@ -19,7 +20,7 @@ from twisted.application.service import Service
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.error import ProcessExitedAlready
 from twisted.internet.interfaces import IReactorCore, IReactorProcess, IReactorTime
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
 from kapow.handlers.spawn import LineLogger, exit_description
@@ -39,15 +40,40 @@ def _signal(program: _InitProgram, name: str) -> None:
         pass
 
 
+def _cannot_run(error: OSError) -> str:
+    """Why an init program that exists could not be run, and what to do about it."""
+    if error.errno == errno.ENOEXEC:
+        return "it needs a #! line, such as #!/bin/sh, as its first line"
+    if error.errno == errno.ENOENT:
+        return "the interpreter its #! line names is not there"
+    return error.strerror or str(error)
+
+
 def _kill_all(programs: list[_InitProgram]) -> None:
     for program in programs:
         _signal(program, "KILL")
 
 
 class _InitProgram(LineLogger):
-    def __init__(self, name: str, logger: Logger) -> None:
+    """
+    One init program: what it writes on stderr is logged, what it writes on
+    stdout (the routes ``kapow route add`` made, which the control API logs
+    already) only with ``debug``, as the reference does.
+    """
+
+    def __init__(self, name: str, logger: Logger, debug: bool = False) -> None:
         super().__init__(name, logger)
+        self.debug = debug
         self.ended: Deferred[None] = Deferred()
+        self.pid: int | None = None
+
+    def level(self, childFD: int) -> LogLevel:
+        return LogLevel.info if childFD == 2 or self.debug else LogLevel.debug
+
+    def connectionMade(self) -> None:
+        # kept: the transport forgets it once the program is reaped, which
+        # may come before its start is logged
+        self.pid = getattr(self.transport, "pid", None)
 
     def processEnded(self, reason: Failure) -> None:
         status, signal = exit_description(reason)
@@ -64,12 +90,14 @@ class InitProgramsService(Service):
     """
     Runs each init program once, when the reactor is running.
 
-    :param reactor: spawns the programs; the server's reactor, which also
+    :param reactor: spawns the programs (unless ``processes`` does); the server's reactor, which also
         provides ``IReactorCore`` (to run them once it runs) and ``IReactorTime``
         (to kill those that outstay the stop).
     :param programs: paths of the executables to run, in order.
     :param environ: returns the environment for the programs; called at run
         time, once the listeners know their real addresses.
+    :param processes: spawns the programs instead of ``reactor``.
+    :param debug: log what they write on stdout as well as on stderr (``--debug``).
     """
 
     name = "init-programs"
@@ -79,8 +107,12 @@ class InitProgramsService(Service):
         reactor: IReactorProcess,
         programs: Sequence[str],
         environ: Callable[[], Mapping[str, str]],
+        processes: IReactorProcess | None = None,
+        debug: bool = False,
     ) -> None:
         self.reactor = reactor
+        self.processes = reactor if processes is None else processes
+        self.debug = debug
         self.programs = list(programs)
         self.environ = environ
         self._running: set[_InitProgram] = set()
@@ -120,14 +152,15 @@ class InitProgramsService(Service):
             log.error("init program {name} not found", name=program)
             return
         if not os.access(program, os.X_OK):
-            log.error("init program {name} is not executable", name=program)
+            log.error("init program {name} is not executable: make it so with chmod +x {name}", name=program)
             return
+        protocol = _InitProgram(program, log, self.debug)
         try:
-            protocol = _InitProgram(program, log)
-            process = self.reactor.spawnProcess(protocol, program, [program], env=dict(env))
+            # a path, even without a slash: never looked up in PATH
+            self.processes.spawnProcess(protocol, os.path.abspath(program), [program], env=dict(env))
         except OSError as e:
-            log.error("init program {name} cannot be run: {why}", name=program, why=e)
+            log.error("init program {name} cannot be run: {why}", name=program, why=_cannot_run(e))
             return
         self._running.add(protocol)
         protocol.ended.addCallback(lambda _: self._running.discard(protocol))
-        log.info("init program {name} started (pid {pid})", name=program, pid=process.pid)
+        log.info("init program {name} started (pid {pid})", name=program, pid=protocol.pid)

@@ -203,13 +203,16 @@ class Listening:
     ) -> Listener:
         """
         The listener serving ``site`` at ``address``, over TLS with
-        ``tls_options``, its connections guarded and counted.
+        ``tls_options``, its connections guarded and counted. The user
+        interface over TLS answers a plain HTTP request as the reference
+        does (:func:`~kapow.web.tls.tls_server_endpoint`).
         """
         endpoint = address.endpoint
         if tls_options is not None:
-            endpoint = tls.tls_server_endpoint(endpoint, tls_options)
+            endpoint = tls.tls_server_endpoint(endpoint, tls_options, answer_plain_http=label == "user")
         protocol = guarded_protocol(timeouts or self.timeouts, self.reactor, tls=tls_options is not None)
         site.protocol = protocol  # type: ignore[method-assign,assignment]  # typed as twisted.web's own channel factory; any callable making a channel does
+        site.noisy = False  # the listener logs its own line; no "Starting factory <...Site object at 0x...>"
         limited = ConnectionLimit(endpoint, self.max_connections, label, self.reactor)
         scheme = "http" if tls_options is None else "https"
         return Listener(limited, site, label, scheme, address.host, self.worker)

@@ -368,8 +368,9 @@ class Options(usage.Options):
             "write-control-credentials",
             None,
             None,
-            "Write server.crt, client.crt and client.key for the control API into this "
-            "directory (mode 0700/0600), for curl and operator shells.",
+            "Write server.crt, client.crt, client.key and control_url (the control API's URL) "
+            "into this directory (mode 0700/0600), for curl and operator shells; "
+            "KAPOW_CONTROL_CREDENTIALS=DIR alone then reaches the server.",
         ],
         # -- handlers
         [

@@ -29,7 +29,17 @@ class UserRequest(Request):
     by a timeout); one never started is logged with status 499, "client
     closed request". A WebSocket connection is logged when it ends, with
     status 101 and the bytes of the messages it sent.
+
+    Its version reads as the reference spells it, ``HTTP/2.0`` over HTTP/2
+    (twisted.web's is ``HTTP/2``), for handlers and the access log alike;
+    and an answer gets no ``Content-Type`` that neither its handler nor the
+    user interface set (twisted.web's default is ``text/html``).
     """
+
+    defaultContentType = None
+
+    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        super().requestReceived(command, path, b"HTTP/2.0" if version == b"HTTP/2" else version)
 
     def connectionLost(self, reason: Failure) -> None:
         unfinished = not self.finished and not self._disconnected

@@ -29,18 +29,33 @@ log = Logger()
 JSON_CONTENT_TYPE = b"application/json"
 
 
+#: The longest ``detail`` an error carries, in characters; a longer one is cut.
+MAX_DETAIL = 300
+
+
 class JSONError(Exception):
     """
-    An error that leaves the API as ``{"reason": ...}`` with a status code.
+    An error that leaves the API as ``{"reason": ...}`` with a status code,
+    and with ``"detail"`` too when the server knows more than the reason says.
 
     :param code: the HTTP status code.
     :param reason: the reason text; part of the contract, clients print it.
+    :param detail: what was wrong, in plain words an operator acts on (which
+        field, which value, what was expected); made one line, cut after
+        :data:`MAX_DETAIL` characters.
     """
 
-    def __init__(self, code: int, reason: str) -> None:
+    def __init__(self, code: int, reason: str, detail: str | None = None) -> None:
         super().__init__(code, reason)
         self.code = code
         self.reason = reason
+        self.detail = None if detail is None else one_line(detail)
+
+
+def one_line(text: str) -> str:
+    """``text`` with its line breaks as spaces, cut after :data:`MAX_DETAIL` characters (ending ``...``)."""
+    text = " ".join(text.splitlines())
+    return text if len(text) <= MAX_DETAIL else text[: MAX_DETAIL - 3] + "..."
 
 
 #: Reason phrases of the statuses twisted.web has none for (it says "Unknown Status").
@@ -75,20 +90,29 @@ def json_body(request: IRequest, code: int, value: object, phrase: bytes | None 
     return json.dumps(value).encode("utf-8")
 
 
-def reason_body(request: IRequest, code: int, reason: str) -> bytes:
+def reason_body(request: IRequest, code: int, reason: str, detail: str | None = None) -> bytes:
     """
     The contract's error shape: ``{"reason": reason}`` with ``code``, and
     the reason as the status line's reason phrase (see the data API
     reference, docs/reference/data-api.rst).
+
+    :param detail: added as ``"detail"`` when given (after ``reason``, which
+        clients look for first).
     """
-    return json_body(request, code, {"reason": reason}, reason.encode("utf-8"))
+    return json_body(request, code, _error(reason, detail), reason.encode("utf-8"))
+
+
+def _error(reason: str, detail: str | None) -> dict[str, str]:
+    """The JSON object of an error."""
+    return {"reason": reason} if detail is None else {"reason": reason, "detail": detail}
 
 
 def install_json_errors(app: Klein) -> None:
     """
     Make every error that leaves ``app`` a JSON ``{"reason": ...}`` body:
-    ours (:class:`JSONError`), routing errors from werkzeug (404, 405) and
-    anything unexpected (500, logged with its traceback, never sent).
+    ours (:class:`JSONError`, with its ``detail``), routing errors from
+    werkzeug (404, 405) and anything unexpected (500, logged with its
+    traceback, never sent).
 
     :param app: the :class:`klein.Klein` application of a class (``app =
         Klein()`` as a class attribute, so its handlers are given the
@@ -100,7 +124,7 @@ def install_json_errors(app: Klein) -> None:
     def _ours(self: object, request: IRequest, failure: Failure) -> bytes:
         exc = failure.value
         assert isinstance(exc, JSONError)
-        return reason_body(request, exc.code, exc.reason)
+        return reason_body(request, exc.code, exc.reason, exc.detail)
 
     @app.handle_errors(HTTPException)
     def _routing(self: object, request: IRequest, failure: Failure) -> bytes:
@@ -139,7 +163,8 @@ class _JSONKleinResource(KleinResource):
         try:
             extractURLparts(request)
         except URLDecodeError:
-            return reason_body(request, self._bad_url.code, self._bad_url.reason)
+            bad = self._bad_url
+            return reason_body(request, bad.code, bad.reason, bad.detail)
         return super().render(request)
 
 
@@ -177,7 +202,9 @@ def bounded_request_factory(max_body: int) -> type[Request]:
 
         def _refuse(self) -> None:
             self._refused = True
-            body = json.dumps({"reason": "Request Entity Too Large"}).encode()
+            body = json.dumps(
+                _error("Request Entity Too Large", f"the body is over {max_body} bytes")
+            ).encode()
             transport = self.channel.transport
             assert transport is not None  # the body is arriving on it
             transport.write(

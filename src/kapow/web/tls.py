@@ -7,7 +7,9 @@ clients' side of the pin is :class:`kapow.client.PinnedControlPolicy`
 
 The user interface may also be served over HTTPS with operator certificates,
 optionally demanding client certificates (:func:`user_server_options`); the
-handler can then learn who the client is with :func:`peer_subject_dn`.
+handler can then learn who the client is with :func:`peer_subject_dn`. A
+plain HTTP request sent to it is answered as the reference answers it
+(``400 Bad Request``), not only closed.
 
 Nothing here consults the default trust stores, so ``SSL_CERT_FILE`` and
 friends cannot change what the control interface trusts.
@@ -35,7 +37,7 @@ from twisted.internet.ssl import (
     trustRootFromCertificates,
 )
 from twisted.logger import Logger
-from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOFactory
 from zope.interface import implementer
 
 from kapow.core.credentials import (
@@ -54,6 +56,7 @@ if TYPE_CHECKING:
     from twisted.protocols.tls import TLSMemoryBIOProtocol
 
 __all__ = [
+    "PLAIN_HTTP_ANSWER",
     "ReloadableServerOptions",
     "control_server_options",
     "peer_subject_dn",
@@ -139,17 +142,63 @@ class _PinnedClientServerOptions:
         return False
 
 
+#: The first five bytes of a connection that Go's HTTPS server takes for a
+#: plain HTTP request (net/http's ``tlsRecordHeaderLooksLikeHTTP``): no TLS
+#: record starts with them, since a record's first byte is its type (20-23).
+_PLAIN_HTTP_STARTS = frozenset({b"GET /", b"HEAD ", b"POST ", b"PUT /", b"OPTIO"})
+_PLAIN_HTTP_FIRST_BYTES = frozenset(start[0] for start in _PLAIN_HTTP_STARTS)
+#: The reference's answer to them, byte for byte; the connection closes after it.
+PLAIN_HTTP_ANSWER = b"HTTP/1.0 400 Bad Request\r\n\r\nClient sent an HTTP request to an HTTPS server.\n"
+
+
+class _PlainHTTPAnsweringTLS(BufferingTLSTransport):
+    """
+    A server TLS connection that answers a plain HTTP request sent to it
+    with :data:`PLAIN_HTTP_ANSWER` and closes, instead of failing the
+    handshake silently. Only a first byte that may start such a request
+    holds the bytes back, until five have come.
+    """
+
+    _first: bytes | None = b""  # the bytes held while they may be plain HTTP; None once told
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._first is not None:
+            data = self._first + data
+            if data[0] in _PLAIN_HTTP_FIRST_BYTES:
+                if len(data) < 5:
+                    self._first = data
+                    return
+                if data[:5] in _PLAIN_HTTP_STARTS:
+                    self._first = None
+                    assert self.transport is not None  # data came: connected
+                    self.transport.write(PLAIN_HTTP_ANSWER)
+                    self.transport.loseConnection()  # reads no more
+                    return
+            self._first = None
+        super().dataReceived(data)
+
+
+class _PlainHTTPAnsweringTLSFactory(TLSMemoryBIOFactory):
+    protocol = _PlainHTTPAnsweringTLS
+
+
 @implementer(IStreamServerEndpoint)
 class _TLSServerEndpoint:
     """A stream server endpoint whose connections speak TLS."""
 
-    def __init__(self, endpoint: IStreamServerEndpoint, options: IOpenSSLServerConnectionCreator) -> None:
+    def __init__(
+        self,
+        endpoint: IStreamServerEndpoint,
+        options: IOpenSSLServerConnectionCreator,
+        factory: type[TLSMemoryBIOFactory],
+    ) -> None:
         self._endpoint = endpoint
         self._options = options
+        self._factory = factory
 
     def listen(self, protocolFactory: IProtocolFactory) -> Deferred[IListeningPort]:
         """Listen on the wrapped endpoint with TLS around ``protocolFactory``."""
-        return self._endpoint.listen(TLSMemoryBIOFactory(self._options, False, protocolFactory))
+        return self._endpoint.listen(self._factory(self._options, False, protocolFactory))
 
 
 @implementer(IOpenSSLServerConnectionCreator)
@@ -181,7 +230,10 @@ class ReloadableServerOptions:
 
 
 def tls_server_endpoint(
-    endpoint: IStreamServerEndpoint, options: IOpenSSLServerConnectionCreator
+    endpoint: IStreamServerEndpoint,
+    options: IOpenSSLServerConnectionCreator,
+    *,
+    answer_plain_http: bool = False,
 ) -> IStreamServerEndpoint:
     """Wrap a server endpoint so that every connection it accepts is TLS.
 
@@ -191,8 +243,12 @@ def tls_server_endpoint(
     :param endpoint: where to listen.
     :param options: the server TLS settings, e.g. from
         :func:`control_server_options` or :func:`user_server_options`.
+    :param answer_plain_http: answer a connection that starts as a plain
+        HTTP request as Go's HTTPS servers do, ``400 Bad Request`` with
+        :data:`PLAIN_HTTP_ANSWER`, instead of only closing it.
     """
-    return _TLSServerEndpoint(endpoint, options)
+    factory = _PlainHTTPAnsweringTLSFactory if answer_plain_http else TLSMemoryBIOFactory
+    return _TLSServerEndpoint(endpoint, options, factory)
 
 
 def user_server_options(
