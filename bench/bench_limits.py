@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """
 What resource limits cost per handler start: a handler started as a route
-without limits is (``posix_spawn`` of the program, in a session of its own),
+without limits is (``posix_spawn`` of the program, in a process group of its own),
 and as a route with limits is (the same, through ``kapow --with-limits`` or
 ``prlimit``), each started and reaped ``--spawns`` times, in rounds that
 alternate the three, from a process about the size of a running server.
@@ -33,7 +33,7 @@ def start_and_reap(argv: list[str], devnull: int, env: dict[str, str]) -> None:
         argv,
         env,
         file_actions=[(dup, devnull, 0), (dup, devnull, 1), (dup, devnull, 2)],
-        setsid=True,
+        setpgroup=0,
     )
     os.waitpid(pid, 0)
 

@@ -244,7 +244,8 @@ def test_handler_environment_and_session(server: KapowServer, tmp_path: Path) ->
     server.add_route(
         "/env",
         "env | grep ^KAPOW_ | sort | kapow set /response/body;"
-        " python3 -c 'import os; print(os.getsid(0) == os.getppid())' | kapow set /response/body",
+        " python3 -c 'import os; print(os.getpgid(0) == os.getppid() != os.getpgid(os.getsid(0)))'"
+        " | kapow set /response/body",
     )
     body = fetch(server.user + "/env")[2].decode()
     names = [line.split("=", 1)[0] for line in body.splitlines()[:-1]]

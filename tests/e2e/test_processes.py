@@ -27,7 +27,7 @@ from twisted.internet.interfaces import IProcessTransport, IReactorProcess
 from twisted.trial.unittest import SkipTest, TestCase
 
 from kapow.handlers.fast_processes import FastProcesses, SpawnedProcess
-from kapow.handlers.processes import ReactorProcesses, SessionProcess
+from kapow.handlers.processes import ReactorProcesses, GroupProcess
 from kapow.handlers.spawn import signal_group
 from tests.support.kapowserver import KapowServer, curl, wait_for
 from tests.support.processes import Collector, alive, open_fds, reactor_running, until
@@ -103,22 +103,26 @@ class ProcessesTests:
         self.addCleanup(reap)
         return pid, protocol, transport
 
-    async def test_program_leads_a_new_session(self) -> None:
+    async def test_program_leads_a_new_group_in_this_session(self) -> None:
+        """
+        A group of its own, which ending it signals; this process's session,
+        so that the scheduler's autogroup counts it with the server.
+        """
         pid, protocol, _ = await self.start(
             [PYTHON, "-c", "import os; print(os.getpid(), os.getsid(0), os.getpgid(0))"]
         )
         await protocol.ended
         reported = tuple(map(int, protocol.output[1].split()))
-        self.assertEqual(reported, (pid, pid, pid))
-        self.assertNotEqual(reported[1], os.getsid(0))
+        self.assertEqual(reported, (pid, os.getsid(0), pid))
+        self.assertNotEqual(reported[2], os.getpgid(0))
 
-    async def test_shell_and_its_children_share_the_session(self) -> None:
+    async def test_shell_and_its_children_share_the_group(self) -> None:
         pid, protocol, _ = await self.start(
             [SH, "-c", f'echo $$; "{PYTHON}" -c "import os; print(os.getsid(0), os.getpgid(0))"; true']
         )
         reason = await protocol.ended
         self.assertIsInstance(reason, ProcessDone, protocol.output[2])
-        self.assertEqual(tuple(map(int, protocol.output[1].split())), (pid, pid, pid))
+        self.assertEqual(tuple(map(int, protocol.output[1].split())), (pid, os.getsid(0), pid))
 
     async def test_exit_status_reported_at_exit_then_the_end(self) -> None:
         pid, protocol, transport = await self.start([SH, "-c", "echo out; echo err >&2; exit 7"])
@@ -250,7 +254,7 @@ class ReactorProcessesTests(ProcessesTests, TestCase):
 
     async def test_its_children_are_twisted_processes(self) -> None:
         pid, _, transport = await self.start([SH, "-c", "sleep 30"])
-        self.assertIsInstance(transport, SessionProcess)
+        self.assertIsInstance(transport, GroupProcess)
         self.assertIn(pid, _process.reapProcessHandlers)  # reaped at SIGCHLD
 
 

@@ -3,7 +3,7 @@ Tests for kapow.handlers.spawn with real processes and the real reactor: the
 Spawner through each provider of processes (the handler environment, output
 logged or discarded, stdin, exit and signal, an exit at once, start failures,
 spawning threads, resource limits), ending process groups, and the private
-hook of Twisted that :class:`~kapow.handlers.processes.SessionProcess`
+hook of Twisted that :class:`~kapow.handlers.processes.GroupProcess`
 overrides. The providers' own protocol cases are in test_processes.py.
 """
 
@@ -29,7 +29,7 @@ from twisted.trial.unittest import SkipTest, TestCase
 from kapow.commands.launcher import native_client
 from kapow.core.resource_limits import LimitedCommand
 from kapow.handlers.fast_processes import FastProcesses, quiet_sigchld
-from kapow.handlers.processes import ReactorProcesses, SessionProcess
+from kapow.handlers.processes import ReactorProcesses, GroupProcess
 from kapow.handlers.spawn import Spawner, SpawnError, signal_group
 from tests.support.processes import children_gone, reactor_running
 
@@ -49,8 +49,8 @@ def fast_processes(threads: int = 4) -> FastProcesses:
 PROVIDERS = {"fast": fast_processes, "reactor": lambda: ReactorProcesses(reactor)}
 
 
-class SessionProcessTests(TestCase):
-    """What SessionProcess relies on in Twisted, and how it behaves there."""
+class GroupProcessTests(TestCase):
+    """What GroupProcess relies on in Twisted, and how it behaves there."""
 
     timeout = 20
 
@@ -61,13 +61,13 @@ class SessionProcessTests(TestCase):
         hook = _process.Process._trySpawnInsteadOfFork
         self.assertEqual(
             list(inspect.signature(hook).parameters),
-            list(inspect.signature(SessionProcess._trySpawnInsteadOfFork).parameters),
+            list(inspect.signature(GroupProcess._trySpawnInsteadOfFork).parameters),
         )
         self.assertIn("_trySpawnInsteadOfFork", inspect.getsource(_process._BaseProcess._fork))
         self.assertTrue(callable(_process._getFileActions))
         self.assertEqual((_process._PS_CLOSE, _process._PS_DUP2), (os.POSIX_SPAWN_CLOSE, os.POSIX_SPAWN_DUP2))
 
-    async def test_a_child_started_through_it_leads_its_session(self) -> None:
+    async def test_a_child_started_through_it_leads_its_group(self) -> None:
         spawner = Spawner(
             reactor, lambda: {}, lambda: (DATA_URL, CONTROL_URL), processes=ReactorProcesses(reactor)
         )
@@ -75,10 +75,10 @@ class SessionProcessTests(TestCase):
         exited: Deferred[tuple[Any, Any]] = Deferred()
         pgid = await spawner.start("h1", [SH, "-c", "sleep 30"], lambda *how: exited.callback(how))
         self.addCleanup(signal_group, pgid, signal.SIGKILL)
-        self.assertIsInstance(_process.reapProcessHandlers[pgid], SessionProcess)
+        self.assertIsInstance(_process.reapProcessHandlers[pgid], GroupProcess)
         with open(f"/proc/{pgid}/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
-        self.assertEqual((int(fields[2]), int(fields[3])), (pgid, pgid))  # its group, its session
+        self.assertEqual((int(fields[2]), int(fields[3])), (pgid, os.getsid(0)))  # its group, this session
         signal_group(pgid, signal.SIGKILL)
         self.assertEqual(await exited, (None, signal.SIGKILL))
 

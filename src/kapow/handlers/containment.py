@@ -148,7 +148,7 @@ class Containment(Service):
         read, self._pipe = os.pipe()  # both close-on-exec: the reaper gets only its copy of the read end
         devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
         try:
-            # as for handlers, it gets 0, 1 and 2 only, and a session of its own:
+            # as for handlers, it gets 0, 1 and 2 only, and a process group of its own:
             # what kills the server's process group (kill -9 -PGID, a
             # terminal's signals) does not reach it
             self._reaper = self.processes.spawnProcess(

@@ -3,7 +3,7 @@
 The faster provider of handlers' processes, beneath the same
 :class:`~twisted.internet.interfaces.IReactorProcess` as
 :class:`kapow.handlers.processes.ReactorProcesses` and driving the same
-protocol callbacks: every child leads a session of its own, with the
+protocol callbacks: every child leads a process group of its own, with the
 ignored signals back to their default and the descriptors of ``childFDs``
 and no other (see :mod:`kapow.handlers.processes`).
 

@@ -13,8 +13,8 @@ spawn in a worker thread leaves the reactor serving other requests
 meanwhile (measured here on 2 cores: a spawning web server served about
 1.75 times as many requests at 8 concurrent clients).
 
-The attributes are those :class:`kapow.handlers.processes.SessionProcess`
-gives :func:`os.posix_spawnp`: a new session, an empty signal mask and the
+The attributes are those :class:`kapow.handlers.processes.GroupProcess`
+gives :func:`os.posix_spawnp`: a new process group, an empty signal mask and the
 given signals back to their default. They are prepared once by
 :class:`Spawn`, and the file actions once per layout of descriptors
 (:meth:`Spawn.file_actions`); each spawn only reads them, which POSIX allows
@@ -36,9 +36,9 @@ import sys
 from collections.abc import Callable, Sequence
 
 # <spawn.h> flags: the same values in glibc and musl on Linux
+POSIX_SPAWN_SETPGROUP = 0x02
 POSIX_SPAWN_SETSIGDEF = 0x04
 POSIX_SPAWN_SETSIGMASK = 0x08
-POSIX_SPAWN_SETSID = 0x80
 
 # Room for the opaque types, larger than any C library's (glibc: 336, 80 and 128 bytes).
 _ATTR_SIZE = 1024
@@ -171,7 +171,7 @@ class FileActions:
 class Spawn:
     """
     A prepared ``posix_spawnp``: ``Spawn(reset_signals)(executable, argv,
-    env, actions)`` starts ``executable`` as the leader of a new session and
+    env, actions)`` starts ``executable`` as the leader of a new process group and
     returns its pid, from any thread.
 
     :raises OSError: from the constructor, if the C library lacks what is needed.
@@ -193,7 +193,8 @@ class Spawn:
         for signum in reset_signals:
             _check(libc.sigaddset(defaults, signum), "sigaddset")
         _check(libc.posix_spawnattr_init(self._attr), "posix_spawnattr_init")
-        flags = POSIX_SPAWN_SETSID | POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF
+        # the group of its own is the child's pid: the attribute's group is 0 from posix_spawnattr_init
+        flags = POSIX_SPAWN_SETPGROUP | POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF
         _check(libc.posix_spawnattr_setflags(self._attr, ctypes.c_short(flags)), "posix_spawnattr_setflags")
         _check(libc.posix_spawnattr_setsigmask(self._attr, empty), "posix_spawnattr_setsigmask")
         _check(libc.posix_spawnattr_setsigdefault(self._attr, defaults), "posix_spawnattr_setsigdefault")

@@ -2,13 +2,21 @@
 """
 Starting children the way handlers need them, beneath Twisted's
 :class:`~twisted.internet.interfaces.IReactorProcess`: every child leads a
-session (and process group) of its own, with the signals this process
-ignores back to their default, and with the descriptors of ``childFDs`` and
-no other.
+process group of its own, with the signals this process ignores back to
+their default, and with the descriptors of ``childFDs`` and no other.
+
+A group, not a session: the group is what ending a handler signals, and
+what the server's own group (``kill -- -PGID``, a terminal's Ctrl-C) does
+not reach. A session of its own would also put each child in a scheduling
+group of its own where Linux's autogroup is on (``kernel.sched_autogroup_enabled``,
+the default of desktop and many server kernels): the scheduler then shares
+the processors equally between the server with all its threads and each of
+its running handlers, so that 30 live handlers leave the server's reactor a
+thirty-first of them, and the requests waiting on it the longest tails.
 
 :class:`ReactorProcesses` is the plain Twisted way: each child is a
-:class:`SessionProcess`, Twisted's own :class:`~twisted.internet.process.Process`
-passing ``setsid=True`` to :func:`os.posix_spawnp`, spawned in the reactor's
+:class:`GroupProcess`, Twisted's own :class:`~twisted.internet.process.Process`
+passing ``setpgroup=0`` to :func:`os.posix_spawnp`, spawned in the reactor's
 thread, reaped when the reactor catches ``SIGCHLD``, its pipes read by
 Twisted's readers. :class:`kapow.handlers.fast_processes.FastProcesses` is
 the faster way beneath the same interface; the same protocol tests run
@@ -39,7 +47,7 @@ __all__ = [
     "STDIO_PIPES",
     "Environ",
     "ReactorProcesses",
-    "SessionProcess",
+    "GroupProcess",
     "close_on_exec_from",
     "encoded_environ",
     "exit_reason",
@@ -103,9 +111,9 @@ def exit_reason(status: int | None) -> BaseException:
 # -- the plain Twisted way ---------------------------------------------------------
 
 
-class SessionProcess(_process.Process):
+class GroupProcess(_process.Process):
     """
-    A :class:`~twisted.internet.process.Process` that leads a new session.
+    A :class:`~twisted.internet.process.Process` that leads a new process group.
     Only the descriptors of ``childFDs`` are set up in the child; every
     other one of the parent from 3 up must be close-on-exec.
 
@@ -160,7 +168,7 @@ class SessionProcess(_process.Process):
                 fdState, fdmap, doClose=_process._PS_CLOSE, doDup2=_process._PS_DUP2
             ),
             setsigdef=self._reset_signals,
-            setsid=True,
+            setpgroup=0,
         )
         self.status = -1
         return True
@@ -169,8 +177,8 @@ class SessionProcess(_process.Process):
 @implementer(IReactorProcess)
 class ReactorProcesses:
     """
-    Children as Twisted's own processes (:class:`SessionProcess`), each in a
-    session of its own: spawned in the reactor's thread, reaped at
+    Children as Twisted's own processes (:class:`GroupProcess`), each in a
+    process group of its own: spawned in the reactor's thread, reaped at
     ``SIGCHLD``, their pipes read by the reactor.
 
     :param reactor: a POSIX reactor.
@@ -191,7 +199,7 @@ class ReactorProcesses:
         gid: int | None = None,
         usePTY: bool = False,
         childFDs: Mapping[int, int | str] | None = None,
-    ) -> SessionProcess:
+    ) -> GroupProcess:
         """
         :meth:`IReactorProcess.spawnProcess` without ``path``, ``uid``,
         ``gid`` and ``usePTY`` (:class:`ValueError`).
@@ -202,7 +210,7 @@ class ReactorProcesses:
             raise ValueError("path, uid, gid and usePTY are not supported")
         if self._reset_signals is None:
             self._reset_signals = prepare_children()
-        return SessionProcess(
+        return GroupProcess(
             self.reactor,
             os.fsdecode(executable),
             [os.fsdecode(a) for a in args],

@@ -10,7 +10,7 @@ environment, and starts it with ``processes.spawnProcess(...)``, where
 :class:`~kapow.handlers.fast_processes.FastProcesses` where this system has
 what it needs, else :class:`~kapow.handlers.processes.ReactorProcesses`
 (:func:`handler_processes`). Either starts every handler as the leader of a
-session of its own, so that :func:`signal_group` ends whatever it started.
+process group of its own, so that :func:`signal_group` ends whatever it started.
 
 A handler's output is discarded (its stdout and stderr are ``/dev/null``),
 or, with ``--debug``, read through pipes and logged line by line under its
@@ -340,7 +340,7 @@ class Spawner:
         stderr_tail: bytearray | None = None,
     ) -> Deferred[int]:
         """
-        Start ``argv`` for handler ``handler_id`` in a session of its own.
+        Start ``argv`` for handler ``handler_id`` in a process group of its own.
         ``on_exit`` is never called before the result fires.
 
         :param stdin: a descriptor for the handler's stdin (the caller keeps
