@@ -27,7 +27,7 @@ from twisted.internet.interfaces import IProcessTransport, IReactorProcess
 from twisted.trial.unittest import SkipTest, TestCase
 
 from kapow.handlers.fast_processes import FastProcesses, SpawnedProcess
-from kapow.handlers.processes import ReactorProcesses, GroupProcess
+from kapow.handlers.processes import GroupProcess, ReactorProcesses
 from kapow.handlers.spawn import signal_group
 from tests.support.kapowserver import KapowServer, curl, wait_for
 from tests.support.processes import Collector, alive, open_fds, reactor_running, until

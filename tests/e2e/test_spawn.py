@@ -29,7 +29,7 @@ from twisted.trial.unittest import SkipTest, TestCase
 from kapow.commands.launcher import native_client
 from kapow.core.resource_limits import LimitedCommand
 from kapow.handlers.fast_processes import FastProcesses, quiet_sigchld
-from kapow.handlers.processes import ReactorProcesses, GroupProcess
+from kapow.handlers.processes import GroupProcess, ReactorProcesses
 from kapow.handlers.spawn import Spawner, SpawnError, signal_group
 from tests.support.processes import children_gone, reactor_running
 
