@@ -23,6 +23,7 @@ from treq.testing import StubTreq
 from twisted.application.service import Service
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.logger import capturedLogs, formatEvent
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.web.server import Site
 
@@ -267,6 +268,30 @@ MAX = f"at most {default_max_connections(OPEN_FILES)}"
 
 def test_the_machine_as_it_is_by_default() -> None:
     assert (THIS_HOST.open_files, THIS_HOST.containment) == (raise_open_files_limit, Containment)
+
+
+@pytest.mark.parametrize(
+    ("args", "cpus", "said"),
+    [((), 8, True), (("--workers", "2"), 8, False), ((), 2, False)],
+)
+def test_a_server_of_one_process_on_many_cpus_says_workers_would_use_them(
+    args: tuple[str, ...], cpus: int, said: bool
+) -> None:
+    host = Host(
+        open_files=HOST.open_files,
+        backlog=HOST.backlog,
+        containment=FakeContainment,
+        own_processes=HOST.own_processes,
+        cpus=lambda: cpus,
+    )
+    with capturedLogs() as events:
+        build_service(options(*args), FakeReactor(), host)
+    told = [formatEvent(e) for e in events if "--workers auto" in formatEvent(e)]
+    assert told == (
+        [f"one process serves the user interface on {cpus} CPUs: --workers auto runs one per CPU"]
+        if said
+        else []
+    )
 
 
 def test_a_server_of_one_process(tmp_path: Path) -> None:

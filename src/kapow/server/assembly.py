@@ -143,12 +143,14 @@ class Host:
         the server (a cgroup of its own, and a reaper process).
     :ivar own_processes: makes the provider of the server's children other
         than its handlers.
+    :ivar cpus: how many CPUs this process may use.
     """
 
     open_files: Callable[[], tuple[int, int]] = raise_open_files_limit
     backlog: Callable[[], int] = system_backlog
     containment: Callable[[IServerReactor, IReactorProcess], Containment] = Containment
     own_processes: Callable[[Options, IServerReactor], IReactorProcess] = make_own_processes
+    cpus: Callable[[], int] = lambda: len(os.sched_getaffinity(0))
 
 
 #: The machine the server runs on, as it is.
@@ -179,6 +181,7 @@ def build_service(options: Options, reactor: IServerReactor, host: Host = THIS_H
     """
     if options["worker"] is not None:
         return build_worker(options, reactor, host)
+    suggest_workers(options["workers"], host.cpus())
     history = make_history(options, reactor)
     own = host.own_processes(options, reactor)
     parts = make_parts(
@@ -227,6 +230,23 @@ def build_service(options: Options, reactor: IServerReactor, host: Host = THIS_H
         watchdog.setServiceParent(service)
     make_init_programs(parts, urls, creds).setServiceParent(service)
     return service
+
+
+#: Beyond this many CPUs, a server of one process says that workers would use them.
+WORKERS_WORTH_CPUS = 2
+
+
+def suggest_workers(workers: int, cpus: int) -> None:
+    """
+    Say, on a machine of more than :data:`WORKERS_WORTH_CPUS` CPUs, that one
+    process serves where ``--workers`` could use more. One is the default:
+    on two CPUs a second worker serves no more (docs/howto/scale-out.rst).
+    """
+    if workers == 1 and cpus > WORKERS_WORTH_CPUS:
+        log.info(
+            "one process serves the user interface on {cpus} CPUs: --workers auto runs one per CPU",
+            cpus=cpus,
+        )
 
 
 def build_worker(options: Options, reactor: IServerReactor, host: Host = THIS_HOST) -> KapowService:
