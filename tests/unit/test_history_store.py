@@ -27,7 +27,7 @@ from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
 from kapow.core.runs import OUTCOMES, HistoryQuery, JobResult, RunRecord, rfc3339
-from kapow.history.base import HistoryUnavailable, Store
+from kapow.history.base import HistoryUnavailable, Store, yielding
 from kapow.history.store import SCHEMA_VERSION, HistoryError, HistoryStore, query_sql
 from kapow.history.writer import HistoryWriter
 from tests.support.postgres import PASSWORD, Postgres, free_port, postgres  # noqa: F401  (the fixture)
@@ -801,3 +801,9 @@ class PostgresWriterTests(TestCase):
         finally:
             self.postgres.start()
         self.assertEqual(writer.dropped, 10)
+
+
+def test_a_batch_is_prepared_with_pauses_for_the_reactor() -> None:
+    """Every item, in order, whatever the pause's spacing."""
+    assert list(yielding(range(50), every=7)) == list(range(50))
+    assert list(yielding([])) == []

@@ -33,7 +33,7 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from kapow.core.runs import HistoryQuery, JobResult, RunRecord, parse_time
-from kapow.history.base import HistoryError, HistoryUnavailable, one_line, shown_uri
+from kapow.history.base import HistoryError, HistoryUnavailable, one_line, shown_uri, yielding
 
 __all__ = ["CONNECT_TIMEOUT", "SCHEMA_VERSION", "PostgresStore", "query_sql"]
 
@@ -168,7 +168,7 @@ def _columns(records: Sequence[RunRecord], results: Mapping[str, JobResult]) -> 
     """The batch as one list per column of :data:`_COLUMNS`, a record written
     twice in it once (the last one given, at the place of the first)."""
     rows: dict[str, tuple[Any, ...]] = {}
-    for record in records:
+    for record in yielding(records):
         run_id, started_text = record.get("id"), record.get("started")
         if not isinstance(run_id, str) or not isinstance(started_text, str):
             raise ValueError(f"a run record needs a text id and started: {run_id!r}, {started_text!r}")

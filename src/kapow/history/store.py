@@ -23,7 +23,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from kapow.core.runs import HistoryQuery, JobResult, RunRecord, parse_time
-from kapow.history.base import HistoryError, HistoryUnavailable, one_line
+from kapow.history.base import HistoryError, HistoryUnavailable, one_line, yielding
 
 __all__ = ["SCHEMA_VERSION", "HistoryError", "HistoryStore", "HistoryUnavailable"]
 
@@ -229,7 +229,7 @@ class HistoryStore:
         """
         if keep < 0:
             raise ValueError(f"keep must be 0 or more: {keep}")
-        rows = [_row(record, results or {}) for record in records]
+        rows = [_row(record, results or {}) for record in yielding(records)]
         with self._using("write") as connection:
             connection.execute("BEGIN IMMEDIATE")
             try:
