@@ -30,6 +30,9 @@ from kapow.core.credentials import CONTROL_URL_FILE
 from kapow.server.assembly import ClientCredentialsFiles
 from kapow.server.service import StartupError
 
+#: What a credentials directory written for clients holds.
+CLIENT_FILES = ["server.crt", "client.crt", "client.key", CONTROL_URL_FILE]
+
 # -- the line of an error --------------------------------------------------------------
 
 
@@ -168,12 +171,7 @@ def test_the_client_credentials_record_the_url(tmp_path: Path) -> None:
     assert (directory / CONTROL_URL_FILE).read_text() == "https://127.0.0.1:9000\n"
     assert os.stat(directory / CONTROL_URL_FILE).st_mode & 0o777 == 0o600
     assert credentials.read_control_url(str(directory)) == "https://127.0.0.1:9000"
-    assert credentials.existing_credentials(str(directory)) == [
-        "server.crt",
-        "client.crt",
-        "client.key",
-        "control_url",
-    ]
+    assert credentials.existing_credentials(str(directory)) == CLIENT_FILES
 
 
 def test_without_a_url_none_is_recorded(tmp_path: Path) -> None:
@@ -271,12 +269,7 @@ def test_the_server_writes_its_directory_once_started(tmp_path: Path, start: str
     getattr(files, start)()
     files.startService()  # after privilegedStartService (twistd), nothing more is written
     assert credentials.read_control_url(str(directory)) == "https://127.0.0.1:9000"
-    assert credentials.existing_credentials(str(directory)) == [
-        "server.crt",
-        "client.crt",
-        "client.key",
-        "control_url",
-    ]
+    assert credentials.existing_credentials(str(directory)) == CLIENT_FILES
 
 
 def test_a_directory_the_server_cannot_write_stops_the_start(tmp_path: Path) -> None:
