@@ -120,14 +120,15 @@ def test_queries_filter_and_refuse_bad_values(server: KapowServer) -> None:
     future = "2100-01-01T00:00:00Z"
     assert history(server, f"?since={future}") == []
     assert len(history(server, "?since=2000-01-01T00:00:00%2B02:00")) == 5
-    limit = "limit must be a whole number from 1 to 10000"
+    limit = "limit must be a whole number from 1 to 10000, not "
+    since = "since must be an RFC 3339 time with a zone (2026-12-07T10:00:00Z), not "
     for bad, detail in (
-        ("?limit=0", limit),
-        ("?limit=10001", limit),
-        ("?limit=x", limit),
-        ("?outcome=meh", "outcome must be one of ok, error, signal, timeout, disconnect, killed"),
-        ("?since=yesterday", "not an RFC 3339 time: 'yesterday'"),
-        ("?since=2026-12-07", "not an RFC 3339 time with a zone: '2026-12-07'"),
+        ("?limit=0", limit + "'0'"),
+        ("?limit=10001", limit + "'10001'"),
+        ("?limit=x", limit + "'x'"),
+        ("?outcome=meh", "outcome must be one of ok, error, signal, timeout, disconnect, killed, not 'meh'"),
+        ("?since=yesterday", since + "'yesterday'"),
+        ("?since=2026-12-07", since + "'2026-12-07'"),
     ):
         answer = server.curl_control("-w", "\n%{http_code}", server.control + "/history" + bad)
         body, _, code = answer.stdout.rpartition("\n")
@@ -256,5 +257,5 @@ def test_kapow_history_prints_a_table_json_and_one_run(server: KapowServer) -> N
     bad = server.kapow("history", "--limit", "0")
     assert (bad.returncode, bad.stderr) == (
         1,
-        "kapow: Invalid Query: limit must be a whole number from 1 to 10000\n",
+        "kapow: Invalid Query: limit must be a whole number from 1 to 10000, not '0'\n",
     )

@@ -273,13 +273,17 @@ class ControlAPITests(SynchronousTestCase):
         self.assertEqual(self.call("GET", "/routes")[2], [])
 
     def test_an_invalid_history_query_names_what_is_wrong(self) -> None:
-        for query, named in (
-            ("limit=abc", "limit"), ("limit=0", "limit"), ("outcome=failed", "outcome"),
-            ("since=yesterday", "'yesterday'"), ("since=2026-03-01T10:00:00", "'2026-03-01T10:00:00'"),
+        limit = "limit must be a whole number from 1 to 10000, not "
+        since = "since must be an RFC 3339 time with a zone (2026-12-07T10:00:00Z), not "
+        for query, detail in (
+            ("limit=abc", limit + "'abc'"), ("limit=0", limit + "'0'"), ("limit=" + "9" * 90, limit + f"'{'9' * 80}'..."),
+            ("outcome=failed", "outcome must be one of ok, error, signal, timeout, disconnect, killed, not 'failed'"),
+            ("since=yesterday", since + "'yesterday'"),
+            ("since=2026-03-01T10:00:00", since + "'2026-03-01T10:00:00'"),
         ):  # fmt: skip
             code, _, answer = self.call("GET", "/history?" + query)
             self.assertEqual((code, answer["reason"], self.phrase), (400, "Invalid Query", b"Invalid Query"))
-            self.assertIn(named, answer["detail"], query)
+            self.assertEqual(answer["detail"], detail, query)
 
 
 class BodyLimitTests(SynchronousTestCase):

@@ -169,9 +169,26 @@ def parse_query(args: Mapping[str, Sequence[str]]) -> HistoryQuery:
     limit = DEFAULT_LIMIT
     if "limit" in first:
         text = first["limit"].strip()
-        if not text.isdigit():
-            raise InvalidQuery(f"limit must be a whole number from 1 to {MAX_LIMIT}")
+        if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= MAX_LIMIT:
+            raise InvalidQuery(
+                f"limit must be a whole number from 1 to {MAX_LIMIT}, not {_shown(first['limit'])}"
+            )
         limit = int(text)
-    since = parse_time(first["since"]) if "since" in first else None
+    since = None
+    if "since" in first:
+        try:
+            since = parse_time(first["since"])
+        except InvalidQuery:
+            raise InvalidQuery(
+                f"since must be an RFC 3339 time with a zone (2026-12-07T10:00:00Z), not {_shown(first['since'])}"
+            ) from None
+    outcome = first.get("outcome") or None
+    if outcome is not None and outcome not in OUTCOMES:
+        raise InvalidQuery(f"outcome must be one of {', '.join(OUTCOMES)}, not {_shown(outcome)}")
     route_id = first.get("route_id") or None
-    return HistoryQuery(route_id=route_id, outcome=first.get("outcome") or None, since=since, limit=limit)
+    return HistoryQuery(route_id=route_id, outcome=outcome, since=since, limit=limit)
+
+
+def _shown(value: str) -> str:
+    """A parameter's value as a message quotes it, cut after 80 characters."""
+    return repr(value) if len(value) <= 80 else repr(value[:80]) + "..."
