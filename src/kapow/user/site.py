@@ -77,8 +77,15 @@ class UserSite(Site):
         self._log_date = ""
 
     def log(self, request: http.Request) -> None:
-        """Log ``request``, finished, once its answer is on its way (:func:`send_now`)."""
-        send_now(request.channel)
+        """
+        Log ``request``, finished, once its answer is on its way
+        (:func:`send_now`). Not in a worker: there the handler's slot goes
+        back to the main process in a message that leaves at the reactor's
+        next turn, and an answer sent before it would let the client's next
+        request find the slot still taken.
+        """
+        if self.worker is None:
+            send_now(request.channel)
         now = self.reactor.seconds()
         if int(now) != self._log_second:  # one log date per second, as twisted.web keeps one
             self._log_second = int(now)
