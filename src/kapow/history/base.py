@@ -9,9 +9,10 @@ which the SQLite store (:mod:`kapow.history.store`) and the PostgreSQL one
 from __future__ import annotations
 
 import re
+import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from typing import Protocol, TypeVar
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Generic, Protocol, TypeVar
 
 from kapow.core.runs import HistoryQuery, JobResult, RunRecord
 
@@ -111,6 +112,74 @@ def yielding(items: Iterable[T], every: int = YIELD_EVERY) -> Iterator[T]:
         yield item
         if n % every == 0:
             time.sleep(0)  # lets go of the lock: a waiting thread takes it
+
+
+class _Closable(Protocol):
+    def close(self) -> None: ...
+
+
+C = TypeVar("C", bound=_Closable)
+
+
+class ThreadConnections(Generic[C]):
+    """
+    A store's connections to its database, one per thread that uses it
+    (neither SQLite's nor psycopg's may serve two threads at once): made by
+    ``connect`` when a thread first needs one, and all closed together by
+    :meth:`close_all`, from any thread.
+    """
+
+    def __init__(self, connect: Callable[[], C]) -> None:
+        self._connect = connect
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._all: set[C] = set()
+        #: whether :meth:`close_all` was called
+        self.closed = False
+
+    def current(self) -> C | None:
+        """This thread's connection, if it has one."""
+        connection: C | None = getattr(self._local, "connection", None)
+        return connection
+
+    def make(self) -> C:
+        """
+        A new connection for this thread, kept as its own.
+
+        :raises HistoryError: once :meth:`close_all` was called.
+        :raises Exception: what ``connect`` raises.
+        """
+        if self.closed:
+            raise HistoryError("the history database is closed")
+        connection = self._connect()
+        with self._lock:
+            closed = self.closed
+            if not closed:
+                self._all.add(connection)
+        if closed:  # closed while it connected
+            connection.close()
+            raise HistoryError("the history database is closed")
+        self._local.connection = connection
+        return connection
+
+    def forget(self, connection: C) -> None:
+        """Close ``connection``; if it was this thread's, the next call makes another."""
+        if self.current() is connection:
+            del self._local.connection
+        with self._lock:
+            self._all.discard(connection)
+        connection.close()
+
+    def close_all(self) -> bool:
+        """Close every thread's connection; ``False`` if that was done before."""
+        with self._lock:
+            if self.closed:
+                return False
+            self.closed = True
+            connections, self._all = self._all, set()
+        for connection in connections:
+            connection.close()
+        return True
 
 
 def one_line(error: BaseException) -> str:

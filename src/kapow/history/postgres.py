@@ -25,7 +25,6 @@ database that several servers share.
 from __future__ import annotations
 
 import json
-import threading
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
@@ -33,7 +32,14 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from kapow.core.runs import HistoryQuery, JobResult, RunRecord, parse_time
-from kapow.history.base import HistoryError, HistoryUnavailable, one_line, shown_uri, yielding
+from kapow.history.base import (
+    HistoryError,
+    HistoryUnavailable,
+    ThreadConnections,
+    one_line,
+    shown_uri,
+    yielding,
+)
 
 __all__ = ["CONNECT_TIMEOUT", "SCHEMA_VERSION", "PostgresStore", "query_sql"]
 
@@ -232,10 +238,7 @@ class PostgresStore:
 
     def __init__(self, conninfo: str) -> None:
         self._conninfo = conninfo
-        self._local = threading.local()
-        self._lock = threading.Lock()
-        self._connections: set[psycopg.Connection[Any]] = set()
-        self._closed = False
+        self._connections = ThreadConnections(self._connect)
 
     @classmethod
     def open(cls, uri: str) -> PostgresStore:
@@ -275,32 +278,13 @@ class PostgresStore:
     def _connection(self) -> tuple[psycopg.Connection[Any], bool]:
         """This thread's connection, made on its first call (or after it was
         lost); and whether it is new."""
-        connection: psycopg.Connection[Any] | None = getattr(self._local, "connection", None)
+        connection = self._connections.current()
         if connection is not None and not connection.closed:
             return connection, False
-        if self._closed:
-            raise HistoryError("the history database is closed")
         try:
-            connection = self._connect()
+            return self._connections.make(), True
         except psycopg.Error as error:
             raise HistoryUnavailable(f"cannot connect to the history database: {one_line(error)}") from None
-        with self._lock:
-            closed = self._closed
-            if not closed:
-                self._connections.add(connection)
-        if closed:
-            connection.close()
-            raise HistoryError("the history database is closed")
-        self._local.connection = connection
-        return connection, True
-
-    def _forget(self, connection: psycopg.Connection[Any]) -> None:
-        """Close this thread's ``connection`` and make a new one at its next call."""
-        if getattr(self._local, "connection", None) is connection:
-            del self._local.connection
-        with self._lock:
-            self._connections.discard(connection)
-        connection.close()
 
     def _call(self, doing: str, work: Callable[[psycopg.Connection[Any]], T]) -> T:
         """``work`` done on this thread's connection, with PostgreSQL's errors told as the store's."""
@@ -310,8 +294,8 @@ class PostgresStore:
         except _UNAVAILABLE as error:
             # Every such error leaves the connection in doubt: make it again.
             lost = connection.broken or connection.closed
-            self._forget(connection)
-            if self._closed:
+            self._connections.forget(connection)
+            if self._connections.closed:
                 raise HistoryError("the history database is closed") from None
             if lost and not new:
                 # A connection kept since before a restart of the server:
@@ -394,22 +378,16 @@ class PostgresStore:
 
     def disconnect(self) -> None:
         """Close this thread's connection, if it has one (a thread that is done with the store)."""
-        connection = getattr(self._local, "connection", None)
+        connection = self._connections.current()
         if connection is not None:
-            self._forget(connection)
+            self._connections.forget(connection)
 
     def close(self) -> None:
         """
         Close every connection, each thread's included: call it once no
         thread uses the store any more. Closing twice does nothing.
         """
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-            connections, self._connections = self._connections, set()
-        for connection in connections:
-            connection.close()
+        self._connections.close_all()
 
 
 def _prepare(connection: psycopg.Connection[Any]) -> None:

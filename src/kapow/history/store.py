@@ -17,13 +17,12 @@ from __future__ import annotations
 import json
 import secrets
 import sqlite3
-import threading
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
 from kapow.core.runs import HistoryQuery, JobResult, RunRecord, parse_time
-from kapow.history.base import HistoryError, HistoryUnavailable, one_line, yielding
+from kapow.history.base import HistoryError, HistoryUnavailable, ThreadConnections, one_line, yielding
 
 __all__ = ["SCHEMA_VERSION", "HistoryError", "HistoryStore", "HistoryUnavailable"]
 
@@ -150,14 +149,10 @@ class HistoryStore:
     """
 
     def __init__(self, target: str, uri: bool, anchor: sqlite3.Connection, file: bool) -> None:
-        self._target, self._uri, self._file = target, uri, file
         # The first connection stays open until close(): an in-memory
         # database lives as long as one connection to it does.
         self._anchor = anchor
-        self._local = threading.local()
-        self._lock = threading.Lock()
-        self._connections: set[sqlite3.Connection] = set()
-        self._closed = False
+        self._connections = ThreadConnections(lambda: _connect(target, uri, file))
 
     @classmethod
     def open(cls, path: str | None) -> HistoryStore:
@@ -203,16 +198,7 @@ class HistoryStore:
 
     def _connection(self) -> sqlite3.Connection:
         """This thread's connection, made on its first call."""
-        connection: sqlite3.Connection | None = getattr(self._local, "connection", None)
-        if connection is not None:
-            return connection
-        with self._lock:
-            if self._closed:
-                raise HistoryError("the history database is closed")
-            connection = _connect(self._target, self._uri, self._file)
-            self._connections.add(connection)
-        self._local.connection = connection
-        return connection
+        return self._connections.current() or self._connections.make()
 
     def write(self, records: Sequence[RunRecord], results: Mapping[str, JobResult] | None, keep: int) -> None:
         """
@@ -285,13 +271,9 @@ class HistoryStore:
 
     def disconnect(self) -> None:
         """Close this thread's connection, if it has one (a thread that is done with the store)."""
-        connection = getattr(self._local, "connection", None)
-        if connection is None:
-            return
-        del self._local.connection
-        with self._lock:
-            self._connections.discard(connection)
-        connection.close()
+        connection = self._connections.current()
+        if connection is not None:
+            self._connections.forget(connection)
 
     def close(self) -> None:
         """
@@ -299,14 +281,8 @@ class HistoryStore:
         thread uses the store any more. An in-memory history is gone after.
         Closing twice does nothing.
         """
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-            connections, self._connections = self._connections, set()
-        for connection in connections:
-            connection.close()
-        self._anchor.close()
+        if self._connections.close_all():
+            self._anchor.close()
 
 
 def _connect(target: str, uri: bool, file: bool) -> sqlite3.Connection:
