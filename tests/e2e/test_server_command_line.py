@@ -38,15 +38,20 @@ def test_a_bad_option_anywhere_is_one_line_and_status_1(args: list[str], message
     assert result.stderr == f"kapow server: {message} (see kapow server --help)\n"
 
 
-def test_options_after_an_init_program_take_effect(start_server, tmp_path: Path) -> None:
+@pytest.mark.parametrize("workers", [(), ("--workers", "2")], ids=["one", "workers"])
+def test_options_after_an_init_program_take_effect(
+    start_server, tmp_path: Path, workers: tuple[str, ...]
+) -> None:
     first = write_program(
         tmp_path / "first.pow",
         "#!/bin/sh\nkapow route add /hello -c 'echo on-stdout; echo hello | kapow set /response/body'\n",
     )
     second = write_program(tmp_path / "second.pow", f"#!/bin/sh\ntouch {tmp_path / 'second-ran'}\n")
     # kapow server first.pow --bind 127.0.0.1:0 ... --debug second.pow
-    server = start_server(second, command=[KAPOW, "server", first], extra=("--debug",))
+    server = start_server(second, command=[KAPOW, "server", first], extra=("--debug", *workers))
     assert server.user.startswith("http://127.0.0.1:")
+    if workers:
+        server.wait_log(r"worker 2 serves \(")
     server.wait_log(r"first\.pow exited with status 0")
     server.wait_log(r"second\.pow exited with status 0")
     assert (tmp_path / "second-ran").exists()
