@@ -367,7 +367,7 @@ EXPECTED = {
         ),
         codes=(200, 409),
         state=State.ENDED,
-        user=b"HTTP/1.1 200 OK\r\nServer: -\r\nDate: -\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        user=b"HTTP/1.1 200 OK\r\nServer: -\r\nDate: -\r\nContent-Length: 0\r\n\r\n",
     ),
     "chunked body": Outcome(
         b"HTTP/1.1 200 OK\r\nServer: -\r\nDate: -\r\nContent-Length: 0\r\n\r\n",

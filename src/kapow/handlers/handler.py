@@ -402,7 +402,7 @@ class Handler:
         if held is not None and self.state is State.PENDING:
             size = held.tell()
             held.seek(0)
-            self._commit(held.read(512), size)
+            self._commit(held.read(512), size if _may_have_body(self.status) else None)
             held.seek(0)
             if size and self.request.method != b"HEAD":
                 self._sending = held
@@ -410,7 +410,9 @@ class Handler:
                 return
             held.close()
         elif self.state is State.PENDING:
-            self._commit(b"")
+            # an empty body announced, as the reference does, where a body may be
+            empty = self.request.method != b"HEAD" and _may_have_body(self.status)
+            self._commit(b"", 0 if empty else None)
         self.request.unregisterProducer()
         self.request.finish()
 
@@ -523,6 +525,11 @@ class Handler:
         waiting, self._waiting = self._waiting, []
         for d in waiting:
             d.callback(None)
+
+
+def _may_have_body(status: int) -> bool:
+    """Whether a response of ``status`` may have a body (and so a ``Content-Length``)."""
+    return status >= 200 and status not in (204, 304)
 
 
 def _json_text(raw: bytes) -> str:
