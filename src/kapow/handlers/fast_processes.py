@@ -360,15 +360,15 @@ class SpawnedProcess:
             reaped, status = pid, None
         if reaped == 0:
             return
-        self._unwatch()
         self.pid = None
         self._processes.live -= 1
         self._reason = reason = exit_reason(status)
         if self.proto is not None:
             try:
-                self.proto.processExited(Failure(reason))
+                self.proto.processExited(Failure(reason))  # its response goes out now ...
             except BaseException:
                 log.failure("while calling processExited:")
+        self._unwatch()  # ... before the pidfd is put away
         self._maybe_ended()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:

@@ -221,8 +221,21 @@ class Runner:
 
     def _exited(self, handler: Handler, status: int | None, signal: int | None) -> None:
         started = self.governor.started_at(handler.id)
-        elapsed = self.governor.exited(handler.id)
+        error_status = handler.route.error_status
+        error_applied = True
+        if error_status is not None and (status or signal is not None):
+            error_applied = handler.fail(error_status)
+        self.handlers.forget(handler)
+        # it refers to the handler: dropped, handler and request are freed at
+        # once instead of by the garbage collector (a cycle per request)
+        handler.on_client_lost = None
+        # its slot before its response: a client that sends its next request
+        # as soon as it has this answer finds the slot free (from a worker,
+        # the message that gives it back leaves before the answer)
         self.admission.release(handler.route)
+        # the response next: the rest is bookkeeping the client need not wait for
+        handler.finish(failed=bool(status) or signal is not None)
+        elapsed = self.governor.exited(handler.id)
         if self.metrics is not None:
             self.metrics.handler_ended(handler.route, outcome_of(handler, status, signal))
         if signal is not None:
@@ -232,17 +245,11 @@ class Runner:
             )  # fmt: skip
         elif status:
             log.info("handler {id} exited with status {status}", id=handler.id, status=status)
-        error_status = handler.route.error_status
-        if error_status is not None and (status or signal is not None) and not handler.fail(error_status):
+        if not error_applied:
             log.info(
                 "handler {id} failed after its response started: status {code} not applied",
                 id=handler.id, code=error_status,
             )  # fmt: skip
-        self.handlers.forget(handler)
-        # it refers to the handler: dropped, handler and request are freed at
-        # once instead of by the garbage collector (a cycle per request)
-        handler.on_client_lost = None
-        handler.finish(failed=bool(status) or signal is not None)
         if started is None:
             return
         if handler.stderr_tail is not None and self.jobs is not None:
