@@ -49,7 +49,7 @@ from kapow.core.resource_limits import LimitedCommand
 from kapow.core.routes import RouteTable
 from kapow.core.runs import RunRecord
 from kapow.data.api import DataAPI
-from kapow.data.proxy import DataProxy
+from kapow.data.handoff import HandedConnections, HandOffFactory, adopter
 from kapow.handlers.admission import Admission, LocalAdmission, ServerQueue, Slots
 from kapow.handlers.containment import Containment
 from kapow.handlers.fast_processes import SPAWN_THREADS, FastProcesses, quiet_sigchld
@@ -69,7 +69,7 @@ from kapow.server.listeners import Address, IListeningReactor, Listener, Listeni
 from kapow.server.metrics_http import CountingQuietSite, MetricsResource, Others
 from kapow.server.options import HISTORY_OFF, WORKER_OPTION, Options, control_reachable_addr, history_path
 from kapow.server.service import KapowService, StartupError, fatal
-from kapow.server.workers.messages import worker_handler_ids
+from kapow.server.workers.messages import DATA_FD, worker_handler_ids
 from kapow.server.workers.pool import STOP_MARGIN, IWorkersReactor, WorkerPool
 from kapow.server.workers.worker import (
     GatedEndpoint,
@@ -215,9 +215,7 @@ def build_service(options: Options, reactor: IServerReactor, host: Host = THIS_H
     written = options["write-control-credentials"]
     if written:  # right after the control API, whose real port its URL names
         ClientCredentialsFiles(creds, written, urls.control).setServiceParent(service)
-    data = make_data_listener(
-        parts, parts.listening.endpoint("data-bind", options["data-bind"]), serving.data_site
-    )
+    data = serving.data_listener(parts.listening.endpoint("data-bind", options["data-bind"]))
     data.setServiceParent(service)
     if parts.metrics is not None:
         make_metrics_listener(parts, parts.metrics, serving.other_metrics).setServiceParent(service)
@@ -264,9 +262,8 @@ def build_worker(options: Options, reactor: IServerReactor, host: Host = THIS_HO
     parts.launcher.setServiceParent(service)
     handlers = HandlerRegistry(worker_handler_ids(number))
     own_port = with_backlog("tcp:0:interface=127.0.0.1", parts.listening.backlog)
-    data = make_data_listener(
-        parts, Address(serverFromString(reactor, own_port), None), make_data_site(parts, handlers)
-    )
+    data_site = make_data_site(parts, handlers)
+    data = make_data_listener(parts, Address(serverFromString(reactor, own_port), None), data_site)
     gate = GatedEndpoint(HandedOverSocket(reactor, proxied=options["bind"].startswith("haproxy:")))
     link = WorkerLink(
         number,
@@ -291,6 +288,7 @@ def build_worker(options: Options, reactor: IServerReactor, host: Host = THIS_HO
     )
     make_user_listener(parts, Address(gate, None), user_api).setServiceParent(service)
     data.setServiceParent(service)
+    HandedConnections(reactor, DATA_FD, adopter(reactor, data_site)).setServiceParent(service)
     MainProcessConnection(reactor, link).setServiceParent(service)
     relay.setServiceParent(service)  # after the connection: stopped before it, sending what is left
     return service
@@ -360,12 +358,12 @@ class Serving:
     """
     What serves the user interface and runs the handlers, in this process
     or in its workers: the user listener, the control API over them, the
-    data API's site, and the pool of workers, if any.
+    maker of the data API's listener, and the pool of workers, if any.
     """
 
     user: Listener
     control_api: ControlAPI
-    data_site: Site
+    data_listener: Callable[[Address], Listener]
     pool: WorkerPool | None = None
 
     @property
@@ -399,7 +397,7 @@ def serve_here(
             handlers=user_api,
             history=history or NoHistory(),
         ),
-        data_site=make_data_site(parts, handlers),
+        data_listener=partial(make_data_listener, parts, site=make_data_site(parts, handlers)),
     )
 
 
@@ -413,8 +411,8 @@ def serve_in_workers(
 ) -> Serving:
     """
     The user interface and its handlers in ``--workers N`` processes: this
-    one holds the listening socket they accept on, forwards the data API to
-    them, shows their handlers on the control API, and keeps the ``history``
+    one holds the listening socket they accept on, hands the connections
+    to its data API to them, shows their handlers on the control API, and keeps the ``history``
     of their handlers' runs.
     """
     held = parts.listening.held(user_address, https=parts.user_tls is not None)
@@ -435,7 +433,10 @@ def serve_in_workers(
             handlers=pool,
             history=history or NoHistory(),
         ),
-        data_site=QuietSite(DataProxy(parts.reactor, pool.data_address), reactor=parts.reactor),
+        data_listener=partial(
+            parts.listening.handing_over,
+            HandOffFactory(pool.data_taker, parts.reactor, parts.listening.data_timeouts),
+        ),
         pool=pool,
     )
 
@@ -751,7 +752,7 @@ def make_data_site(parts: Parts, handlers: HandlerRegistry) -> Site:
 
 
 def make_data_listener(parts: Parts, address: Address, site: Site) -> Listener:
-    """The data API's listener (of this process's handlers, or forwarding to the workers')."""
+    """The data API's listener of this process's handlers."""
     return parts.listening.listener(address, site, "data", timeouts=parts.listening.data_timeouts)
 
 

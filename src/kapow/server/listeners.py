@@ -217,6 +217,15 @@ class Listening:
         scheme = "http" if tls_options is None else "https"
         return Listener(limited, site, label, scheme, address.host, self.worker)
 
+    def handing_over(self, factory: IProtocolFactory, address: Address) -> Listener:
+        """
+        The data API's listener in the main process of ``--workers N``:
+        ``factory`` hands each connection to a worker
+        (:class:`kapow.data.handoff.HandOffFactory`); counted while here.
+        """
+        limited = ConnectionLimit(address.endpoint, self.max_connections, "data", self.reactor)
+        return Listener(limited, factory, "data", "http", address.host, self.worker)
+
     def held(self, address: Address, *, https: bool) -> HeldListener:
         """The user interface's listener whose socket the workers accept on."""
         never_accepting = Factory()

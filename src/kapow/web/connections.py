@@ -220,6 +220,9 @@ class GuardedChannel(http.HTTPChannel):
     body_received = 0
     idle_applies = True
     _guarded = False
+    #: whether it serves one request and then closes (a connection another
+    #: process accepted and handed over: :mod:`kapow.data.handoff`)
+    one_request = False
 
     def connectionMade(self) -> None:
         self.timeOut = None  # no twisted.web timer: the guard's check does it
@@ -230,6 +233,12 @@ class GuardedChannel(http.HTTPChannel):
         self.guard.opened(self)
         self._guarded = True
         super().connectionMade()
+
+    def checkPersistence(self, request: http.Request, version: bytes) -> bool:
+        if self.one_request:
+            request.responseHeaders.setRawHeaders(b"connection", [b"close"])
+            return False
+        return bool(super().checkPersistence(request, version))
 
     def getHost(self) -> IAddress:
         """This end's address, asked of the system once per connection, not per request."""

@@ -6,7 +6,9 @@ Both sides import the commands from here, and nothing else crosses the
 connection: routes travel as their JSON form (:meth:`kapow.core.routes.Route.to_json`),
 never pickled. The connection is one end of a ``socketpair`` that the main
 process hands to each worker as descriptor :data:`MAIN_FD`, next to the
-listening socket of the user interface as :data:`USER_FD`.
+listening socket of the user interface as :data:`USER_FD` and the socket
+that connections to ``--data-bind`` come over as :data:`DATA_FD`
+(:mod:`kapow.data.handoff`).
 
 Main to worker: :class:`Routes` (the whole table), :class:`Serve` (start
 accepting), :class:`Running`, :class:`MetricsPart`,
@@ -37,6 +39,8 @@ from kapow.handlers.handler import handler_ids
 USER_FD = 3
 #: The worker's descriptor of its connection to the main process.
 MAIN_FD = 4
+#: The worker's descriptor of the socket connections to ``--data-bind`` come over.
+DATA_FD = 5
 
 _HANDLER_ID = re.compile(r"[0-9a-f]{32}")
 

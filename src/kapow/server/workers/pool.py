@@ -16,7 +16,6 @@ import sys
 from collections import Counter
 from collections.abc import Callable, Generator, Mapping, Sequence
 from typing import Any
-from urllib.parse import urlsplit
 
 from twisted.application.service import Service
 from twisted.internet.defer import (
@@ -42,6 +41,7 @@ from twisted.python.failure import Failure
 from kapow.core.metrics import Snapshot
 from kapow.core.routes import DEFAULT_QUEUE_TIMEOUT, RouteTable
 from kapow.core.runs import JobResult, RunRecord
+from kapow.data.handoff import Taker, sender
 from kapow.handlers.admission import ServerQueue, Slots, Want
 from kapow.handlers.containment import Containment
 from kapow.handlers.listing import HandlerShown
@@ -49,6 +49,7 @@ from kapow.handlers.procfs import processes
 from kapow.handlers.rates import Rates
 from kapow.server.workers.messages import (
     BODY_PART,
+    DATA_FD,
     MAIN_FD,
     USER_FD,
     Admit,
@@ -266,9 +267,12 @@ class _Worker:
         self.number = number
         self.link = link
         self.started = started
+        # the main process's end of the socket connections to --data-bind go over
+        self.data_socket, self.data_socket_theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.data_socket.setblocking(False)
+        self.take_data: Taker = sender(self.data_socket)
         self.process: IProcessTransport | None = None
         self.pid: int | None = None
-        self.data_address: tuple[str, int] | None = None
         self.serving: Deferred[None] = Deferred()
         self.ended: Deferred[None] = Deferred()
 
@@ -357,11 +361,19 @@ class WorkerPool(Service):
                 sys.executable,
                 [sys.executable, *self.command(number)],
                 env=self.environ,
-                childFDs={0: stdin, 1: 1, 2: 2, USER_FD: self.user_socket(), MAIN_FD: theirs.fileno()},
+                childFDs={
+                    0: stdin,
+                    1: 1,
+                    2: 2,
+                    USER_FD: self.user_socket(),
+                    MAIN_FD: theirs.fileno(),
+                    DATA_FD: worker.data_socket_theirs.fileno(),
+                },
             )
         finally:
             ours.close()
             theirs.close()
+            worker.data_socket_theirs.close()
             os.close(stdin)
         self.workers[number] = worker
         worker.pid = pid = process.pid
@@ -381,8 +393,6 @@ class WorkerPool(Service):
 
     def _serving(self, worker: _Worker, data_url: str) -> None:
         worker.link.data_url = data_url
-        parts = urlsplit(data_url)
-        worker.data_address = (parts.hostname or "127.0.0.1", parts.port or 80)
         if self.containment is not None:
             self.containment.watch(data_url)
         log.info("worker {n} serves (data API for its handlers: {url})", n=worker.number, url=data_url)
@@ -390,6 +400,7 @@ class WorkerPool(Service):
 
     def _ended(self, worker: _Worker, reason: Failure) -> None:
         worker.link.release_all()
+        worker.data_socket.close()
         ended: Deferred[None] | None = None
         if worker.link.data_url is not None:
             orphans = handler_groups(worker.link.data_url)
@@ -483,19 +494,21 @@ class WorkerPool(Service):
         for worker in list(self.workers.values()):
             worker.link.callRemote(Reload)
 
-    def data_address(self, handler_id: str) -> tuple[str, int] | None:
+    def data_taker(self, handler_id: str) -> Taker | None:
         """
-        Where the data API of the worker that runs ``handler_id`` listens;
-        any serving worker's for an id no worker made, ``None`` if its
-        worker is gone.
+        Who takes a connection to ``--data-bind`` that asks about
+        ``handler_id``: the worker that runs it, any serving worker for an
+        id no worker made, ``None`` if its worker is gone (or none serves).
         """
         number = handler_worker(handler_id)
-        if number is not None:
+        if number is None:
+            candidates = list(self.workers.values())
+        else:
             worker = self.workers.get(number)
-            return worker.data_address if worker is not None else None
-        for worker in self.workers.values():
-            if worker.data_address is not None:
-                return worker.data_address
+            candidates = [] if worker is None else [worker]
+        for candidate in candidates:
+            if candidate.serving.called:
+                return candidate.take_data
         return None
 
     # -- handlers on the control API -------------------------------------------
