@@ -28,7 +28,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.web.server import Site
 
 import kapow
-from kapow.data.proxy import DataProxy
+from kapow.data.handoff import HandOffFactory
 from kapow.data.resource import DataResource
 from kapow.handlers.admission import LocalAdmission
 from kapow.handlers.containment import Containment
@@ -377,15 +377,16 @@ def test_the_main_process_of_two_workers() -> None:
     assert listening(reactor) == [
         ("127.0.0.1", 18080, BACKLOG, ["Factory"]),  # held for the workers, never accepted on here
         ("localhost", 18081, BACKLOG, ["tls", "at most 64", "Site"]),
-        ("127.0.0.1", 18082, BACKLOG, ["at most 64", "QuietSite"]),
+        ("127.0.0.1", 18082, BACKLOG, ["at most 64", "HandOffFactory"]),
     ]
-    assert isinstance(site_of(service, "data").resource, DataProxy)  # to the worker of the handler
+    # each connection handed to the worker of its handler
+    assert isinstance(listener_named(service, "data").factory, HandOffFactory)
     forkserver, *workers = reactor.processes
     assert forkserver.args == forkserver_argv()
     assert [worker.args for worker in workers] == [
         [sys.executable, "-m", "kapow", "server", "--worker", str(n), *parsed.argv] for n in (1, 2)
     ]
-    assert [sorted(worker.child_fds) for worker in workers] == [[0, 1, 2, 3, 4]] * 2
+    assert [sorted(worker.child_fds) for worker in workers] == [[0, 1, 2, 3, 4, 5]] * 2
     assert {worker.child_fds[3] for worker in workers} == {HELD_FD}  # the user interface's socket
     containment = service.getServiceNamed("containment")
     assert containment.events == [
@@ -417,6 +418,7 @@ def test_one_worker_of_them() -> None:
         ("LauncherDirectory", "launcher"),
         ("Listener", "user"),
         ("Listener", "data"),
+        ("HandedConnections", "data-handoff"),
         ("MainProcessConnection", "main-process"),
         ("RecordRelay", "history-relay"),
     ]

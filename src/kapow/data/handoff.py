@@ -23,6 +23,7 @@ import json
 import os
 import socket
 from collections.abc import Callable
+from functools import partial
 
 from twisted.application.service import Service
 from twisted.internet.interfaces import (
@@ -224,12 +225,10 @@ class HandOffFactory(ServerFactory):
     def __init__(
         self, choose: Callable[[str], Taker | None], reactor: IReactorFDSet, timeouts: Timeouts
     ) -> None:
-        self.choose = choose
-        self.reactor = reactor
-        self.timeouts = timeouts
+        self._make = partial(HandOff, choose, reactor, timeouts)
 
     def buildProtocol(self, addr: IAddress | None) -> HandOff:
-        return HandOff(self.choose, self.reactor, self.timeouts)
+        return self._make()
 
 
 class _OneRequest(ServerFactory):
@@ -292,28 +291,33 @@ class HandedConnections(Service):
 
     name = "data-handoff"
 
+    sock: socket.socket | None = None
+
     def __init__(self, reactor: IReactorFDSet, fd: int, adopt: Callable[[int, int], None]) -> None:
         self.reactor = reactor
-        self.sock = socket.socket(fileno=fd)
-        self.sock.setblocking(False)
+        self.fd = fd
         self.adopt = adopt
 
     def startService(self) -> None:
         super().startService()
+        self.sock = socket.socket(fileno=self.fd)
+        self.sock.setblocking(False)
         self.reactor.addReader(self)
 
     def stopService(self) -> None:
         super().stopService()
-        self.reactor.removeReader(self)
-        self.sock.close()
+        if self.sock is not None:
+            self.reactor.removeReader(self)
+            self.sock.close()
 
     def fileno(self) -> int:
-        return self.sock.fileno()
+        return -1 if self.sock is None else self.sock.fileno()
 
     def logPrefix(self) -> str:
         return "data-handoff"
 
     def doRead(self) -> None:
+        assert self.sock is not None  # read while the service runs
         while True:
             try:
                 data, fds, _, _ = socket.recv_fds(self.sock, 1, 1)
