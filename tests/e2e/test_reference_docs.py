@@ -208,6 +208,8 @@ kapow route add /no-content -c 'kapow set /response/status 204'
 kapow route add /not-modified -c 'kapow set /response/status 304'
 kapow route add /buffered --buffer -c 'true'
 kapow route add /buffered-no-content --buffer -c 'kapow set /response/status 204'
+kapow route add /no-content-written -c 'kapow set /response/status 204; echo "<p>x</p>" | kapow set /response/body'
+kapow route add /buffered-no-content-written --buffer -c 'kapow set /response/status 204; echo "<p>x</p>" | kapow set /response/body'
 kapow route add /text -c 'echo hello | kapow set /response/body'
 kapow route add -X HEAD /head-empty -c 'true'
 kapow route add -X HEAD /head-text -c 'echo hello | kapow set /response/body'
@@ -225,6 +227,9 @@ kapow route add -X HEAD /head-text -c 'echo hello | kapow set /response/body'
         ("/not-modified", "304", None),
         ("/buffered", "200", "0"),
         ("/buffered-no-content", "204", None),
+        # a body written where the status allows none is dropped, and not typed either
+        ("/no-content-written", "204", None),
+        ("/buffered-no-content-written", "204", None),
     ):
         line, headers = answer_head(base + path)
         assert line.split()[1] == status, (path, line)

@@ -28,6 +28,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web.http import NO_BODY_CODES
 from twisted.web.server import Request
 from zope.interface import implementer
 
@@ -486,7 +487,8 @@ class Handler:
         for name, value in self.headers:
             request.responseHeaders.addRawHeader(name, value)
             names.add(name.lower())
-        if b"content-type" not in names and first:  # no body: no type, as the reference
+        if b"content-type" not in names and first and _may_have_body(self.status):
+            # no body (none written, or none the status allows): no type, as the reference
             request.setHeader(b"Content-Type", sniff_content_type(first).encode())
         if length is not None:
             request.setHeader(b"Content-Length", b"%d" % length)
@@ -528,8 +530,8 @@ class Handler:
 
 
 def _may_have_body(status: int) -> bool:
-    """Whether a response of ``status`` may have a body (and so a ``Content-Length``)."""
-    return status >= 200 and status not in (204, 304)
+    """Whether a response of ``status`` may have a body (and so a type and a ``Content-Length``)."""
+    return status not in NO_BODY_CODES
 
 
 def _json_text(raw: bytes) -> str:
