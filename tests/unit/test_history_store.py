@@ -803,7 +803,11 @@ class PostgresWriterTests(TestCase):
         self.assertEqual(writer.dropped, 10)
 
 
-def test_a_batch_is_prepared_with_pauses_for_the_reactor() -> None:
-    """Every item, in order, whatever the pause's spacing."""
+def test_a_batch_is_prepared_with_pauses_for_the_reactor(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every item, in order, with a pause (a sleep of 0, which lets go of the lock) after every ``every``."""
+    pauses: list[float] = []
+    monkeypatch.setattr("kapow.history.base.time.sleep", pauses.append)
     assert list(yielding(range(50), every=7)) == list(range(50))
+    assert pauses == [0] * 7
     assert list(yielding([])) == []
+    assert pauses == [0] * 7

@@ -162,6 +162,12 @@ class ThreadConnections(Generic[C]):
         self._local.connection = connection
         return connection
 
+    def forget_current(self) -> None:
+        """Close this thread's connection, if it has one."""
+        connection = self.current()
+        if connection is not None:
+            self.forget(connection)
+
     def forget(self, connection: C) -> None:
         """Close ``connection``; if it was this thread's, the next call makes another."""
         if self.current() is connection:

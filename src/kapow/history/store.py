@@ -271,9 +271,7 @@ class HistoryStore:
 
     def disconnect(self) -> None:
         """Close this thread's connection, if it has one (a thread that is done with the store)."""
-        connection = self._connections.current()
-        if connection is not None:
-            self._connections.forget(connection)
+        self._connections.forget_current()
 
     def close(self) -> None:
         """
