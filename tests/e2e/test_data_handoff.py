@@ -17,7 +17,8 @@ from typing import Any
 
 import treq
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.interfaces import IAddress, IDelayedCall
 from twisted.internet.protocol import ClientFactory, Protocol
 from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
@@ -29,6 +30,7 @@ from kapow.data.api import DataAPI
 from kapow.data.handoff import (
     LINE_MOST,
     HandedConnections,
+    HandOff,
     HandOffFactory,
     Taker,
     adopter,
@@ -37,6 +39,7 @@ from kapow.data.handoff import (
 )
 from kapow.handlers.handler import HandlerRegistry
 from kapow.web.connections import Timeouts, guarded_protocol
+from tests.support.processes import until
 from tests.support.user_connection import ROUTE, UserConnection, header_values, http_request
 
 GONE = "gone" * 8
@@ -55,6 +58,7 @@ class _Raw(Protocol):
         self.leaves = leaves
         self.received = b""
         self.done: Deferred[bytes] = Deferred()
+        self._later: IDelayedCall | None = None
 
     def connectionMade(self) -> None:
         self._next()
@@ -63,7 +67,8 @@ class _Raw(Protocol):
         assert self.transport is not None  # connected
         if self.pieces:
             self.transport.write(self.pieces.pop(0))
-            reactor.callLater(0.05, self._next)
+        if self.pieces:
+            self._later = reactor.callLater(0.05, self._next)
         elif self.leaves:
             self.transport.loseConnection()
 
@@ -71,7 +76,22 @@ class _Raw(Protocol):
         self.received += data
 
     def connectionLost(self, reason: Failure | None = None) -> None:
+        if self._later is not None and self._later.active():
+            self._later.cancel()  # closed by the server before all was sent
         self.done.callback(self.received)
+
+
+class _Keeping(HandOffFactory):
+    """Keeps each connection's :class:`HandOff`, to see its end."""
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.made: list[HandOff] = []
+
+    def buildProtocol(self, addr: IAddress | None) -> HandOff:
+        protocol = super().buildProtocol(addr)
+        self.made.append(protocol)
+        return protocol
 
 
 class HandOffTests(TestCase):
@@ -81,6 +101,7 @@ class HandOffTests(TestCase):
         # short: the guard of the data API's connections checks them every 0.1 s, until none is open
         timeouts = Timeouts(header=0.4, idle=0.4, body_rate=1024, idle_on_loopback=False)
         site.protocol = guarded_protocol(timeouts, reactor, tls=False)  # type: ignore[assignment]  # as a listener sets it
+        guard = site.protocol().guard
         # the worker's end, here in the same process: the main's sender and the worker's reader
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         ours.setblocking(False)
@@ -93,7 +114,7 @@ class HandOffTests(TestCase):
         closed.close()
         self.asked: list[str] = []
         # the guard stops checking at its first check after the last connection closed
-        self.addCleanup(deferLater, reactor, 0.3, lambda: None)
+        self.addCleanup(lambda: ensureDeferred(until(lambda: guard._check is None, what="the guard's stop")))
 
         def choose(handler_id: str) -> Taker | None:
             self.asked.append(handler_id)
@@ -101,7 +122,16 @@ class HandOffTests(TestCase):
                 return None
             return sender(closed) if handler_id == BUSY else take
 
-        front = reactor.listenTCP(0, HandOffFactory(choose, reactor, timeouts), interface="127.0.0.1")
+        factory = _Keeping(choose, reactor, timeouts)
+        # this process's copy of each connection is closed once it was handed over, or refused
+        self.addCleanup(
+            lambda: ensureDeferred(
+                until(
+                    lambda: not any(p.transport.connected for p in factory.made), what="the connections' end"
+                )
+            )
+        )
+        front = reactor.listenTCP(0, factory, interface="127.0.0.1")
         self.addCleanup(front.stopListening)
         self.port = front.getHost().port
         self.url = f"http://127.0.0.1:{self.port}/handlers/"
@@ -201,6 +231,11 @@ class HandOffTests(TestCase):
         self.assertEqual(await self.raw(b"GET /handl", leaves=True), b"")
         self.assertEqual(self.asked, [])
         await deferLater(reactor, 0.05, lambda: None)  # a look again after the client left: nothing
+
+    async def test_a_request_line_that_does_not_come_in_time(self) -> None:
+        # part of a line, then nothing: closed after the header time (0.4 s here), handed to nobody
+        self.assertEqual(await self.raw(b"GET /handl"), b"")
+        self.assertEqual(self.asked, [])
 
     async def test_a_request_line_too_long_goes_to_any_worker_which_refuses_it(self) -> None:
         # refused as the data API refuses it without workers: twisted.web

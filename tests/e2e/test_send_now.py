@@ -56,7 +56,7 @@ class SendNowTests(TestCase):
         with self.assertRaises(BlockingIOError):
             client.recv(100)
         await deferLater(reactor, 0.1, lambda: None)  # the reactor's turns
-        client.setblocking(True)
+        client.settimeout(5)  # never a wait without end on the reactor's thread
         self.assertEqual(client.recv(100), b"bye")  # sent by the reactor, then closed
         self.assertEqual(client.recv(100), b"")
 

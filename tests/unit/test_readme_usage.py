@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from tests.support.kapowserver import KAPOW
+
 README = Path(__file__).resolve().parents[2] / "README.md"
-KAPOW = str(Path(sys.executable).parent / "kapow")
 
 COMMANDS = [
     ("server",),

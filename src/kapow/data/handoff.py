@@ -124,6 +124,7 @@ class HandOff(Protocol):
         self.timeouts = timeouts
         self._reader: _Readable | None = None
         self._timer: IDelayedCall | None = None
+        self._look_again: IDelayedCall | None = None
         self._partial = False
         self._done = False
 
@@ -156,7 +157,7 @@ class HandOff(Protocol):
                 self._partial = True
                 self._cancel_timer()
                 self._timer = self._clock.callLater(self.timeouts.header, self._too_slow)
-            self._clock.callLater(LOOK_AGAIN, self._watch)
+            self._look_again = self._clock.callLater(LOOK_AGAIN, self._watch)
             return
         self._unwatch()
         self._cancel_timer()
@@ -198,6 +199,7 @@ class HandOff(Protocol):
             self._close()
 
     def _watch(self) -> None:
+        self._look_again = None
         if not self._done and self._reader is not None and self.transport.connected:
             self.reactor.addReader(self._reader)
 
@@ -206,9 +208,10 @@ class HandOff(Protocol):
             self.reactor.removeReader(self._reader)
 
     def _cancel_timer(self) -> None:
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
+        for call in (self._timer, self._look_again):
+            if call is not None and call.active():
+                call.cancel()
+        self._timer = self._look_again = None
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._unwatch()
