@@ -48,6 +48,8 @@ from kapow.core.credentials import (
     CLIENT_CERT_FILE,
     CLIENT_KEY_ENV,
     CLIENT_KEY_FILE,
+    CONTROL_URL_ENV,
+    DEFAULT_CONTROL_URL,
     SERVER_CERT_ENV,
     SERVER_CERT_FILE,
     CredentialsError,
@@ -76,10 +78,6 @@ __all__ = [
     "policy_from_environ",
 ]
 
-#: The variable that names the control API's URL, as for ``kapow route``.
-CONTROL_URL_ENV = "KAPOW_CONTROL_URL"
-#: The control API's URL when :data:`CONTROL_URL_ENV` is not set, as for ``kapow route``.
-DEFAULT_CONTROL_URL = "https://localhost:8081"
 
 #: A route, a handler or a run record: the JSON object the control API answers.
 JSONObject = dict[str, Any]
@@ -203,8 +201,8 @@ class ControlClient:
     A call the server answers with a status other than 2xx fails with
     :class:`ControlError`, whose ``status`` is that status and ``reason``
     (and ``detail``, when the server gives one) what its JSON body says;
-    its ``str()`` is ``REASON: DETAIL`` (or ``REASON``), as ``kapow route``
-    prints it.  A connection or TLS failure fails with Twisted's own error
+    its ``str()`` is ``REASON: DETAIL`` (or ``REASON``, or ``HTTP STATUS``
+    when the body names no reason), as ``kapow route`` prints it.  A connection or TLS failure fails with Twisted's own error
     (:class:`~twisted.internet.error.ConnectionRefusedError`,
     :class:`~twisted.web._newclient.ResponseNeverReceived` carrying the TLS
     error, ...).  No call times out by itself: add a timeout to its Deferred

@@ -33,7 +33,13 @@ import argparse
 import os
 import sys
 
-from kapow.core.credentials import CONTROL_ENVIRON, CredentialsError, read_control_url
+from kapow.core.credentials import (
+    CONTROL_ENVIRON,
+    CONTROL_URL_ENV,
+    DEFAULT_CONTROL_URL,
+    CredentialsError,
+    read_control_url,
+)
 
 # typing.TYPE_CHECKING without importing typing, which these commands need
 # only for annotations; type checkers know the name.
@@ -47,9 +53,6 @@ if TYPE_CHECKING:
     #: method, the path, the JSON body or None, the status that means success).
     ControlRequest = tuple[argparse.Namespace, str, str, object, int]
 
-#: Where the control API is when neither a flag, the environment nor the
-#: credentials directory says.
-DEFAULT_CONTROL_URL = "https://localhost:8081"
 
 NO_CREDENTIALS = (
     "no control API credentials: give --control-credentials DIR or set KAPOW_CONTROL_CREDENTIALS=DIR, "
@@ -167,6 +170,13 @@ def parse_action(
     return one.parse_intermixed_args(argv[1:], argparse.Namespace(action=action))
 
 
+def action_command(command: str, argv: Sequence[str]) -> str:
+    """``command ACTION`` (``kapow route list``), the command that
+    :func:`run` names in a failure after :func:`parse_action` parsed ``argv``
+    (the parsers' own errors name their command themselves)."""
+    return f"{command} {argv[0]}" if argv else command
+
+
 def add_list_and_by_id(
     # argparse names the type of add_subparsers()'s result only privately
     sub: argparse._SubParsersAction[Parser],
@@ -240,8 +250,8 @@ def control_url(args: argparse.Namespace, environ: Mapping[str, str]) -> str:
     """
     if args.control_url is not None:
         return str(args.control_url)
-    if environ.get("KAPOW_CONTROL_URL"):
-        return environ["KAPOW_CONTROL_URL"]
+    if environ.get(CONTROL_URL_ENV):
+        return environ[CONTROL_URL_ENV]
     try:
         recorded = read_control_url(args.control_credentials) if args.control_credentials else None
     except CredentialsError as e:

@@ -12,6 +12,7 @@ from __future__ import annotations
 from kapow.commands.control import (
     Formatter,
     Parser,
+    action_command,
     add_list_and_by_id,
     common_options,
     parse_action,
@@ -63,5 +64,4 @@ def main(argv: Sequence[str]) -> int:
         path = "/handlers/" + quote(args.handler_id)
         return (args, "GET", path, None, 200) if args.action == "get" else (args, "DELETE", path, None, 204)
 
-    # what follows the parse runs only for an action; the parsers' own errors name their command
-    return run(f"kapow handler {argv[0]}" if argv else "kapow handler", request)
+    return run(action_command("kapow handler", argv), request)

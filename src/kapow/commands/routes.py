@@ -21,6 +21,7 @@ from kapow.commands.control import (
     Formatter,
     Parser,
     UsageError,
+    action_command,
     add_list_and_by_id,
     common_options,
     parse_action,
@@ -420,6 +421,4 @@ def _absolute(path: str, flag: str) -> str:
 
 def main(argv: Sequence[str]) -> int:
     """Run ``kapow route`` with ``argv`` (without the leading words)."""
-    # what follows the parse runs only for an action; the parsers' own errors name their command
-    command = f"kapow route {argv[0]}" if argv else "kapow route"
-    return run(command, lambda: _request(_parse(argv)))
+    return run(action_command("kapow route", argv), lambda: _request(_parse(argv)))

@@ -48,6 +48,11 @@ CLIENT_KEY_FILE = "client.key"
 #: The control API's URL, on one line, beside the certificates: what
 #: ``kapow route`` reaches with the directory alone.
 CONTROL_URL_FILE = "control_url"
+#: The variable that names the control API's URL (``kapow route``, the treq client).
+CONTROL_URL_ENV = "KAPOW_CONTROL_URL"
+#: Where the control API is when neither a flag, the environment nor the
+#: credentials directory says.
+DEFAULT_CONTROL_URL = "https://localhost:8081"
 #: Every file of a credentials directory.
 CREDENTIALS_FILES = (SERVER_CERT_FILE, SERVER_KEY_FILE, CLIENT_CERT_FILE, CLIENT_KEY_FILE, CONTROL_URL_FILE)
 
