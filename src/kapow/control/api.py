@@ -260,5 +260,5 @@ def _read_json(request: IRequest) -> object:
 
 
 def _parser_says(e: json.JSONDecodeError) -> str:
-    """What the JSON parser said, with where: ``invalid JSON at line 1, column 2: expecting ...``."""
+    """What the JSON parser said, with where: ``invalid JSON at line 1, column 2 (char 1): expecting ...``."""
     return f"invalid JSON at line {e.lineno}, column {e.colno} (char {e.pos}): {e.msg[:1].lower()}{e.msg[1:]}"

@@ -43,7 +43,16 @@ from zope.interface import implementer
 
 from kapow.web.connections import GuardedChannel, Timeouts, is_loopback
 
-__all__ = ["HandOff", "HandOffFactory", "HandedConnections", "Taker", "adopter", "handler_id_in", "sender"]
+__all__ = [
+    "HandOff",
+    "HandOffFactory",
+    "HandedConnections",
+    "IHandOffReactor",
+    "Taker",
+    "adopter",
+    "handler_id_in",
+    "sender",
+]
 
 log = Logger()
 
@@ -83,11 +92,16 @@ def handler_id_in(line: bytes) -> str:
 
 @implementer(IReadDescriptor)
 class _Readable:
-    """The reactor's reader of a connection's socket while its request line is awaited."""
+    """
+    The reactor's reader of a connection's socket while its request line is
+    awaited: ``ready`` when it is readable, ``lost`` if the reactor gives it
+    up (an error of the socket, a failure of ``ready``, the reactor's stop).
+    """
 
-    def __init__(self, fd: int, ready: Callable[[], None]) -> None:
+    def __init__(self, fd: int, ready: Callable[[], None], lost: Callable[[], None]) -> None:
         self._fd = fd
         self._ready = ready
+        self._lost = lost
 
     def fileno(self) -> int:
         return self._fd
@@ -96,10 +110,14 @@ class _Readable:
         self._ready()
 
     def connectionLost(self, reason: Failure) -> None:
-        pass  # the reactor stops: the connection is closed with the rest
+        self._lost()
 
     def logPrefix(self) -> str:
         return "data-handoff"
+
+
+class IHandOffReactor(IReactorFDSet, IReactorTime):
+    """What a :class:`HandOff` needs of its reactor: to watch a socket, and a clock."""
 
 
 class HandOff(Protocol):
@@ -117,7 +135,7 @@ class HandOff(Protocol):
     transport: Server  # a TCP connection of a listening port
 
     def __init__(
-        self, choose: Callable[[str], Taker | None], reactor: IReactorFDSet, timeouts: Timeouts
+        self, choose: Callable[[str], Taker | None], reactor: IHandOffReactor, timeouts: Timeouts
     ) -> None:
         self.choose = choose
         self.reactor = reactor
@@ -128,16 +146,12 @@ class HandOff(Protocol):
         self._partial = False
         self._done = False
 
-    @property
-    def _clock(self) -> IReactorTime:
-        return self.reactor  # type: ignore[return-value]  # a POSIX reactor keeps time
-
     def connectionMade(self) -> None:
         self.transport.stopReading()  # the request stays in the socket, for the worker
-        self._reader = _Readable(self.transport.fileno(), self._look)
+        self._reader = _Readable(self.transport.fileno(), self._look, self._close)
         self.reactor.addReader(self._reader)
         if self.timeouts.idle_on_loopback or not is_loopback(self.transport.getPeer()):
-            self._timer = self._clock.callLater(self.timeouts.idle, self._too_slow)
+            self._timer = self.reactor.callLater(self.timeouts.idle, self._too_slow)
 
     def _look(self) -> None:
         try:
@@ -156,8 +170,8 @@ class HandOff(Protocol):
             if not self._partial:
                 self._partial = True
                 self._cancel_timer()
-                self._timer = self._clock.callLater(self.timeouts.header, self._too_slow)
-            self._look_again = self._clock.callLater(LOOK_AGAIN, self._watch)
+                self._timer = self.reactor.callLater(self.timeouts.header, self._too_slow)
+            self._look_again = self.reactor.callLater(LOOK_AGAIN, self._watch)
             return
         self._unwatch()
         self._cancel_timer()
@@ -226,7 +240,7 @@ class HandOffFactory(ServerFactory):
     noisy = False
 
     def __init__(
-        self, choose: Callable[[str], Taker | None], reactor: IReactorFDSet, timeouts: Timeouts
+        self, choose: Callable[[str], Taker | None], reactor: IHandOffReactor, timeouts: Timeouts
     ) -> None:
         self._make = partial(HandOff, choose, reactor, timeouts)
 
@@ -341,4 +355,7 @@ class HandedConnections(Service):
                     os.close(fd)  # the reactor keeps a copy of its own
 
     def connectionLost(self, reason: Failure) -> None:
-        pass  # the reactor stops
+        # while the service runs (its stop removes it first): connections to --data-bind stop coming
+        log.warn(
+            "the socket connections to --data-bind come over is lost: {why}", why=reason.getErrorMessage()
+        )

@@ -33,7 +33,6 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import (
     IProcessTransport,
     IReactorCore,
-    IReactorFDSet,
     IReactorProcess,
     IReactorThreads,
 )
@@ -49,7 +48,7 @@ from kapow.core.resource_limits import LimitedCommand
 from kapow.core.routes import RouteTable
 from kapow.core.runs import RunRecord
 from kapow.data.api import DataAPI
-from kapow.data.handoff import HandedConnections, HandOffFactory, adopter
+from kapow.data.handoff import HandedConnections, HandOffFactory, IHandOffReactor, adopter
 from kapow.handlers.admission import Admission, LocalAdmission, ServerQueue, Slots
 from kapow.handlers.containment import Containment
 from kapow.handlers.fast_processes import SPAWN_THREADS, FastProcesses, quiet_sigchld
@@ -107,7 +106,7 @@ class IServerReactor(
     IWorkersReactor,  # IReactorProcess, IReactorSocket, IReactorTime
     IListeningReactor,  # IReactorTCP, IReactorUNIX, IReactorSocket, IReactorTime
     IReactorCore,
-    IReactorFDSet,
+    IHandOffReactor,  # IReactorFDSet, IReactorTime
     IReactorThreads,  # IReactorFromThreads too
 ):
     """

@@ -657,5 +657,8 @@ class Options(usage.Options):
             raise usage.UsageError("--clientauth needs HTTPS: give --certfile and --keyfile")
         if self["clientcafile"] and not self["clientauth"]:
             raise usage.UsageError("--clientcafile needs --clientauth")
+        if self["workers"] != 1 and self["data-bind"].startswith("haproxy:"):
+            # its connections are handed to the workers as they come, PROXY header and all
+            raise usage.UsageError("--data-bind haproxy: needs --workers 1")
         if self["limits"] and LimitedCommand.find(native_client()) is None:
             raise usage.UsageError("--limit needs the native kapow client or prlimit(1); neither is here")

@@ -110,7 +110,9 @@ def send_now(channel: object) -> None:
     """
     transport = getattr(channel, "transport", None)
     while transport is not None and not isinstance(transport, tcp.Connection):
-        transport = getattr(transport, "transport", None)  # a TLS layer, a protocol wrapper
+        # a protocol wrapper (the PROXY protocol's), or a TLS layer, which holds
+        # small writes until the reactor's turn: there it sends what TLS gave it before
+        transport = getattr(transport, "transport", None)
     if transport is None or not transport.connected or transport.disconnecting or transport.producerPaused:
         return
     transport.doWrite()  # an error is the reactor's to see: what is unsent stays registered
