@@ -207,7 +207,10 @@ def test_abuse_limits_must_be_positive_numbers(flag: str, value: str) -> None:
             "--control-bind must be a TCP address: kapow route reaches it over TCP",
         ),
         (["--metrics-bind", "haproxy:tcp:9090"], "--metrics-bind: the PROXY protocol is for --bind only"),
-        (["--data-bind", "haproxy:127.0.0.1:8082", "--workers", "2"], "--data-bind haproxy: needs --workers 1"),
+        (
+            ["--data-bind", "haproxy:127.0.0.1:8082", "--workers", "2"],
+            "--data-bind haproxy: needs --workers 1",
+        ),
         (["--metrics-bind", "a:70000"], "invalid address 'a:70000': port out of range"),
         (
             ["--control-reachable-addr", "noport"],
