@@ -22,7 +22,8 @@ from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource
 
-from kapow.core.routes import InvalidRoute, Route, RouteTable, quoted, route_from_json
+from kapow.core.messages import quoted
+from kapow.core.routes import InvalidRoute, Route, RouteTable, route_from_json
 from kapow.core.runs import HistoryQuery, InvalidQuery, RunRecord, parse_query, shown
 from kapow.handlers.listing import HandlerShown, HandlersListing
 from kapow.web.errors import JSONError, install_json_errors, json_body, json_resource

@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from kapow.core.auth import AuthError, RouteAuth, normalize
+from kapow.core.messages import quoted
 from kapow.core.traffic import CorsPolicy, TrafficError, normalize_rate, origin_key
 
 __all__ = [
@@ -139,38 +140,12 @@ LIMIT_NAMES = ("memory", "cpu", "open_files", "file_size", "processes")
 MAX_LIMIT = 2**62
 
 
-#: The most characters of a value that :func:`quoted` shows.
-SHOWN_LENGTH = 80
-
-
 class InvalidRoute(ValueError):
     """A route or URL pattern is refused; the message says why, in one line.
 
     The control API answers every such refusal with ``Invalid Route``, and
     the message as its detail.
     """
-
-
-def quoted(value: object) -> str:
-    """``value`` as a message names it: a string quoted as Python quotes it
-    (``'/bad/{'``), a number as written, ``true``, ``false`` and ``null`` as
-    in JSON, a list or an object by its kind. A string or number longer than
-    :data:`SHOWN_LENGTH` characters is cut, ``...`` marking the cut.
-    """
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if value is None:
-        return "null"
-    if isinstance(value, str):
-        return repr(value) if len(value) <= SHOWN_LENGTH else repr(value[:SHOWN_LENGTH]) + "..."
-    if isinstance(value, (int, float)):
-        text = repr(value)
-        return text if len(text) <= SHOWN_LENGTH else text[:SHOWN_LENGTH] + "..."
-    if isinstance(value, Mapping):
-        return "an object"
-    if isinstance(value, (list, tuple)):
-        return "a list"
-    return type(value).__name__
 
 
 class Pattern:

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from kapow.core.messages import quoted
+
 __all__ = [
     "DEFAULT_KEEP",
     "DEFAULT_LIMIT",
@@ -171,7 +173,7 @@ def parse_query(args: Mapping[str, Sequence[str]]) -> HistoryQuery:
         text = first["limit"].strip()
         if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= MAX_LIMIT:
             raise InvalidQuery(
-                f"limit must be a whole number from 1 to {MAX_LIMIT}, not {_shown(first['limit'])}"
+                f"limit must be a whole number from 1 to {MAX_LIMIT}, not {quoted(first['limit'])}"
             )
         limit = int(text)
     since = None
@@ -180,15 +182,10 @@ def parse_query(args: Mapping[str, Sequence[str]]) -> HistoryQuery:
             since = parse_time(first["since"])
         except InvalidQuery:
             raise InvalidQuery(
-                f"since must be an RFC 3339 time with a zone (2026-12-07T10:00:00Z), not {_shown(first['since'])}"
+                f"since must be an RFC 3339 time with a zone (2026-12-07T10:00:00Z), not {quoted(first['since'])}"
             ) from None
     outcome = first.get("outcome") or None
     if outcome is not None and outcome not in OUTCOMES:
-        raise InvalidQuery(f"outcome must be one of {', '.join(OUTCOMES)}, not {_shown(outcome)}")
+        raise InvalidQuery(f"outcome must be one of {', '.join(OUTCOMES)}, not {quoted(outcome)}")
     route_id = first.get("route_id") or None
     return HistoryQuery(route_id=route_id, outcome=outcome, since=since, limit=limit)
-
-
-def _shown(value: str) -> str:
-    """A parameter's value as a message quotes it, cut after 80 characters."""
-    return repr(value) if len(value) <= 80 else repr(value[:80]) + "..."

@@ -34,7 +34,7 @@ from twisted.web.resource import IResource
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from kapow.core.forms import UploadedFile
-from kapow.core.routes import quoted
+from kapow.core.messages import quoted
 from kapow.data.resource import DataResource
 from kapow.handlers.handler import ALREADY_ENDED, Handler, HandlerRegistry, State
 from kapow.web.errors import JSONError, install_json_errors

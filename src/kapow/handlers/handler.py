@@ -33,8 +33,9 @@ from twisted.web.server import Request
 from zope.interface import implementer
 
 from kapow.core.forms import FormError, ParsedForm, parse_form
+from kapow.core.messages import quoted
 from kapow.core.request_parts import BodySnapshot, cookie_pairs, first_cookie, query_pairs
-from kapow.core.routes import Route, quoted
+from kapow.core.routes import Route
 from kapow.core.sniff import sniff_content_type
 from kapow.web.errors import JSONError, phrase
 
