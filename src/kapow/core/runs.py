@@ -133,13 +133,15 @@ class HistoryQuery:
 
     def __post_init__(self) -> None:
         if self.outcome is not None and self.outcome not in OUTCOMES:
-            raise InvalidQuery(f"outcome must be one of {', '.join(OUTCOMES)}")
+            raise InvalidQuery(f"outcome must be one of {', '.join(OUTCOMES)}, not {quoted(self.outcome)}")
         if (
             isinstance(self.limit, bool)
             or not isinstance(self.limit, int)
             or not 1 <= self.limit <= MAX_LIMIT
         ):
-            raise InvalidQuery(f"limit must be a whole number from 1 to {MAX_LIMIT}")
+            raise InvalidQuery(
+                f"limit must be a whole number from 1 to {MAX_LIMIT}, not {quoted(self.limit)}"
+            )
         if self.since is not None and not math.isfinite(self.since):
             raise InvalidQuery("since must be a time")
 
@@ -171,6 +173,7 @@ def parse_query(args: Mapping[str, Sequence[str]]) -> HistoryQuery:
     limit = DEFAULT_LIMIT
     if "limit" in first:
         text = first["limit"].strip()
+        # checked here, not only by the query, to name the text as it was given
         if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= MAX_LIMIT:
             raise InvalidQuery(
                 f"limit must be a whole number from 1 to {MAX_LIMIT}, not {quoted(first['limit'])}"
@@ -185,7 +188,5 @@ def parse_query(args: Mapping[str, Sequence[str]]) -> HistoryQuery:
                 f"since must be an RFC 3339 time with a zone (2026-12-07T10:00:00Z), not {quoted(first['since'])}"
             ) from None
     outcome = first.get("outcome") or None
-    if outcome is not None and outcome not in OUTCOMES:
-        raise InvalidQuery(f"outcome must be one of {', '.join(OUTCOMES)}, not {quoted(outcome)}")
     route_id = first.get("route_id") or None
     return HistoryQuery(route_id=route_id, outcome=outcome, since=since, limit=limit)
