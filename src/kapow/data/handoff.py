@@ -19,7 +19,6 @@ until the worker takes it.
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 from collections.abc import Callable
@@ -42,6 +41,7 @@ from twisted.web.server import Site
 from zope.interface import implementer
 
 from kapow.web.connections import GuardedChannel, Timeouts, is_loopback
+from kapow.web.errors import closing_answer
 
 __all__ = [
     "HandOff",
@@ -67,16 +67,8 @@ LINE_MOST = 16_384
 LOOK_AGAIN = 0.002
 
 
-def _refusal(code: int, reason: str) -> bytes:
-    body = json.dumps({"reason": reason}).encode()
-    return (
-        b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s"
-        % (code, reason.encode(), len(body), body)
-    )
-
-
-_NOT_FOUND = _refusal(404, "Handler ID Not Found")
-_UNAVAILABLE = _refusal(503, "Service Unavailable")
+_NOT_FOUND = closing_answer(404, "Handler ID Not Found")
+_UNAVAILABLE = closing_answer(503, "Service Unavailable")
 
 
 def handler_id_in(line: bytes) -> str:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import functools
 import ipaddress
-import json
 import resource
 import socket
 from collections.abc import Callable
@@ -35,6 +34,7 @@ from twisted.python.failure import Failure
 from twisted.web import http
 from zope.interface import implementer
 
+from kapow.web.errors import closing_answer
 from kapow.web.http2 import ConformingH2Connection
 
 if TYPE_CHECKING:
@@ -136,13 +136,7 @@ class Timeouts:
         self.idle_on_loopback = idle_on_loopback
 
 
-_TIMEOUT_BODY = json.dumps({"reason": "Request Timeout"}).encode()
-_TIMEOUT_RESPONSE = (
-    b"HTTP/1.1 408 Request Timeout\r\n"
-    b"Content-Type: application/json\r\n"
-    b"Content-Length: %d\r\n"
-    b"Connection: close\r\n\r\n%s" % (len(_TIMEOUT_BODY), _TIMEOUT_BODY)
-)
+_TIMEOUT_RESPONSE = closing_answer(408, "Request Timeout")
 
 
 class Guard:

@@ -107,6 +107,19 @@ def _error(reason: str, detail: str | None) -> dict[str, str]:
     return {"reason": reason} if detail is None else {"reason": reason, "detail": detail}
 
 
+def closing_answer(code: int, reason: str, detail: str | None = None) -> bytes:
+    """
+    A whole HTTP/1.1 error answer in the contract's shape (as
+    :func:`reason_body` makes one), to write straight to a connection that
+    closes after it: where no request is there to answer through.
+    """
+    body = json.dumps(_error(reason, detail)).encode()
+    return (
+        b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s"
+        % (code, reason.encode(), len(body), body)
+    )
+
+
 def install_json_errors(app: Klein) -> None:
     """
     Make every error that leaves ``app`` a JSON ``{"reason": ...}`` body:
@@ -202,16 +215,10 @@ def bounded_request_factory(max_body: int) -> type[Request]:
 
         def _refuse(self) -> None:
             self._refused = True
-            body = json.dumps(
-                _error("Request Entity Too Large", f"the body is over {max_body} bytes")
-            ).encode()
             transport = self.channel.transport
             assert transport is not None  # the body is arriving on it
             transport.write(
-                b"HTTP/1.1 413 Request Entity Too Large\r\n"
-                b"Content-Type: application/json\r\n"
-                b"Content-Length: %d\r\n"
-                b"Connection: close\r\n\r\n%s" % (len(body), body)
+                closing_answer(413, "Request Entity Too Large", f"the body is over {max_body} bytes")
             )
             self.channel.loseConnection()
 
