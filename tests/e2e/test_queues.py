@@ -11,6 +11,9 @@ import subprocess
 import threading
 import time
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from tests.support.kapowserver import KapowServer, curl, group_members, read_int, wait_for
 
@@ -252,3 +255,16 @@ def test_the_control_api_serves_handlers_to_curl(server: KapowServer) -> None:
         missing = server.curl_control("-i", "-X", method, server.control + "/handlers/nope")
         assert missing.stdout.startswith("HTTP/1.1 404 ")
         assert missing.stdout.endswith('{"reason": "Handler Not Found"}')
+
+
+@pytest.mark.parametrize("extra", [(), ("--workers", "2")], ids=["one process", "two workers"])
+def test_a_client_that_has_its_answer_finds_the_slot_free(start_server: Any, extra: tuple[str, ...]) -> None:
+    # a route of one handler at a time and no queue: each request that follows
+    # the last answer at once, on the same connection, is served, never refused
+    server = start_server(extra=extra)
+    server.add_route("/one", "echo hi | kapow set /response/body", "--max-concurrency", "1")
+    url = server.user + "/one"
+    done = curl("-s", "-w", "%{http_code} %{num_connects}\n", *["-o", "/dev/null", url] * 30)
+    answers = done.stdout.split("\n")[:-1]
+    assert [code for code, _ in map(str.split, answers)] == ["200"] * 30, done.stdout
+    assert sum(int(connects) for _, connects in map(str.split, answers)) == 1  # all on one connection
