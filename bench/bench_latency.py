@@ -13,7 +13,7 @@ Usage: .venv/bin/python bench/bench_latency.py --reference PATH [--duration S]
 Output (stdout), one figure a line, ``name ours reference ours/reference``:
 ``ROUTE.cN.p50``, ``.p90``, ``.p99``, ``.p99.9`` (ms), ``ROUTE.cN.rps``
 (requests/s), ``ROUTE.cN.errors`` and ``ROUTE.seq.median`` (ms, one curl per
-request, new connection each time, the median of the 200 answers), and the
+request, new connection each time, the median of the ``--seq`` answers), and the
 one-minute load average at the start and at the end.
 
 The latencies are wrk's own histogram (1 µs buckets, all rounds merged),
@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import IO
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_cpu import ROUTES as BENCH_SH_COMMANDS
 from bench_startup import VENV_BIN, free_port, wait_route
 
 HOST = "127.0.0.1"
@@ -59,14 +60,8 @@ BOOT_TIMEOUT = 120.0
 ROUTES = {
     "hello": ("/hello", "echo hello | kapow set /response/body", "/hello"),
     "echo": ("/echo/{name}", "kapow get /request/matches/name | kapow set /response/body", "/echo/bench"),
-    "five": (
-        "/five",
-        "m=$(kapow get /request/method); p=$(kapow get /request/path); h=$(kapow get /request/headers/X-Bench);"
-        ' printf %s "$m" | kapow set /response/headers/X-Method;'
-        ' printf "%s %s %s\\n" "$m" "$p" "$h" | kapow set /response/body',
-        "/five",
-    ),
-    "true": ("/true", "true", "/true"),
+    "five": ("/five", BENCH_SH_COMMANDS["five"], "/five"),
+    "true": ("/true", BENCH_SH_COMMANDS["true"], "/true"),
 }
 
 #: a wrk script printing the run's summary and its latency histogram

@@ -66,7 +66,14 @@ from kapow.server.init_programs import InitProgramsService
 from kapow.server.launcher_directory import LauncherDirectory
 from kapow.server.listeners import Address, IListeningReactor, Listener, Listening, listener_named
 from kapow.server.metrics_http import CountingQuietSite, MetricsResource, Others
-from kapow.server.options import HISTORY_OFF, WORKER_OPTION, Options, control_reachable_addr, history_path
+from kapow.server.options import (
+    HISTORY_OFF,
+    WORKER_OPTION,
+    Options,
+    control_reachable_addr,
+    history_path,
+    usable_cpus,
+)
 from kapow.server.service import KapowService, StartupError, fatal
 from kapow.server.workers.messages import DATA_FD, worker_handler_ids
 from kapow.server.workers.pool import STOP_MARGIN, IWorkersReactor, WorkerPool
@@ -149,7 +156,7 @@ class Host:
     backlog: Callable[[], int] = system_backlog
     containment: Callable[[IServerReactor, IReactorProcess], Containment] = Containment
     own_processes: Callable[[Options, IServerReactor], IReactorProcess] = make_own_processes
-    cpus: Callable[[], int] = lambda: len(os.sched_getaffinity(0))
+    cpus: Callable[[], int] = usable_cpus
 
 
 #: The machine the server runs on, as it is.

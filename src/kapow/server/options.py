@@ -217,10 +217,15 @@ def data_client(value: str) -> str:
     return value
 
 
+def usable_cpus() -> int:
+    """How many CPUs this process may use (what ``--workers auto`` counts)."""
+    return len(os.sched_getaffinity(0))
+
+
 def workers(value: str) -> int:
     """``--workers``: a count of at least 1, or ``auto``: the CPUs this process may use."""
     if value == "auto":
-        return len(os.sched_getaffinity(0))
+        return usable_cpus()
     try:
         number = int(value)
     except ValueError:
