@@ -30,7 +30,7 @@ import pytest
 import kapow
 from kapow.commands.data_client import DataAPIError, DataClient, _json_string, is_lean_command
 from kapow.commands.launcher import FULL_CLI, MAX_SHEBANG, launcher_source, write_launcher
-from tests.support.kapowserver import curl
+from tests.support.kapowserver import bare_environ, curl
 from tests.support.native import native_client_or_skip
 
 SRC = os.path.dirname(os.path.dirname(os.path.abspath(kapow.__file__)))
@@ -181,8 +181,7 @@ def launcher(request, tmp_path_factory):
 
 
 def kapow_env(url, handler=HANDLER):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("KAPOW_")}
-    env["KAPOW_DATA_URL"] = url
+    env = bare_environ(KAPOW_DATA_URL=url)
     if handler is not None:
         env["KAPOW_HANDLER_ID"] = handler
     return env

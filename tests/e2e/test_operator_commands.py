@@ -10,7 +10,6 @@ status 1, nothing on stdout; and the commands start lean.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from collections.abc import Callable
@@ -19,21 +18,10 @@ from pathlib import Path
 import pytest
 
 from kapow.commands.control import NO_CREDENTIALS
-from tests.support.kapowserver import KAPOW, KapowServer
+from tests.support.kapowserver import KapowServer, bare_environ, run_kapow
 from tests.support.nginx import free_port
 
 CREDENTIALS_FILES = ("server.crt", "server.key", "client.crt", "client.key", "control_url")
-
-
-def _bare_environ(**variables: str) -> dict[str, str]:
-    """The environment without any ``KAPOW_*`` variable, plus ``variables``."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("KAPOW_")}
-    env.update(variables)
-    return env
-
-
-def _kapow(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([KAPOW, *args], capture_output=True, text=True, env=env, timeout=30)
 
 
 def _failure(result: subprocess.CompletedProcess[str]) -> str:
@@ -96,18 +84,18 @@ def _failure(result: subprocess.CompletedProcess[str]) -> str:
     ],
 )
 def test_each_failure_is_one_line(args: tuple[str, ...], line: str) -> None:
-    assert _failure(_kapow(_bare_environ(KAPOW_HANDLER_ID="h"), *args)) == line
+    assert _failure(run_kapow(bare_environ(KAPOW_HANDLER_ID="h"), *args)) == line
 
 
 def test_a_missing_directory_names_its_file(tmp_path: Path) -> None:
-    result = _kapow(_bare_environ(KAPOW_CONTROL_CREDENTIALS=str(tmp_path / "none")), "handler", "list")
+    result = run_kapow(bare_environ(KAPOW_CONTROL_CREDENTIALS=str(tmp_path / "none")), "handler", "list")
     assert _failure(result) == f"kapow handler list: {tmp_path / 'none' / 'server.crt'}: no such file"
 
 
 def test_what_the_control_api_says_stays_its_own(server: KapowServer) -> None:
-    env = _bare_environ(KAPOW_CONTROL_CREDENTIALS=str(server.creds))
-    assert _failure(_kapow(env, "route", "get", "nope")) == "kapow: Route Not Found"
-    refused = _kapow(env, "route", "add", "/bad/{", "-c", "true")
+    env = bare_environ(KAPOW_CONTROL_CREDENTIALS=str(server.creds))
+    assert _failure(run_kapow(env, "route", "get", "nope")) == "kapow: Route Not Found"
+    refused = run_kapow(env, "route", "add", "/bad/{", "-c", "true")
     assert _failure(refused).startswith("kapow: Invalid Route: ")
 
 
@@ -123,27 +111,29 @@ def test_the_directory_records_the_servers_control_url(server: KapowServer) -> N
 def test_the_directory_alone_reaches_the_server(server: KapowServer, how: str) -> None:
     flags: tuple[str, ...] = ()
     if how == "variable":
-        env = _bare_environ(KAPOW_CONTROL_CREDENTIALS=str(server.creds))
+        env = bare_environ(KAPOW_CONTROL_CREDENTIALS=str(server.creds))
     else:
-        env, flags = _bare_environ(), ("--control-credentials", str(server.creds))
-    added = _kapow(env, "route", "add", "/hi", "-c", "true", *flags)
+        env, flags = bare_environ(), ("--control-credentials", str(server.creds))
+    added = run_kapow(env, "route", "add", "/hi", "-c", "true", *flags)
     assert (added.returncode, added.stderr) == (0, ""), added
     route = json.loads(added.stdout)
-    listed = _kapow(env, "route", "list", *flags)
+    listed = run_kapow(env, "route", "list", *flags)
     assert [r["id"] for r in json.loads(listed.stdout)] == [route["id"]]
     for args in (("handler", "list"), ("history", "--json")):
-        shown = _kapow(env, *args, *flags)
+        shown = run_kapow(env, *args, *flags)
         assert (shown.returncode, json.loads(shown.stdout), shown.stderr) == (0, [], "")
 
 
 def test_the_flag_then_the_variable_win_over_the_directory(server: KapowServer) -> None:
     closed = f"https://127.0.0.1:{free_port()}"
-    env = _bare_environ(KAPOW_CONTROL_CREDENTIALS=str(server.creds), KAPOW_CONTROL_URL=closed)
-    assert _failure(_kapow(env, "route", "list")).startswith(f"kapow: cannot reach control API at {closed}: ")
-    listed = _kapow(env, "route", "list", "--control-url", server.control)
+    env = bare_environ(KAPOW_CONTROL_CREDENTIALS=str(server.creds), KAPOW_CONTROL_URL=closed)
+    assert _failure(run_kapow(env, "route", "list")).startswith(
+        f"kapow: cannot reach control API at {closed}: "
+    )
+    listed = run_kapow(env, "route", "list", "--control-url", server.control)
     assert (listed.returncode, listed.stdout, listed.stderr) == (0, "[]\n", "")
-    flagged = _kapow(
-        _bare_environ(KAPOW_CONTROL_CREDENTIALS=str(server.creds)), "route", "list", "--control-url", closed
+    flagged = run_kapow(
+        bare_environ(KAPOW_CONTROL_CREDENTIALS=str(server.creds)), "route", "list", "--control-url", closed
     )
     assert _failure(flagged).startswith(f"kapow: cannot reach control API at {closed}: ")
 
@@ -153,8 +143,8 @@ def test_a_persistent_set_reaches_the_server_on_the_port_it_was_made_for(
 ) -> None:
     port = free_port()
     persistent = tmp_path / "persistent"
-    made = _kapow(
-        _bare_environ(),
+    made = run_kapow(
+        bare_environ(),
         "control-credentials",
         str(persistent),
         "--control-reachable-addr",
@@ -163,18 +153,18 @@ def test_a_persistent_set_reaches_the_server_on_the_port_it_was_made_for(
     assert (made.returncode, made.stderr) == (0, "")
     assert made.stdout == f"wrote {', '.join(CREDENTIALS_FILES)} (https://127.0.0.1:{port}) in {persistent}\n"
     start_server(extra=("--control-credentials", str(persistent), "--control-bind", f"127.0.0.1:{port}"))
-    listed = _kapow(_bare_environ(KAPOW_CONTROL_CREDENTIALS=str(persistent)), "route", "list")
+    listed = run_kapow(bare_environ(KAPOW_CONTROL_CREDENTIALS=str(persistent)), "route", "list")
     assert (listed.returncode, listed.stdout, listed.stderr) == (0, "[]\n", "")
 
 
 def test_control_credentials_replaces_a_set_only_with_force(tmp_path: Path) -> None:
     directory = tmp_path / "set"
-    assert _kapow(_bare_environ(), "control-credentials", str(directory)).returncode == 0
+    assert run_kapow(bare_environ(), "control-credentials", str(directory)).returncode == 0
     first = {name: (directory / name).read_bytes() for name in CREDENTIALS_FILES}
     assert first["control_url"] == b"https://localhost:8081\n"
 
-    refused = _kapow(
-        _bare_environ(), "control-credentials", str(directory), "--control-reachable-addr", "127.0.0.1:1"
+    refused = run_kapow(
+        bare_environ(), "control-credentials", str(directory), "--control-reachable-addr", "127.0.0.1:1"
     )
     assert _failure(refused) == (
         f"kapow control-credentials: {directory} already holds control credentials "
@@ -182,8 +172,8 @@ def test_control_credentials_replaces_a_set_only_with_force(tmp_path: Path) -> N
     )
     assert {name: (directory / name).read_bytes() for name in CREDENTIALS_FILES} == first
 
-    forced = _kapow(
-        _bare_environ(),
+    forced = run_kapow(
+        bare_environ(),
         "control-credentials",
         str(directory),
         "--force",
@@ -200,14 +190,14 @@ def test_control_credentials_replaces_a_set_only_with_force(tmp_path: Path) -> N
 
 
 def test_options_may_follow_the_ids(server: KapowServer) -> None:
-    env = _bare_environ()
+    env = bare_environ()
     directory = ("--control-credentials", str(server.creds))
-    route = json.loads(_kapow(env, "route", "add", "/late", *directory, "-c", "true", "-X", "PUT").stdout)
-    got = _kapow(env, "route", "get", route["id"], *directory, "--control-url", server.control)
+    route = json.loads(run_kapow(env, "route", "add", "/late", *directory, "-c", "true", "-X", "PUT").stdout)
+    got = run_kapow(env, "route", "get", route["id"], *directory, "--control-url", server.control)
     assert json.loads(got.stdout)["method"] == "PUT"
-    removed = _kapow(env, "route", "remove", route["id"], "--control-url", server.control, *directory)
+    removed = run_kapow(env, "route", "remove", route["id"], "--control-url", server.control, *directory)
     assert (removed.returncode, removed.stdout, removed.stderr) == (0, "", "")
-    missing = _kapow(env, "handler", "get", "0" * 32, *directory)
+    missing = run_kapow(env, "handler", "get", "0" * 32, *directory)
     assert _failure(missing) == "kapow: Handler Not Found"
 
 
@@ -243,12 +233,12 @@ def _imported(tmp_path: Path, env: dict[str, str], *args: str) -> set[str]:
 
 @pytest.mark.parametrize("args", [("route", "--help"), ("route", "add", "--help"), ("handler", "--help")])
 def test_help_needs_no_tls(tmp_path: Path, args: tuple[str, ...]) -> None:
-    modules = _imported(tmp_path, _bare_environ(), *args)
+    modules = _imported(tmp_path, bare_environ(), *args)
     assert {"ssl", "socket", "json", "kapow.commands.control_call"} & modules == set()
 
 
 def test_reading_commands_leave_out_what_they_do_not_need(server: KapowServer, tmp_path: Path) -> None:
-    env = _bare_environ(KAPOW_CONTROL_CREDENTIALS=str(server.creds))
+    env = bare_environ(KAPOW_CONTROL_CREDENTIALS=str(server.creds))
     route = server.add_route("/r", "true")
     for args in (("route", "list"), ("route", "get", route["id"]), ("handler", "list"), ("history",)):
         modules = _imported(tmp_path, env, *args)

@@ -31,7 +31,7 @@ from kapow.commands import control as control_cli
 from kapow.commands import control_call as control_https
 from kapow.core import credentials
 from kapow.core.credentials import ControlCredentials, CredentialsError
-from tests.support.kapowserver import KAPOW, KapowServer
+from tests.support.kapowserver import KapowServer, bare_environ, run_kapow
 from tests.support.pki import _cert, _key_pem, _name, _pem
 
 HEAVY = ("twisted", "treq", "klein", "OpenSSL", "cryptography")
@@ -80,26 +80,22 @@ def _foreign_server_cert() -> bytes:
     )
 
 
-def _bare_environ() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if not k.startswith("KAPOW_")}
-
-
 def _operator_environ(server: KapowServer, directory: Path | None = None) -> dict[str, str]:
-    env = _bare_environ()
+    env = bare_environ()
     env["KAPOW_CONTROL_URL"] = server.control
     env["KAPOW_CONTROL_CREDENTIALS"] = str(directory or server.creds)
     return env
 
 
 def _init_program_environ(server: KapowServer) -> dict[str, str]:
-    env = _bare_environ()
+    env = bare_environ()
     env["KAPOW_CONTROL_URL"] = server.control
     env.update(credentials.credentials_environ(_client_credentials(server)))
     return env
 
 
 def _route(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([KAPOW, "route", *args], capture_output=True, text=True, env=env, timeout=30)
+    return run_kapow(env, "route", *args)
 
 
 def _assert_one_error_line(result: subprocess.CompletedProcess[str], *fragments: str) -> None:
@@ -664,7 +660,7 @@ def test_the_directory_file_at_fault_is_named(tmp_path: Path) -> None:
     credentials.write_client_credentials(creds, str(directory))
     (directory / "client.crt").write_text("garbage")
     _assert_one_error_line(
-        _route({**_bare_environ(), "KAPOW_CONTROL_CREDENTIALS": str(directory)}, "list"),
+        _route({**bare_environ(), "KAPOW_CONTROL_CREDENTIALS": str(directory)}, "list"),
         f"kapow route list: {directory / 'client.crt'}: no PEM certificate found\n",
     )
     (directory / "client.key").chmod(0o644)

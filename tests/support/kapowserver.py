@@ -168,6 +168,18 @@ class KapowServer:
         return self.process.returncode
 
 
+def bare_environ(**variables: str) -> dict[str, str]:
+    """This process's environment without any ``KAPOW_*`` variable, plus ``variables``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KAPOW_")}
+    env.update(variables)
+    return env
+
+
+def run_kapow(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    """The real ``kapow ARGS`` in ``env``, run to its end (30 s at most)."""
+    return subprocess.run([KAPOW, *args], capture_output=True, text=True, env=env, timeout=30)
+
+
 def curl(*args: str, input: bytes | None = None, timeout: float = 30) -> subprocess.CompletedProcess[str]:
     """Run curl without any CA bundle from the environment."""
     env = {
