@@ -37,6 +37,7 @@ from kapow.server.launcher_directory import LauncherDirectory
 from kapow.server.listeners import HeldListener, listener_named
 from kapow.server.metrics_http import MetricsResource
 from kapow.server.service import KapowService, StartupError
+from kapow.server.workers.messages import worker_handler_ids
 from kapow.server.workers.pool import WorkerPool
 from kapow.server.workers.worker import (
     GatedEndpoint,
@@ -406,6 +407,17 @@ def test_the_main_process_of_two_workers() -> None:
         {"status": "ok", "routes": 0, "handlers": 0, "workers": 0},
     )
     assert call(control, "GET", "/handlers") == (200, [])
+    # a --data-bind connection goes to the worker of its handler, once it serves; any serving worker's for no handler
+    of_one, of_two = worker_handler_ids(1)(), worker_handler_ids(2)()
+    assert [pool.data_taker(i) for i in ("", of_one, of_two)] == [None, None, None]
+    pool.workers[2].serving.callback(None)
+    taker = pool.workers[2].take_data
+    assert [pool.data_taker(i) for i in ("", of_one, of_two, "0009" + of_two[4:])] == [
+        taker,
+        None,
+        taker,
+        None,
+    ]
 
 
 def test_one_worker_of_them() -> None:

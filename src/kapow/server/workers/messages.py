@@ -271,7 +271,7 @@ def worker_handler_ids(number: int) -> Callable[[], str]:
     """
     Makes the handler ids of worker ``number``: as unguessable as any (112
     random bits), with the worker's number in their first four hex digits,
-    so the main process knows where to forward the ids' data API calls.
+    so the main process knows which worker to hand their data API calls to.
     """
     return handler_ids(f"{number:04x}")
 
