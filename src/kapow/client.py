@@ -56,6 +56,7 @@ from kapow.core.credentials import (
     environ_pem_texts,
     parse_certificate,
     parse_key,
+    read_control_url,
     read_file,
     require_match,
 )
@@ -250,7 +251,7 @@ class ControlClient:
         return cls.pinned(reactor, url, policy_from_environ(environ))
 
     @classmethod
-    def from_directory(cls, reactor: IClientReactor, url: str, directory: str) -> ControlClient:
+    def from_directory(cls, reactor: IClientReactor, url: str | None, directory: str) -> ControlClient:
         """A client of the control API at ``url`` with the credentials in ``directory``.
 
         Reads ``server.crt``, ``client.crt`` and ``client.key``, as ``kapow
@@ -258,10 +259,17 @@ class ControlClient:
         control-credentials DIR`` write them; the key must not be readable by
         group or others.
 
+        :param url: ``None`` for the URL the directory records (its
+            ``control_url``, which ``kapow server`` writes beside the
+            credentials), else ``https://localhost:8081``, as ``kapow route
+            --control-credentials DIR`` finds it.
         :raises CredentialsError: naming the file that is missing or unusable.
         :raises ValueError: if ``url`` is not an ``https`` URL.
         """
-        return cls.pinned(reactor, url, policy_from_directory(directory))
+        policy = policy_from_directory(directory)
+        if url is None:
+            url = read_control_url(directory) or DEFAULT_CONTROL_URL
+        return cls.pinned(reactor, url, policy)
 
     @classmethod
     def pinned(cls, reactor: IClientReactor, url: str, policy: IPolicyForHTTPS) -> ControlClient:

@@ -515,3 +515,18 @@ class ConstructorTests(SynchronousTestCase):
         with self.assertRaises(CredentialsError) as caught:
             ControlClient.from_directory(self.reactor, "https://localhost:1234", directory)
         self.assertIn("client.key", str(caught.exception))
+
+    def test_from_directory_reads_the_recorded_url(self) -> None:
+        """Without a URL, the one the directory records, else the default."""
+        directory = os.path.join(tempfile.mkdtemp(prefix="kapow-test-client-"), "control")
+        self.addCleanup(shutil.rmtree, os.path.dirname(directory))
+        credentials.write_client_credentials(self.creds, directory)
+        self.assertEqual(
+            ControlClient.from_directory(self.reactor, None, directory).url, "https://localhost:8081"
+        )
+        credentials.write_client_credentials(self.creds, directory, "https://[::1]:4321")
+        self.assertEqual(
+            ControlClient.from_directory(self.reactor, None, directory).url, "https://[::1]:4321"
+        )
+        given = ControlClient.from_directory(self.reactor, "https://127.0.0.1:9", directory)
+        self.assertEqual(given.url, "https://127.0.0.1:9")
