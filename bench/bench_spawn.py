@@ -49,8 +49,9 @@ def main() -> None:
     containment = None
     if args.contained:
         from kapow.handlers.containment import Containment
+        from kapow.handlers.processes import ReactorProcesses
 
-        containment = Containment(reactor)
+        containment = Containment(reactor, ReactorProcesses(reactor))
         containment.privilegedStartService()
         if containment.group is None:
             sys.exit("no writable cgroup here")

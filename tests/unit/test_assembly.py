@@ -139,7 +139,7 @@ class FakeReactor(MemoryReactorClock):
 class FakeContainment(Containment):
     """Records what the real one would do to this process: a cgroup, a reaper process."""
 
-    def __init__(self, reactor: Any, processes: Any = None) -> None:
+    def __init__(self, reactor: Any, processes: Any) -> None:
         super().__init__(reactor, processes)
         self.events: list[Any] = []
 

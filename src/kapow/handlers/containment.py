@@ -35,7 +35,6 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from kapow.handlers import reaper
-from kapow.handlers.processes import ReactorProcesses
 
 log = Logger()
 
@@ -96,8 +95,7 @@ class Containment(Service):
     reaper that ends whatever is left of it when the server is gone.
 
     :param reactor: a POSIX reactor: times the removal of a worker's cgroup.
-    :param processes: spawns the reaper; by default
-        :class:`~kapow.handlers.processes.ReactorProcesses` on ``reactor``.
+    :param processes: spawns the reaper (the server's own processes).
     :param parent: the cgroup below which to make the server's; the one this
         process is in by default.
     :ivar group: the server's cgroup directory, or ``None`` (environment mode).
@@ -105,11 +103,9 @@ class Containment(Service):
 
     name = "containment"
 
-    def __init__(
-        self, reactor: IReactorFDSet, processes: IReactorProcess | None = None, parent: str | None = None
-    ) -> None:
+    def __init__(self, reactor: IReactorFDSet, processes: IReactorProcess, parent: str | None = None) -> None:
         self.reactor = reactor
-        self.processes = ReactorProcesses(reactor) if processes is None else processes
+        self.processes = processes
         self.base = parent
         self.group: str | None = None
         self.outside: str | None = None
