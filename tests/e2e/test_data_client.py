@@ -30,7 +30,7 @@ import pytest
 import kapow
 from kapow.commands.data_client import DataAPIError, DataClient, _json_string, is_lean_command
 from kapow.commands.launcher import FULL_CLI, MAX_SHEBANG, launcher_source, write_launcher
-from tests.support.kapowserver import bare_environ, curl
+from tests.support.kapowserver import bare_environ, curl, free_port
 from tests.support.native import native_client_or_skip
 
 SRC = os.path.dirname(os.path.dirname(os.path.abspath(kapow.__file__)))
@@ -195,14 +195,6 @@ def run(launcher, *args, url, input=b"", handler=HANDLER, env=None):
         env=env or kapow_env(url, handler),
         timeout=TIMEOUT,
     )
-
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 def start_set_body(launcher, server):

@@ -11,15 +11,13 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from kapow.commands.control import NO_CREDENTIALS
-from tests.support.kapowserver import KapowServer, bare_environ, run_kapow
-from tests.support.nginx import free_port
+from tests.support.kapowserver import KapowServer, bare_environ, free_port, run_kapow, run_then_modules
 
 CREDENTIALS_FILES = ("server.crt", "server.key", "client.crt", "client.key", "control_url")
 
@@ -203,45 +201,25 @@ def test_options_may_follow_the_ids(server: KapowServer) -> None:
 
 # -- lean start-up --------------------------------------------------------------------------------
 
-# Runs ``kapow ARGS`` in this interpreter, then writes the modules it imported to a file.
-_THEN_MODULES = """\
-import sys
-from kapow.cli import main
-try:
-    status = main(["kapow", *sys.argv[2:]])
-except SystemExit as e:
-    status = e.code
-with open(sys.argv[1], "w") as f:
-    f.write("\\n".join(sorted(sys.modules)))
-sys.exit(status)
-"""
 
-
-def _imported(tmp_path: Path, env: dict[str, str], *args: str) -> set[str]:
+def _imported(env: dict[str, str], *args: str) -> set[str]:
     """The modules ``kapow ARGS`` imported, once it succeeded."""
-    listing = tmp_path / "modules.txt"
-    run = subprocess.run(
-        [sys.executable, "-c", _THEN_MODULES, str(listing), *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=30,
-    )
+    run, modules = run_then_modules(env, *args)
     assert (run.returncode, run.stderr) == (0, ""), run
-    return set(listing.read_text().split())
+    return modules
 
 
 @pytest.mark.parametrize("args", [("route", "--help"), ("route", "add", "--help"), ("handler", "--help")])
-def test_help_needs_no_tls(tmp_path: Path, args: tuple[str, ...]) -> None:
-    modules = _imported(tmp_path, bare_environ(), *args)
+def test_help_needs_no_tls(args: tuple[str, ...]) -> None:
+    modules = _imported(bare_environ(), *args)
     assert {"ssl", "socket", "json", "kapow.commands.control_call"} & modules == set()
 
 
-def test_reading_commands_leave_out_what_they_do_not_need(server: KapowServer, tmp_path: Path) -> None:
+def test_reading_commands_leave_out_what_they_do_not_need(server: KapowServer) -> None:
     env = bare_environ(KAPOW_CONTROL_CREDENTIALS=str(server.creds))
     route = server.add_route("/r", "true")
     for args in (("route", "list"), ("route", "get", route["id"]), ("handler", "list"), ("history",)):
-        modules = _imported(tmp_path, env, *args)
+        modules = _imported(env, *args)
         assert "kapow.commands.control_call" in modules
         left_out = {
             "kapow.core.runs",

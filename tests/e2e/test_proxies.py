@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 
-from tests.support.kapowserver import KapowServer, curl
-from tests.support.nginx import NGINX, Nginx, free_port, hostport, nginx_conf
+from tests.support.kapowserver import KapowServer, curl, free_port
+from tests.support.nginx import NGINX, Nginx, hostport, nginx_conf
 
 STREAM_CONF = Path(__file__).resolve().parents[2] / "contrib" / "nginx" / "kapow-proxy-protocol.conf"
 STREAM_MODULE = "/usr/lib/nginx/modules/ngx_stream_module.so"

@@ -14,7 +14,6 @@ import re
 import socket
 import ssl
 import subprocess
-import sys
 import tempfile
 import threading
 from collections.abc import Iterator, Sequence
@@ -31,7 +30,7 @@ from kapow.commands import control as control_cli
 from kapow.commands import control_call as control_https
 from kapow.core import credentials
 from kapow.core.credentials import ControlCredentials, CredentialsError
-from tests.support.kapowserver import KapowServer, bare_environ, run_kapow
+from tests.support.kapowserver import KapowServer, bare_environ, run_kapow, run_then_modules
 from tests.support.pki import _cert, _key_pem, _name, _pem
 
 HEAVY = ("twisted", "treq", "klein", "OpenSSL", "cryptography")
@@ -46,16 +45,8 @@ LEFT_OUT = (
     "encodings.idna", "stringprep", "unicodedata",
 )  # fmt: skip
 
+
 # Runs ``kapow route ARGS`` in this interpreter, then prints what it imported.
-_ROUTE_THEN_MODULES = """\
-import json, sys
-from kapow.commands.routes import main
-status = main(sys.argv[1:])
-sys.stdout.write(json.dumps(sorted(sys.modules)) + "\\n")
-sys.exit(status)
-"""
-
-
 def _client_credentials(server: KapowServer) -> ControlCredentials:
     """What the server wrote for its clients (no server key)."""
     return ControlCredentials(
@@ -106,18 +97,11 @@ def _assert_one_error_line(result: subprocess.CompletedProcess[str], *fragments:
         assert fragment in result.stderr
 
 
-def _route_then_modules(env: dict[str, str], *args: str) -> tuple[list[str], list[str]]:
+def _route_then_modules(env: dict[str, str], *args: str) -> tuple[list[str], set[str]]:
     """The output lines of ``kapow route ARGS`` and the modules it imported."""
-    run = subprocess.run(
-        [sys.executable, "-c", _ROUTE_THEN_MODULES, *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=30,
-    )
+    run, modules = run_then_modules(env, "route", *args)
     assert (run.returncode, run.stderr) == (0, ""), run
-    *lines, modules = run.stdout.splitlines()
-    return lines, json.loads(modules)
+    return run.stdout.splitlines(), modules
 
 
 @pytest.mark.parametrize("environ", [_operator_environ, _init_program_environ])
@@ -696,9 +680,6 @@ def test_only_https_control_urls_are_used(server: KapowServer) -> None:
     _assert_one_error_line(_route(env, "list"), "not an https://HOST:PORT URL")
 
 
-_HANDLER_THEN_MODULES = _ROUTE_THEN_MODULES.replace("commands.routes import", "commands.handlers import")
-
-
 def test_queue_and_limit_flags_and_the_handler_command_stay_lean(server: KapowServer) -> None:
     env = _operator_environ(server)
     lines, modules = _route_then_modules(
@@ -710,19 +691,13 @@ def test_queue_and_limit_flags_and_the_handler_command_stay_lean(server: KapowSe
     assert added["limits"] == {"memory": 256 << 20, "cpu": 10, "file_size": 1024}
     imported = [modules]
     for args in (("list",), ("get", "0" * 32), ("kill", "0" * 32)):
-        run = subprocess.run(
-            [sys.executable, "-c", _HANDLER_THEN_MODULES, *args],
-            capture_output=True,
-            text=True,
-            env=env,
-            timeout=30,
-        )
-        *output, modules = run.stdout.splitlines()
+        run, modules = run_then_modules(env, "handler", *args)
+        output = run.stdout.splitlines()
         if args == ("list",):
             assert (run.returncode, output, run.stderr) == (0, ["[]"], "")
         else:
             assert (run.returncode, output, run.stderr) == (1, [], "kapow: Handler Not Found\n")
-        imported.append(json.loads(modules))
+        imported.append(modules)
     for modules in imported:
         assert [m for m in modules if m.split(".")[0] in HEAVY] == []
         assert [m for m in modules if m in LEFT_OUT or m.split(".")[0] in LEFT_OUT] == []

@@ -11,8 +11,7 @@ from typing import Any
 
 import pytest
 
-from tests.support.kapowserver import KapowServer, curl, wait_for
-from tests.support.nginx import free_port
+from tests.support.kapowserver import KapowServer, curl, free_port, wait_for
 
 
 @pytest.fixture(params=[(), ("--workers", "2")], ids=["one", "workers"])

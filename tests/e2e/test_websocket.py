@@ -18,8 +18,7 @@ from typing import Any
 
 import pytest
 
-from tests.support.kapowserver import KapowServer, curl, group_members, read_int, wait_for
-from tests.support.nginx import free_port
+from tests.support.kapowserver import KapowServer, curl, free_port, group_members, read_int, wait_for
 from tests.support.pki import make_pki
 from tests.support.websocket import BINARY, PING, TEXT, WebSocketClient, frame_bytes
 

@@ -9,8 +9,10 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -23,6 +25,13 @@ KAPOW = str(VENV_BIN / "kapow")
 TWIST = str(VENV_BIN / "twist")
 
 _LISTENING = re.compile(r"(user|control|data) interface listening on (\S+)")
+
+
+def free_port() -> int:
+    """A loopback port that was free a moment ago."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def wait_for(condition: Callable[[], object], timeout: float = 10.0, what: str = "condition") -> object:
@@ -178,6 +187,34 @@ def bare_environ(**variables: str) -> dict[str, str]:
 def run_kapow(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
     """The real ``kapow ARGS`` in ``env``, run to its end (30 s at most)."""
     return subprocess.run([KAPOW, *args], capture_output=True, text=True, env=env, timeout=30)
+
+
+# Runs ``kapow ARGS`` in this interpreter, then writes the modules it imported to a file.
+_THEN_MODULES = """\
+import sys
+from kapow.cli import main
+try:
+    status = main(["kapow", *sys.argv[2:]])
+except SystemExit as e:
+    status = e.code
+with open(sys.argv[1], "w") as f:
+    f.write("\\n".join(sorted(sys.modules)))
+sys.exit(status)
+"""
+
+
+def run_then_modules(env: dict[str, str], *args: str) -> tuple[subprocess.CompletedProcess[str], set[str]]:
+    """``kapow ARGS`` run in an interpreter of its own, and the modules it imported."""
+    with tempfile.TemporaryDirectory(prefix="kapow-test-modules-") as directory:
+        listing = Path(directory) / "modules.txt"
+        run = subprocess.run(
+            [sys.executable, "-c", _THEN_MODULES, str(listing), *args],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=30,
+        )
+        return run, set(listing.read_text().split())
 
 
 def curl(*args: str, input: bytes | None = None, timeout: float = 30) -> subprocess.CompletedProcess[str]:

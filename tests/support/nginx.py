@@ -24,17 +24,10 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from tests.support.kapowserver import wait_for
+from tests.support.kapowserver import free_port, wait_for
 
 CONTRIB_CONF = Path(__file__).resolve().parents[2] / "contrib" / "nginx" / "kapow.conf"
 NGINX = "/usr/sbin/nginx" if os.access("/usr/sbin/nginx", os.X_OK) else shutil.which("nginx")
-
-
-def free_port() -> int:
-    """A loopback port that was free a moment ago."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def hostport(url: str) -> str:

@@ -30,7 +30,8 @@ from kapow.core.runs import OUTCOMES, HistoryQuery, JobResult, RunRecord, rfc333
 from kapow.history.base import HistoryUnavailable, Store, yielding
 from kapow.history.store import SCHEMA_VERSION, HistoryError, HistoryStore, query_sql
 from kapow.history.writer import HistoryWriter
-from tests.support.postgres import PASSWORD, Postgres, free_port, postgres  # noqa: F401  (the fixture)
+from tests.support.kapowserver import free_port
+from tests.support.postgres import PASSWORD, Postgres, postgres  # noqa: F401  (the fixture)
 
 T = TypeVar("T")
 
