@@ -70,13 +70,6 @@ def _failure(result: subprocess.CompletedProcess[str]) -> str:
             "kapow control-credentials: the following arguments are required: DIR "
             "(see kapow control-credentials --help)",
         ),
-        (("get",), "kapow get: missing RESOURCE (see kapow get --help)"),
-        (("get", "/request/body", "--bogus"), 'kapow get: unknown option "--bogus" (see kapow get --help)'),
-        (
-            ("set", "/response/body", "v", "--handler"),
-            "kapow set: option --handler needs a value (see kapow set --help)",
-        ),
-        (("unset", "/a", "/b"), 'kapow unset: unexpected argument "/b" (see kapow unset --help)'),
         (("route", "list"), f"kapow route list: {NO_CREDENTIALS}"),
         (("history",), f"kapow history: {NO_CREDENTIALS}"),
     ],
@@ -153,35 +146,6 @@ def test_a_persistent_set_reaches_the_server_on_the_port_it_was_made_for(
     start_server(extra=("--control-credentials", str(persistent), "--control-bind", f"127.0.0.1:{port}"))
     listed = run_kapow(bare_environ(KAPOW_CONTROL_CREDENTIALS=str(persistent)), "route", "list")
     assert (listed.returncode, listed.stdout, listed.stderr) == (0, "[]\n", "")
-
-
-def test_control_credentials_replaces_a_set_only_with_force(tmp_path: Path) -> None:
-    directory = tmp_path / "set"
-    assert run_kapow(bare_environ(), "control-credentials", str(directory)).returncode == 0
-    first = {name: (directory / name).read_bytes() for name in CREDENTIALS_FILES}
-    assert first["control_url"] == b"https://localhost:8081\n"
-
-    refused = run_kapow(
-        bare_environ(), "control-credentials", str(directory), "--control-reachable-addr", "127.0.0.1:1"
-    )
-    assert _failure(refused) == (
-        f"kapow control-credentials: {directory} already holds control credentials "
-        f"({', '.join(CREDENTIALS_FILES)}); give --force to replace them"
-    )
-    assert {name: (directory / name).read_bytes() for name in CREDENTIALS_FILES} == first
-
-    forced = run_kapow(
-        bare_environ(),
-        "control-credentials",
-        str(directory),
-        "--force",
-        "--control-reachable-addr",
-        "127.0.0.1:1",
-    )
-    assert (forced.returncode, forced.stderr) == (0, "")
-    again = {name: (directory / name).read_bytes() for name in CREDENTIALS_FILES}
-    assert again["control_url"] == b"https://127.0.0.1:1\n"
-    assert all(again[name] != first[name] for name in CREDENTIALS_FILES)
 
 
 # -- options after the arguments -----------------------------------------------------------------

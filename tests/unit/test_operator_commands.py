@@ -207,6 +207,15 @@ def test_control_credentials_writes_a_full_set_once(
     assert credentials.load_control_credentials(str(directory)) != first
 
 
+def test_control_credentials_records_the_default_url(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Without --control-reachable-addr, the URL clients use by default."""
+    assert control_credentials.main([str(tmp_path / "c")]) == 0
+    assert credentials.read_control_url(str(tmp_path / "c")) == "https://localhost:8081"
+    assert capsys.readouterr().err == ""
+
+
 def test_control_credentials_refuses_a_bad_address(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
