@@ -57,7 +57,7 @@ ROUTES = {"hello": "echo hello | kapow set /response/body", "true": "true"}
 #: The floors ``--serve`` runs: twisted.web's, and the two beneath it (``--floors``).
 FLOORS = ("web", "protocol", "blocking")
 
-#: The answer of the floors beneath twisted.web, whose routes write nothing.
+#: An empty 200: the data port's answer to a call, and the floors' beneath twisted.web to a request.
 EMPTY_ANSWER = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
 
 
@@ -119,7 +119,7 @@ def serve(kind: str, user_port: int, data_port: int, command: str) -> None:
                 body = self.received[end + 4 : end + 4 + length]
                 self.received = self.received[end + 4 + length :]
                 waiting[head[0].split(b" ")[1].split(b"/")[2]].write(body)
-                self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+                self.transport.write(EMPTY_ANSWER)
 
     class Answered(protocol.ProcessProtocol):
         def __init__(self, transport: Any) -> None:
@@ -233,6 +233,8 @@ def main() -> None:
         kind, user_port, data_port = args.serve
         if kind not in FLOORS:
             parser.error(f"--serve: KIND is one of {', '.join(FLOORS)}")
+        if kind != "web" and args.route != "true":
+            parser.error(f"--serve {kind}: it answers nothing a handler writes: --route true")
         serve(kind, int(user_port), int(data_port), command)
         return
     if args.floors and args.route != "true":
