@@ -75,7 +75,7 @@ def _failure(result: subprocess.CompletedProcess[str]) -> str:
     ],
 )
 def test_each_failure_is_one_line(args: tuple[str, ...], line: str) -> None:
-    assert _failure(run_kapow(bare_environ(KAPOW_HANDLER_ID="h"), *args)) == line
+    assert _failure(run_kapow(bare_environ(), *args)) == line
 
 
 def test_a_missing_directory_names_its_file(tmp_path: Path) -> None:

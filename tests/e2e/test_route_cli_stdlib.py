@@ -46,7 +46,6 @@ LEFT_OUT = (
 )  # fmt: skip
 
 
-# Runs ``kapow route ARGS`` in this interpreter, then prints what it imported.
 def _client_credentials(server: KapowServer) -> ControlCredentials:
     """What the server wrote for its clients (no server key)."""
     return ControlCredentials(

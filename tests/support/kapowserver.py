@@ -214,7 +214,8 @@ def run_then_modules(env: dict[str, str], *args: str) -> tuple[subprocess.Comple
             env=env,
             timeout=30,
         )
-        return run, set(listing.read_text().split())
+        # none if it failed before writing them: the caller's check of ``run`` says why
+        return run, set(listing.read_text().split()) if listing.exists() else set()
 
 
 def curl(*args: str, input: bytes | None = None, timeout: float = 30) -> subprocess.CompletedProcess[str]:
