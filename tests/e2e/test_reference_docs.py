@@ -196,8 +196,9 @@ def answer_head(url: str, *args: str) -> tuple[str, dict[str, str]]:
     return status, headers
 
 
+@pytest.mark.parametrize("how", ["one process", "two workers over HTTPS"])
 def test_an_answer_without_a_body_has_no_content_type_and_says_its_length(
-    start_server: Any, tmp_path: Path
+    start_server: Any, tmp_path: Path, certificates: Path, how: str
 ) -> None:
     program = write_program(
         tmp_path / "routes.pow",
@@ -215,9 +216,15 @@ kapow route add -X HEAD /head-empty -c 'true'
 kapow route add -X HEAD /head-text -c 'echo hello | kapow set /response/body'
 """,
     )
-    server = start_server(program)
+    tls: tuple[str, ...] = ()
+    if how == "one process":
+        server = start_server(program)
+        base = server.user
+    else:
+        cert, key = str(certificates / "cert.pem"), str(certificates / "key.pem")
+        server = start_server(program, extra=("--workers", "2", "--certfile", cert, "--keyfile", key))
+        base, tls = localhost(server), ("--http1.1", "--cacert", cert)
     wait_for_init(server, program)
-    base = server.user
 
     # an empty body is announced with Content-Length: 0, as the reference
     # does, except where a status or HEAD allows none
@@ -231,16 +238,16 @@ kapow route add -X HEAD /head-text -c 'echo hello | kapow set /response/body'
         ("/no-content-written", "204", None),
         ("/buffered-no-content-written", "204", None),
     ):
-        line, headers = answer_head(base + path)
+        line, headers = answer_head(base + path, *tls)
         assert line.split()[1] == status, (path, line)
         assert "content-type" not in headers, (path, headers)
         assert headers.get("content-length") == length, (path, headers)
         assert "transfer-encoding" not in headers, (path, headers)
-    line, headers = answer_head(base + "/head-empty", "-I")
+    line, headers = answer_head(base + "/head-empty", *tls, "-I")
     assert "content-type" not in headers, headers
     assert "content-length" not in headers, headers
 
     # a type the handler set, or one sniffed from a body, as before
-    assert answer_head(base + "/typed")[1]["content-type"] == "text/x-typed"
-    assert answer_head(base + "/text")[1]["content-type"] == "text/plain; charset=utf-8"
-    assert answer_head(base + "/head-text", "-I")[1]["content-type"] == "text/plain; charset=utf-8"
+    assert answer_head(base + "/typed", *tls)[1]["content-type"] == "text/x-typed"
+    assert answer_head(base + "/text", *tls)[1]["content-type"] == "text/plain; charset=utf-8"
+    assert answer_head(base + "/head-text", *tls, "-I")[1]["content-type"] == "text/plain; charset=utf-8"
