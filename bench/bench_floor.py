@@ -40,7 +40,6 @@ import re
 import secrets
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -49,6 +48,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_latency import sequential
 from bench_startup import VENV_BIN, free_port, wait_route
 
 #: The routes it measures: their paths and commands.
@@ -188,27 +188,6 @@ def rps(url: str, seconds: int, connections: int) -> float:
     if found is None:
         raise RuntimeError(f"wrk printed no rate:\n{out}")
     return float(found.group(1))
-
-
-def seconds_taken(url: str) -> float | None:
-    """``curl``'s ``time_total`` of one GET of ``url`` on a new connection; ``None`` unless 200."""
-    out = subprocess.run(
-        ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code} %{time_total}", url],
-        capture_output=True,
-        text=True,
-    ).stdout.split()
-    return float(out[1]) if out and out[0] == "200" else None
-
-
-def sequential(urls: dict[str, str], requests: int) -> dict[str, float]:
-    """The median ``time_total`` of each server in ms, over ``requests`` alternating rounds."""
-    taken: dict[str, list[float]] = {name: [] for name in urls}
-    for _ in range(requests):
-        for name, url in urls.items():
-            seconds = seconds_taken(url)
-            if seconds is not None:
-                taken[name].append(seconds * 1000)
-    return {name: statistics.median(values) for name, values in taken.items() if values}
 
 
 def main() -> None:
